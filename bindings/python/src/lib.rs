@@ -1,0 +1,1 @@
+//! Python bindings of the foresightkv core (the `foresightkv._native` module).

@@ -1,0 +1,16 @@
+//! The CUDA side: the fatbin embedded at build time, the cudarc runtime that loads it on the primary
+//! context (shared with PyTorch), and launchers that run kernels on a caller-given stream over raw
+//! device pointers the caller owns.
+//!
+//! Every entry point returns [`CudaError`]; without nvcc at build time, or without the `cuda` feature,
+//! they return [`CudaError::KernelsNotCompiled`] / [`CudaError::FeatureDisabled`] instead of failing to build.
+
+pub mod error;
+pub mod fatbin;
+pub mod params;
+pub mod reshape_and_cache;
+pub mod runtime;
+
+pub use error::CudaError;
+pub use fatbin::{embedded_fatbin, FatbinEntry, FatbinKind};
+pub use runtime::{DeviceInfo, Runtime};

@@ -1,0 +1,18 @@
+//! foresightkv: learned KV-cache eviction (ForesightKV) for paged-attention serving engines.
+//!
+//! The core owns block tables and the live window of every sequence ([`block`]), chooses what to
+//! evict ([`evict`]), and runs the attention and eviction kernels, as CPU references ([`kernels`])
+//! and as CUDA kernels embedded in the crate ([`cuda`]). [`replay`] drives it all from production
+//! traces. See ARCHITECTURE.md for how the pieces fit.
+
+pub mod block;
+pub mod cuda;
+pub mod dtype;
+pub mod evict;
+pub mod kernels;
+pub mod replay;
+
+pub use dtype::{DType, Element};
+
+/// Version of this crate, as printed by `foresightkv info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
