@@ -25,7 +25,16 @@ fn main() {
     let csrc = manifest.join("csrc");
     let include = csrc.join("include");
 
-    for var in ["NVCC", "CUDA_HOME", "PATH", "LIBCLANG_PATH", "FORESIGHTKV_NVCC_FLAGS"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "PATH",
+        "LIBCLANG_PATH",
+        "FORESIGHTKV_NVCC_FLAGS",
+        "FORESIGHTKV_CACHE",
+        "XDG_CACHE_HOME",
+        "HOME",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed={}", csrc.display());
@@ -117,8 +126,58 @@ fn compile_fatbin(nvcc: &Path, include: &Path, sources: &[PathBuf], out: &Path, 
     }
 }
 
+/// The cache scripts/setup.sh installs into (same rule as the script).
+fn setup_cache() -> Option<PathBuf> {
+    if let Some(c) = env::var_os("FORESIGHTKV_CACHE") {
+        return Some(PathBuf::from(c));
+    }
+    env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("foresightkv"))
+}
+
+/// Points clang-sys at a libclang: `LIBCLANG_PATH` if set, else the one scripts/setup.sh installed,
+/// else the system's; stops the build with the way to get one if there is none.
+fn locate_libclang() {
+    let has_lib = |dir: &Path| {
+        fs::read_dir(dir).is_ok_and(|rd| {
+            rd.filter_map(|e| e.ok()).any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with("libclang") && n.contains(".so") && !n.starts_with("libclang-cpp")
+            })
+        })
+    };
+    if let Some(p) = env::var_os("LIBCLANG_PATH") {
+        if has_lib(Path::new(&p)) {
+            return;
+        }
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(cache) = setup_cache() {
+        candidates.push(cache.join("libclang-18").join("clang").join("native"));
+    }
+    candidates.push(PathBuf::from("/usr/lib/x86_64-linux-gnu"));
+    candidates.push(PathBuf::from("/usr/lib/aarch64-linux-gnu"));
+    if let Ok(rd) = fs::read_dir("/usr/lib") {
+        let mut llvm: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("llvm-")))
+            .map(|p| p.join("lib"))
+            .collect();
+        llvm.sort();
+        candidates.extend(llvm.into_iter().rev());
+    }
+    match candidates.into_iter().find(|d| has_lib(d)) {
+        // SAFETY: build scripts are single-threaded; clang-sys reads this variable below.
+        Some(dir) => unsafe { env::set_var("LIBCLANG_PATH", dir) },
+        None => panic!("libclang not found (bindgen needs it for csrc/include/*.h); {SETUP_HINT}"),
+    }
+}
+
 /// Runs bindgen over the shared parameter headers so C++ and Rust use one definition.
 fn generate_bindings(include: &Path, headers: &[PathBuf], dest: &Path) {
+    locate_libclang();
     let mut builder = bindgen::Builder::default()
         .clang_arg(format!("-I{}", include.display()))
         .clang_arg("-xc")

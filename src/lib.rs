@@ -9,6 +9,7 @@ pub mod block;
 pub mod cuda;
 pub mod dtype;
 pub mod evict;
+pub mod info;
 pub mod kernels;
 pub mod replay;
 

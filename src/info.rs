@@ -1,0 +1,108 @@
+//! `foresightkv info`: what this build and this machine offer (version, embedded kernel
+//! architectures read from the fatbin itself, visible GPUs, cudarc and driver versions).
+
+use crate::cuda::{self, CudaError, FatbinEntry};
+use serde::Serialize;
+
+/// Arguments of `foresightkv info`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct InfoArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Everything `info` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Info {
+    /// Crate version.
+    pub version: String,
+    /// Whether the build embedded a fatbin.
+    pub kernels_embedded: bool,
+    /// Images in the fatbin, e.g. "sm_80", "compute_90 (PTX)".
+    pub architectures: Vec<String>,
+    /// Size of the embedded fatbin in bytes.
+    pub fatbin_bytes: usize,
+    /// The cudarc version this build uses.
+    pub cudarc_version: &'static str,
+    /// Whether the `cuda` feature (cudarc runtime) is compiled in.
+    pub cuda_feature: bool,
+    /// Driver CUDA version, e.g. "13.0", or why none.
+    pub driver: Result<String, String>,
+    /// Visible GPUs, or why none.
+    pub gpus: Result<Vec<String>, String>,
+}
+
+/// cudarc version pinned in Cargo.toml.
+pub const CUDARC_VERSION: &str = "0.19";
+
+/// Collects the report.
+pub fn collect() -> Result<Info, CudaError> {
+    let (kernels_embedded, architectures, fatbin_bytes) = match cuda::embedded_fatbin() {
+        Ok(bytes) => {
+            let entries = cuda::fatbin::parse_fatbin(bytes)?;
+            (true, entries.iter().map(FatbinEntry::to_string).collect(), bytes.len())
+        }
+        Err(CudaError::KernelsNotCompiled) => (false, Vec::new(), 0),
+        Err(e) => return Err(e),
+    };
+    let driver = cuda::runtime::driver_version()
+        .map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10))
+        .map_err(|e| e.to_string());
+    let gpus = cuda::runtime::devices()
+        .map(|ds| {
+            ds.iter()
+                .map(|d| {
+                    format!(
+                        "{}: {} (sm_{}{}, {:.1} GiB)",
+                        d.ordinal,
+                        d.name,
+                        d.compute_capability.0,
+                        d.compute_capability.1,
+                        d.total_mem as f64 / (1u64 << 30) as f64
+                    )
+                })
+                .collect()
+        })
+        .map_err(|e| e.to_string());
+    Ok(Info {
+        version: crate::VERSION.to_string(),
+        kernels_embedded,
+        architectures,
+        fatbin_bytes,
+        cudarc_version: CUDARC_VERSION,
+        cuda_feature: cfg!(feature = "cuda"),
+        driver,
+        gpus,
+    })
+}
+
+/// Runs `foresightkv info`, printing to stdout.
+pub fn run(args: &InfoArgs) -> Result<(), CudaError> {
+    let info = collect()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info).map_err(|e| CudaError::Fatbin(e.to_string()))?);
+        return Ok(());
+    }
+    println!("foresightkv {}", info.version);
+    if info.kernels_embedded {
+        println!("kernels:  embedded ({} bytes): {}", info.fatbin_bytes, info.architectures.join(", "));
+    } else {
+        println!("kernels:  not compiled in (no nvcc at build time; run scripts/setup.sh and rebuild)");
+    }
+    println!(
+        "cudarc:   {} (dynamic loading; cuda feature {})",
+        info.cudarc_version,
+        if info.cuda_feature { "on" } else { "off" }
+    );
+    match &info.driver {
+        Ok(v) => println!("driver:   CUDA {v}"),
+        Err(e) => println!("driver:   none ({e})"),
+    }
+    match &info.gpus {
+        Ok(g) if g.is_empty() => println!("gpus:     none visible"),
+        Ok(g) => g.iter().for_each(|d| println!("gpu:      {d}")),
+        Err(e) => println!("gpus:     none ({e})"),
+    }
+    Ok(())
+}
