@@ -5,12 +5,14 @@
 //! Every entry point returns [`CudaError`]; without nvcc at build time, or without the `cuda` feature,
 //! they return [`CudaError::KernelsNotCompiled`] / [`CudaError::FeatureDisabled`] instead of failing to build.
 
+pub mod buffer;
 pub mod error;
 pub mod fatbin;
 pub mod params;
 pub mod reshape_and_cache;
 pub mod runtime;
 
+pub use buffer::DeviceBuffer;
 pub use error::CudaError;
 pub use fatbin::{embedded_fatbin, FatbinEntry, FatbinKind};
 pub use runtime::{DeviceInfo, Runtime};

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a fresh machine (the README's test command; .ci/run calls it).
+# Installs what it needs (nvcc 13.0 and libclang from Python packages, into a cache outside the clone),
+# builds the CUDA kernels (no GPU needed), runs the Rust tests, checks that a build without nvcc still
+# works and fails CUDA calls with a typed error, and prints the total test count.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+eval "$(scripts/setup.sh)"
+CACHE="${FORESIGHTKV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/foresightkv}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+export FORESIGHTKV_PROPTEST_CASES="${FORESIGHTKV_PROPTEST_CASES:-1000}"
+LOG="$(mktemp -d)"
+trap 'rm -rf "$LOG"' EXIT
+
+passed=0; failed=0; skipped=0
+count_cargo() { # adds up cargo test's "test result:" lines of a log
+  read -r p f i < <(awk '/^test result:/ { for (k = 1; k <= NF; k++) {
+      if ($k ~ /^passed/) p += $(k-1); if ($k ~ /^failed/) f += $(k-1); if ($k ~ /^ignored/) i += $(k-1) } }
+    END { print p + 0, f + 0, i + 0 }' "$1")
+  passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + i))
+}
+section() { echo; echo "=== $* ==="; }
+status=0
+
+section "build (kernels compiled for sm_80, sm_90 + compute_90 PTX)"
+cargo build --workspace --all-targets --release 2>&1 | tail -n 3
+"$CARGO_TARGET_DIR/release/foresightkv" info | tee "$LOG/info.txt"
+for arch in sm_80 sm_90; do
+  grep -q "$arch" "$LOG/info.txt" || { echo "FAIL: $arch not embedded"; status=1; failed=$((failed + 1)); }
+done
+
+section "Rust tests"
+if cargo test --workspace --release 2>&1 | tee "$LOG/cargo.txt"; then :; else status=1; fi
+count_cargo "$LOG/cargo.txt"
+
+section "build without nvcc: warns, builds, and CUDA calls fail with a typed error"
+NOCUDA_PATH="$(echo "$PATH" | tr ':' '\n' | grep -v -e '/cuda' -e 'nvidia' | paste -sd: -)"
+if env -u NVCC -u CUDA_HOME PATH="$NOCUDA_PATH" CARGO_TARGET_DIR="$CACHE/target-nonvcc" \
+     cargo build 2>&1 | tee "$LOG/nonvcc.txt" | grep -q "nvcc not found"; then
+  echo "ok: build without nvcc warned and succeeded"
+else
+  tail -n 20 "$LOG/nonvcc.txt"; echo "FAIL: no warning or build failed without nvcc"; status=1; failed=$((failed + 1))
+fi
+if env -u NVCC -u CUDA_HOME PATH="$NOCUDA_PATH" CARGO_TARGET_DIR="$CACHE/target-nonvcc" FORESIGHTKV_EXPECT_NO_KERNELS=1 \
+     cargo test --test reshape_and_cache -- cuda_call 2>&1 | tee "$LOG/nonvcc-test.txt"; then :; else status=1; fi
+count_cargo "$LOG/nonvcc-test.txt"
+"$CACHE/target-nonvcc/debug/foresightkv" info | grep "not compiled in" || { echo "FAIL: info claims kernels"; status=1; }
+
+echo
+echo "total: $passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ] || status=1
+exit $status
