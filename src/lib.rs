@@ -5,6 +5,7 @@
 //! and as CUDA kernels embedded in the crate ([`cuda`]). [`replay`] drives it all from production
 //! traces. See ARCHITECTURE.md for how the pieces fit.
 
+pub mod bench_kernels;
 pub mod block;
 pub mod cuda;
 pub mod dtype;

@@ -6,13 +6,26 @@
 //! they return [`CudaError::KernelsNotCompiled`] / [`CudaError::FeatureDisabled`] instead of failing to build.
 
 pub mod buffer;
+pub mod compact;
+pub mod decode;
 pub mod error;
 pub mod fatbin;
+pub mod paged;
 pub mod params;
 pub mod reshape_and_cache;
 pub mod runtime;
+pub mod scorer;
+pub mod select;
+pub mod window_stats;
 
 pub use buffer::DeviceBuffer;
 pub use error::CudaError;
 pub use fatbin::{embedded_fatbin, FatbinEntry, FatbinKind};
 pub use runtime::{DeviceInfo, Runtime};
+
+pub use compact::launch_compact;
+pub use decode::{launch_paged_attention_decode, plan_decode, DecodePlan};
+pub use paged::{DeviceArray, DeviceCache, DeviceWindows};
+pub use scorer::{launch_scorer_mlp, DeviceScorerWeights};
+pub use select::launch_select_survivors;
+pub use window_stats::{launch_window_stats, window_stats_workspace_len};

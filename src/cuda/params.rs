@@ -7,3 +7,13 @@ include!(concat!(env!("OUT_DIR"), "/params.rs"));
 // SAFETY: the structs are plain C data (integers and raw pointers) passed to kernels by value.
 #[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for fkv_reshape_and_cache_params {}
+#[cfg(feature = "cuda")]
+unsafe impl cudarc::driver::DeviceRepr for fkv_decode_params {}
+#[cfg(feature = "cuda")]
+unsafe impl cudarc::driver::DeviceRepr for fkv_window_stats_params {}
+#[cfg(feature = "cuda")]
+unsafe impl cudarc::driver::DeviceRepr for fkv_scorer_params {}
+#[cfg(feature = "cuda")]
+unsafe impl cudarc::driver::DeviceRepr for fkv_select_params {}
+#[cfg(feature = "cuda")]
+unsafe impl cudarc::driver::DeviceRepr for fkv_compact_params {}

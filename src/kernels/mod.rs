@@ -1,10 +1,38 @@
 //! CPU references of every kernel: the same contract as the CUDA kernels in csrc/, so everything
 //! runs (and is tested) without a GPU, and the CUDA kernels are checked against these.
+//!
+//! # Data contracts of the eviction kernels (all per layer, on paged tensors in place)
+//!
+//! - Cache: [`PagedKvLayout`], K and V with explicit (block, token, head) strides, head_dim
+//!   contiguous; covers `[num_blocks, block_size, kv_heads, head_dim]` pairs, SGLang's token pool
+//!   (block_size 1) and a fused `[num_blocks, kv_heads, block_size, 2 * head_dim]` tensor.
+//! - Windows: [`LiveWindows`], int32 block tables `[num_seqs, stride]`, `seq_lens`, `live_starts`
+//!   (multiples of block_size); live slot `i` is logical position `live_start + i`.
+//! - Statistics: [`StatsLayout`], an f32 buffer paged exactly like the cache (same block ids),
+//!   `[num_blocks, block_size, kv_heads, G, 8]`, the 8 statistics of each (entry, query head) in
+//!   the order of [`window_stats::STAT_MAX`] .. [`window_stats::STAT_DECAYED`]. Compaction moves a
+//!   survivor's row with its K and V, so statistics always sit beside their entry.
+//! - Per-slot matrices (scores f32, survivors int32): dense `[num_seqs, kv_heads, max_live]`.
+//! - An eviction step: [`window_stats()`] (queries since the last eviction, causal) ->
+//!   [`scorer_mlp`] -> [`select_survivors`] (or a policy's own choice) -> [`compact()`], then the
+//!   block manager advances `live_start` by the eviction count and frees the blocks before it.
 
+pub mod compact;
+pub mod decode;
 pub mod error;
 pub mod layout;
+pub mod paged;
 pub mod reshape_and_cache;
+pub mod scorer;
+pub mod select;
+pub mod window_stats;
 
+pub use compact::{compact, KvCacheMut};
+pub use decode::{paged_attention_decode, DecodeArgs};
 pub use error::KernelError;
 pub use layout::CacheWriteLayout;
+pub use paged::{LiveWindows, PagedKvLayout, StatsLayout, NUM_STATS, SCORER_HIDDEN};
 pub use reshape_and_cache::reshape_and_cache;
+pub use scorer::{gelu, scorer_mlp, ScorerWeights};
+pub use select::{score_key, select_survivors, SelectArgs};
+pub use window_stats::{window_stats, WindowStatsArgs};

@@ -1,0 +1,146 @@
+//! Launcher of `fkv_paged_attention_decode` (+ its split-KV merge) over caller-owned device memory.
+
+use super::paged::{
+    grid_dim, launch_kernel, raw_cache, validate_cache, DeviceArray, DeviceCache, DeviceWindows,
+    Launch,
+};
+use super::{CudaError, Runtime};
+use crate::kernels::{DecodeArgs, KernelError, PagedKvLayout};
+use crate::DType;
+
+/// Threads per block of the decode kernel (csrc/paged_attention_decode.cu).
+const DECODE_THREADS: u32 = 128;
+/// Query heads the P.V phase accumulates together (DEC_GCHUNK in the kernel).
+const DECODE_GCHUNK: i64 = 8;
+/// Dynamic shared memory the decode kernel may use without opting in to more.
+const SHARED_LIMIT: i64 = 48 * 1024;
+
+/// How a decode call is split: live slots per partition, partitions, and workspace it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlan {
+    /// Live slots per partition (a thread block).
+    pub partition_size: i64,
+    /// Partitions per (sequence, KV head); 1 means no merge and no workspace.
+    pub num_partitions: i64,
+    /// f32 elements of workspace needed (0 when `num_partitions == 1`).
+    pub workspace_len: usize,
+    /// Dynamic shared memory per block in bytes.
+    pub shared_bytes: u32,
+}
+
+/// Plans a decode of `num_seqs` sequences whose longest live window is `max_live`.
+///
+/// The partition is the largest of 512, 256, ..., 32 slots whose logits fit in shared memory next
+/// to the group's queries; longer windows are split across blocks and merged by log-sum-exp.
+pub fn plan_decode(
+    kv: &PagedKvLayout,
+    num_q_heads: i64,
+    num_seqs: usize,
+    max_live: usize,
+) -> Result<DecodePlan, KernelError> {
+    let g = crate::kernels::paged::group_size(num_q_heads, kv.num_kv_heads)?;
+    let hd = kv.head_dim;
+    let bytes = |p: i64| 4 * (g * hd + g * p + 2 * g + DECODE_GCHUNK * hd);
+    let partition_size = [512i64, 256, 128, 64, 32]
+        .into_iter()
+        .find(|&p| bytes(p) <= SHARED_LIMIT)
+        .ok_or_else(|| KernelError::InvalidArgument {
+            name: "num_q_heads",
+            why: format!("a GQA group of {g} heads of dim {hd} does not fit the decode kernel's shared memory"),
+        })?;
+    let num_partitions = (max_live as i64 + partition_size - 1) / partition_size;
+    let num_partitions = num_partitions.max(1);
+    let workspace_len = if num_partitions > 1 {
+        num_seqs * num_q_heads as usize * num_partitions as usize * (hd as usize + 2)
+    } else {
+        0
+    };
+    Ok(DecodePlan {
+        partition_size,
+        num_partitions,
+        workspace_len,
+        shared_bytes: bytes(partition_size) as u32,
+    })
+}
+
+/// Enqueues paged decode attention on `stream` (raw CUstream; 0 = legacy default) of device
+/// `ordinal`: same contract as [`crate::kernels::paged_attention_decode`], `query` and `out` in
+/// `dtype`. `workspace` (f32) must hold [`plan_decode`]'s `workspace_len` (may be empty when that
+/// is 0). Everything is validated before launch; block ids are bounds-checked on the device (an
+/// out-of-range block's slots are skipped).
+///
+/// # Safety
+/// The pointers must be device memory of `ordinal` holding the lengths given, alive until the
+/// kernels complete; `windows`' device arrays must match their host mirrors; `stream` must belong
+/// to that device.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn launch_paged_attention_decode(
+    ordinal: usize,
+    stream: u64,
+    dtype: DType,
+    kv: &PagedKvLayout,
+    cache: DeviceCache,
+    windows: &DeviceWindows<'_>,
+    args: &DecodeArgs,
+    query: DeviceArray,
+    out: DeviceArray,
+    workspace: DeviceArray,
+) -> Result<DecodePlan, CudaError> {
+    validate_cache(kv, &cache)?;
+    windows.validate(kv.block_size, true)?;
+    let n = windows.num_seqs();
+    args.validate(kv, n, query.len, out.len)?;
+    let plan = plan_decode(kv, args.num_q_heads, n, windows.max_live())?;
+    if n == 0 {
+        return Ok(plan);
+    }
+    query.non_null("query")?;
+    out.non_null("out")?;
+    if plan.workspace_len > 0 {
+        workspace.non_null("workspace")?;
+        if workspace.len < plan.workspace_len {
+            return Err(KernelError::BufferTooSmall {
+                name: "workspace",
+                have: workspace.len,
+                need: plan.workspace_len,
+            }
+            .into());
+        }
+    }
+    let grid = (
+        kv.num_kv_heads as u32,
+        grid_dim("num_seqs", n)?,
+        grid_dim("num_partitions", plan.num_partitions as usize)?,
+    );
+    let rt = Runtime::get(ordinal)?;
+    let p = super::params::fkv_decode_params {
+        kv: raw_cache(kv, &cache, dtype),
+        win: windows.raw(),
+        query: query.ptr as *const _,
+        out: out.ptr as *mut _,
+        workspace: workspace.ptr as *mut f32,
+        q_stride_seq: args.query_strides[0],
+        q_stride_head: args.query_strides[1],
+        o_stride_seq: args.out_strides[0],
+        o_stride_head: args.out_strides[1],
+        num_q_heads: args.num_q_heads,
+        partition_size: plan.partition_size,
+        num_partitions: plan.num_partitions,
+        scale: args.scale,
+    };
+    let cfg = Launch {
+        grid,
+        threads: DECODE_THREADS,
+        shared: plan.shared_bytes,
+    };
+    launch_kernel(&rt, stream, "fkv_paged_attention_decode", cfg, &p)?;
+    if plan.num_partitions > 1 {
+        let merge = Launch {
+            grid: (args.num_q_heads as u32, grid.1, 1),
+            threads: kv.head_dim as u32,
+            shared: 0,
+        };
+        launch_kernel(&rt, stream, "fkv_paged_attention_decode_merge", merge, &p)?;
+    }
+    Ok(plan)
+}

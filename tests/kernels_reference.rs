@@ -1,0 +1,688 @@
+//! The CPU references of the eviction kernels against naive dense computations on random paged
+//! caches (shapes, dtypes, GQA ratios, ragged lengths, live_start > 0, block sizes 1 and 16).
+#![allow(clippy::needless_range_loop)]
+
+mod kernels_support;
+
+use foresightkv::kernels::window_stats::{DECAY, STAT_CUMULATIVE, STAT_DECAYED};
+use foresightkv::kernels::{
+    compact, paged_attention_decode, scorer_mlp, select_survivors, window_stats, DecodeArgs,
+    KvCacheMut, ScorerWeights, SelectArgs, WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
+};
+use foresightkv::Element;
+use half::{bf16, f16};
+use kernels_support::{assert_close, eps, shapes, uniform, Scenario, Shape};
+use proptest::prelude::*;
+use rand::RngExt;
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Dense softmax attention of one query over rows, in f64.
+fn naive_attend(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
+    let hd = q.len();
+    if keys.is_empty() {
+        return vec![0.0; hd];
+    }
+    let logits: Vec<f64> = keys
+        .iter()
+        .map(|k| dot(q, k) as f64 * scale as f64)
+        .collect();
+    let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+    let z: f64 = w.iter().sum();
+    (0..hd)
+        .map(|d| {
+            (w.iter()
+                .zip(values)
+                .map(|(p, v)| p * v[d] as f64)
+                .sum::<f64>()
+                / z) as f32
+        })
+        .collect()
+}
+
+fn check_decode<T: Element>(shape: Shape) {
+    let mut sc = Scenario::<T>::new(shape);
+    let (n, hq, hd, g) = (
+        sc.seq_lens.len(),
+        sc.num_q_heads(),
+        sc.shape.head_dim,
+        sc.shape.group,
+    );
+    // Padded query rows exercise the strides.
+    let mut args = DecodeArgs::contiguous(hq as i64, hd as i64);
+    args.query_strides = [(hq * hd + 3 * hd) as i64, hd as i64];
+    let query = sc.random_t(n * (hq * hd + 3 * hd), 2.0);
+    let mut out = vec![T::from_f32(f32::NAN); n * hq * hd];
+    paged_attention_decode(
+        &sc.kv,
+        &sc.windows(),
+        &args,
+        &query,
+        sc.key_view(),
+        sc.value_view(),
+        &mut out,
+    )
+    .unwrap();
+    for s in 0..n {
+        for h in 0..hq {
+            let q0 = s * args.query_strides[0] as usize + h * hd;
+            let q: Vec<f32> = query[q0..q0 + hd].iter().map(|x| x.to_f32()).collect();
+            let want = naive_attend(&q, &sc.dense_k[s][h / g], &sc.dense_v[s][h / g], args.scale);
+            let got: Vec<f32> = out[(s * hq + h) * hd..][..hd]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            assert_close(
+                &format!("decode s{s} h{h}"),
+                &got,
+                &want,
+                1e-5 + 2.0 * eps::<T>(),
+                2.0 * eps::<T>() + 1e-5,
+            );
+        }
+    }
+}
+
+/// Erf by its Taylor series (|x| < 4) in f64; independent of the reference's Chebyshev fit.
+fn naive_erf(x: f64) -> f64 {
+    if x.abs() >= 4.0 {
+        return x.signum();
+    }
+    let (mut term, mut sum, mut n) = (x, x, 0.0f64);
+    while term.abs() > 1e-17 {
+        n += 1.0;
+        term *= -x * x / n;
+        sum += term / (2.0 * n + 1.0);
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+/// Naive stats of one (s, query head): the full masked probability matrix, then closed forms.
+fn naive_stats(probs: &[Vec<f64>], base: usize, old: Option<(f32, f32)>, i: usize) -> [f64; 8] {
+    let n = probs.len();
+    let col: Vec<(usize, f64)> = (0..n).map(|j| (j, probs[j][i])).collect();
+    let seen: Vec<f64> = col
+        .iter()
+        .filter(|(j, _)| base + j >= i)
+        .map(|c| c.1)
+        .collect();
+    let sum_last = |w: usize| {
+        col.iter()
+            .filter(|(j, _)| *j + w >= n)
+            .map(|c| c.1)
+            .sum::<f64>()
+    };
+    let total: f64 = col.iter().map(|c| c.1).sum();
+    let decayed: f64 = col
+        .iter()
+        .map(|(j, p)| p * (DECAY as f64).powi((n - 1 - j) as i32))
+        .sum();
+    let (oc, od) = old.map(|(c, d)| (c as f64, d as f64)).unwrap_or((0.0, 0.0));
+    [
+        seen.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        seen.iter().copied().fold(f64::INFINITY, f64::min),
+        total,
+        sum_last(8),
+        sum_last(16),
+        sum_last(32),
+        oc + total,
+        od * (DECAY as f64).powi(n as i32) + decayed,
+    ]
+}
+
+fn check_window_stats<T: Element>(shape: Shape, max_queries: usize) {
+    let mut sc = Scenario::<T>::new(shape);
+    let (n, hq, hd, g, kvh) = (
+        sc.seq_lens.len(),
+        sc.num_q_heads(),
+        sc.shape.head_dim,
+        sc.shape.group,
+        sc.shape.kv_heads,
+    );
+    let num_queries: Vec<i32> = sc
+        .shape
+        .live_lens
+        .clone()
+        .iter()
+        .map(|&l| sc.rng.random_range(0..=l.min(max_queries)) as i32)
+        .collect();
+    let args = WindowStatsArgs::contiguous(hq as i64, max_queries as i64, hd as i64);
+    let queries = sc.random_t(n * max_queries * hq * hd, 2.0);
+    let (layout, mut stats) = sc.random_stats();
+    let before = stats.clone();
+    window_stats(
+        &sc.kv,
+        &sc.windows(),
+        &args,
+        &queries,
+        &num_queries,
+        sc.key_view(),
+        &layout,
+        &mut stats,
+    )
+    .unwrap();
+    for s in 0..n {
+        let nq = num_queries[s] as usize;
+        let live = sc.shape.live_lens[s];
+        for kh in 0..kvh {
+            for gi in 0..g {
+                let h = kh * g + gi;
+                let probs: Vec<Vec<f64>> = (0..nq)
+                    .map(|j| {
+                        let q0 = ((s * max_queries + j) * hq + h) * hd;
+                        let q: Vec<f32> = queries[q0..q0 + hd].iter().map(|x| x.to_f32()).collect();
+                        let visible = live - nq + j + 1;
+                        let logits: Vec<f64> = (0..live)
+                            .map(|i| {
+                                if i < visible {
+                                    dot(&q, &sc.dense_k[s][kh][i]) as f64 * args.scale as f64
+                                } else {
+                                    f64::NEG_INFINITY
+                                }
+                            })
+                            .collect();
+                        let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+                        logits.iter().map(|l| (l - m).exp() / z).collect()
+                    })
+                    .collect();
+                for i in 0..live {
+                    let got =
+                        &sc.stats_row(&layout, &stats, s, kh, i)[gi * NUM_STATS..][..NUM_STATS];
+                    let old_row =
+                        &sc.stats_row(&layout, &before, s, kh, i)[gi * NUM_STATS..][..NUM_STATS];
+                    if nq == 0 {
+                        assert_eq!(got, old_row, "untouched when no queries");
+                        continue;
+                    }
+                    let base = live - nq;
+                    let old = (i < base).then(|| (old_row[STAT_CUMULATIVE], old_row[STAT_DECAYED]));
+                    let want: Vec<f32> = naive_stats(&probs, base, old, i)
+                        .iter()
+                        .map(|&x| x as f32)
+                        .collect();
+                    assert_close(
+                        &format!("stats s{s} kh{kh} g{gi} slot{i}"),
+                        got,
+                        &want,
+                        2e-5,
+                        1e-4,
+                    );
+                }
+            }
+        }
+    }
+    // Nothing outside the live windows' rows changed.
+    let mut touched = vec![false; stats.len()];
+    for s in 0..n {
+        for kh in 0..kvh {
+            for i in 0..sc.shape.live_lens[s] {
+                let (b, t) = sc.windows().slot(s, i, sc.kv.block_size);
+                let o = layout.offset(b, t, kh as i64);
+                touched[o..o + g * NUM_STATS]
+                    .iter_mut()
+                    .for_each(|x| *x = true);
+            }
+        }
+    }
+    for (k, &t) in touched.iter().enumerate() {
+        if !t {
+            assert_eq!(
+                stats[k].to_bits(),
+                before[k].to_bits(),
+                "stats[{k}] outside the live rows changed"
+            );
+        }
+    }
+}
+
+fn random_weights(
+    sc: &mut Scenario<impl Element>,
+    in_dim: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let kvh = sc.shape.kv_heads;
+    let mut r = |len: usize, scale: f32| -> Vec<f32> {
+        (0..len).map(|_| uniform(&mut sc.rng, scale)).collect()
+    };
+    let w1 = r(
+        kvh * SCORER_HIDDEN * in_dim,
+        1.0 / (in_dim as f32).sqrt() * 2.0,
+    );
+    let b1 = r(kvh * SCORER_HIDDEN, 0.5);
+    let w2 = r(kvh * SCORER_HIDDEN, 0.5);
+    let b2 = r(kvh, 0.5);
+    (w1, b1, w2, b2)
+}
+
+fn check_scorer<T: Element>(shape: Shape) {
+    let mut sc = Scenario::<T>::new(shape);
+    let (n, hd, g, kvh) = (
+        sc.seq_lens.len(),
+        sc.shape.head_dim,
+        sc.shape.group,
+        sc.shape.kv_heads,
+    );
+    let in_dim = 2 * hd + NUM_STATS * g;
+    let (layout, stats) = sc.random_stats();
+    let (w1, b1, w2, b2) = random_weights(&mut sc, in_dim);
+    let max_live = sc.max_live() + 2;
+    let mut scores = vec![f32::NAN; n * kvh * max_live];
+    let weights = ScorerWeights {
+        w1: &w1,
+        b1: &b1,
+        w2: &w2,
+        b2: &b2,
+    };
+    scorer_mlp(
+        &sc.kv,
+        &sc.windows(),
+        sc.key_view(),
+        sc.value_view(),
+        &layout,
+        &stats,
+        &weights,
+        max_live as i64,
+        &mut scores,
+    )
+    .unwrap();
+    for s in 0..n {
+        for kh in 0..kvh {
+            for i in 0..max_live {
+                let got = scores[(s * kvh + kh) * max_live + i];
+                if i >= sc.shape.live_lens[s] {
+                    assert!(got.is_nan(), "slot past the live window written");
+                    continue;
+                }
+                let mut x: Vec<f64> = sc.dense_k[s][kh][i].iter().map(|&v| v as f64).collect();
+                x.extend(sc.dense_v[s][kh][i].iter().map(|&v| v as f64));
+                x.extend(
+                    sc.stats_row(&layout, &stats, s, kh, i)
+                        .iter()
+                        .map(|&v| v as f64),
+                );
+                let mut want = b2[kh] as f64;
+                for u in 0..SCORER_HIDDEN {
+                    let w = &w1[(kh * SCORER_HIDDEN + u) * in_dim..][..in_dim];
+                    let pre: f64 = b1[kh * SCORER_HIDDEN + u] as f64
+                        + w.iter().zip(&x).map(|(a, b)| *a as f64 * b).sum::<f64>();
+                    let gelu = 0.5 * pre * (1.0 + naive_erf(pre / std::f64::consts::SQRT_2));
+                    want += w2[kh * SCORER_HIDDEN + u] as f64 * gelu;
+                }
+                assert_close(
+                    &format!("score s{s} kh{kh} slot{i}"),
+                    &[got],
+                    &[want as f32],
+                    1e-4,
+                    1e-4,
+                );
+            }
+        }
+    }
+}
+
+/// Evicts by repeated arg-max (ties: the lowest index), returns sorted survivors.
+fn naive_select(scores: &[f32], live: usize, protected: usize, evict: usize) -> Vec<i32> {
+    let mut gone = vec![false; live];
+    for _ in 0..evict {
+        let mut best: Option<usize> = None;
+        for i in 0..live.saturating_sub(protected) {
+            if gone[i] {
+                continue;
+            }
+            let better = match best {
+                None => true,
+                Some(b) => scores[i] > scores[b] || (scores[i].is_nan() && !scores[b].is_nan()),
+            };
+            if better {
+                best = Some(i);
+            }
+        }
+        gone[best.expect("a candidate left")] = true;
+    }
+    (0..live).filter(|&i| !gone[i]).map(|i| i as i32).collect()
+}
+
+fn check_select(shape: Shape, protected: usize, frac: f64, ties: bool) {
+    let mut sc = Scenario::<f32>::new(shape);
+    let (n, kvh) = (sc.seq_lens.len(), sc.shape.kv_heads);
+    let max_live = sc.max_live() + 1;
+    let scores: Vec<f32> = (0..n * kvh * max_live)
+        .map(|_| {
+            if ties {
+                sc.rng.random_range(0..4) as f32
+            } else {
+                uniform(&mut sc.rng, 3.0)
+            }
+        })
+        .collect();
+    let num_evict: Vec<i32> = sc
+        .shape
+        .live_lens
+        .iter()
+        .map(|&l| (l.saturating_sub(protected) as f64 * frac) as i32)
+        .collect();
+    let args = SelectArgs {
+        num_kv_heads: kvh as i64,
+        max_live: max_live as i64,
+        num_protected: protected as i64,
+    };
+    let mut survivors = vec![-7i32; scores.len()];
+    select_survivors(
+        &sc.seq_lens,
+        &sc.live_starts,
+        &args,
+        &scores,
+        &num_evict,
+        &mut survivors,
+    )
+    .unwrap();
+    for s in 0..n {
+        let live = sc.shape.live_lens[s];
+        for kh in 0..kvh {
+            let row = (s * kvh + kh) * max_live;
+            let want = naive_select(
+                &scores[row..row + live],
+                live,
+                protected,
+                num_evict[s] as usize,
+            );
+            assert_eq!(&survivors[row..row + want.len()], &want[..], "s{s} kh{kh}");
+            assert!(
+                survivors[row + want.len()..row + max_live]
+                    .iter()
+                    .all(|&x| x == -7),
+                "wrote past the survivors"
+            );
+        }
+    }
+}
+
+fn check_compact<T: Element>(shape: Shape, with_stats: bool) {
+    let mut sc = Scenario::<T>::new(shape);
+    let (n, kvh, hd, bs) = (
+        sc.seq_lens.len(),
+        sc.shape.kv_heads,
+        sc.shape.head_dim,
+        sc.shape.block_size,
+    );
+    let max_live = sc.max_live();
+    let num_evict: Vec<i32> = sc
+        .shape
+        .live_lens
+        .clone()
+        .iter()
+        .map(|&l| (sc.rng.random_range(0..=l / bs) * bs) as i32)
+        .collect();
+    let mut survivors = vec![0i32; n * kvh * max_live];
+    let mut chosen = vec![vec![Vec::new(); kvh]; n];
+    for s in 0..n {
+        let live = sc.shape.live_lens[s];
+        for kh in 0..kvh {
+            let mut idx: Vec<usize> = (0..live).collect();
+            for i in (1..idx.len()).rev() {
+                let j = sc.rng.random_range(0..=i);
+                idx.swap(i, j);
+            }
+            let mut keep: Vec<usize> = idx[..live - num_evict[s] as usize].to_vec();
+            keep.sort();
+            for (k, &i) in keep.iter().enumerate() {
+                survivors[(s * kvh + kh) * max_live + k] = i as i32;
+            }
+            chosen[s][kh] = keep;
+        }
+    }
+    let (layout, mut stats) = sc.random_stats();
+    let stats_before = stats.clone();
+    let (key_before, value_before) = (sc.key.clone(), sc.value.clone());
+    let windows_owned = (
+        sc.block_tables.clone(),
+        sc.seq_lens.clone(),
+        sc.live_starts.clone(),
+    );
+    let windows = foresightkv::kernels::LiveWindows {
+        block_tables: &windows_owned.0,
+        block_table_stride: sc.bt_stride,
+        seq_lens: &windows_owned.1,
+        live_starts: &windows_owned.2,
+    };
+    let kv = sc.kv;
+    let fused = sc.shape.kind.is_fused();
+    let cache = if fused {
+        KvCacheMut::Fused(&mut sc.key)
+    } else {
+        KvCacheMut::Split {
+            key: &mut sc.key,
+            value: &mut sc.value,
+        }
+    };
+    let st = if with_stats {
+        Some((&layout, &mut stats[..]))
+    } else {
+        None
+    };
+    compact(
+        &kv,
+        &windows,
+        max_live as i64,
+        &num_evict,
+        &survivors,
+        cache,
+        st,
+    )
+    .unwrap();
+    // Expected buffers: the originals with each destination row replaced by its survivor's row.
+    let (mut ek, mut ev, mut es) = (
+        key_before.clone(),
+        value_before.clone(),
+        stats_before.clone(),
+    );
+    let voff = if fused { kv.value_offset() } else { 0 };
+    let row = layout.group_size as usize * NUM_STATS;
+    for s in 0..n {
+        for kh in 0..kvh {
+            for (k, &src) in chosen[s][kh].iter().enumerate() {
+                let dst = num_evict[s] as usize + k;
+                let (sb, stt) = windows.slot(s, src, kv.block_size);
+                let (db, dt) = windows.slot(s, dst, kv.block_size);
+                let h = kh as i64;
+                let ks = foresightkv::kernels::PagedKvLayout::offset(&kv.key_strides, sb, stt, h);
+                let kd = foresightkv::kernels::PagedKvLayout::offset(&kv.key_strides, db, dt, h);
+                ek[kd..kd + hd].copy_from_slice(&key_before[ks..ks + hd]);
+                let vs = foresightkv::kernels::PagedKvLayout::offset(&kv.value_strides, sb, stt, h)
+                    + voff;
+                let vd = foresightkv::kernels::PagedKvLayout::offset(&kv.value_strides, db, dt, h)
+                    + voff;
+                if fused {
+                    ek[vd..vd + hd].copy_from_slice(&key_before[vs..vs + hd]);
+                } else {
+                    ev[vd..vd + hd].copy_from_slice(&value_before[vs..vs + hd]);
+                }
+                if with_stats {
+                    let (ss, sd) = (layout.offset(sb, stt, h), layout.offset(db, dt, h));
+                    es[sd..sd + row].copy_from_slice(&stats_before[ss..ss + row]);
+                }
+            }
+        }
+    }
+    assert!(
+        sc.key == ek,
+        "key cache differs from the expected compaction"
+    );
+    assert!(
+        sc.value == ev,
+        "value cache differs from the expected compaction"
+    );
+    assert!(
+        stats
+            .iter()
+            .zip(&es)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "stats differ from the expected compaction"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn decode_f32_matches_dense(shape in shapes(vec![16, 64, 128, 256], 40, 0)) { check_decode::<f32>(shape) }
+    #[test]
+    fn decode_f16_matches_dense(shape in shapes(vec![64, 128], 40, 0)) { check_decode::<f16>(shape) }
+    #[test]
+    fn decode_bf16_matches_dense(shape in shapes(vec![64, 256], 40, 0)) { check_decode::<bf16>(shape) }
+
+    #[test]
+    fn window_stats_f32_matches_dense(shape in shapes(vec![16, 64], 48, 1), mq in 1usize..40) { check_window_stats::<f32>(shape, mq) }
+    #[test]
+    fn window_stats_f16_matches_dense(shape in shapes(vec![64, 128], 40, 1), mq in 1usize..40) { check_window_stats::<f16>(shape, mq) }
+    #[test]
+    fn window_stats_bf16_matches_dense(shape in shapes(vec![64], 40, 1), mq in 1usize..40) { check_window_stats::<bf16>(shape, mq) }
+
+    #[test]
+    fn scorer_f32_matches_dense(shape in shapes(vec![16, 64], 24, 0)) { check_scorer::<f32>(shape) }
+    #[test]
+    fn scorer_bf16_matches_dense(shape in shapes(vec![64, 128], 24, 0)) { check_scorer::<bf16>(shape) }
+
+    #[test]
+    fn select_matches_repeated_argmax(shape in shapes(vec![16], 48, 0), protected in 0usize..8, frac in 0.0f64..=1.0, ties in any::<bool>()) {
+        check_select(shape, protected, frac, ties)
+    }
+
+    #[test]
+    fn compact_moves_survivors_to_the_tail(shape in shapes(vec![16, 64], 48, 0), with_stats in any::<bool>()) { check_compact::<f16>(shape, with_stats) }
+    #[test]
+    fn compact_f32_and_bf16(shape in shapes(vec![16, 128], 40, 0)) { check_compact::<f32>(shape.clone(), true); check_compact::<bf16>(shape, true) }
+}
+
+/// An eviction step (select, compact, advance live_start, free the blocks before it) leaves a
+/// window whose decode attention equals dense attention over each head's survivors.
+fn check_evict_then_decode(shape: Shape, protected: usize) {
+    let mut sc = Scenario::<f32>::new(shape);
+    let (n, kvh, hd, g, bs) = (
+        sc.seq_lens.len(),
+        sc.shape.kv_heads,
+        sc.shape.head_dim,
+        sc.shape.group,
+        sc.shape.block_size,
+    );
+    let hq = kvh * g;
+    let max_live = sc.max_live().max(1);
+    let lens = sc.shape.live_lens.clone();
+    let num_evict: Vec<i32> = lens
+        .iter()
+        .map(|&l| {
+            let most = l.saturating_sub(protected) / bs;
+            (sc.rng.random_range(0..=most) * bs) as i32
+        })
+        .collect();
+    let scores: Vec<f32> = (0..n * kvh * max_live)
+        .map(|_| uniform(&mut sc.rng, 1.0))
+        .collect();
+    let args = SelectArgs {
+        num_kv_heads: kvh as i64,
+        max_live: max_live as i64,
+        num_protected: protected as i64,
+    };
+    let mut survivors = vec![0i32; scores.len()];
+    select_survivors(
+        &sc.seq_lens,
+        &sc.live_starts,
+        &args,
+        &scores,
+        &num_evict,
+        &mut survivors,
+    )
+    .unwrap();
+    let (mut tables, lens32, starts) = (
+        sc.block_tables.clone(),
+        sc.seq_lens.clone(),
+        sc.live_starts.clone(),
+    );
+    {
+        let windows = foresightkv::kernels::LiveWindows {
+            block_tables: &tables,
+            block_table_stride: sc.bt_stride,
+            seq_lens: &lens32,
+            live_starts: &starts,
+        };
+        let kv = sc.kv;
+        let cache = if sc.shape.kind.is_fused() {
+            KvCacheMut::Fused(&mut sc.key)
+        } else {
+            KvCacheMut::Split {
+                key: &mut sc.key,
+                value: &mut sc.value,
+            }
+        };
+        compact(
+            &kv,
+            &windows,
+            max_live as i64,
+            &num_evict,
+            &survivors,
+            cache,
+            None,
+        )
+        .unwrap();
+    }
+    let new_starts: Vec<i32> = (0..n).map(|s| starts[s] + num_evict[s]).collect();
+    for s in 0..n {
+        for b in 0..(new_starts[s] as usize / bs) {
+            tables[s * sc.bt_stride as usize + b] = -1;
+        }
+    }
+    let windows = foresightkv::kernels::LiveWindows {
+        block_tables: &tables,
+        block_table_stride: sc.bt_stride,
+        seq_lens: &lens32,
+        live_starts: &new_starts,
+    };
+    let dargs = DecodeArgs::contiguous(hq as i64, hd as i64);
+    let query = sc.random_t(n * hq * hd, 2.0);
+    let mut out = vec![0f32; n * hq * hd];
+    paged_attention_decode(
+        &sc.kv,
+        &windows,
+        &dargs,
+        &query,
+        sc.key_view(),
+        sc.value_view(),
+        &mut out,
+    )
+    .unwrap();
+    for s in 0..n {
+        let keep = lens[s] - num_evict[s] as usize;
+        for h in 0..hq {
+            let kh = h / g;
+            let row = &survivors[(s * kvh + kh) * max_live..][..keep];
+            let ks: Vec<Vec<f32>> = row
+                .iter()
+                .map(|&i| sc.dense_k[s][kh][i as usize].clone())
+                .collect();
+            let vs: Vec<Vec<f32>> = row
+                .iter()
+                .map(|&i| sc.dense_v[s][kh][i as usize].clone())
+                .collect();
+            let want = naive_attend(&query[(s * hq + h) * hd..][..hd], &ks, &vs, dargs.scale);
+            assert_close(
+                &format!("post-eviction decode s{s} h{h}"),
+                &out[(s * hq + h) * hd..][..hd],
+                &want,
+                1e-5,
+                1e-4,
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn eviction_step_keeps_attention_exact_over_survivors(shape in shapes(vec![16, 64], 64, 0), protected in 0usize..20) {
+        check_evict_then_decode(shape, protected)
+    }
+}
