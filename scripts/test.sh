@@ -24,7 +24,10 @@ section() { echo; echo "=== $* ==="; }
 status=0
 
 section "build (kernels compiled for sm_80, sm_90 + compute_90 PTX)"
-cargo build --workspace --all-targets --release 2>&1 | tail -n 3
+if ! cargo build --workspace --all-targets --release > "$LOG/build.txt" 2>&1; then
+  tail -n 60 "$LOG/build.txt"; echo "FAIL: release build"; echo "total: 0 passed, 1 failed, 0 skipped"; exit 1
+fi
+tail -n 1 "$LOG/build.txt"
 "$CARGO_TARGET_DIR/release/foresightkv" info | tee "$LOG/info.txt"
 for arch in sm_80 sm_90; do
   grep -q "$arch" "$LOG/info.txt" || { echo "FAIL: $arch not embedded"; status=1; failed=$((failed + 1)); }
@@ -46,6 +49,11 @@ if env -u NVCC -u CUDA_HOME PATH="$NOCUDA_PATH" CARGO_TARGET_DIR="$CACHE/target-
      cargo test --test reshape_and_cache -- cuda_call 2>&1 | tee "$LOG/nonvcc-test.txt"; then :; else status=1; fi
 count_cargo "$LOG/nonvcc-test.txt"
 "$CACHE/target-nonvcc/debug/foresightkv" info | grep "not compiled in" || { echo "FAIL: info claims kernels"; status=1; }
+
+section "Python package: abi3 wheel, fresh venv, pytest"
+if scripts/test_python.sh 2>&1 | tee "$LOG/python.txt"; then :; else status=1; fi
+read -r p f s < <(awk '/^python tests:/ { p = $3; f = $5; s = $7 } END { print p + 0, (f == "" ? 1 : f), s + 0 }' "$LOG/python.txt")
+passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
 
 echo
 echo "total: $passed passed, $failed failed, $skipped skipped"

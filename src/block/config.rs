@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::BlockError;
+use super::{BlockError, BlockPool};
 
 /// Eviction schedule of every sequence: keep `budget` live entries, evict `interval` at a time.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -28,6 +28,11 @@ pub struct CacheConfig {
     pub eviction: Option<EvictionConfig>,
 }
 
+/// Most blocks a pool may have: 2^27 blocks (about 3.5 GiB of host bookkeeping) exceeds any GPU's
+/// KV cache even at SGLang's one-token pages, and refusing more turns a typo into a typed error
+/// instead of an out-of-memory kill.
+pub const MAX_BLOCKS: usize = 1 << 27;
+
 impl CacheConfig {
     /// Checks every rule: positive sizes, ids that fit the i32 device tables, `B` and `L` positive
     /// multiples of the block size with `L <= B`.
@@ -38,6 +43,14 @@ impl CacheConfig {
         }
         if self.num_blocks == 0 {
             return bad("num_blocks must be positive".into());
+        }
+        if self.num_blocks > MAX_BLOCKS {
+            return bad(format!(
+                "num_blocks {} is more than {MAX_BLOCKS} (2^27; the host bookkeeping alone would take \
+                 {} GiB)",
+                self.num_blocks,
+                self.num_blocks.saturating_mul(BlockPool::BYTES_PER_BLOCK) >> 30
+            ));
         }
         let max_slots = self.num_blocks.checked_mul(self.block_size);
         if self.num_blocks > i32::MAX as usize || max_slots.is_none_or(|s| s > i64::MAX as usize) {
@@ -106,6 +119,12 @@ mod tests {
         let mut zero = cfg(16, 64, 32);
         zero.num_blocks = 0;
         assert!(zero.validate().is_err());
+        let mut huge = cfg(16, 64, 32);
+        huge.num_blocks = MAX_BLOCKS + 1;
+        let err = huge.validate().unwrap_err();
+        assert!(err.to_string().contains(&(MAX_BLOCKS + 1).to_string()), "{err}");
+        huge.num_blocks = MAX_BLOCKS;
+        assert!(huge.validate().is_ok());
     }
 
     #[test]

@@ -34,6 +34,14 @@ pub enum BlockError {
     /// `compact` was called while the schedule says no eviction is due.
     #[error("sequence {0} has no eviction due")]
     NoEvictionDue(SeqId),
+    /// The host memory for the pool's bookkeeping could not be allocated.
+    #[error("cannot allocate the bookkeeping of {blocks} blocks ({bytes} bytes of host memory)")]
+    OutOfHostMemory {
+        /// Blocks requested.
+        blocks: usize,
+        /// Bytes the bookkeeping needs.
+        bytes: usize,
+    },
     /// The sequence would grow past what the flat i32 device tables can address.
     #[error("sequence {id} would reach {len} tokens, more than the device tables address")]
     SequenceTooLong {

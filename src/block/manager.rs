@@ -80,7 +80,7 @@ impl KvCacheManager {
     pub fn new(config: CacheConfig) -> Result<Self, BlockError> {
         config.validate()?;
         let inner = Inner {
-            pool: BlockPool::new(config.num_blocks),
+            pool: BlockPool::new(config.num_blocks)?,
             seqs: HashMap::new(),
             copies: Vec::new(),
         };

@@ -26,23 +26,39 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
-    /// A pool of `num_blocks` free blocks (`num_blocks < u32::MAX`, checked by the config).
-    pub fn new(num_blocks: usize) -> Self {
-        let n = num_blocks as u32;
-        let prev = (0..n).map(|i| if i == 0 { NIL } else { i - 1 }).collect();
-        let next = (0..n)
-            .map(|i| if i + 1 == n { NIL } else { i + 1 })
-            .collect();
-        Self {
-            refcount: vec![0; num_blocks],
-            hash: vec![None; num_blocks],
+    /// Host bytes of bookkeeping per block (reference count, hash, free-queue links).
+    pub const BYTES_PER_BLOCK: usize =
+        std::mem::size_of::<u32>() * 3 + std::mem::size_of::<Option<u64>>();
+
+    /// A pool of `num_blocks` free blocks (`num_blocks < u32::MAX`, checked by the config); a typed
+    /// error if the host cannot hold its bookkeeping.
+    pub fn new(num_blocks: usize) -> Result<Self, BlockError> {
+        let oom = || BlockError::OutOfHostMemory {
+            blocks: num_blocks,
+            bytes: num_blocks.saturating_mul(Self::BYTES_PER_BLOCK),
+        };
+        fn filled<T: Clone>(n: usize, f: impl Fn(usize) -> T) -> Option<Vec<T>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).ok()?;
+            v.extend((0..n).map(f));
+            Some(v)
+        }
+        let n = u32::try_from(num_blocks).map_err(|_| oom())?;
+        let refcount = filled(num_blocks, |_| 0u32).ok_or_else(oom)?;
+        let hash = filled(num_blocks, |_| None).ok_or_else(oom)?;
+        let prev = filled(num_blocks, |i| if i == 0 { NIL } else { i as u32 - 1 }).ok_or_else(oom)?;
+        let next = filled(num_blocks, |i| if i as u32 + 1 == n { NIL } else { i as u32 + 1 })
+            .ok_or_else(oom)?;
+        Ok(Self {
+            refcount,
+            hash,
             prev,
             next,
             head: if n == 0 { NIL } else { 0 },
             tail: if n == 0 { NIL } else { n - 1 },
             num_free: num_blocks,
             cached: HashMap::new(),
-        }
+        })
     }
 
     /// Blocks in the pool.
@@ -173,7 +189,7 @@ mod tests {
 
     #[test]
     fn allocate_until_exhausted_then_free_and_revive() {
-        let mut p = BlockPool::new(3);
+        let mut p = BlockPool::new(3).unwrap();
         let a: Vec<_> = (0..3).map(|_| p.allocate().unwrap()).collect();
         assert_eq!(
             p.allocate(),

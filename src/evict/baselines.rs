@@ -98,7 +98,8 @@ pub fn max_pool(x: &[f32], kernel: usize) -> Vec<f32> {
 
 /// SnapKV (Li et al., 2024): attention of an observation window of recent queries, summed over the
 /// window and the GQA group, max-pooled along the key axis. Deviations: the window is the last 32
-/// queries (the `window_stats` 32-query sum; SnapKV's default window is 32) and the policy runs at
+/// queries since the previous eviction (the `window_stats` 32-query sum, so `min(32, L)` queries
+/// after the first eviction; SnapKV's default window is 32) and the policy runs at
 /// every eviction instead of once after the prompt; pooling runs over live slots, which after
 /// compaction are neighbours in position order among the survivors.
 #[derive(Debug, Clone, Copy)]

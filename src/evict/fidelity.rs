@@ -47,6 +47,8 @@ pub struct FidelityOptions {
     pub budgets: Vec<usize>,
     /// Interval L.
     pub interval: usize,
+    /// Prompt tokens (compressed right after prefill when longer than the budget).
+    pub prompt_len: usize,
     /// Policies, in table order.
     pub policies: Vec<PolicyName>,
     /// Scorer for [`PolicyName::Foresight`].
@@ -127,10 +129,19 @@ pub fn fidelity_table(
         let schedule = Schedule {
             budget,
             interval: opts.interval,
+            prompt_len: opts.prompt_len,
         };
         schedule.validate()?;
         let golden = if opts.policies.contains(&PolicyName::Golden) {
-            Some(Arc::new(GoldenScores::compute(trace, schedule)?))
+            let start = Instant::now();
+            let g = GoldenScores::compute(trace, schedule)?;
+            tracing::info!(
+                budget,
+                seconds = start.elapsed().as_secs_f64(),
+                record_bytes = g.record_bytes(),
+                "golden future scores computed"
+            );
+            Some(Arc::new(g))
         } else {
             None
         };
@@ -204,6 +215,9 @@ pub struct FidelityArgs {
     /// Eviction interval L.
     #[arg(long, default_value_t = 32)]
     pub interval: usize,
+    /// Leading trace tokens treated as the prompt (prefilled, compressed when longer than B).
+    #[arg(long, default_value_t = 0)]
+    pub prompt_len: usize,
     /// Policies (comma separated).
     #[arg(
         long,
@@ -255,6 +269,7 @@ pub fn run_fidelity(args: &FidelityArgs) -> Result<(), EvictError> {
     let opts = FidelityOptions {
         budgets: args.budgets.clone(),
         interval: args.interval,
+        prompt_len: args.prompt_len,
         policies: args.policies.clone(),
         scorer,
         foresight_mode: if args.top_l {

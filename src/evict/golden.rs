@@ -14,17 +14,31 @@ use super::view::{softmax_into, EvictionView};
 use super::EvictError;
 use rayon::prelude::*;
 
-/// The eviction schedule: budget `B` and interval `L`; evictions happen when the live cache
-/// reaches `B + L` tokens, i.e. at sequence lengths `B + L + e L`.
+/// The eviction schedule: budget `B`, interval `L` and prompt length `P`. A prompt longer than `B`
+/// is compressed to `B` right after prefill (at sequence length `P`); otherwise the first eviction
+/// is when the cache reaches `B + L`. Later evictions follow every `L` tokens, each back to `B`
+/// entries; the newest `L` entries are always protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
     /// Entries kept per (layer, KV head) after an eviction.
     pub budget: usize,
-    /// Entries evicted per eviction, and the newest entries protected.
+    /// Tokens between evictions, and the newest entries protected.
     pub interval: usize,
+    /// Prompt tokens, prefilled at once (0: everything is decoded).
+    #[serde(default)]
+    pub prompt_len: usize,
 }
 
 impl Schedule {
+    /// A schedule without a prompt.
+    pub fn new(budget: usize, interval: usize) -> Self {
+        Self {
+            budget,
+            interval,
+            prompt_len: 0,
+        }
+    }
+
     /// Checks `budget >= interval >= 1` (the protected window must fit in the kept set).
     pub fn validate(&self) -> Result<(), EvictError> {
         if self.interval == 0 || self.budget < self.interval {
@@ -39,10 +53,19 @@ impl Schedule {
         Ok(())
     }
 
-    /// Sequence length of the first eviction (`B + L`); query block `k` is
-    /// `[anchor + k L, anchor + (k + 1) L)`.
+    /// Sequence length of the first eviction (`P` if `P > B`, else `B + L`); evictions happen at
+    /// `anchor + e L` and query block `k` is `[anchor + k L, anchor + (k + 1) L)`.
     pub fn anchor(&self) -> usize {
-        self.budget + self.interval
+        if self.prompt_len > self.budget {
+            self.prompt_len
+        } else {
+            self.budget + self.interval
+        }
+    }
+
+    /// Whether an eviction happens once the sequence reaches `seq_len` tokens.
+    pub fn evicts_at(&self, seq_len: usize) -> bool {
+        seq_len >= self.anchor() && (seq_len - self.anchor()).is_multiple_of(self.interval)
     }
 
     /// First query block entirely in the future of an eviction at sequence length `seq_len`.

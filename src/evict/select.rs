@@ -101,6 +101,100 @@ pub fn select_victims(
     }
 }
 
+/// A batch of per-(sequence, KV head) selections of one layer, in the layout of the kernels'
+/// `select_survivors`: scores and survivors `[num_seqs, num_kv_heads, max_live]`.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSelect<'a> {
+    /// Logical length of each sequence.
+    pub seq_lens: &'a [i32],
+    /// First live position of each sequence.
+    pub live_starts: &'a [i32],
+    /// Heads, row stride, protected window.
+    pub args: SelectArgs,
+    /// Eviction scores (higher = evicted first).
+    pub scores: &'a [f32],
+    /// Victims per sequence.
+    pub num_evict: &'a [i32],
+    /// Request id of each sequence (sampling key).
+    pub requests: &'a [u32],
+    /// Evictions each sequence has done before this one (sampling key).
+    pub evictions: &'a [u32],
+    /// Layer of this call (sampling key).
+    pub layer: u32,
+}
+
+/// Writes, per (sequence `s`, KV head `kh`), the `live - num_evict[s]` survivors ascending to the
+/// front of row `s * num_kv_heads + kh` of `survivors`. [`VictimMode::TopL`] is exactly the
+/// kernels' `select_survivors`; [`VictimMode::Sample`] applies [`select_victims`] per row with key
+/// `(seed, requests[s], layer, kh, evictions[s])`, the CPU reference a CUDA sampler must match.
+pub fn select_survivors_batch(
+    batch: &BatchSelect<'_>,
+    mode: &VictimMode,
+    survivors: &mut [i32],
+) -> Result<(), EvictError> {
+    let n = batch.seq_lens.len();
+    crate::kernels::select::validate_select(
+        batch.seq_lens,
+        batch.live_starts,
+        &batch.args,
+        batch.num_evict,
+        batch.scores.len(),
+        survivors.len(),
+    )?;
+    if batch.requests.len() != n || batch.evictions.len() != n {
+        return Err(EvictError::Shape(format!(
+            "{} requests and {} eviction counts for {n} sequences",
+            batch.requests.len(),
+            batch.evictions.len()
+        )));
+    }
+    if let VictimMode::TopL = mode {
+        select_survivors(
+            batch.seq_lens,
+            batch.live_starts,
+            &batch.args,
+            batch.scores,
+            batch.num_evict,
+            survivors,
+        )?;
+        return Ok(());
+    }
+    let (heads, ml) = (
+        batch.args.num_kv_heads as usize,
+        batch.args.max_live as usize,
+    );
+    for s in 0..n {
+        let live = (batch.seq_lens[s] - batch.live_starts[s]) as usize;
+        for kh in 0..heads {
+            let row = (s * heads + kh) * ml;
+            let key = SampleKey {
+                seed: 0,
+                request: batch.requests[s],
+                layer: batch.layer,
+                head: kh as u32,
+                eviction: batch.evictions[s],
+            };
+            let req = VictimRequest {
+                num_protected: batch.args.num_protected as usize,
+                num_evict: batch.num_evict[s] as usize,
+                key,
+            };
+            let victims = select_victims(&batch.scores[row..row + live], &req, mode)?;
+            let mut out = row;
+            let mut next = victims.iter().peekable();
+            for i in 0..live {
+                if next.peek() == Some(&&i) {
+                    next.next();
+                } else {
+                    survivors[out] = i as i32;
+                    out += 1;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The `n` highest-scoring unprotected slots (ascending), through the kernels' `select_survivors`.
 fn top_by_score(scores: &[f32], num_protected: usize, n: usize) -> Result<Vec<usize>, EvictError> {
     let live = scores.len();
@@ -172,6 +266,44 @@ mod tests {
 
     proptest! {
         #[test]
+        fn batch_matches_per_row_selection(
+            lives in proptest::collection::vec(8i32..40, 1..4),
+            seed in any::<u64>(),
+            sample in any::<bool>(),
+        ) {
+            let (heads, ml, prot) = (2usize, 40usize, 4i64);
+            let n = lives.len();
+            let scores: Vec<f32> = (0..n * heads * ml).map(|i| ((i * 7919 + seed as usize) % 101) as f32 / 10.0).collect();
+            let num_evict: Vec<i32> = lives.iter().map(|&l| (l - prot as i32) / 2).collect();
+            let requests: Vec<u32> = (0..n as u32).map(|r| r * 3 + 1).collect();
+            let evictions: Vec<u32> = (0..n as u32).collect();
+            let batch = BatchSelect {
+                seq_lens: &lives,
+                live_starts: &vec![0; n],
+                args: SelectArgs { num_kv_heads: heads as i64, max_live: ml as i64, num_protected: prot },
+                scores: &scores,
+                num_evict: &num_evict,
+                requests: &requests,
+                evictions: &evictions,
+                layer: 5,
+            };
+            let mode = if sample { VictimMode::Sample { seed, temperature: 1.0 } } else { VictimMode::TopL };
+            let mut survivors = vec![-1i32; n * heads * ml];
+            select_survivors_batch(&batch, &mode, &mut survivors).unwrap();
+            for s in 0..n {
+                let live = lives[s] as usize;
+                for kh in 0..heads {
+                    let row = (s * heads + kh) * ml;
+                    let key = SampleKey { seed: 0, request: requests[s], layer: 5, head: kh as u32, eviction: evictions[s] };
+                    let req = VictimRequest { num_protected: prot as usize, num_evict: num_evict[s] as usize, key };
+                    let victims = select_victims(&scores[row..row + live], &req, &mode).unwrap();
+                    let want: Vec<i32> = (0..live).filter(|i| !victims.contains(i)).map(|i| i as i32).collect();
+                    prop_assert_eq!(&survivors[row..row + want.len()], want.as_slice());
+                }
+            }
+        }
+
+        #[test]
         fn sample_is_reproducible_and_within_top_2l(
             scores in proptest::collection::vec(-10f32..10.0, 4..200),
             seed in any::<u64>(),
@@ -202,9 +334,9 @@ mod tests {
             let req = VictimRequest { num_protected: prot, num_evict: n, key: key() };
             let v = select_victims(&scores, &req, &VictimMode::TopL).unwrap();
             let min_victim = v.iter().map(|&i| scores[i]).fold(f32::INFINITY, f32::min);
-            for i in 0..live - prot {
+            for (i, &s) in scores[..live - prot].iter().enumerate() {
                 if !v.contains(&i) {
-                    prop_assert!(scores[i] <= min_victim);
+                    prop_assert!(s <= min_victim);
                 }
             }
         }

@@ -94,10 +94,11 @@ pub struct SimOptions {
     pub record: bool,
 }
 
-/// Replays `trace` through `policy`: tokens arrive one by one; when a (layer, KV head) holds
-/// `B + L` live entries its statistics are updated with the queries since the last eviction, the
-/// policy scores it and `L` victims outside the newest `L` go. Every query from position `B + L`
-/// on is measured against the full cache. Layers one at a time, KV heads in parallel.
+/// Replays `trace` through `policy`: tokens arrive one by one (the prompt's queries are only
+/// used once prefill is over); at every eviction of the schedule each (layer, KV head) updates its
+/// statistics with the queries since the last eviction, the policy scores it and the entries
+/// above the budget go, chosen outside the newest `L`. Every query from the first eviction on is
+/// measured against the full cache. Layers one at a time, KV heads in parallel.
 pub fn simulate(
     trace: &Trace,
     policy: &dyn EvictionPolicy,
@@ -172,7 +173,7 @@ fn simulate_head(
             }
         }
         let n = live.positions.len();
-        if !policy.evicts() || n < budget + interval {
+        if !policy.evicts() || !opts.schedule.evicts_at(t + 1) {
             continue;
         }
         let m = t + 1 - since;
@@ -226,7 +227,7 @@ fn simulate_head(
         policy.score(&view, &mut scores)?;
         let req = VictimRequest {
             num_protected: interval,
-            num_evict: interval,
+            num_evict: n - budget,
             key,
         };
         let victims = select_victims(&scores, &req, &policy.victim_mode())?;
@@ -254,8 +255,8 @@ fn compact(live: &mut Live, victims: &[usize], d: usize, row: usize) {
     let mut gone = vec![false; live.positions.len()];
     victims.iter().for_each(|&v| gone[v] = true);
     let mut w = 0;
-    for r in 0..live.positions.len() {
-        if gone[r] {
+    for (r, &dropped) in gone.iter().enumerate() {
+        if dropped {
             continue;
         }
         live.keys.copy_within(r * d..(r + 1) * d, w * d);

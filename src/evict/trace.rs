@@ -307,7 +307,7 @@ fn check_shape(s: &TraceShape, label: &str) -> Result<(), EvictError> {
     {
         return Err(bad(format!("empty dimension in {s:?}")));
     }
-    if s.num_q_heads % s.num_kv_heads != 0 {
+    if !s.num_q_heads.is_multiple_of(s.num_kv_heads) {
         return Err(bad(format!(
             "{} query heads is not a multiple of {} KV heads",
             s.num_q_heads, s.num_kv_heads
@@ -361,8 +361,8 @@ fn normal(rng: &mut ChaCha8Rng) -> f32 {
 }
 
 /// Generates a structured trace. Keys and values are standard normal, sink keys share one
-/// direction `u_s`; each query of a KV head's group is `8 u_s + sum_{r=1..w} 5 * 0.75^(r-1) u_{t-r}
-/// + 9 u_f` plus standard normal noise (per query head), where `u` are unit key directions and
+/// direction `u_s`; each query of a KV head's group is
+/// `8 u_s + sum_{r=1..w} 5 * 0.75^(r-1) u_{t-r} + 9 u_f` plus standard normal noise (per query head), where `u` are unit key directions and
 /// `u_f` is present during a recall burst of a uniformly chosen earlier fact (older than the local
 /// window). Logits `q . k / sqrt(d)` are then about 8 on sinks, 5 on the previous token, 9 on a
 /// recalled fact, and standard normal elsewhere, whatever the head dimension.

@@ -1,0 +1,165 @@
+//! Conversion of plain Python arguments (integers, sequences of token ids) with errors that name the
+//! argument and the offending value instead of Python's generic OverflowError / TypeError.
+
+use crate::errors::{error, Kind};
+use crate::tensor::{ElemType, Tensor};
+use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+
+/// Extracts an integer of type `T` (anything with `__index__`): a non-integer is an
+/// `ArgumentTypeError`, an integer outside `range` (described for the message) an
+/// `InvalidArgumentError` naming `name` and the value.
+pub fn int<'py, T>(name: &str, obj: &Bound<'py, PyAny>, range: &str) -> PyResult<T>
+where
+    T: FromPyObjectOwned<'py>,
+{
+    int_or(Kind::InvalidArgument, name, obj, range)
+}
+
+/// As [`int`], raising `kind` (e.g. `ConfigError`) for an integer out of range.
+pub fn int_or<'py, T>(kind: Kind, name: &str, obj: &Bound<'py, PyAny>, range: &str) -> PyResult<T>
+where
+    T: FromPyObjectOwned<'py>,
+{
+    match obj.extract::<T>() {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let e: PyErr = e.into();
+            let py = obj.py();
+            let shown = obj
+                .repr()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|_| "?".into());
+            if e.is_instance_of::<PyOverflowError>(py) || e.is_instance_of::<PyValueError>(py) {
+                Err(error(
+                    kind,
+                    format!("{name} = {shown} is out of range: must be in {range}"),
+                ))
+            } else {
+                let ty = type_name(obj);
+                Err(error(
+                    Kind::ArgumentType,
+                    format!("{name} must be an integer, got {ty} {shown}"),
+                ))
+            }
+        }
+    }
+}
+
+/// A sequence id: an integer in [0, 2^64).
+pub fn seq_id(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    int::<u64>(name, obj, "[0, 2^64)")
+}
+
+/// A size: an integer in [0, 2^63).
+pub fn size(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<usize> {
+    size_or(Kind::InvalidArgument, name, obj)
+}
+
+/// As [`size`], raising `kind` (e.g. `ConfigError`) for an integer out of range.
+pub fn size_or(kind: Kind, name: &str, obj: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let v = int_or::<u64>(kind, name, obj, "[0, 2^63)")?;
+    if v > i64::MAX as u64 {
+        return Err(error(
+            kind,
+            format!("{name} = {v} is out of range: must be in [0, 2^63)"),
+        ));
+    }
+    usize::try_from(v).map_err(|_| error(kind, format!("{name} = {v} does not fit this platform")))
+}
+
+/// An optional finite float (None stays None); anything else names the argument.
+pub fn opt_float(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<f64>> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    let v: f64 = obj.extract().map_err(|_| {
+        error(
+            Kind::ArgumentType,
+            format!("{name} must be a float or None, got {}", type_name(obj)),
+        )
+    })?;
+    if !v.is_finite() {
+        return Err(error(
+            Kind::InvalidArgument,
+            format!("{name} = {v} must be finite"),
+        ));
+    }
+    Ok(Some(v))
+}
+
+/// The Python type name of `obj`, for messages.
+pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Token ids: a 1-D CPU integer tensor / ndarray (read in place), or any iterable of integers, each
+/// in [0, 2^32).
+pub fn tokens(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
+        return Err(error(
+            Kind::ArgumentType,
+            format!(
+                "{name} must be a sequence of integer token ids, got {}",
+                type_name(obj)
+            ),
+        ));
+    }
+    if let Some(t) = Tensor::try_extract(name, obj)? {
+        return tensor_tokens(name, &t);
+    }
+    let iter = obj.try_iter().map_err(|_| {
+        error(
+            Kind::ArgumentType,
+            format!(
+                "{name} must be a sequence of integer token ids, got {}",
+                type_name(obj)
+            ),
+        )
+    })?;
+    let mut out = Vec::new();
+    for (i, item) in iter.enumerate() {
+        let item = item?;
+        out.push(int::<u32>(&format!("{name}[{i}]"), &item, "[0, 2^32)")?);
+    }
+    Ok(out)
+}
+
+fn tensor_tokens(name: &str, t: &Tensor<'_>) -> PyResult<Vec<u32>> {
+    t.expect_cpu()?;
+    t.expect_ndim(1)?;
+    t.expect_dtype(&[ElemType::I32, ElemType::I64])?;
+    let bad = |i: usize, v: i64| {
+        error(
+            Kind::InvalidArgument,
+            format!("{name}[{i}] = {v} is out of range: must be in [0, 2^32)"),
+        )
+    };
+    let values: Vec<i64> = match t.dtype {
+        // SAFETY: dtype, device (CPU) and extent were checked; reads only.
+        ElemType::I32 => unsafe { t.read_strided::<i32>() }
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        _ => unsafe { t.read_strided::<i64>() },
+    };
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| u32::try_from(v).map_err(|_| bad(i, v)))
+        .collect()
+}
+
+/// A boolean flag: `True` / `False` (numpy bools too); anything else names the argument.
+pub fn flag(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    obj.extract::<bool>().map_err(|_| {
+        error(
+            Kind::ArgumentType,
+            format!("{name} must be True or False, got {}", type_name(obj)),
+        )
+    })
+}

@@ -1,0 +1,797 @@
+//! Eviction policies, scorer checkpoints, attention traces and Golden Eviction for Python: every
+//! policy of the core behind one `Policy` class, checkpoints loaded and validated in Rust, and the
+//! long replays run with the GIL released.
+
+use crate::args::{self, opt_float};
+use crate::errors::{error, evict_error, Kind};
+use crate::tensor::{ElemType, Raw, Tensor};
+use foresightkv::evict::convert;
+use foresightkv::evict::tensors::{read_file, serialize, write_file};
+use foresightkv::evict::{
+    self, choose_victims, EvictError, EvictionPolicy, EvictionView, ForesightPolicy, ModelShape,
+    SampleKey, Schedule, ScorerCheckpoint, ScorerConfig, SimOptions, SyntheticConfig, Trace,
+    TraceShape, VictimMode,
+};
+use foresightkv::kernels::{NUM_STATS, SCORER_HIDDEN};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn json_to_py<'py>(py: Python<'py>, value: &impl serde::Serialize) -> PyResult<Bound<'py, PyAny>> {
+    let text = serde_json::to_string(value)
+        .map_err(|e| error(Kind::Format, format!("cannot serialise: {e}")))?;
+    py.import("json")?.call_method1("loads", (text,))
+}
+
+fn path_arg(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+    obj.extract::<PathBuf>().map_err(|_| {
+        error(
+            Kind::ArgumentType,
+            format!(
+                "{name} must be a str or os.PathLike, got {}",
+                args::type_name(obj)
+            ),
+        )
+    })
+}
+
+fn f32_array<'py>(py: Python<'py>, values: &[f32]) -> PyResult<Bound<'py, PyAny>> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let arr = py.import("array")?.getattr("array")?.call1(("f",))?;
+    arr.call_method1("frombytes", (pyo3::types::PyBytes::new(py, &bytes),))?;
+    Ok(arr)
+}
+
+/// A validated ForesightKV scorer checkpoint (config.json + scorer.safetensors).
+#[pyclass(module = "foresightkv", name = "ScorerCheckpoint", frozen)]
+pub struct PyScorerCheckpoint {
+    inner: Arc<ScorerCheckpoint>,
+}
+
+#[pymethods]
+impl PyScorerCheckpoint {
+    /// Loads and validates `dir/config.json` and `dir/scorer.safetensors`.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let dir = path_arg("path", path)?;
+        let ck = py
+            .detach(|| ScorerCheckpoint::load(&dir))
+            .map_err(|e| evict_error("ScorerCheckpoint.load", e))?;
+        Ok(Self {
+            inner: Arc::new(ck),
+        })
+    }
+
+    /// An untrained checkpoint with seeded normal(0, std) weights (tests and demos).
+    #[staticmethod]
+    #[pyo3(signature = (num_layers, num_kv_heads, group_size, head_dim, budget, interval, *, seed = None, std = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn random(
+        num_layers: &Bound<'_, PyAny>,
+        num_kv_heads: &Bound<'_, PyAny>,
+        group_size: &Bound<'_, PyAny>,
+        head_dim: &Bound<'_, PyAny>,
+        budget: &Bound<'_, PyAny>,
+        interval: &Bound<'_, PyAny>,
+        seed: Option<&Bound<'_, PyAny>>,
+        std: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let shape = ModelShape {
+            num_layers: bounded("num_layers", num_layers, 1 << 16)?,
+            num_kv_heads: bounded("num_kv_heads", num_kv_heads, 1 << 16)?,
+            group_size: bounded("group_size", group_size, 1 << 12)?,
+            head_dim: bounded("head_dim", head_dim, 1 << 12)?,
+        };
+        let budget = args::size("budget", budget)?;
+        let interval = args::size("interval", interval)?;
+        let seed = seed
+            .map(|s| args::seq_id("seed", s))
+            .transpose()?
+            .unwrap_or(0);
+        let std = opt_float("std", std)?.unwrap_or(0.1) as f32;
+        let ck = ScorerCheckpoint::random(ScorerConfig::new(shape, budget, interval), seed, std)
+            .map_err(|e| evict_error("ScorerCheckpoint.random", e))?;
+        Ok(Self {
+            inner: Arc::new(ck),
+        })
+    }
+
+    /// Converts the official ForesightKV layout (the judge-model tensors in a Hugging Face model
+    /// directory: `config.json` plus `*.safetensors` shards) for a scorer trained with `budget`
+    /// and `interval`.
+    #[staticmethod]
+    fn from_official(
+        py: Python<'_>,
+        model_dir: &Bound<'_, PyAny>,
+        budget: &Bound<'_, PyAny>,
+        interval: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        const F: &str = "ScorerCheckpoint.from_official";
+        let dir = path_arg("model_dir", model_dir)?;
+        let budget = args::size("budget", budget)?;
+        let interval = args::size("interval", interval)?;
+        let ck = py
+            .detach(move || -> Result<ScorerCheckpoint, EvictError> {
+                let shape = convert::model_shape_from_hf_config(&dir.join("config.json"))?;
+                let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                    .map_err(|source| EvictError::Io {
+                        path: dir.display().to_string(),
+                        source,
+                    })?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                files.sort();
+                if files.is_empty() {
+                    return Err(EvictError::BadCheckpoint {
+                        path: dir.display().to_string(),
+                        why: "no *.safetensors shards".into(),
+                    });
+                }
+                let mut official = convert::OfficialTensors::default();
+                for f in &files {
+                    official.add_shard(&f.display().to_string(), &read_file(f)?)?;
+                }
+                convert::convert_official(&official, shape, budget, interval)
+            })
+            .map_err(|e| evict_error(F, e))?;
+        Ok(Self {
+            inner: Arc::new(ck),
+        })
+    }
+
+    /// Writes the checkpoint in the official ForesightKV layout (judge-model tensors under
+    /// `model.layers.{l}.self_attn.judge_model.`) as one safetensors file.
+    fn save_official(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let p = path_arg("path", path)?;
+        let ck = self.inner.clone();
+        py.detach(move || {
+            let bytes = serialize(&convert::export_official(&ck), &p.display().to_string())?;
+            write_file(&p, &bytes)
+        })
+        .map_err(|e| evict_error("ScorerCheckpoint.save_official", e))
+    }
+
+    /// Writes `dir/config.json` and `dir/scorer.safetensors` (creating `dir`).
+    fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let dir = path_arg("path", path)?;
+        let ck = self.inner.clone();
+        py.detach(move || ck.save(&dir))
+            .map_err(|e| evict_error("ScorerCheckpoint.save", e))
+    }
+
+    /// The config (model shape, budget, interval, format and statistics version) as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_to_py(py, &self.inner.config)
+    }
+
+    /// Input width of each MLP: `2 * head_dim + 8 * group_size`.
+    #[getter]
+    fn in_dim(&self) -> usize {
+        self.inner.config.in_dim()
+    }
+
+    /// Raises ConfigError listing every difference from the model shape given.
+    fn check_model(
+        &self,
+        num_layers: &Bound<'_, PyAny>,
+        num_kv_heads: &Bound<'_, PyAny>,
+        group_size: &Bound<'_, PyAny>,
+        head_dim: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let model = ModelShape {
+            num_layers: args::size("num_layers", num_layers)?,
+            num_kv_heads: args::size("num_kv_heads", num_kv_heads)?,
+            group_size: args::size("group_size", group_size)?,
+            head_dim: args::size("head_dim", head_dim)?,
+        };
+        self.inner
+            .check_model(&model)
+            .map_err(|e| evict_error("check_model", e))
+    }
+
+    /// Layer `layer`'s weights as float32 buffers (`array.array('f')`) with their shapes:
+    /// `{"w1": (shape, buf), "b1": ..., "w2": ..., "b2": ...}`, in the layout `scorer_mlp` reads.
+    fn layer_weights<'py>(
+        &self,
+        py: Python<'py>,
+        layer: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let l = args::size("layer", layer)?;
+        let c = &self.inner.config;
+        let w = self.inner.layers.get(l).ok_or_else(|| {
+            error(
+                Kind::InvalidArgument,
+                format!(
+                    "layer = {l} is out of range: the checkpoint has {} layers",
+                    c.num_layers
+                ),
+            )
+        })?;
+        let (k, h) = (c.num_kv_heads, SCORER_HIDDEN);
+        let out = PyDict::new(py);
+        out.set_item("w1", (vec![k, h, c.in_dim()], f32_array(py, &w.w1)?))?;
+        out.set_item("b1", (vec![k, h], f32_array(py, &w.b1)?))?;
+        out.set_item("w2", (vec![k, h], f32_array(py, &w.w2)?))?;
+        out.set_item("b2", (vec![k], f32_array(py, &w.b2)?))?;
+        Ok(out)
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.inner.config;
+        format!(
+            "ScorerCheckpoint(num_layers={}, num_kv_heads={}, group_size={}, head_dim={}, budget={}, interval={})",
+            c.num_layers, c.num_kv_heads, c.group_size, c.head_dim, c.budget, c.interval
+        )
+    }
+}
+
+fn bounded(name: &str, obj: &Bound<'_, PyAny>, max: usize) -> PyResult<usize> {
+    let v = args::size(name, obj)?;
+    if v == 0 || v > max {
+        return Err(error(
+            Kind::InvalidArgument,
+            format!("{name} = {v} is out of range: must be in [1, {max}]"),
+        ));
+    }
+    Ok(v)
+}
+
+/// An eviction policy: ForesightKV's learned scorer or a baseline, scoring the live entries of one
+/// (layer, KV head) and choosing victims outside the newest protected ones.
+#[pyclass(module = "foresightkv", name = "Policy", frozen)]
+pub struct PyPolicy {
+    inner: Arc<dyn EvictionPolicy>,
+}
+
+impl PyPolicy {
+    fn new(p: impl EvictionPolicy + 'static) -> Self {
+        Self { inner: Arc::new(p) }
+    }
+}
+
+/// The float32 tensors of one eviction view, validated, and its plain-data description.
+struct View<'py> {
+    tensors: Vec<Tensor<'py>>,
+    meta: ViewMeta,
+}
+
+/// Everything of a view but its tensors (sendable into code running without the GIL).
+struct ViewMeta {
+    positions: Vec<u32>,
+    head_dim: usize,
+    group_size: usize,
+    seq_len: usize,
+    key: SampleKey,
+    scale: f32,
+}
+
+impl<'py> View<'py> {
+    #[allow(clippy::too_many_arguments)]
+    fn extract(
+        keys: &Bound<'py, PyAny>,
+        values: &Bound<'py, PyAny>,
+        stats: &Bound<'py, PyAny>,
+        queries: &Bound<'py, PyAny>,
+        positions: &Bound<'py, PyAny>,
+        seq_len: &Bound<'py, PyAny>,
+        ids: [Option<&Bound<'py, PyAny>>; 4],
+        scale: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Self> {
+        let k = Tensor::extract("keys", keys)?;
+        let v = Tensor::extract("values", values)?;
+        let s = Tensor::extract("stats", stats)?;
+        let q = Tensor::extract("queries", queries)?;
+        for t in [&k, &v, &s, &q] {
+            t.expect_cpu()?;
+            t.expect_dtype(&[ElemType::F32])?;
+            t.expect_contiguous()?;
+        }
+        k.expect_ndim(2)?;
+        let (n, d) = (k.shape[0], k.shape[1]);
+        v.expect_shape(&[n, d], "[live, head_dim] like keys")?;
+        q.expect_ndim(3)?;
+        q.expect_dim(2, d, "head_dim of keys")?;
+        let g = q.shape[1];
+        s.expect_shape(&[n, g, NUM_STATS as i64], "[live, group_size, 8]")?;
+        let positions = args::tokens("positions", positions)?;
+        if positions.len() as i64 != n {
+            return Err(error(
+                Kind::Shape,
+                format!(
+                    "positions has {} entries for {n} live entries",
+                    positions.len()
+                ),
+            ));
+        }
+        if let Some(i) = (1..positions.len()).find(|&i| positions[i] <= positions[i - 1]) {
+            return Err(error(
+                Kind::InvalidArgument,
+                format!(
+                    "positions must be strictly ascending: positions[{i}] = {} after {}",
+                    positions[i],
+                    positions[i - 1]
+                ),
+            ));
+        }
+        let seq_len = args::size("seq_len", seq_len)?;
+        let names = ["layer", "kv_head", "eviction", "request"];
+        let mut vals = [0u32; 4];
+        for ((slot, name), obj) in vals.iter_mut().zip(names).zip(ids) {
+            if let Some(o) = obj {
+                *slot = args::int::<u32>(name, o, "[0, 2^32)")?;
+            }
+        }
+        if let Some(p) = positions.last() {
+            if *p as usize >= seq_len {
+                return Err(error(
+                    Kind::InvalidArgument,
+                    format!("positions reach {p} but seq_len = {seq_len}"),
+                ));
+            }
+        }
+        let scale = opt_float("scale", scale)?
+            .map(|x| x as f32)
+            .unwrap_or(1.0 / (d.max(1) as f32).sqrt());
+        let key = SampleKey {
+            seed: 0,
+            request: vals[3],
+            layer: vals[0],
+            head: vals[1],
+            eviction: vals[2],
+        };
+        let meta = ViewMeta {
+            positions,
+            head_dim: d as usize,
+            group_size: g as usize,
+            seq_len,
+            key,
+            scale,
+        };
+        Ok(Self {
+            tensors: vec![k, v, s, q],
+            meta,
+        })
+    }
+
+    fn raws(&self) -> [Raw; 4] {
+        [
+            self.tensors[0].raw(),
+            self.tensors[1].raw(),
+            self.tensors[2].raw(),
+            self.tensors[3].raw(),
+        ]
+    }
+}
+
+/// Runs `f` over the core view of `raws` (keys, values, stats, queries) without the GIL.
+///
+/// # Safety
+/// `raws` must be alive, host, float32 buffers not written concurrently.
+unsafe fn with_view<T>(v: &ViewMeta, raws: [Raw; 4], f: impl FnOnce(&EvictionView<'_>) -> T) -> T {
+    let view = EvictionView {
+        key: v.key,
+        head_dim: v.head_dim,
+        group_size: v.group_size,
+        scale: v.scale,
+        seq_len: v.seq_len,
+        keys: raws[0].slice(),
+        values: raws[1].slice(),
+        stats: raws[2].slice(),
+        queries: raws[3].slice(),
+        positions: &v.positions,
+    };
+    f(&view)
+}
+
+#[pymethods]
+impl PyPolicy {
+    /// The full cache: never evicts.
+    #[staticmethod]
+    fn full_cache() -> Self {
+        Self::new(evict::FullCache)
+    }
+
+    /// StreamingLLM: keep `sinks` attention sinks and the most recent entries.
+    #[staticmethod]
+    #[pyo3(signature = (sinks = None))]
+    fn streaming_llm(sinks: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let sinks = sinks
+            .map(|s| args::int::<u32>("sinks", s, "[0, 2^32)"))
+            .transpose()?
+            .unwrap_or(4);
+        Ok(Self::new(evict::StreamingLlm { sinks }))
+    }
+
+    /// H2O: evict the lowest cumulative attention.
+    #[staticmethod]
+    fn h2o() -> Self {
+        Self::new(evict::H2o)
+    }
+
+    /// SnapKV: evict the lowest recent-window attention, max-pooled with an odd `kernel`.
+    #[staticmethod]
+    #[pyo3(signature = (kernel = None))]
+    fn snapkv(kernel: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let kernel = odd_kernel(kernel)?;
+        Ok(Self::new(evict::SnapKv { kernel }))
+    }
+
+    /// TOVA: evict what the last query attends to least.
+    #[staticmethod]
+    fn tova() -> Self {
+        Self::new(evict::Tova)
+    }
+
+    /// R-KV: importance mixed with key redundancy (`lam` weighs importance).
+    #[staticmethod]
+    #[pyo3(signature = (lam = None, kernel = None))]
+    fn rkv(lam: Option<&Bound<'_, PyAny>>, kernel: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let lambda = opt_float("lam", lam)?.unwrap_or(0.1) as f32;
+        if !(0.0..=1.0).contains(&lambda) {
+            return Err(error(
+                Kind::InvalidArgument,
+                format!("lam = {lambda} must be in [0, 1]"),
+            ));
+        }
+        Ok(Self::new(evict::Rkv {
+            lambda,
+            kernel: odd_kernel(kernel)?,
+        }))
+    }
+
+    /// Uniformly random victims, reproducible from `seed`.
+    #[staticmethod]
+    #[pyo3(signature = (seed = None))]
+    fn random(seed: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let seed = seed
+            .map(|s| args::seq_id("seed", s))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(Self::new(evict::RandomEviction { seed }))
+    }
+
+    /// ForesightKV: the checkpoint's MLP scores; victims sampled as in the paper (top 2L, then L by
+    /// softmax with Philox noise from `seed`), or the deterministic top L when `sample` is False.
+    #[staticmethod]
+    #[pyo3(signature = (checkpoint, *, sample = None, seed = None, temperature = None))]
+    fn foresight(
+        checkpoint: &Bound<'_, PyAny>,
+        sample: Option<&Bound<'_, PyAny>>,
+        seed: Option<&Bound<'_, PyAny>>,
+        temperature: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let ck = checkpoint.cast::<PyScorerCheckpoint>().map_err(|_| {
+            error(
+                Kind::ArgumentType,
+                format!(
+                    "checkpoint must be a ScorerCheckpoint, got {}",
+                    args::type_name(checkpoint)
+                ),
+            )
+        })?;
+        let sample = sample
+            .map(|s| args::flag("sample", s))
+            .transpose()?
+            .unwrap_or(true);
+        let seed = seed
+            .map(|s| args::seq_id("seed", s))
+            .transpose()?
+            .unwrap_or(0);
+        let temperature = opt_float("temperature", temperature)?.unwrap_or(1.0) as f32;
+        if temperature <= 0.0 || !temperature.is_finite() {
+            return Err(error(
+                Kind::InvalidArgument,
+                format!("temperature = {temperature} must be positive"),
+            ));
+        }
+        let mode = if sample {
+            VictimMode::Sample { seed, temperature }
+        } else {
+            VictimMode::TopL
+        };
+        Ok(Self::new(ForesightPolicy::new(
+            ck.get().inner.clone(),
+            mode,
+        )))
+    }
+
+    /// Short name, as on the command line and in tables.
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    /// Whether the policy evicts at all (False only for the full cache).
+    #[getter]
+    fn evicts(&self) -> bool {
+        self.inner.evicts()
+    }
+
+    /// Eviction scores (higher = evicted first) of the live entries of one (layer, KV head).
+    ///
+    /// `keys`, `values`: float32 `[live, head_dim]`; `stats`: float32 `[live, group_size, 8]`;
+    /// `queries`: float32 `[m, group_size, head_dim]` since the last eviction (oldest first);
+    /// `positions`: original positions of the live entries, ascending; `seq_len`: tokens so far.
+    #[pyo3(signature = (keys, values, stats, queries, positions, seq_len, *, layer = None, kv_head = None, eviction = None, request = None, scale = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn score<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        values: &Bound<'py, PyAny>,
+        stats: &Bound<'py, PyAny>,
+        queries: &Bound<'py, PyAny>,
+        positions: &Bound<'py, PyAny>,
+        seq_len: &Bound<'py, PyAny>,
+        layer: Option<&Bound<'py, PyAny>>,
+        kv_head: Option<&Bound<'py, PyAny>>,
+        eviction: Option<&Bound<'py, PyAny>>,
+        request: Option<&Bound<'py, PyAny>>,
+        scale: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let v = View::extract(
+            keys,
+            values,
+            stats,
+            queries,
+            positions,
+            seq_len,
+            [layer, kv_head, eviction, request],
+            scale,
+        )?;
+        let raws = v.raws();
+        let policy = self.inner.clone();
+        let meta = &v.meta;
+        let n = meta.positions.len();
+        let scores = py
+            .detach(|| {
+                // SAFETY: host float32 contiguous tensors (checked), alive for this call, only read.
+                unsafe {
+                    with_view(meta, raws, |view| {
+                        view.validate()?;
+                        let mut scores = vec![0f32; n];
+                        policy.score(view, &mut scores).map(|_| scores)
+                    })
+                }
+            })
+            .map_err(|e| evict_error("Policy.score", e))?;
+        PyList::new(py, scores)
+    }
+
+    /// Victims (live slot indices, ascending) of one (layer, KV head): `num_evict` entries outside
+    /// the newest `num_protected`, chosen by this policy's scores and victim mode.
+    #[pyo3(signature = (keys, values, stats, queries, positions, seq_len, *, num_protected, num_evict, layer = None, kv_head = None, eviction = None, request = None, scale = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn choose_victims<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        values: &Bound<'py, PyAny>,
+        stats: &Bound<'py, PyAny>,
+        queries: &Bound<'py, PyAny>,
+        positions: &Bound<'py, PyAny>,
+        seq_len: &Bound<'py, PyAny>,
+        num_protected: &Bound<'py, PyAny>,
+        num_evict: &Bound<'py, PyAny>,
+        layer: Option<&Bound<'py, PyAny>>,
+        kv_head: Option<&Bound<'py, PyAny>>,
+        eviction: Option<&Bound<'py, PyAny>>,
+        request: Option<&Bound<'py, PyAny>>,
+        scale: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<usize>> {
+        let v = View::extract(
+            keys,
+            values,
+            stats,
+            queries,
+            positions,
+            seq_len,
+            [layer, kv_head, eviction, request],
+            scale,
+        )?;
+        let num_protected = args::size("num_protected", num_protected)?;
+        let num_evict = args::size("num_evict", num_evict)?;
+        let raws = v.raws();
+        let policy = self.inner.clone();
+        let meta = &v.meta;
+        py.detach(|| {
+            // SAFETY: host float32 contiguous tensors (checked), alive for this call, only read.
+            unsafe {
+                with_view(meta, raws, |view| {
+                    choose_victims(policy.as_ref(), view, num_protected, num_evict)
+                })
+            }
+        })
+        .map_err(|e| evict_error("Policy.choose_victims", e))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Policy({})", self.inner.name())
+    }
+}
+
+fn odd_kernel(kernel: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
+    let k = kernel
+        .map(|k| args::size("kernel", k))
+        .transpose()?
+        .unwrap_or(7);
+    if k % 2 == 0 || k > 1 << 16 {
+        return Err(error(
+            Kind::InvalidArgument,
+            format!("kernel = {k} must be odd and at most 65536"),
+        ));
+    }
+    Ok(k)
+}
+
+/// A recorded (or synthetic) attention trace: per layer, the queries, keys and values of every token.
+#[pyclass(module = "foresightkv", name = "Trace", frozen)]
+pub struct PyTrace {
+    inner: Arc<Trace>,
+}
+
+#[pymethods]
+impl PyTrace {
+    /// Loads a trace file (safetensors, as written by `save` or the recorder).
+    #[staticmethod]
+    fn load(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let p = path_arg("path", path)?;
+        let t = py
+            .detach(|| Trace::load(&p))
+            .map_err(|e| evict_error("Trace.load", e))?;
+        Ok(Self { inner: Arc::new(t) })
+    }
+
+    /// A structured synthetic trace (attention sinks, a local window, recalled facts), seeded.
+    #[staticmethod]
+    #[pyo3(signature = (num_layers, num_q_heads, num_kv_heads, head_dim, length, *, seed = None))]
+    fn synthetic(
+        py: Python<'_>,
+        num_layers: &Bound<'_, PyAny>,
+        num_q_heads: &Bound<'_, PyAny>,
+        num_kv_heads: &Bound<'_, PyAny>,
+        head_dim: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+        seed: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let shape = TraceShape {
+            num_layers: bounded("num_layers", num_layers, 1 << 10)?,
+            num_q_heads: bounded("num_q_heads", num_q_heads, 1 << 10)?,
+            num_kv_heads: bounded("num_kv_heads", num_kv_heads, 1 << 10)?,
+            head_dim: bounded("head_dim", head_dim, 1 << 12)?,
+            len: bounded("length", length, 1 << 20)?,
+        };
+        let elems = shape.num_layers as u128
+            * shape.len as u128
+            * (shape.num_q_heads + 2 * shape.num_kv_heads) as u128
+            * shape.head_dim as u128;
+        if elems > 1 << 31 {
+            return Err(error(
+                Kind::InvalidArgument,
+                format!("a synthetic trace of {elems} floats is too large (limit 2^31)"),
+            ));
+        }
+        let seed = seed
+            .map(|s| args::seq_id("seed", s))
+            .transpose()?
+            .unwrap_or(0);
+        let cfg = SyntheticConfig::new(shape, seed);
+        let t = py
+            .detach(|| evict::synthetic_trace(&cfg))
+            .map_err(|e| evict_error("Trace.synthetic", e))?;
+        Ok(Self { inner: Arc::new(t) })
+    }
+
+    /// Writes the trace as safetensors.
+    fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let p = path_arg("path", path)?;
+        let t = self.inner.clone();
+        py.detach(move || t.save(&p))
+            .map_err(|e| evict_error("Trace.save", e))
+    }
+
+    /// Dimensions: num_layers, num_q_heads, num_kv_heads, head_dim, len.
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_to_py(py, &self.inner.shape())
+    }
+
+    fn __repr__(&self) -> String {
+        let s = self.inner.shape();
+        format!(
+            "Trace(num_layers={}, num_q_heads={}, num_kv_heads={}, head_dim={}, len={})",
+            s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim, s.len
+        )
+    }
+}
+
+fn trace_arg(obj: &Bound<'_, PyAny>) -> PyResult<Arc<Trace>> {
+    obj.cast::<PyTrace>()
+        .map(|t| t.get().inner.clone())
+        .map_err(|_| {
+            error(
+                Kind::ArgumentType,
+                format!("trace must be a Trace, got {}", args::type_name(obj)),
+            )
+        })
+}
+
+fn schedule_arg(budget: &Bound<'_, PyAny>, interval: &Bound<'_, PyAny>) -> PyResult<Schedule> {
+    let s = Schedule {
+        budget: args::size("budget", budget)?,
+        interval: args::size("interval", interval)?,
+    };
+    s.validate().map_err(|e| evict_error("schedule", e))?;
+    Ok(s)
+}
+
+/// Replays `trace` through `policy` with budget and interval; returns the fidelity (attention mass
+/// kept, relative output error, queries, evictions) and, with `record`, every eviction.
+#[pyfunction]
+#[pyo3(signature = (trace, policy, budget, interval, *, request = None, record = None))]
+pub fn simulate<'py>(
+    py: Python<'py>,
+    trace: &Bound<'py, PyAny>,
+    policy: &Bound<'py, PyAny>,
+    budget: &Bound<'py, PyAny>,
+    interval: &Bound<'py, PyAny>,
+    request: Option<&Bound<'py, PyAny>>,
+    record: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let t = trace_arg(trace)?;
+    let p = policy
+        .cast::<PyPolicy>()
+        .map(|p| p.get().inner.clone())
+        .map_err(|_| {
+            error(
+                Kind::ArgumentType,
+                format!("policy must be a Policy, got {}", args::type_name(policy)),
+            )
+        })?;
+    let schedule = schedule_arg(budget, interval)?;
+    let request = request
+        .map(|r| args::int::<u32>("request", r, "[0, 2^32)"))
+        .transpose()?
+        .unwrap_or(0);
+    let record = record
+        .map(|r| args::flag("record", r))
+        .transpose()?
+        .unwrap_or(false);
+    let opts = SimOptions {
+        schedule,
+        request,
+        record,
+    };
+    let result = py
+        .detach(|| evict::simulate(&t, p.as_ref(), &opts))
+        .map_err(|e| evict_error("simulate", e))?;
+    sim_to_py(py, &result)
+}
+
+fn sim_to_py<'py>(py: Python<'py>, r: &evict::SimResult) -> PyResult<Bound<'py, PyAny>> {
+    let out = json_to_py(py, r)?;
+    let fid = out.get_item("fidelity")?;
+    fid.set_item("mass", r.fidelity.mass())?;
+    fid.set_item("rel_err", r.fidelity.rel_err())?;
+    Ok(out)
+}
+
+/// Golden Eviction (the offline teacher) of a whole trace: the fidelity and the record of every
+/// greedy eviction (candidates' positions and scores, victims) of every (layer, KV head).
+#[pyfunction]
+pub fn golden_eviction<'py>(
+    py: Python<'py>,
+    trace: &Bound<'py, PyAny>,
+    budget: &Bound<'py, PyAny>,
+    interval: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let t = trace_arg(trace)?;
+    let schedule = schedule_arg(budget, interval)?;
+    let (_, result) = py
+        .detach(|| evict::golden_eviction(&t, schedule))
+        .map_err(|e| evict_error("golden_eviction", e))?;
+    sim_to_py(py, &result)
+}

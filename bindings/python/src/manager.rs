@@ -1,0 +1,407 @@
+//! `KvCacheManager` for Python: the core manager behind an `Arc`, shared by every Python thread, with
+//! the GIL released around each call; block tables come back as int32 buffers.
+
+use crate::args::{self, seq_id};
+use crate::config::PyCacheConfig;
+use crate::errors::{block_error, error, Kind};
+use foresightkv::block::{EvictionPlan, FlatBlockTables, KvCacheManager};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use std::sync::Arc;
+
+/// What the next eviction of a sequence does.
+#[pyclass(module = "foresightkv", name = "EvictionPlan", frozen, get_all, eq)]
+#[derive(Clone, PartialEq)]
+pub struct PyEvictionPlan {
+    /// Sequence length when the eviction is applied.
+    pub len: usize,
+    /// `live_start` before the eviction.
+    pub live_start_before: usize,
+    /// `live_start` after the eviction.
+    pub live_start_after: usize,
+    /// Entries each (layer, KV head) evicts.
+    pub evicted_per_head: usize,
+    /// Block-table entries the eviction empties.
+    pub released_blocks: usize,
+}
+
+impl From<EvictionPlan> for PyEvictionPlan {
+    fn from(p: EvictionPlan) -> Self {
+        Self {
+            len: p.len,
+            live_start_before: p.live_start_before,
+            live_start_after: p.live_start_after,
+            evicted_per_head: p.evicted_per_head,
+            released_blocks: p.released_blocks,
+        }
+    }
+}
+
+#[pymethods]
+impl PyEvictionPlan {
+    fn __repr__(&self) -> String {
+        format!(
+            "EvictionPlan(len={}, live_start_before={}, live_start_after={}, evicted_per_head={}, released_blocks={})",
+            self.len, self.live_start_before, self.live_start_after, self.evicted_per_head, self.released_blocks
+        )
+    }
+}
+
+/// Block tables of a batch: int32 buffers (`array.array('i')`) ready for `torch.frombuffer` /
+/// `numpy.frombuffer`, or converted with `as_numpy()` / `as_torch()`.
+#[pyclass(module = "foresightkv", name = "BlockTables", frozen)]
+pub struct PyBlockTables {
+    num_seqs: usize,
+    tables: FlatBlockTables,
+}
+
+fn int32_array<'py>(py: Python<'py>, values: &[i32]) -> PyResult<Bound<'py, PyAny>> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let arr = py.import("array")?.getattr("array")?.call1(("i",))?;
+    arr.call_method1("frombytes", (PyBytes::new(py, &bytes),))?;
+    Ok(arr)
+}
+
+impl PyBlockTables {
+    /// The four arrays converted by `conv`, the table reshaped to `[num_seqs, width]`.
+    fn tuple<'py>(
+        &self,
+        py: Python<'py>,
+        conv: impl Fn(&[i32]) -> PyResult<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let t = &self.tables;
+        let table = conv(&t.table)?.call_method1("reshape", (self.num_seqs, t.width))?;
+        let out = (
+            table,
+            conv(&t.live_starts)?,
+            conv(&t.lens)?,
+            conv(&t.protected_lens)?,
+        );
+        Ok(out.into_pyobject(py)?.into_any())
+    }
+}
+
+#[pymethods]
+impl PyBlockTables {
+    /// Rows (sequences).
+    #[getter]
+    fn num_seqs(&self) -> usize {
+        self.num_seqs
+    }
+
+    /// Columns: the longest table of the batch.
+    #[getter]
+    fn width(&self) -> usize {
+        self.tables.width
+    }
+
+    /// `num_seqs * width` block ids, row major; -1 = empty (released or past the end).
+    #[getter]
+    fn table<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        int32_array(py, &self.tables.table)
+    }
+
+    /// Block-aligned live start of each row.
+    #[getter]
+    fn live_starts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        int32_array(py, &self.tables.live_starts)
+    }
+
+    /// Length (tokens) of each row.
+    #[getter]
+    fn lens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        int32_array(py, &self.tables.lens)
+    }
+
+    /// Protected prefix of each row.
+    #[getter]
+    fn protected_lens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        int32_array(py, &self.tables.protected_lens)
+    }
+
+    /// `(table [num_seqs, width], live_starts, lens, protected_lens)` as int32 numpy arrays (over
+    /// fresh buffers, no further copy).
+    fn as_numpy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let np = py.import("numpy")?;
+        let conv = |v: &[i32]| -> PyResult<Bound<'py, PyAny>> {
+            np.call_method1("frombuffer", (int32_array(py, v)?, "int32"))
+        };
+        self.tuple(py, conv)
+    }
+
+    /// `(table [num_seqs, width], live_starts, lens, protected_lens)` as int32 torch tensors on
+    /// `device` (CPU when None; CPU tensors share fresh buffers, no further copy).
+    #[pyo3(signature = (device = None))]
+    fn as_torch<'py>(
+        &self,
+        py: Python<'py>,
+        device: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let torch = py.import("torch")?;
+        let int32 = torch.getattr("int32")?;
+        let conv = |v: &[i32]| -> PyResult<Bound<'py, PyAny>> {
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("dtype", &int32)?;
+            let t = if v.is_empty() {
+                torch.call_method("empty", (0,), Some(&kwargs))?
+            } else {
+                torch.call_method("frombuffer", (int32_array(py, v)?,), Some(&kwargs))?
+            };
+            match device {
+                Some(d) if !d.is_none() => t.call_method1("to", (d,)),
+                _ => Ok(t),
+            }
+        };
+        self.tuple(py, conv)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "BlockTables(num_seqs={}, width={})",
+            self.num_seqs, self.tables.width
+        )
+    }
+}
+
+/// The paged KV-cache manager: sequences, slot mappings, live windows, eviction schedule,
+/// compaction, prefix sharing, copy-on-write. Safe to share between Python threads.
+#[pyclass(module = "foresightkv", name = "KvCacheManager", frozen)]
+pub struct PyKvCacheManager {
+    inner: Arc<KvCacheManager>,
+    config: Py<PyCacheConfig>,
+}
+
+impl PyKvCacheManager {
+    fn run<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&KvCacheManager) -> T + Send) -> T {
+        let m = self.inner.clone();
+        py.detach(move || f(&m))
+    }
+}
+
+#[pymethods]
+impl PyKvCacheManager {
+    #[new]
+    fn new(config: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let cfg = config.cast::<PyCacheConfig>().map_err(|_| {
+            error(
+                Kind::ArgumentType,
+                format!(
+                    "config must be a CacheConfig, got {}",
+                    args::type_name(config)
+                ),
+            )
+        })?;
+        let inner = KvCacheManager::new(cfg.get().inner.clone()).map_err(block_error)?;
+        Ok(Self {
+            inner: Arc::new(inner),
+            config: cfg.clone().unbind(),
+        })
+    }
+
+    /// The configuration the manager was built with.
+    #[getter]
+    fn config(&self, py: Python<'_>) -> Py<PyCacheConfig> {
+        self.config.clone_ref(py)
+    }
+
+    /// Blocks in the pool.
+    #[getter]
+    fn num_blocks(&self) -> usize {
+        self.inner.num_blocks()
+    }
+
+    /// Free blocks now.
+    #[getter]
+    fn num_free_blocks(&self, py: Python<'_>) -> usize {
+        self.run(py, |m| m.num_free_blocks())
+    }
+
+    /// Registered sequences.
+    #[getter]
+    fn num_sequences(&self, py: Python<'_>) -> usize {
+        self.run(py, |m| m.num_sequences())
+    }
+
+    /// Most blocks one sequence holds at once while its prompt grows to `max_len` tokens.
+    fn max_blocks_held(
+        &self,
+        prompt_len: &Bound<'_, PyAny>,
+        max_len: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let prompt_len = args::size("prompt_len", prompt_len)?;
+        let max_len = args::size("max_len", max_len)?;
+        if max_len > i32::MAX as usize {
+            return Err(error(
+                Kind::InvalidArgument,
+                format!("max_len = {max_len} is beyond what the int32 device tables address"),
+            ));
+        }
+        Ok(self.inner.max_blocks_held(prompt_len, max_len))
+    }
+
+    /// Registers a sequence with its prompt token ids; returns the prompt's slot mapping (-1 for
+    /// positions reused from the prefix cache).
+    fn add_sequence(
+        &self,
+        py: Python<'_>,
+        seq_id: &Bound<'_, PyAny>,
+        prompt: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<i64>> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        let prompt = args::tokens("prompt", prompt)?;
+        self.run(py, |m| m.add_sequence(id, &prompt))
+            .map_err(block_error)
+    }
+
+    /// Appends generated token ids; returns their slots. Refused while an eviction is due.
+    fn append(
+        &self,
+        py: Python<'_>,
+        seq_id: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<i64>> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        let tokens = args::tokens("tokens", tokens)?;
+        self.run(py, |m| m.append(id, &tokens)).map_err(block_error)
+    }
+
+    /// The eviction due now, or None.
+    fn eviction_due(
+        &self,
+        py: Python<'_>,
+        seq_id: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<PyEvictionPlan>> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        Ok(self
+            .run(py, |m| m.eviction_due(id))
+            .map_err(block_error)?
+            .map(Into::into))
+    }
+
+    /// Applies the due eviction (after the compaction kernel ran); returns the released block ids.
+    fn compact(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        self.run(py, |m| m.compact(id)).map_err(block_error)
+    }
+
+    /// Registers `child` sharing all blocks of `parent` (copy-on-write).
+    fn fork(
+        &self,
+        py: Python<'_>,
+        parent: &Bound<'_, PyAny>,
+        child: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let parent = args::seq_id("parent", parent)?;
+        let child = args::seq_id("child", child)?;
+        self.run(py, |m| m.fork(parent, child)).map_err(block_error)
+    }
+
+    /// Removes a sequence and releases its blocks.
+    fn free(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<()> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        self.run(py, |m| m.free(id)).map_err(block_error)
+    }
+
+    /// Removes a sequence and returns all its token ids, to resume it later with `add_sequence`.
+    fn preempt(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        self.run(py, |m| m.preempt(id)).map_err(block_error)
+    }
+
+    /// Pending block copies `(src, dst)` from copy-on-write; perform them before the next allocation.
+    fn take_copies(&self, py: Python<'_>) -> Vec<(u32, u32)> {
+        self.run(py, |m| m.take_copies())
+            .into_iter()
+            .map(|c| (c.src, c.dst))
+            .collect()
+    }
+
+    /// Tokens in the sequence.
+    fn seq_len(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        self.run(py, |m| m.seq_len(id)).map_err(block_error)
+    }
+
+    /// Block-aligned start of the live window.
+    fn live_start(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        self.run(py, |m| m.live_start(id)).map_err(block_error)
+    }
+
+    /// Protected prefix length (block-aligned prompt in protect mode, else 0).
+    fn protected_len(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        self.run(py, |m| m.protected_len(id)).map_err(block_error)
+    }
+
+    /// KV entries attention reads per (layer, head).
+    fn live_tokens(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        self.run(py, |m| m.live_tokens(id)).map_err(block_error)
+    }
+
+    /// Blocks the sequence references now.
+    fn blocks_held(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        self.run(py, |m| m.blocks_held(id)).map_err(block_error)
+    }
+
+    /// Block tables, live starts, lengths and protected prefixes of `seq_ids`, one row each.
+    fn block_tables(&self, py: Python<'_>, seq_ids: &Bound<'_, PyAny>) -> PyResult<PyBlockTables> {
+        let iter = seq_ids.try_iter().map_err(|_| {
+            error(
+                Kind::ArgumentType,
+                format!(
+                    "seq_ids must be an iterable of sequence ids, got {}",
+                    args::type_name(seq_ids)
+                ),
+            )
+        })?;
+        let ids = iter
+            .enumerate()
+            .map(|(i, item)| seq_id(&format!("seq_ids[{i}]"), &item?))
+            .collect::<PyResult<Vec<u64>>>()?;
+        let tables = self
+            .run(py, |m| m.block_tables(&ids))
+            .map_err(block_error)?;
+        Ok(PyBlockTables {
+            num_seqs: ids.len(),
+            tables,
+        })
+    }
+
+    /// A consistent copy of the whole state as plain Python data (for invariant checks):
+    /// `refcounts`, `free_queue`, `cached` [(hash, block)], `pending_copies` [(src, dst)],
+    /// `sequences` {id: {tokens, prompt_len, protected_len, live_start, blocks, compactions}}.
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let snap = self.run(py, |m| m.snapshot());
+        let out = PyDict::new(py);
+        out.set_item("refcounts", snap.refcounts)?;
+        out.set_item("free_queue", snap.free_queue)?;
+        out.set_item("cached", snap.cached)?;
+        let copies: Vec<(u32, u32)> = snap.pending_copies.iter().map(|c| (c.src, c.dst)).collect();
+        out.set_item("pending_copies", copies)?;
+        let seqs = PyDict::new(py);
+        for (id, t) in snap.sequences {
+            let d = PyDict::new(py);
+            d.set_item("tokens", t.tokens)?;
+            d.set_item("prompt_len", t.prompt_len)?;
+            d.set_item("protected_len", t.protected_len)?;
+            d.set_item("live_start", t.live_start)?;
+            d.set_item("blocks", t.blocks)?;
+            d.set_item("compactions", t.compactions)?;
+            seqs.set_item(id, d)?;
+        }
+        out.set_item("sequences", seqs)?;
+        Ok(out)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "KvCacheManager(num_blocks={}, num_free_blocks={}, num_sequences={})",
+            self.inner.num_blocks(),
+            self.inner.num_free_blocks(),
+            self.inner.num_sequences()
+        )
+    }
+}

@@ -1,0 +1,133 @@
+"""CUDA tensors: the kernels on the GPU against the CPU path, on PyTorch's current stream, and the
+device checks. Skipped (with the reason) where no GPU, CUDA torch or compiled kernels exist."""
+
+import pytest
+import torch
+
+import foresightkv as fkv
+from conftest import cuda_only
+
+pytestmark = cuda_only
+
+
+def cache_write_case(dtype, gen):
+    t, h, d, nb, bs = 37, 4, 128, 16, 16
+    key = torch.randn(t, h, d, generator=gen).to(dtype)
+    value = torch.randn(t, h, d, generator=gen).to(dtype)
+    slots = torch.randperm(nb * bs, generator=gen)[:t]
+    slots[5] = -1
+    return key, value, slots, (nb, h, bs, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reshape_and_cache_cuda_matches_cpu_on_head_major_views(dtype):
+    gen = torch.Generator().manual_seed(0)
+    key, value, slots, shape = cache_write_case(dtype, gen)
+    kc_cpu, vc_cpu = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    fkv.reshape_and_cache(key, value, kc_cpu.permute(0, 2, 1, 3), vc_cpu.permute(0, 2, 1, 3), slots)
+    kc, vc = kc_cpu.new_zeros(shape).cuda(), vc_cpu.new_zeros(shape).cuda()
+    fkv.reshape_and_cache(key.cuda(), value.cuda(), kc.permute(0, 2, 1, 3), vc.permute(0, 2, 1, 3), slots.cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(kc.cpu(), kc_cpu) and torch.equal(vc.cpu(), vc_cpu)
+
+
+def test_reshape_and_cache_runs_on_the_current_stream():
+    gen = torch.Generator().manual_seed(1)
+    key, value, slots, shape = cache_write_case(torch.float16, gen)
+    side = torch.cuda.Stream()
+    kc = torch.zeros(shape, dtype=torch.float16, device="cuda")
+    vc = torch.zeros_like(kc)
+    k, v, s = key.cuda(), value.cuda(), slots.cuda()
+    torch.cuda.current_stream().synchronize()
+    with torch.cuda.stream(side):
+        fkv.reshape_and_cache(k, v, kc.permute(0, 2, 1, 3), vc.permute(0, 2, 1, 3), s)
+        ready = torch.cuda.Event()
+        ready.record(side)
+    ready.synchronize()
+    expect = torch.zeros(shape, dtype=torch.float16)
+    fkv.reshape_and_cache(key, value, expect.permute(0, 2, 1, 3), torch.zeros_like(expect).permute(0, 2, 1, 3), slots)
+    assert torch.equal(kc.cpu(), expect)
+
+
+def test_mixed_devices_raise_device_error_naming_the_argument():
+    gen = torch.Generator().manual_seed(2)
+    key, value, slots, shape = cache_write_case(torch.float16, gen)
+    kc = torch.zeros(shape, dtype=torch.float16, device="cuda").permute(0, 2, 1, 3)
+    vc = torch.zeros(shape, dtype=torch.float16, device="cuda").permute(0, 2, 1, 3)
+    with pytest.raises(fkv.DeviceError, match="slot_mapping is on cpu"):
+        fkv.reshape_and_cache(key.cuda(), value.cuda(), kc, vc, slots)
+    with pytest.raises(fkv.DeviceError, match="key_cache is on cuda:0 but key is on cpu"):
+        fkv.reshape_and_cache(key, value, kc, vc, slots)
+
+
+def eviction_case(dtype, seed):
+    """A batch on a paged cache (head_dim 128, GQA 4) with live windows, for every eviction kernel."""
+    gen = torch.Generator().manual_seed(seed)
+    bs, nb, hkv, g, d = 16, 64, 2, 4, 128
+    lens, starts = [200, 37, 96], [32, 0, 16]
+    width = max(-(-n // bs) for n in lens)
+    perm = torch.randperm(nb, generator=gen).tolist()
+    table = torch.full((3, width), -1, dtype=torch.int32)
+    for s, n in enumerate(lens):
+        for b in range(-(-n // bs)):
+            table[s, b] = perm.pop()
+    return dict(
+        kc=torch.randn(nb, bs, hkv, d, generator=gen).to(dtype),
+        vc=torch.randn(nb, bs, hkv, d, generator=gen).to(dtype),
+        stats=torch.rand(nb, bs, hkv, g, 8, generator=gen),
+        bt=table,
+        sl=torch.tensor(lens, dtype=torch.int32),
+        ls=torch.tensor(starts, dtype=torch.int32),
+        q=torch.randn(3, hkv * g, d, generator=gen).to(dtype),
+        queries=torch.randn(3, 32, hkv * g, d, generator=gen).to(dtype),
+        nq=torch.tensor([32, 5, 0], dtype=torch.int32),
+        w=(torch.randn(hkv, 16, 2 * d + 8 * g, generator=gen) * 0.05, torch.randn(hkv, 16, generator=gen),
+           torch.randn(hkv, 16, generator=gen), torch.randn(hkv, generator=gen)),
+    )
+
+
+def on_cuda(case):
+    return {k: (tuple(x.cuda() for x in v) if isinstance(v, tuple) else v.cuda()) for k, v in case.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_cuda_matches_cpu(dtype):
+    c = eviction_case(dtype, 3)
+    cpu = fkv.paged_attention_decode(c["q"], c["kc"], c["vc"], c["bt"], c["sl"], c["ls"])
+    g = on_cuda(c)
+    gpu = fkv.paged_attention_decode(g["q"], g["kc"], g["vc"], g["bt"], g["sl"], g["ls"])
+    torch.cuda.synchronize()
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(gpu.cpu().float(), cpu.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_window_stats_scorer_select_compact_cuda_match_cpu():
+    c = eviction_case(torch.float16, 4)
+    g = on_cuda(c)
+    fkv.window_stats(c["queries"], c["nq"], c["kc"], c["bt"], c["sl"], c["ls"], c["stats"])
+    fkv.window_stats(g["queries"], g["nq"], g["kc"], g["bt"], g["sl"], g["ls"], g["stats"])
+    torch.cuda.synchronize()
+    assert torch.allclose(g["stats"].cpu(), c["stats"], atol=1e-3, rtol=1e-3)
+    g["stats"].copy_(c["stats"])
+    scores_c = torch.zeros(3, 2, 200)
+    scores_g = scores_c.cuda()
+    fkv.scorer_mlp(c["kc"], c["vc"], c["bt"], c["sl"], c["ls"], c["stats"], *c["w"], scores_c)
+    fkv.scorer_mlp(g["kc"], g["vc"], g["bt"], g["sl"], g["ls"], g["stats"], *g["w"], scores_g)
+    torch.cuda.synchronize()
+    assert torch.allclose(scores_g.cpu(), scores_c, atol=1e-3, rtol=1e-3)
+    scores_g.copy_(scores_c)
+    evict = torch.tensor([32, 16, 16], dtype=torch.int32)
+    surv_c = torch.zeros(3, 2, 200, dtype=torch.int32)
+    surv_g = surv_c.cuda()
+    fkv.select_survivors(c["sl"], c["ls"], scores_c, evict, surv_c, num_protected=16)
+    fkv.select_survivors(g["sl"], g["ls"], scores_g, evict.cuda(), surv_g, num_protected=16)
+    torch.cuda.synchronize()
+    live = (c["sl"] - c["ls"]).tolist()
+    for s in range(3):
+        keep = live[s] - int(evict[s])
+        assert torch.equal(surv_g[s, :, :keep].cpu(), surv_c[s, :, :keep])
+    fkv.compact(c["kc"], c["vc"], c["bt"], c["sl"], c["ls"], evict, surv_c, c["stats"])
+    fkv.compact(g["kc"], g["vc"], g["bt"], g["sl"], g["ls"], evict.cuda(), surv_g, g["stats"])
+    torch.cuda.synchronize()
+    assert torch.equal(g["kc"].cpu(), c["kc"]) and torch.equal(g["vc"].cpu(), c["vc"])
+    assert torch.equal(g["stats"].cpu(), c["stats"])

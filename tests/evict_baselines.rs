@@ -1,0 +1,188 @@
+//! Each baseline policy on a hand-built eviction step whose correct victims are known.
+
+use foresightkv::evict::baselines::max_pool;
+use foresightkv::evict::{
+    choose_victims, EvictionPolicy, EvictionView, FullCache, H2o, RandomEviction, Rkv, SampleKey,
+    SnapKv, StreamingLlm, Tova,
+};
+use foresightkv::kernels::window_stats::{STAT_CUMULATIVE, STAT_SUM32, STAT_SUM8};
+use foresightkv::kernels::NUM_STATS;
+use proptest::prelude::*;
+
+/// Owned buffers behind an [`EvictionView`] with `n` live entries, head_dim `d`, group `g`, `m` queries.
+struct Case {
+    d: usize,
+    g: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    stats: Vec<f32>,
+    queries: Vec<f32>,
+    positions: Vec<u32>,
+}
+
+impl Case {
+    fn new(n: usize, d: usize, g: usize, m: usize) -> Self {
+        Self {
+            d,
+            g,
+            keys: vec![0.0; n * d],
+            values: vec![0.0; n * d],
+            stats: vec![0.0; n * g * NUM_STATS],
+            queries: vec![0.0; m * g * d],
+            positions: (0..n as u32).collect(),
+        }
+    }
+
+    /// Sets statistic `stat` of slot `i` to `v` for every query head of the group.
+    fn set_stat(&mut self, i: usize, stat: usize, v: f32) {
+        for gi in 0..self.g {
+            self.stats[(i * self.g + gi) * NUM_STATS + stat] = v;
+        }
+    }
+
+    fn view(&self) -> EvictionView<'_> {
+        EvictionView {
+            key: SampleKey {
+                seed: 0,
+                request: 1,
+                layer: 0,
+                head: 0,
+                eviction: 0,
+            },
+            head_dim: self.d,
+            group_size: self.g,
+            scale: 1.0,
+            seq_len: *self.positions.last().unwrap_or(&0) as usize + 1,
+            keys: &self.keys,
+            values: &self.values,
+            stats: &self.stats,
+            queries: &self.queries,
+            positions: &self.positions,
+        }
+    }
+}
+
+#[test]
+fn full_cache_never_evicts() {
+    let c = Case::new(8, 4, 1, 1);
+    assert!(choose_victims(&FullCache, &c.view(), 2, 3)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn streaming_keeps_sinks_and_drops_oldest() {
+    let mut c = Case::new(12, 4, 1, 1);
+    // After earlier evictions the live window holds these original positions.
+    c.positions = vec![0, 1, 2, 3, 40, 41, 57, 60, 61, 62, 63, 64];
+    let v = choose_victims(&StreamingLlm::default(), &c.view(), 4, 3).unwrap();
+    assert_eq!(v, vec![4, 5, 6], "the three oldest non-sink entries");
+}
+
+#[test]
+fn h2o_drops_lowest_cumulative_attention() {
+    let mut c = Case::new(10, 4, 2, 1);
+    let cum = [5.0, 0.1, 3.0, 0.2, 4.0, 0.05, 2.0, 9.0, 0.0, 0.0];
+    for (i, &x) in cum.iter().enumerate() {
+        c.set_stat(i, STAT_CUMULATIVE, x);
+    }
+    let v = choose_victims(&H2o, &c.view(), 2, 3).unwrap();
+    assert_eq!(v, vec![1, 3, 5]);
+}
+
+#[test]
+fn snapkv_pooling_protects_neighbours_of_a_peak() {
+    let mut c = Case::new(12, 4, 1, 1);
+    c.set_stat(5, STAT_SUM32, 1.0);
+    // Pooled (kernel 7) attention is 1 on slots 2..=8, 0 elsewhere: victims are 0, 1, 9.
+    let v = choose_victims(&SnapKv::default(), &c.view(), 2, 3).unwrap();
+    assert_eq!(v, vec![0, 1, 9]);
+}
+
+#[test]
+fn tova_drops_what_the_last_query_ignores() {
+    let (n, g, m) = (8, 2, 2);
+    let mut c = Case::new(n, n, g, m);
+    for i in 0..n {
+        c.keys[i * n + i] = 1.0; // one-hot keys
+    }
+    // Last query row: both heads look at slots 1, 4 and 5; the earlier row looks elsewhere.
+    for gi in 0..g {
+        let last = ((m - 1) * g + gi) * n;
+        for (slot, w) in [(1, 6.0), (4, 5.0), (5, 7.0)] {
+            c.queries[last + slot] = w;
+        }
+        c.queries[gi * n] = 9.0;
+        c.queries[gi * n + 2] = 9.0;
+    }
+    let v = choose_victims(&Tova, &c.view(), 2, 3).unwrap();
+    assert_eq!(v, vec![0, 2, 3]);
+}
+
+#[test]
+fn rkv_drops_redundant_keys_when_importance_is_flat() {
+    let (n, d) = (10, 16);
+    let mut c = Case::new(n, d, 1, 1);
+    for i in 0..n {
+        let axis = if [1, 4, 6].contains(&i) { 0 } else { i + 1 };
+        c.keys[i * d + axis] = 1.0;
+        c.set_stat(i, STAT_SUM8, 0.1);
+    }
+    let v = choose_victims(&Rkv::default(), &c.view(), 2, 3).unwrap();
+    assert_eq!(
+        v,
+        vec![1, 4, 6],
+        "the three identical keys are the redundant ones"
+    );
+}
+
+#[test]
+fn random_is_reproducible_and_seeded() {
+    let c = Case::new(64, 4, 1, 1);
+    let a = choose_victims(&RandomEviction { seed: 1 }, &c.view(), 8, 16).unwrap();
+    let b = choose_victims(&RandomEviction { seed: 1 }, &c.view(), 8, 16).unwrap();
+    let other = choose_victims(&RandomEviction { seed: 2 }, &c.view(), 8, 16).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, other);
+    assert_eq!(a.len(), 16);
+    assert!(a.iter().all(|&i| i < 56));
+}
+
+#[test]
+fn tova_without_queries_is_a_typed_error() {
+    let c = Case::new(8, 4, 1, 0);
+    let mut s = vec![0.0; 8];
+    assert!(Tova.score(&c.view(), &mut s).is_err());
+}
+
+#[test]
+fn view_shape_errors_are_typed() {
+    let mut c = Case::new(8, 4, 1, 1);
+    c.values.pop();
+    assert!(choose_victims(&H2o, &c.view(), 2, 2).is_err());
+}
+
+proptest! {
+    #[test]
+    fn max_pool_dominates_and_is_local(x in proptest::collection::vec(-5f32..5.0, 1..60), half in 0usize..4) {
+        let k = 2 * half + 1;
+        let p = max_pool(&x, k);
+        prop_assert_eq!(p.len(), x.len());
+        for i in 0..x.len() {
+            prop_assert!(p[i] >= x[i]);
+            let lo = i.saturating_sub(half);
+            let hi = (i + half + 1).min(x.len());
+            prop_assert!(x[lo..hi].contains(&p[i]));
+        }
+    }
+
+    #[test]
+    fn streaming_never_evicts_sinks_when_others_remain(n in 12usize..80, evict_frac in 0.0f64..1.0) {
+        let c = Case::new(n, 2, 1, 1);
+        let prot = 4;
+        let e = ((n - prot - 4) as f64 * evict_frac) as usize;
+        let v = choose_victims(&StreamingLlm::default(), &c.view(), prot, e).unwrap();
+        prop_assert!(v.iter().all(|&i| i >= 4));
+        prop_assert_eq!(v, (4..4 + e).collect::<Vec<_>>());
+    }
+}
