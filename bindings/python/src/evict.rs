@@ -719,10 +719,15 @@ fn trace_arg(obj: &Bound<'_, PyAny>) -> PyResult<Arc<Trace>> {
         })
 }
 
-fn schedule_arg(budget: &Bound<'_, PyAny>, interval: &Bound<'_, PyAny>) -> PyResult<Schedule> {
+fn schedule_arg(
+    budget: &Bound<'_, PyAny>,
+    interval: &Bound<'_, PyAny>,
+    prompt_len: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Schedule> {
     let s = Schedule {
         budget: args::size("budget", budget)?,
         interval: args::size("interval", interval)?,
+        prompt_len: prompt_len.map(|p| args::size("prompt_len", p)).transpose()?.unwrap_or(0),
     };
     s.validate().map_err(|e| evict_error("schedule", e))?;
     Ok(s)
@@ -731,7 +736,7 @@ fn schedule_arg(budget: &Bound<'_, PyAny>, interval: &Bound<'_, PyAny>) -> PyRes
 /// Replays `trace` through `policy` with budget and interval; returns the fidelity (attention mass
 /// kept, relative output error, queries, evictions) and, with `record`, every eviction.
 #[pyfunction]
-#[pyo3(signature = (trace, policy, budget, interval, *, request = None, record = None))]
+#[pyo3(signature = (trace, policy, budget, interval, *, request = None, record = None, prompt_len = None))]
 pub fn simulate<'py>(
     py: Python<'py>,
     trace: &Bound<'py, PyAny>,
@@ -740,6 +745,7 @@ pub fn simulate<'py>(
     interval: &Bound<'py, PyAny>,
     request: Option<&Bound<'py, PyAny>>,
     record: Option<&Bound<'py, PyAny>>,
+    prompt_len: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let t = trace_arg(trace)?;
     let p = policy
@@ -751,7 +757,7 @@ pub fn simulate<'py>(
                 format!("policy must be a Policy, got {}", args::type_name(policy)),
             )
         })?;
-    let schedule = schedule_arg(budget, interval)?;
+    let schedule = schedule_arg(budget, interval, prompt_len)?;
     let request = request
         .map(|r| args::int::<u32>("request", r, "[0, 2^32)"))
         .transpose()?
@@ -782,14 +788,16 @@ fn sim_to_py<'py>(py: Python<'py>, r: &evict::SimResult) -> PyResult<Bound<'py, 
 /// Golden Eviction (the offline teacher) of a whole trace: the fidelity and the record of every
 /// greedy eviction (candidates' positions and scores, victims) of every (layer, KV head).
 #[pyfunction]
+#[pyo3(signature = (trace, budget, interval, *, prompt_len = None))]
 pub fn golden_eviction<'py>(
     py: Python<'py>,
     trace: &Bound<'py, PyAny>,
     budget: &Bound<'py, PyAny>,
     interval: &Bound<'py, PyAny>,
+    prompt_len: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let t = trace_arg(trace)?;
-    let schedule = schedule_arg(budget, interval)?;
+    let schedule = schedule_arg(budget, interval, prompt_len)?;
     let (_, result) = py
         .detach(|| evict::golden_eviction(&t, schedule))
         .map_err(|e| evict_error("golden_eviction", e))?;
