@@ -149,6 +149,26 @@ typedef struct fkv_select_params {
   int64_t num_protected;
 } fkv_select_params;
 
+/* sample_survivors: per (seq, kv head) the candidates are the top min(2 n, live - num_protected)
+ * scores among slots [0, live - num_protected) (ties: lower slot), n = num_evict[s]; each gets
+ * the binary64 key score / temperature + Gumbel(Philox4x32-10, counter [slot, evictions[s],
+ * layer << 16 | head, requests[s]], key [seed lo, seed hi]); the n largest keys (ties: lower slot)
+ * are evicted; survivors ascending to survivors[(s * num_kv_heads + h) * max_live ..]. */
+typedef struct fkv_sample_params {
+  fkv_live_windows win;
+  const float *scores;
+  const int32_t *num_evict;
+  const uint32_t *requests;  /* [num_seqs] */
+  const uint32_t *evictions; /* [num_seqs] */
+  int32_t *survivors;
+  int64_t num_kv_heads;
+  int64_t max_live;
+  int64_t num_protected;
+  uint64_t seed;
+  uint32_t layer; /* < 65536 */
+  float temperature;
+} fkv_sample_params;
+
 /* compact: per (seq, kv head) move the live - num_evict[s] survivors (ascending live slots) to
  * live slots [num_evict[s], live), K, V and (when st.stats is not null) statistics, in place. */
 typedef struct fkv_compact_params {

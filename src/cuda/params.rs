@@ -17,3 +17,5 @@ unsafe impl cudarc::driver::DeviceRepr for fkv_scorer_params {}
 unsafe impl cudarc::driver::DeviceRepr for fkv_select_params {}
 #[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for fkv_compact_params {}
+#[cfg(feature = "cuda")]
+unsafe impl cudarc::driver::DeviceRepr for fkv_sample_params {}
