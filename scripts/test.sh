@@ -57,6 +57,11 @@ if scripts/test_python.sh 2>&1 | tee "$LOG/python.txt"; then :; else status=1; f
 read -r p f s < <(awk '/^python tests:/ { p = $3; f = $5; s = $7 } END { print p + 0, (f == "" ? 1 : f), s + 0 }' "$LOG/python.txt")
 passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
 
+section "SGLang plugin: real sglang 0.5.23 on CPU (its own cached venv)"
+if scripts/test_sglang.sh 2>&1 | tee "$LOG/sglang.txt"; then :; else status=1; fi
+read -r p f s < <(awk '/^sglang tests:/ { p = $3; f = $5; s = $7 } END { print p + 0, (f == "" ? 1 : f), s + 0 }' "$LOG/sglang.txt")
+passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+
 echo
 echo "total: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ] || status=1

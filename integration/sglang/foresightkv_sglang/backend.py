@@ -1,0 +1,267 @@
+"""``ForesightKVAttnBackend``: SGLang's attention backend interface over foresightkv's engine step.
+
+Each forward writes the new K/V into SGLang's ``MHATokenToKVPool`` (page size 1), then attends over
+every request's live window read in place through its ``req_to_token`` row, records the recent
+queries, and evicts per (layer, KV head) when the schedule says so. Slots of positions before a
+request's live window go back through SGLang's token allocator one step later (see ``ledger``)."""
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import foresightkv
+from foresightkv.engine import EngineConfig, EvictionEngine, StepPlan, StepRequest
+from foresightkv.errors import ConfigError
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
+
+from .ledger import free_slots, ledger_for, ledger_key
+
+logger = logging.getLogger(__name__)
+
+#: The flags that turn SGLang's CUDA graphs off (this backend has data-dependent control flow).
+CUDA_GRAPH_FLAGS = "--cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled"
+
+_NO_GRAPHS = (
+    "foresightkv does not support CUDA graphs (its eviction step has data-dependent control flow): "
+    f"launch SGLang with {CUDA_GRAPH_FLAGS} (or the deprecated --disable-cuda-graph)"
+)
+
+
+@dataclass
+class ForwardMetadata:
+    """Per-forward metadata: the engine's plan and the batch's ``req_to_token`` rows (int32)."""
+
+    plan: StepPlan
+    block_tables: torch.Tensor
+
+
+def validate_runner(model_runner, config: EngineConfig) -> None:
+    """Refuses configurations the backend cannot serve, naming the flag to change."""
+    page_size = getattr(model_runner, "page_size", 1) or 1
+    if page_size != 1:
+        raise ConfigError(f"foresightkv evicts single token slots: launch SGLang with --page-size 1 (got {page_size})")
+    pool = model_runner.token_to_kv_pool
+    if not isinstance(pool, MHATokenToKVPool):
+        raise ConfigError(
+            "foresightkv supports SGLang's MHATokenToKVPool only (plain multi-head attention), "
+            f"got {type(pool).__name__} (hybrid sliding-window, MLA and Mamba models are not supported)"
+        )
+    k = pool.get_key_buffer(pool.start_layer if hasattr(pool, "start_layer") else 0)
+    if k.dim() != 3 or k.shape[1] != pool.head_num or k.shape[2] != pool.head_dim:
+        raise ConfigError(
+            f"foresightkv reads the token-major (NHD) KV layout; got a key buffer of shape {tuple(k.shape)} "
+            "(unset SGLANG_USE_HND_KVCACHE)"
+        )
+    if pool.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ConfigError(f"foresightkv needs an fp16, bf16 or fp32 KV cache, got {pool.dtype} (drop --kv-cache-dtype)")
+    if torch.device(model_runner.device).type == "cuda" and pool.head_dim not in (64, 128, 256):
+        raise ConfigError(
+            f"foresightkv's CUDA kernels support head dims 64, 128 and 256, the model has {pool.head_dim}"
+        )
+    args = getattr(model_runner, "server_args", None)
+    if args is not None:
+        if not getattr(args, "disable_radix_cache", False):
+            raise ConfigError(
+                "foresightkv rewrites cached slots in place when it evicts, so prefix sharing is impossible: "
+                "launch SGLang with --disable-radix-cache"
+            )
+        phases = {getattr(args, f"{p}_attention_backend", None) for p in ("prefill", "decode")} - {None}
+        if phases - {"foresightkv"} or (
+            phases and getattr(args, "attention_backend", None) not in (None, "foresightkv")
+        ):
+            raise ConfigError(
+                "foresightkv must run both prefill and decode (its eviction state spans both): use "
+                "--attention-backend foresightkv without a different --prefill-attention-backend or "
+                "--decode-attention-backend"
+            )
+        if getattr(args, "speculative_algorithm", None):
+            raise ConfigError("foresightkv does not support speculative decoding: remove --speculative-algorithm")
+        if getattr(args, "enable_mixed_chunk", False):
+            raise ConfigError("foresightkv does not support mixed prefill/decode batches: remove --enable-mixed-chunk")
+        if config.policy == "foresight" and (getattr(args, "tp_size", 1) or 1) > 1:
+            raise ConfigError(
+                "foresightkv's foresight policy does not split the scorer's KV heads across tensor-parallel ranks yet: "
+                "use --tp-size 1 (or a baseline policy)"
+            )
+    if config.protect_prompt:
+        raise ConfigError("foresightkv option 'protect_prompt' is not supported by the SGLang plugin yet")
+
+
+class ForesightKVAttnBackend(AttentionBackend):
+    """SGLang attention backend with ForesightKV token-slot eviction (page size 1, eager mode only)."""
+
+    def __init__(self, model_runner, config: EngineConfig, *, checkpoint=None) -> None:
+        super().__init__()
+        validate_runner(model_runner, config)
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.allocator = model_runner.token_to_kv_pool_allocator
+        self.engine = EvictionEngine(config, block_size=1, checkpoint=checkpoint)
+        _check_scorer(self.engine, model_runner)
+        _reserve_stats(self.engine, model_runner)
+        self.ledger = ledger_for(self.req_to_token_pool)
+        self.forward_metadata: Optional[ForwardMetadata] = None
+        #: Slots this backend gave back to the allocator so far (for tests and logs).
+        self.freed_slots = 0
+
+    # ------------------------------------------------------------------ metadata
+
+    def init_forward_metadata(self, forward_batch) -> None:
+        """Plans the step: commits (and frees the slots of) the last step's evictions, then decides
+        each request's live window and eviction for this one."""
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            self.forward_metadata = None
+            return
+        if mode.is_target_verify() or mode.is_draft_extend_v2():
+            raise ConfigError("foresightkv does not support speculative decoding")
+        pool = self.req_to_token_pool
+        rows = _as_list(getattr(forward_batch, "req_pool_indices_cpu", None), forward_batch.req_pool_indices)
+        seq_lens = _as_list(getattr(forward_batch, "seq_lens_cpu", None), forward_batch.seq_lens)
+        decode = mode.is_decode()
+        if decode:
+            num_new = [1] * len(rows)
+            prefix = [s - 1 for s in seq_lens]
+        else:
+            num_new = _as_list(getattr(forward_batch, "extend_seq_lens_cpu", None), forward_batch.extend_seq_lens)
+            prefix = _as_list(getattr(forward_batch, "extend_prefix_lens_cpu", None), forward_batch.extend_prefix_lens)
+        self._forget_stale()
+        keys = [ledger_key(pool, r) for r in rows]
+        for key in keys:
+            self.ledger.track(key)
+        requests = [
+            StepRequest(key=key, seq_len=s, num_new=n, prefill=not decode, reset=(not decode and p == 0))
+            for key, s, n, p in zip(keys, seq_lens, num_new, prefix)
+        ]
+        plan = self.engine.begin_step(requests)
+        for adv in plan.released:
+            row, _ = adv.key
+            ranges = self.ledger.take(adv.key, adv.old_live_start, adv.new_live_start)
+            self.freed_slots += free_slots(self.allocator, pool.req_to_token, row, ranges)
+        width = max(seq_lens) if seq_lens else 0
+        idx = forward_batch.req_pool_indices.to(pool.req_to_token.device).long()
+        block_tables = pool.req_to_token.index_select(0, idx)[:, :width].contiguous()
+        self.forward_metadata = ForwardMetadata(plan, block_tables.to(self.token_to_kv_pool.device))
+
+    def _forget_stale(self) -> None:
+        """Drops the engine state and ledger entries of rows SGLang gave to another request."""
+        pool = self.req_to_token_pool
+        gens = pool.req_generation
+        for key in self.ledger.keys():
+            row, gen = key
+            if int(gens[row]) != gen:
+                self.ledger.forget(key)
+        for key in self.engine.keys():
+            row, gen = key
+            if int(gens[row]) != gen:
+                self.engine.release(key)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        """Prefill / extend: writes the new K/V, attends causally over each live window, evicts."""
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        """Decode: writes the new K/V, attends with foresightkv's paged decode kernel, evicts."""
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def _forward(self, q, k, v, layer, forward_batch, save_kv_cache):
+        meta = self.forward_metadata
+        if meta is None:
+            raise RuntimeError("foresightkv: forward called before init_forward_metadata")
+        if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
+            raise ConfigError("foresightkv supports causal self-attention layers without sliding window only")
+        if layer.qk_head_dim != layer.v_head_dim:
+            raise ConfigError("foresightkv needs equal query/key and value head dims")
+        hq, d = layer.tp_q_head_num, layer.qk_head_dim
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+        q3 = q.reshape(-1, hq, d)
+        out = q3.new_empty(q3.shape)
+        kc = self.token_to_kv_pool.get_key_buffer(layer.layer_id).unsqueeze(1)
+        vc = self.token_to_kv_pool.get_value_buffer(layer.layer_id).unsqueeze(1)
+        self.engine.attend(
+            meta.plan,
+            layer.layer_id,
+            q3.to(kc.dtype),
+            kc,
+            vc,
+            meta.block_tables,
+            out,
+            scale=layer.scaling,
+        )
+        return out.reshape(-1, hq * d).to(q.dtype)
+
+    # ------------------------------------------------------------------ CUDA graphs: unsupported
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        """CUDA graphs are not supported: raises, naming the flags that turn them off."""
+        raise RuntimeError(_NO_GRAPHS)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        """CUDA graphs are not supported: raises, naming the flags that turn them off."""
+        raise RuntimeError(_NO_GRAPHS)
+
+    def init_forward_metadata_for_breakable_cuda_graph_capture(self, forward_batch):
+        """CUDA graphs are not supported: raises, naming the flags that turn them off."""
+        raise RuntimeError(_NO_GRAPHS)
+
+    def support_triton(self):
+        """The backend runs no Triton kernels of SGLang's."""
+        return False
+
+
+def _check_scorer(engine: EvictionEngine, model_runner) -> None:
+    """Checks the foresight scorer against the model (layers, KV heads, group, head dim) when the
+    runner carries SGLang's model config; the first eviction of each layer checks it again."""
+    ck = engine.checkpoint
+    mc = getattr(model_runner, "model_config", None)
+    if ck is None or mc is None:
+        return
+    pool = model_runner.token_to_kv_pool
+    try:
+        group = mc.num_attention_heads // mc.get_total_num_kv_heads()
+        ck.check_model(mc.num_hidden_layers, pool.head_num, group, pool.head_dim)
+    except foresightkv.Error as e:
+        raise ConfigError(f"foresightkv checkpoint does not fit the model: {e}") from e
+
+
+def _reserve_stats(engine: EvictionEngine, model_runner) -> None:
+    """Allocates every layer's per-slot statistics at start-up when the runner carries SGLang's model
+    config (the query-head group is known), so that a shortage fails here, naming the fix."""
+    mc = getattr(model_runner, "model_config", None)
+    if mc is None:
+        return
+    pool = model_runner.token_to_kv_pool
+    group = mc.num_attention_heads // mc.get_total_num_kv_heads()
+    start = getattr(pool, "start_layer", 0) or 0
+    layers = range(start, start + pool.layer_num)
+    rows = pool.get_key_buffer(start).shape[0]
+    try:
+        total = engine.reserve_stats(layers, rows, 1, pool.head_num, group, pool.device)
+    except torch.OutOfMemoryError as e:
+        need = len(layers) * rows * pool.head_num * group * 8 * 4
+        raise ConfigError(
+            f"foresightkv needs {need / 2**30:.2f} GiB for its eviction statistics next to the KV pool: "
+            "lower --mem-fraction-static"
+        ) from e
+    logger.info("foresightkv: %.2f GiB of eviction statistics for %d layers", total / 2**30, len(layers))
+
+
+def _as_list(cpu_values, tensor) -> list:
+    """Host ints from the CPU mirror SGLang keeps when present, else from the tensor."""
+    if cpu_values is not None:
+        return [int(x) for x in (cpu_values.tolist() if hasattr(cpu_values, "tolist") else cpu_values)]
+    return [int(x) for x in tensor.tolist()]
+
+
+def create_foresightkv_backend(model_runner) -> ForesightKVAttnBackend:
+    """The factory SGLang calls for ``--attention-backend foresightkv``: reads the configuration from
+    ``$FORESIGHTKV_CONFIG`` (JSON file or text), validates it against the runner, builds the backend."""
+    config = EngineConfig.from_env(block_size=1)
+    return ForesightKVAttnBackend(model_runner, config)

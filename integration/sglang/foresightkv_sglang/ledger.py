@@ -1,0 +1,143 @@
+"""Which token slots of each request went back to SGLang's allocator, and through whom.
+
+foresightkv returns the slots of positions before a request's live window itself (the eviction
+schedule moves ``live_start``); SGLang's release path (finish, abort, retract: ``release_kv_cache`` ->
+``BasePrefixCache.free_kv_row``) later frees the rest of the row. Each position must be freed exactly
+once, so both sides consult this ledger: the release hook drops the positions foresightkv already
+freed, and foresightkv skips the positions the release path already freed.
+
+There is one ledger per ``ReqToTokenPool`` (``ledger_for``); requests are keyed by ``(row,
+generation)``: SGLang bumps a row's generation on every allocation (``ReqToTokenPool.alloc_rows``),
+so a reused row never matches a stale entry."""
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+
+Key = Tuple[int, int]
+Range = Tuple[int, int]
+
+
+@dataclass
+class _Entry:
+    """Positions ``[0, cursor)`` are foresightkv's to free (freed unless SGLang freed them first);
+    ``released`` are the ranges SGLang's release path freed."""
+
+    cursor: int = 0
+    released: List[Range] = field(default_factory=list)
+
+
+def subtract(span: Range, taken: Iterable[Range]) -> List[Range]:
+    """The parts of half-open ``span`` outside every range of ``taken``, ascending."""
+    parts = [span]
+    for ts, te in sorted(taken):
+        nxt = []
+        for s, e in parts:
+            if te <= s or ts >= e:
+                nxt.append((s, e))
+                continue
+            if s < ts:
+                nxt.append((s, ts))
+            if te < e:
+                nxt.append((te, e))
+        parts = nxt
+    return [(s, e) for s, e in parts if e > s]
+
+
+class SlotLedger:
+    """The ledger of one ``ReqToTokenPool`` (the scheduler and the model of a request share a process,
+    hence the pool object)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: Dict[Key, _Entry] = {}
+
+    def track(self, key: Key) -> None:
+        """Starts recording releases of ``key`` (called for every request of a batch, before any
+        eviction of it can be pending)."""
+        with self._lock:
+            self._entries.setdefault(key, _Entry())
+
+    def cursor(self, key: Key) -> int:
+        """End of the positions foresightkv took charge of for ``key`` (0 when unknown)."""
+        with self._lock:
+            e = self._entries.get(key)
+            return 0 if e is None else e.cursor
+
+    def keys(self) -> List[Key]:
+        """Keys with an entry."""
+        with self._lock:
+            return list(self._entries)
+
+    def forget(self, key: Key) -> None:
+        """Drops ``key`` (its row was given to another request)."""
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def clip_release(self, key: Key, ranges: List[Range]) -> List[Range]:
+        """The part of a release of ``ranges`` SGLang must still free (positions foresightkv freed
+        are dropped); records it so that foresightkv never frees it."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return list(ranges)
+            out = [(max(s, e.cursor), t) for s, t in ranges if t > max(s, e.cursor)]
+            e.released.extend(out)
+            return out
+
+    def take(self, key: Key, old: int, new: int) -> List[Range]:
+        """Moves the cursor of ``key`` to ``new`` after an eviction from ``old``; returns the ranges
+        foresightkv must free now (those the release path has not freed)."""
+        with self._lock:
+            e = self._entries.setdefault(key, _Entry())
+            start = max(old, e.cursor)
+            e.cursor = max(e.cursor, new)
+            if new <= start:
+                return []
+            return subtract((start, new), e.released)
+
+
+_LEDGERS: "weakref.WeakKeyDictionary[object, SlotLedger]" = weakref.WeakKeyDictionary()
+_LEDGERS_LOCK = threading.Lock()
+
+
+def ledger_for(req_to_token_pool) -> SlotLedger:
+    """The ledger of ``req_to_token_pool`` (created on first use, dropped with the pool)."""
+    with _LEDGERS_LOCK:
+        led = _LEDGERS.get(req_to_token_pool)
+        if led is None:
+            led = SlotLedger()
+            _LEDGERS[req_to_token_pool] = led
+        return led
+
+
+def ledger_key(req_to_token_pool, row: int) -> Key:
+    """The key of the request now holding ``row`` of ``req_to_token_pool``."""
+    return (int(row), int(req_to_token_pool.req_generation[row]))
+
+
+def free_kv_row_hook(original, tree_cache, kv, ranges, *args, **kwargs):
+    """AROUND hook of ``BasePrefixCache.free_kv_row``: frees only what foresightkv has not freed.
+
+    A no-op for requests foresightkv never evicted (no ledger entry or cursor 0)."""
+    row = getattr(kv, "req_pool_idx", None)
+    if row is None:
+        return original(tree_cache, kv, ranges, *args, **kwargs)
+    pool = tree_cache.req_to_token_pool
+    clipped = ledger_for(pool).clip_release(ledger_key(pool, row), list(ranges))
+    if not clipped:
+        return None
+    return original(tree_cache, kv, clipped, *args, **kwargs)
+
+
+def free_slots(allocator, req_to_token: torch.Tensor, row: int, ranges: List[Range]) -> int:
+    """Gives the slots of ``ranges`` of ``row`` back to SGLang's token allocator in one ``free`` call
+    (which joins a free group the scheduler may have open); returns how many slots were freed."""
+    if not ranges:
+        return 0
+    slots = torch.cat([req_to_token[row, s:e] for s, e in ranges]).to(torch.int64)
+    allocator.free(slots)
+    return int(slots.numel())

@@ -1,0 +1,24 @@
+"""Shared fixtures: the plugin registered and SGLang's runtime context published once per session
+(as a scheduler process would), with the server arguments the backend requires."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def server_args():
+    """Real ``ServerArgs`` for ``--attention-backend foresightkv --disable-radix-cache --page-size 1``,
+    published as SGLang's process-wide context (the release path reads it)."""
+    from foresightkv_sglang.plugin import register
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.runtime_context import publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    register()
+    HookRegistry.apply_hooks()
+    reset_context()
+    args = ServerArgs(
+        model_path="dummy", device="cpu", attention_backend="foresightkv", disable_radix_cache=True, page_size=1
+    )
+    publish(args, role="scheduler")
+    yield args
+    reset_context()
