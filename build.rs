@@ -16,11 +16,13 @@ const GENCODE: &[(&str, &str)] = &[
     ("compute_90", "compute_90"),
 ];
 
-const SETUP_HINT: &str = "run `eval \"$(scripts/setup.sh)\"` (installs nvcc 13.0 from Python packages \
+const SETUP_HINT: &str =
+    "run `eval \"$(scripts/setup.sh)\"` (installs nvcc 13.0 from Python packages \
 into ~/.cache/foresightkv) or set NVCC / CUDA_HOME";
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let csrc = manifest.join("csrc");
     let include = csrc.join("include");
@@ -78,7 +80,10 @@ fn find_nvcc() -> Option<PathBuf> {
         if p.is_file() {
             return Some(p);
         }
-        println!("cargo:warning=foresightkv: NVCC={} is not a file; looking further", p.display());
+        println!(
+            "cargo:warning=foresightkv: NVCC={} is not a file; looking further",
+            p.display()
+        );
     }
     if let Some(home) = env::var_os("CUDA_HOME") {
         let p = PathBuf::from(home).join("bin").join("nvcc");
@@ -162,7 +167,10 @@ fn locate_libclang() {
     if let Ok(rd) = fs::read_dir("/usr/lib") {
         let mut llvm: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("llvm-")))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("llvm-"))
+            })
             .map(|p| p.join("lib"))
             .collect();
         llvm.sort();

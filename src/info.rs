@@ -41,7 +41,11 @@ pub fn collect() -> Result<Info, CudaError> {
     let (kernels_embedded, architectures, fatbin_bytes) = match cuda::embedded_fatbin() {
         Ok(bytes) => {
             let entries = cuda::fatbin::parse_fatbin(bytes)?;
-            (true, entries.iter().map(FatbinEntry::to_string).collect(), bytes.len())
+            (
+                true,
+                entries.iter().map(FatbinEntry::to_string).collect(),
+                bytes.len(),
+            )
         }
         Err(CudaError::KernelsNotCompiled) => (false, Vec::new(), 0),
         Err(e) => return Err(e),
@@ -81,14 +85,23 @@ pub fn collect() -> Result<Info, CudaError> {
 pub fn run(args: &InfoArgs) -> Result<(), CudaError> {
     let info = collect()?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&info).map_err(|e| CudaError::Fatbin(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&info).map_err(|e| CudaError::Fatbin(e.to_string()))?
+        );
         return Ok(());
     }
     println!("foresightkv {}", info.version);
     if info.kernels_embedded {
-        println!("kernels:  embedded ({} bytes): {}", info.fatbin_bytes, info.architectures.join(", "));
+        println!(
+            "kernels:  embedded ({} bytes): {}",
+            info.fatbin_bytes,
+            info.architectures.join(", ")
+        );
     } else {
-        println!("kernels:  not compiled in (no nvcc at build time; run scripts/setup.sh and rebuild)");
+        println!(
+            "kernels:  not compiled in (no nvcc at build time; run scripts/setup.sh and rebuild)"
+        );
     }
     println!(
         "cudarc:   {} (dynamic loading; cuda feature {})",

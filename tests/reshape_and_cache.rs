@@ -1,7 +1,9 @@
 //! reshape_and_cache: the CPU reference against a naive per-element computation, its argument
 //! validation, and the CUDA kernel against the CPU reference where a GPU is visible.
 
-use foresightkv::cuda::reshape_and_cache::{launch_reshape_and_cache, CacheWriteLens, CacheWritePtrs};
+use foresightkv::cuda::reshape_and_cache::{
+    launch_reshape_and_cache, CacheWriteLens, CacheWritePtrs,
+};
 use foresightkv::cuda::{runtime::gpu_available, CudaError, DeviceBuffer};
 use foresightkv::kernels::{reshape_and_cache, CacheWriteLayout, KernelError};
 use foresightkv::{DType, Element};
@@ -20,7 +22,15 @@ struct Case {
     cache_len: usize,
 }
 
-fn make_case(seed: u64, tokens: i64, heads: i64, hd: i64, bs: i64, blocks: i64, head_major: bool) -> Case {
+fn make_case(
+    seed: u64,
+    tokens: i64,
+    heads: i64,
+    hd: i64,
+    bs: i64,
+    blocks: i64,
+    head_major: bool,
+) -> Case {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut layout = CacheWriteLayout::contiguous(tokens, heads, hd, bs, blocks);
     if head_major {
@@ -33,7 +43,9 @@ fn make_case(seed: u64, tokens: i64, heads: i64, hd: i64, bs: i64, blocks: i64, 
     layout.key_strides = [heads * hd + 3, hd];
     let n = (tokens * (heads * hd + 3)) as usize;
     let key: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0..4.0)).collect();
-    let value: Vec<f32> = (0..(tokens * heads * hd) as usize).map(|_| rng.random_range(-4.0..4.0)).collect();
+    let value: Vec<f32> = (0..(tokens * heads * hd) as usize)
+        .map(|_| rng.random_range(-4.0..4.0))
+        .collect();
     let capacity = bs * blocks;
     let mut all: Vec<i64> = (0..capacity).collect();
     for i in (1..all.len()).rev() {
@@ -41,9 +53,21 @@ fn make_case(seed: u64, tokens: i64, heads: i64, hd: i64, bs: i64, blocks: i64, 
         all.swap(i, j);
     }
     let slots = (0..tokens as usize)
-        .map(|i| if rng.random_range(0..8) == 0 { -1 } else { all[i] })
+        .map(|i| {
+            if rng.random_range(0..8) == 0 {
+                -1
+            } else {
+                all[i]
+            }
+        })
         .collect();
-    Case { layout, key, value, slots, cache_len: (capacity * heads * hd) as usize }
+    Case {
+        layout,
+        key,
+        value,
+        slots,
+        cache_len: (capacity * heads * hd) as usize,
+    }
 }
 
 /// The naive semantics: position by position, indexing the caches by their logical coordinates.
@@ -59,13 +83,18 @@ fn naive(case: &Case) -> (Vec<f32>, Vec<f32>) {
             for d in 0..l.head_dim {
                 let (b, o) = (slot / l.block_size, slot % l.block_size);
                 let t = t as i64;
-                let kdst = b * l.key_cache_strides[0] + o * l.key_cache_strides[1] + h * l.key_cache_strides[2] + d;
+                let kdst = b * l.key_cache_strides[0]
+                    + o * l.key_cache_strides[1]
+                    + h * l.key_cache_strides[2]
+                    + d;
                 let vdst = b * l.value_cache_strides[0]
                     + o * l.value_cache_strides[1]
                     + h * l.value_cache_strides[2]
                     + d;
-                kc[kdst as usize] = case.key[(t * l.key_strides[0] + h * l.key_strides[1] + d) as usize];
-                vc[vdst as usize] = case.value[(t * l.value_strides[0] + h * l.value_strides[1] + d) as usize];
+                kc[kdst as usize] =
+                    case.key[(t * l.key_strides[0] + h * l.key_strides[1] + d) as usize];
+                vc[vdst as usize] =
+                    case.value[(t * l.value_strides[0] + h * l.value_strides[1] + d) as usize];
             }
         }
     }
@@ -116,31 +145,73 @@ fn rejects_bad_arguments_before_writing() {
     let mut bad = case.clone();
     bad.slots[2] = 32; // capacity is 2 * 16
     let err = run_cpu::<f32>(&bad).unwrap_err();
-    assert_eq!(err, KernelError::SlotOutOfRange { index: 2, slot: 32, capacity: 32 });
+    assert_eq!(
+        err,
+        KernelError::SlotOutOfRange {
+            index: 2,
+            slot: 32,
+            capacity: 32
+        }
+    );
 
     let mut short = case.clone();
     short.cache_len -= 1;
-    assert!(matches!(run_cpu::<f32>(&short), Err(KernelError::BufferTooSmall { name: "key_cache", .. })));
+    assert!(matches!(
+        run_cpu::<f32>(&short),
+        Err(KernelError::BufferTooSmall {
+            name: "key_cache",
+            ..
+        })
+    ));
 
     let mut zero = case.clone();
     zero.layout.head_dim = 0;
-    assert!(matches!(run_cpu::<f32>(&zero), Err(KernelError::InvalidSize { name: "head_dim", value: 0, .. })));
+    assert!(matches!(
+        run_cpu::<f32>(&zero),
+        Err(KernelError::InvalidSize {
+            name: "head_dim",
+            value: 0,
+            ..
+        })
+    ));
 
     let mut neg = case.clone();
     neg.layout.key_strides[0] = -5;
-    assert!(matches!(run_cpu::<f32>(&neg), Err(KernelError::InvalidStride { name: "key", value: -5, .. })));
+    assert!(matches!(
+        run_cpu::<f32>(&neg),
+        Err(KernelError::InvalidStride {
+            name: "key",
+            value: -5,
+            ..
+        })
+    ));
 
     let mut overlap = case.clone();
     overlap.layout.value_cache_strides[2] = 3;
-    assert!(matches!(run_cpu::<f32>(&overlap), Err(KernelError::InvalidStride { name: "value_cache", .. })));
+    assert!(matches!(
+        run_cpu::<f32>(&overlap),
+        Err(KernelError::InvalidStride {
+            name: "value_cache",
+            ..
+        })
+    ));
 
     let mut fewer = case.clone();
     fewer.slots.pop();
-    assert!(matches!(run_cpu::<f32>(&fewer), Err(KernelError::ShapeMismatch(_))));
+    assert!(matches!(
+        run_cpu::<f32>(&fewer),
+        Err(KernelError::ShapeMismatch(_))
+    ));
 
     let mut huge = case;
     huge.layout.num_blocks = 1 << 50;
-    assert!(matches!(run_cpu::<f32>(&huge), Err(KernelError::InvalidSize { name: "num_blocks", .. })));
+    assert!(matches!(
+        run_cpu::<f32>(&huge),
+        Err(KernelError::InvalidSize {
+            name: "num_blocks",
+            ..
+        })
+    ));
 }
 
 fn lens(case: &Case) -> CacheWriteLens {
@@ -181,7 +252,12 @@ fn cuda_matches_cpu_reference_on_random_shapes() {
         return;
     }
     for seed in 0..24u64 {
-        let (tokens, heads, hd, bs) = (1 + (seed as i64 * 7) % 37, 1 + seed as i64 % 4, [64, 128, 256][seed as usize % 3], [1, 16][seed as usize % 2]);
+        let (tokens, heads, hd, bs) = (
+            1 + (seed as i64 * 7) % 37,
+            1 + seed as i64 % 4,
+            [64, 128, 256][seed as usize % 3],
+            [1, 16][seed as usize % 2],
+        );
         let case = make_case(seed, tokens, heads, hd, bs, tokens / bs + 3, seed % 2 == 0);
         for dtype in [DType::F32, DType::F16, DType::Bf16] {
             let (gk, gv) = match dtype {
@@ -206,25 +282,50 @@ fn cuda_matches_cpu_reference_on_random_shapes() {
 #[test]
 fn cuda_call_without_kernels_or_gpu_is_a_typed_error() {
     let case = make_case(1, 4, 2, 8, 16, 2, false);
-    let ptrs = CacheWritePtrs { key: 0, value: 0, key_cache: 0, value_cache: 0, slot_mapping: 0 };
+    let ptrs = CacheWritePtrs {
+        key: 0,
+        value: 0,
+        key_cache: 0,
+        value_cache: 0,
+        slot_mapping: 0,
+    };
     // SAFETY: with no kernels or no GPU the launcher returns before touching the (null) pointers.
-    let launch = || unsafe { launch_reshape_and_cache(0, 0, DType::F32, &case.layout, ptrs, lens(&case)) };
+    let launch =
+        || unsafe { launch_reshape_and_cache(0, 0, DType::F32, &case.layout, ptrs, lens(&case)) };
     let expect_no_kernels = std::env::var("FORESIGHTKV_EXPECT_NO_KERNELS").is_ok_and(|v| v == "1");
     if expect_no_kernels {
         let err = launch().unwrap_err();
         assert!(matches!(err, CudaError::KernelsNotCompiled), "{err}");
         assert!(err.to_string().contains("not compiled"), "{err}");
-        assert!(matches!(DeviceBuffer::zeros(0, 16), Err(CudaError::KernelsNotCompiled)));
+        assert!(matches!(
+            DeviceBuffer::zeros(0, 16),
+            Err(CudaError::KernelsNotCompiled)
+        ));
     } else if !gpu_available() {
         let err = launch().unwrap_err();
-        assert!(matches!(err, CudaError::NoDriver | CudaError::NoSuchDevice { .. }), "{err}");
+        assert!(
+            matches!(err, CudaError::NoDriver | CudaError::NoSuchDevice { .. }),
+            "{err}"
+        );
     } else {
-        eprintln!("skipped: a GPU is visible, so a launch would run (covered by the comparison test)");
+        eprintln!(
+            "skipped: a GPU is visible, so a launch would run (covered by the comparison test)"
+        );
     }
     // Invalid layouts are refused before the runtime is even asked.
     let mut bad = case.layout;
     bad.num_kv_heads = -1;
     // SAFETY: validation fails before any pointer is used.
-    let err = unsafe { launch_reshape_and_cache(0, 0, DType::F32, &bad, ptrs, lens(&case)) }.unwrap_err();
-    assert!(matches!(err, CudaError::Kernel(KernelError::InvalidSize { name: "num_kv_heads", .. })), "{err}");
+    let err =
+        unsafe { launch_reshape_and_cache(0, 0, DType::F32, &bad, ptrs, lens(&case)) }.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CudaError::Kernel(KernelError::InvalidSize {
+                name: "num_kv_heads",
+                ..
+            })
+        ),
+        "{err}"
+    );
 }

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "foresightkv", version, about = "Learned KV-cache eviction for paged-attention serving")]
+#[command(
+    name = "foresightkv",
+    version,
+    about = "Learned KV-cache eviction for paged-attention serving"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,8 +41,12 @@ fn main() -> ExitCode {
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Info(args) => foresightkv::info::run(&args).map_err(Into::into),
         Command::Replay(args) => foresightkv::replay::run(&args).map_err(Into::into),
-        Command::Fidelity(args) => foresightkv::evict::fidelity::run_fidelity(&args).map_err(Into::into),
-        Command::ConvertScorer(args) => foresightkv::evict::convert::run_convert(&args).map_err(Into::into),
+        Command::Fidelity(args) => {
+            foresightkv::evict::fidelity::run_fidelity(&args).map_err(Into::into)
+        }
+        Command::ConvertScorer(args) => {
+            foresightkv::evict::convert::run_convert(&args).map_err(Into::into)
+        }
         Command::BenchKernels(args) => foresightkv::bench_kernels::run(&args).map_err(Into::into),
     };
     match result {

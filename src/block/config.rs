@@ -122,7 +122,10 @@ mod tests {
         let mut huge = cfg(16, 64, 32);
         huge.num_blocks = MAX_BLOCKS + 1;
         let err = huge.validate().unwrap_err();
-        assert!(err.to_string().contains(&(MAX_BLOCKS + 1).to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&(MAX_BLOCKS + 1).to_string()),
+            "{err}"
+        );
         huge.num_blocks = MAX_BLOCKS;
         assert!(huge.validate().is_ok());
     }

@@ -46,9 +46,16 @@ impl BlockPool {
         let n = u32::try_from(num_blocks).map_err(|_| oom())?;
         let refcount = filled(num_blocks, |_| 0u32).ok_or_else(oom)?;
         let hash = filled(num_blocks, |_| None).ok_or_else(oom)?;
-        let prev = filled(num_blocks, |i| if i == 0 { NIL } else { i as u32 - 1 }).ok_or_else(oom)?;
-        let next = filled(num_blocks, |i| if i as u32 + 1 == n { NIL } else { i as u32 + 1 })
-            .ok_or_else(oom)?;
+        let prev =
+            filled(num_blocks, |i| if i == 0 { NIL } else { i as u32 - 1 }).ok_or_else(oom)?;
+        let next = filled(num_blocks, |i| {
+            if i as u32 + 1 == n {
+                NIL
+            } else {
+                i as u32 + 1
+            }
+        })
+        .ok_or_else(oom)?;
         Ok(Self {
             refcount,
             hash,

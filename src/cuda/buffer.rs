@@ -11,7 +11,10 @@ mod imp {
     use std::sync::Arc;
 
     fn driver(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
-        move |e| CudaError::Driver { op, message: e.to_string() }
+        move |e| CudaError::Driver {
+            op,
+            message: e.to_string(),
+        }
     }
 
     /// A byte buffer on one device, allocated and copied on that device's default stream.
@@ -38,7 +41,9 @@ mod imp {
         pub fn zeros(ordinal: usize, bytes: usize) -> Result<Self, CudaError> {
             let rt = Runtime::get(ordinal)?;
             let stream = rt.context().default_stream();
-            let slice = stream.alloc_zeros::<u8>(bytes.max(1)).map_err(driver("cuMemAlloc"))?;
+            let slice = stream
+                .alloc_zeros::<u8>(bytes.max(1))
+                .map_err(driver("cuMemAlloc"))?;
             Ok(Self { slice, stream })
         }
 
@@ -55,11 +60,18 @@ mod imp {
 
         /// Waits for the device, then copies the buffer back as `T`s.
         pub fn to_host<T: Pod>(&self) -> Result<Vec<T>, CudaError> {
-            self.stream.context().synchronize().map_err(driver("cuCtxSynchronize"))?;
-            let bytes = self.stream.clone_dtoh(&self.slice).map_err(driver("cuMemcpyDtoH"))?;
+            self.stream
+                .context()
+                .synchronize()
+                .map_err(driver("cuCtxSynchronize"))?;
+            let bytes = self
+                .stream
+                .clone_dtoh(&self.slice)
+                .map_err(driver("cuMemcpyDtoH"))?;
             let n = bytes.len() / std::mem::size_of::<T>();
             let mut out = vec![T::zeroed(); n];
-            bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&bytes[..n * std::mem::size_of::<T>()]);
+            bytemuck::cast_slice_mut::<T, u8>(&mut out)
+                .copy_from_slice(&bytes[..n * std::mem::size_of::<T>()]);
             Ok(out)
         }
     }

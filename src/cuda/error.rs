@@ -16,7 +16,9 @@ pub enum CudaError {
     #[error("foresightkv was built without the `cuda` feature; rebuild with --features cuda")]
     FeatureDisabled,
     /// libcuda could not be loaded (no driver, no GPU).
-    #[error("the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine")]
+    #[error(
+        "the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine"
+    )]
     NoDriver,
     /// The requested device does not exist.
     #[error("CUDA device {ordinal} does not exist ({count} visible)")]

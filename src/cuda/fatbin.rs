@@ -75,7 +75,10 @@ pub fn parse_fatbin(bytes: &[u8]) -> Result<Vec<FatbinEntry>, CudaError> {
         let header = read_u16(bytes, pos + 6).ok_or_else(|| bad("truncated header"))? as usize;
         let body = read_u64(bytes, pos + 8).ok_or_else(|| bad("truncated header"))? as usize;
         let start = pos + header;
-        let end = start.checked_add(body).filter(|&e| e <= bytes.len()).ok_or_else(|| bad("body past end"))?;
+        let end = start
+            .checked_add(body)
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(|| bad("body past end"))?;
         let mut e = start;
         while e + 32 <= end {
             let kind = read_u16(bytes, e).ok_or_else(|| bad("truncated entry"))?;
@@ -112,7 +115,10 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse_fatbin(&[1, 2, 3, 4, 5, 6, 7, 8]), Err(CudaError::Fatbin(_))));
+        assert!(matches!(
+            parse_fatbin(&[1, 2, 3, 4, 5, 6, 7, 8]),
+            Err(CudaError::Fatbin(_))
+        ));
         assert!(parse_fatbin(&[]).unwrap().is_empty());
     }
 
@@ -126,7 +132,10 @@ mod tests {
                 let entries = other.expect("embedded fatbin parses");
                 let names: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
                 for want in ["sm_80", "sm_90", "compute_90 (PTX)"] {
-                    assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+                    assert!(
+                        names.iter().any(|n| n == want),
+                        "{want} missing from {names:?}"
+                    );
                 }
             }
         }

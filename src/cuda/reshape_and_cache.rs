@@ -48,7 +48,13 @@ pub unsafe fn launch_reshape_and_cache(
     ptrs: CacheWritePtrs,
     lens: CacheWriteLens,
 ) -> Result<(), CudaError> {
-    layout.validate(lens.key, lens.value, lens.key_cache, lens.value_cache, layout.num_tokens as usize)?;
+    layout.validate(
+        lens.key,
+        lens.value,
+        lens.key_cache,
+        lens.value_cache,
+        layout.num_tokens as usize,
+    )?;
     let rt = Runtime::get(ordinal)?;
     launch(&rt, stream, dtype, layout, ptrs)
 }
@@ -101,7 +107,10 @@ unsafe fn launch(
         .launch_builder(&func)
         .arg(&p)
         .launch(cfg)
-        .map_err(|e| CudaError::Driver { op: "cuLaunchKernel", message: e.to_string() })?;
+        .map_err(|e| CudaError::Driver {
+            op: "cuLaunchKernel",
+            message: e.to_string(),
+        })?;
     Ok(())
 }
 

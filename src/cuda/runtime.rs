@@ -19,13 +19,18 @@ pub struct DeviceInfo {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{embedded_fatbin, CudaError, DeviceInfo};
-    use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+    use cudarc::driver::{
+        result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError,
+    };
     use parking_lot::Mutex;
     use std::collections::HashMap;
     use std::sync::{Arc, OnceLock};
 
     fn driver(op: &'static str) -> impl Fn(DriverError) -> CudaError {
-        move |e| CudaError::Driver { op, message: e.to_string() }
+        move |e| CudaError::Driver {
+            op,
+            message: e.to_string(),
+        }
     }
 
     /// Loads libcuda and initialises the driver, once.
@@ -37,7 +42,10 @@ mod imp {
         }
         INIT.get_or_init(|| result::init().map_err(|e| e.to_string()))
             .clone()
-            .map_err(|message| CudaError::Driver { op: "cuInit", message })
+            .map_err(|message| CudaError::Driver {
+                op: "cuInit",
+                message,
+            })
     }
 
     /// Number of visible CUDA devices.
@@ -98,7 +106,11 @@ mod imp {
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
                 .map_err(driver("cuModuleLoadData"))?;
-            let rt = Arc::new(Runtime { ctx, module, functions: Mutex::new(HashMap::new()) });
+            let rt = Arc::new(Runtime {
+                ctx,
+                module,
+                functions: Mutex::new(HashMap::new()),
+            });
             map.insert(ordinal, rt.clone());
             Ok(rt)
         }
@@ -109,7 +121,10 @@ mod imp {
             if let Some(func) = f.get(name) {
                 return Ok(func.clone());
             }
-            let func = self.module.load_function(name).map_err(driver("cuModuleGetFunction"))?;
+            let func = self
+                .module
+                .load_function(name)
+                .map_err(driver("cuModuleGetFunction"))?;
             f.insert(name, func.clone());
             Ok(func)
         }
@@ -120,7 +135,9 @@ mod imp {
         /// # Safety
         /// `raw` must be a valid stream of this device's primary context, alive while it is used.
         pub unsafe fn borrow_stream(&self, raw: u64) -> Result<Arc<CudaStream>, CudaError> {
-            self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+            self.ctx
+                .bind_to_thread()
+                .map_err(driver("cuCtxSetCurrent"))?;
             Ok(self.ctx.wrap_borrowed_stream(raw as sys::CUstream))
         }
 

@@ -42,7 +42,11 @@ impl CacheWriteLayout {
         num_blocks: i64,
     ) -> Self {
         let row = [num_kv_heads * head_dim, head_dim];
-        let cache = [block_size * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim];
+        let cache = [
+            block_size * num_kv_heads * head_dim,
+            num_kv_heads * head_dim,
+            head_dim,
+        ];
         Self {
             num_tokens,
             num_kv_heads,
@@ -85,10 +89,28 @@ impl CacheWriteLayout {
         let cache_dims = [self.num_blocks, self.block_size, self.num_kv_heads];
         check_strides("key", &self.key_strides, &row_dims, self.head_dim)?;
         check_strides("value", &self.value_strides, &row_dims, self.head_dim)?;
-        check_strides("key_cache", &self.key_cache_strides, &cache_dims, self.head_dim)?;
-        check_strides("value_cache", &self.value_cache_strides, &cache_dims, self.head_dim)?;
-        fits("key", key_len, extent(&self.key_strides, &row_dims, self.head_dim))?;
-        fits("value", value_len, extent(&self.value_strides, &row_dims, self.head_dim))?;
+        check_strides(
+            "key_cache",
+            &self.key_cache_strides,
+            &cache_dims,
+            self.head_dim,
+        )?;
+        check_strides(
+            "value_cache",
+            &self.value_cache_strides,
+            &cache_dims,
+            self.head_dim,
+        )?;
+        fits(
+            "key",
+            key_len,
+            extent(&self.key_strides, &row_dims, self.head_dim),
+        )?;
+        fits(
+            "value",
+            value_len,
+            extent(&self.value_strides, &row_dims, self.head_dim),
+        )?;
         fits(
             "key_cache",
             key_cache_len,
@@ -123,7 +145,11 @@ fn positive(name: &'static str, value: i64, zero_ok: bool) -> Result<(), KernelE
         return Err(KernelError::InvalidSize {
             name,
             value,
-            why: if zero_ok { "must be in [0, 2^40]" } else { "must be in [1, 2^40]" },
+            why: if zero_ok {
+                "must be in [0, 2^40]"
+            } else {
+                "must be in [1, 2^40]"
+            },
         });
     }
     Ok(())
@@ -137,7 +163,11 @@ fn check_strides(
 ) -> Result<(), KernelError> {
     for (&s, &d) in strides.iter().zip(dims) {
         if s < 0 || s > MAX_ELEMS {
-            return Err(KernelError::InvalidStride { name, value: s, why: "must be in [0, 2^40]" });
+            return Err(KernelError::InvalidStride {
+                name,
+                value: s,
+                why: "must be in [0, 2^40]",
+            });
         }
         if d > 1 && s < head_dim && s != 0 {
             return Err(KernelError::InvalidStride {

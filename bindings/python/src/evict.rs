@@ -727,7 +727,10 @@ fn schedule_arg(
     let s = Schedule {
         budget: args::size("budget", budget)?,
         interval: args::size("interval", interval)?,
-        prompt_len: prompt_len.map(|p| args::size("prompt_len", p)).transpose()?.unwrap_or(0),
+        prompt_len: prompt_len
+            .map(|p| args::size("prompt_len", p))
+            .transpose()?
+            .unwrap_or(0),
     };
     s.validate().map_err(|e| evict_error("schedule", e))?;
     Ok(s)
