@@ -5,6 +5,8 @@
 //! and as CUDA kernels embedded in the crate ([`cuda`]). [`replay`] drives it all from production
 //! traces. See ARCHITECTURE.md for how the pieces fit.
 
+#![warn(missing_docs)]
+
 pub mod bench_kernels;
 pub mod block;
 pub mod cuda;

@@ -143,7 +143,7 @@ fn config_strategy() -> impl Strategy<Value = SchedulerConfig> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(std::env::var("FKV_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(96)))]
+    #![proptest_config(ProptestConfig::with_cases(std::env::var("FORESIGHTKV_REPLAY_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(96)))]
 
     #[test]
     fn scheduler_invariants_hold(requests in requests_strategy(), cfg in config_strategy()) {

@@ -1,5 +1,6 @@
 //! The block manager: a fixed pool of KV-cache blocks, per-sequence block tables, the live window
-//! of DESIGN.md section 2, prefix sharing and copy-on-write, with typed errors and thread safety.
+//! (section 2 of the shared design notes, DESIGN.md; summarised in ARCHITECTURE.md), prefix sharing
+//! and copy-on-write, with typed errors and thread safety.
 //!
 //! Contract (shared with `replay` and the bindings; names and meanings are stable):
 //! - Positions are logical token indices; a slot is `block * block_size + pos % block_size` (i64).
@@ -41,14 +42,14 @@
 pub mod config;
 pub mod error;
 pub mod manager;
-pub mod pool;
+pub(crate) mod pool;
 pub mod schedule;
 pub mod table;
 
 pub use config::{CacheConfig, EvictionConfig};
 pub use error::BlockError;
 pub use manager::{BlockCopy, FlatBlockTables, KvCacheManager, ManagerSnapshot};
-pub use pool::BlockPool;
+pub(crate) use pool::BlockPool;
 pub use schedule::EvictionPlan;
 pub use table::BlockTable;
 

@@ -83,11 +83,6 @@ impl BlockPool {
         self.refcount[block as usize]
     }
 
-    /// Content hash `block` is cached under, if any.
-    pub fn hash_of(&self, block: BlockId) -> Option<u64> {
-        self.hash[block as usize]
-    }
-
     /// Takes the least recently freed block (dropping its cached hash), with reference count 1.
     pub fn allocate(&mut self) -> Result<BlockId, BlockError> {
         let b = self.head;

@@ -73,6 +73,11 @@ pub fn parse_fatbin(bytes: &[u8]) -> Result<Vec<FatbinEntry>, CudaError> {
             break; // trailing padding after the last container
         }
         let header = read_u16(bytes, pos + 6).ok_or_else(|| bad("truncated header"))? as usize;
+        if header < 16 {
+            return Err(bad(&format!(
+                "container header of {header} bytes (at least 16)"
+            )));
+        }
         let body = read_u64(bytes, pos + 8).ok_or_else(|| bad("truncated header"))? as usize;
         let start = pos + header;
         let end = start
@@ -90,8 +95,10 @@ pub fn parse_fatbin(bytes: &[u8]) -> Result<Vec<FatbinEntry>, CudaError> {
                 2 => FatbinKind::Cubin,
                 k => return Err(bad(&format!("unknown entry kind {k}"))),
             };
-            if eheader == 0 {
-                return Err(bad("zero-sized entry header"));
+            if eheader < 32 {
+                return Err(bad(&format!(
+                    "entry header of {eheader} bytes (at least 32)"
+                )));
             }
             entries.push(FatbinEntry { kind, arch, size });
             e = e
@@ -120,6 +127,25 @@ mod tests {
             Err(CudaError::Fatbin(_))
         ));
         assert!(parse_fatbin(&[]).unwrap().is_empty());
+        // A container whose header claims 0 bytes must not loop forever.
+        let mut header_zero = FATBIN_MAGIC.to_le_bytes().to_vec();
+        header_zero.extend_from_slice(&[0u8; 12]);
+        assert!(matches!(
+            parse_fatbin(&header_zero),
+            Err(CudaError::Fatbin(_))
+        ));
+        // An entry whose header is shorter than the fields read from it.
+        let mut short_entry = FATBIN_MAGIC.to_le_bytes().to_vec();
+        short_entry.extend_from_slice(&[1, 0, 16, 0]);
+        short_entry.extend_from_slice(&32u64.to_le_bytes());
+        let mut entry = vec![0u8; 32];
+        entry[0] = 2;
+        entry[4] = 8;
+        short_entry.extend_from_slice(&entry);
+        assert!(matches!(
+            parse_fatbin(&short_entry),
+            Err(CudaError::Fatbin(_))
+        ));
     }
 
     #[test]

@@ -23,7 +23,10 @@ pub fn window_stats_workspace_len(
     max_live: usize,
 ) -> usize {
     let tiles = max_live.div_ceil(TILE).max(1);
-    num_seqs * num_q_heads * max_queries * (2 * tiles + 1)
+    num_seqs
+        .saturating_mul(num_q_heads)
+        .saturating_mul(max_queries)
+        .saturating_mul(tiles.saturating_mul(2).saturating_add(1))
 }
 
 /// Enqueues `window_stats` on `stream` of device `ordinal`: same contract as

@@ -50,8 +50,10 @@ pub fn choose_victims(
     )
 }
 
-/// Checks a score buffer holds one value per live entry.
+/// Checks the view's buffers agree with its shape and the score buffer holds one value per live
+/// entry, so no policy indexes past a caller's buffer.
 pub(crate) fn check_scores(view: &EvictionView<'_>, scores: &[f32]) -> Result<(), EvictError> {
+    view.validate()?;
     if scores.len() < view.live() {
         return Err(EvictError::Shape(format!(
             "{} score slots for {} live entries",

@@ -42,10 +42,9 @@ impl EvictionView<'_> {
 
     /// Queries `m` since the last eviction.
     pub fn num_queries(&self) -> usize {
-        if self.group_size == 0 || self.head_dim == 0 {
-            0
-        } else {
-            self.queries.len() / (self.group_size * self.head_dim)
+        match self.group_size.checked_mul(self.head_dim) {
+            Some(row) if row > 0 => self.queries.len() / row,
+            _ => 0,
         }
     }
 
@@ -60,10 +59,18 @@ impl EvictionView<'_> {
         }
         let m = self.num_queries();
         let checks = [
-            ("keys", self.keys.len(), n * d),
-            ("values", self.values.len(), n * d),
-            ("stats", self.stats.len(), n * g * NUM_STATS),
-            ("queries", self.queries.len(), m * g * d),
+            ("keys", self.keys.len(), n.saturating_mul(d)),
+            ("values", self.values.len(), n.saturating_mul(d)),
+            (
+                "stats",
+                self.stats.len(),
+                n.saturating_mul(g).saturating_mul(NUM_STATS),
+            ),
+            (
+                "queries",
+                self.queries.len(),
+                m.saturating_mul(g).saturating_mul(d),
+            ),
         ];
         for (name, have, want) in checks {
             if have != want {

@@ -29,6 +29,20 @@ pub fn validate_num_evict(
     num_evict: &[i32],
     block_size: i64,
 ) -> Result<(), KernelError> {
+    if block_size <= 0 {
+        return Err(KernelError::InvalidSize {
+            name: "block_size",
+            value: block_size,
+            why: "must be positive",
+        });
+    }
+    if live_starts.len() != seq_lens.len() {
+        return Err(KernelError::ShapeMismatch(format!(
+            "{} live starts for {} sequences",
+            live_starts.len(),
+            seq_lens.len()
+        )));
+    }
     if num_evict.len() != seq_lens.len() {
         return Err(KernelError::ShapeMismatch(format!(
             "{} eviction counts for {} sequences",

@@ -1,6 +1,7 @@
 //! Shapes and element strides of the tensors a cache write touches, validated once for both the CPU
 //! reference and the CUDA launcher.
 
+use super::paged::{check_strides, extent, fits, MAX_ELEMS};
 use super::KernelError;
 use serde::{Deserialize, Serialize};
 
@@ -62,7 +63,7 @@ impl CacheWriteLayout {
 
     /// Number of cache slots (num_blocks * block_size).
     pub fn capacity(&self) -> i64 {
-        self.num_blocks * self.block_size
+        self.num_blocks.saturating_mul(self.block_size)
     }
 
     /// Checks sizes and strides, and that each buffer (lengths in elements) holds what they address.
@@ -137,9 +138,6 @@ impl CacheWriteLayout {
     }
 }
 
-/// Largest number of elements any single tensor may have (2^40): rejects absurd sizes early.
-const MAX_ELEMS: i64 = 1 << 40;
-
 fn positive(name: &'static str, value: i64, zero_ok: bool) -> Result<(), KernelError> {
     if value < 0 || (!zero_ok && value == 0) || value > MAX_ELEMS {
         return Err(KernelError::InvalidSize {
@@ -151,47 +149,6 @@ fn positive(name: &'static str, value: i64, zero_ok: bool) -> Result<(), KernelE
                 "must be in [1, 2^40]"
             },
         });
-    }
-    Ok(())
-}
-
-fn check_strides(
-    name: &'static str,
-    strides: &[i64],
-    dims: &[i64],
-    head_dim: i64,
-) -> Result<(), KernelError> {
-    for (&s, &d) in strides.iter().zip(dims) {
-        if s < 0 || s > MAX_ELEMS {
-            return Err(KernelError::InvalidStride {
-                name,
-                value: s,
-                why: "must be in [0, 2^40]",
-            });
-        }
-        if d > 1 && s < head_dim && s != 0 {
-            return Err(KernelError::InvalidStride {
-                name,
-                value: s,
-                why: "rows of head_dim elements would overlap",
-            });
-        }
-    }
-    Ok(())
-}
-
-/// One past the largest element offset addressed (0 when any dimension is empty).
-fn extent(strides: &[i64], dims: &[i64], head_dim: i64) -> usize {
-    if dims.iter().any(|&d| d == 0) {
-        return 0;
-    }
-    let last: i64 = strides.iter().zip(dims).map(|(&s, &d)| s * (d - 1)).sum();
-    (last + head_dim) as usize
-}
-
-fn fits(name: &'static str, have: usize, need: usize) -> Result<(), KernelError> {
-    if have < need {
-        return Err(KernelError::BufferTooSmall { name, have, need });
     }
     Ok(())
 }

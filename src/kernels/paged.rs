@@ -381,6 +381,7 @@ impl StatsLayout {
 /// Checks the query head count is a positive multiple of the KV head count; returns the group size.
 pub fn group_size(num_q_heads: i64, num_kv_heads: i64) -> Result<i64, KernelError> {
     positive("num_q_heads", num_q_heads)?;
+    positive("num_kv_heads", num_kv_heads)?;
     if num_q_heads % num_kv_heads != 0 {
         return Err(KernelError::ShapeMismatch(format!(
             "{num_q_heads} query heads is not a multiple of {num_kv_heads} KV heads"
@@ -433,8 +434,14 @@ pub(crate) fn extent(strides: &[i64], dims: &[i64], row: i64) -> usize {
     if dims.contains(&0) {
         return 0;
     }
-    let last: i64 = strides.iter().zip(dims).map(|(&s, &d)| s * (d - 1)).sum();
-    (last + row) as usize
+    // Sizes and strides are each at most 2^40, but their products may not fit: compute in i128 and
+    // saturate, so an absurd layout fails the size check instead of wrapping past it.
+    let last: i128 = strides
+        .iter()
+        .zip(dims)
+        .map(|(&s, &d)| s as i128 * (d as i128 - 1))
+        .sum();
+    usize::try_from(last + row as i128).unwrap_or(usize::MAX)
 }
 
 /// Checks a buffer of `have` elements holds `need`.

@@ -25,7 +25,8 @@ pub struct ScorerWeights<'a> {
 
 /// Input width of the scorer: `2 * head_dim + 8 * group_size`.
 pub fn scorer_in_dim(head_dim: i64, group_size: i64) -> usize {
-    (2 * head_dim + NUM_STATS as i64 * group_size) as usize
+    let width = 2 * head_dim as i128 + NUM_STATS as i128 * group_size as i128;
+    usize::try_from(width).unwrap_or(usize::MAX)
 }
 
 /// Checks weight buffer lengths for `num_kv_heads` MLPs of input width `in_dim`.
@@ -38,9 +39,15 @@ pub fn validate_scorer_lens(
     b2: usize,
 ) -> Result<(), KernelError> {
     let want = [
-        ("w1", w1, num_kv_heads * SCORER_HIDDEN * in_dim),
-        ("b1", b1, num_kv_heads * SCORER_HIDDEN),
-        ("w2", w2, num_kv_heads * SCORER_HIDDEN),
+        (
+            "w1",
+            w1,
+            num_kv_heads
+                .saturating_mul(SCORER_HIDDEN)
+                .saturating_mul(in_dim),
+        ),
+        ("b1", b1, num_kv_heads.saturating_mul(SCORER_HIDDEN)),
+        ("w2", w2, num_kv_heads.saturating_mul(SCORER_HIDDEN)),
         ("b2", b2, num_kv_heads),
     ];
     for (name, have, need) in want {
@@ -68,11 +75,8 @@ pub fn validate_slot_matrix(
             why: format!("{max_live} is below the longest live window ({windows_max_live})"),
         });
     }
-    fits(
-        name,
-        len,
-        num_seqs * num_kv_heads as usize * max_live as usize,
-    )
+    let need = (num_seqs as u128) * (num_kv_heads.max(0) as u128) * (max_live as u128);
+    fits(name, len, usize::try_from(need).unwrap_or(usize::MAX))
 }
 
 /// Exact (erf) GELU, as PyTorch's default `nn.GELU()`.

@@ -314,7 +314,7 @@ pub fn simulate(
             let Some(&r) = waiting.front() else { break };
             let req = &requests[r];
             let prompt_len = req.prompt_tokens as usize + generated[r];
-            let max_len = (req.prompt_tokens + req.output_tokens) as usize;
+            let max_len = req.prompt_tokens as usize + req.output_tokens as usize;
             let footprint = manager.max_blocks_held(prompt_len, max_len);
             let fits = match cfg.admission {
                 Admission::Footprint => reserved + footprint <= cfg.num_blocks,

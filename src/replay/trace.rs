@@ -188,7 +188,8 @@ pub fn parse_timestamp(s: &str) -> Option<f64> {
     let hour: u32 = t.next()?.parse().ok()?;
     let minute: u32 = t.next()?.parse().ok()?;
     let second: f64 = t.next()?.trim_end_matches('Z').parse().ok()?;
-    if !(1..=12).contains(&month)
+    if !(0..=9999).contains(&year)
+        || !(1..=12).contains(&month)
         || !(1..=31).contains(&day)
         || hour > 23
         || minute > 59

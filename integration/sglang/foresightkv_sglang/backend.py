@@ -2,8 +2,9 @@
 
 Each forward writes the new K/V into SGLang's ``MHATokenToKVPool`` (page size 1), then attends over
 every request's live window read in place through its ``req_to_token`` row, records the recent
-queries, and evicts per (layer, KV head) when the schedule says so. Slots of positions before a
-request's live window go back through SGLang's token allocator one step later (see ``ledger``)."""
+queries, and evicts per (layer, KV head) when the schedule says so. Slots of the positions an
+eviction drops (before a request's live window; after its prompt with ``protect_prompt``, whose slots
+stay until the request ends) go back through SGLang's token allocator one step later (see ``ledger``)."""
 
 import logging
 from dataclasses import dataclass
@@ -86,8 +87,6 @@ def validate_runner(model_runner, config: EngineConfig) -> None:
                 "foresightkv's foresight policy does not split the scorer's KV heads across tensor-parallel ranks yet: "
                 "use --tp-size 1 (or a baseline policy)"
             )
-    if config.protect_prompt:
-        raise ConfigError("foresightkv option 'protect_prompt' is not supported by the SGLang plugin yet")
 
 
 class ForesightKVAttnBackend(AttentionBackend):
@@ -140,7 +139,7 @@ class ForesightKVAttnBackend(AttentionBackend):
         plan = self.engine.begin_step(requests)
         for adv in plan.released:
             row, _ = adv.key
-            ranges = self.ledger.take(adv.key, adv.old_live_start, adv.new_live_start)
+            ranges = self.ledger.take(adv.key, adv.evicted_from, adv.new_live_start)
             self.freed_slots += free_slots(self.allocator, pool.req_to_token, row, ranges)
         width = max(seq_lens) if seq_lens else 0
         idx = forward_batch.req_pool_indices.to(pool.req_to_token.device).long()

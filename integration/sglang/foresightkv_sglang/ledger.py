@@ -1,10 +1,11 @@
 """Which token slots of each request went back to SGLang's allocator, and through whom.
 
-foresightkv returns the slots of positions before a request's live window itself (the eviction
-schedule moves ``live_start``); SGLang's release path (finish, abort, retract: ``release_kv_cache`` ->
-``BasePrefixCache.free_kv_row``) later frees the rest of the row. Each position must be freed exactly
-once, so both sides consult this ledger: the release hook drops the positions foresightkv already
-freed, and foresightkv skips the positions the release path already freed.
+foresightkv returns the slots of the positions its evictions drop itself (before a request's live
+window, after the protected prompt in protect mode); SGLang's release path (finish, abort, retract:
+``release_kv_cache`` -> ``BasePrefixCache.free_kv_row``) later frees the rest of the row, the protected
+prompt included. Each position must be freed exactly once, so both sides consult this ledger: the
+release hook drops the positions foresightkv already freed, and foresightkv skips the positions the
+release path already freed.
 
 There is one ledger per ``ReqToTokenPool`` (``ledger_for``); requests are keyed by ``(row,
 generation)``: SGLang bumps a row's generation on every allocation (``ReqToTokenPool.alloc_rows``),
@@ -23,10 +24,10 @@ Range = Tuple[int, int]
 
 @dataclass
 class _Entry:
-    """Positions ``[0, cursor)`` are foresightkv's to free (freed unless SGLang freed them first);
+    """``taken`` are the ranges foresightkv took charge of (freed unless SGLang freed them first);
     ``released`` are the ranges SGLang's release path freed."""
 
-    cursor: int = 0
+    taken: List[Range] = field(default_factory=list)
     released: List[Range] = field(default_factory=list)
 
 
@@ -47,6 +48,17 @@ def subtract(span: Range, taken: Iterable[Range]) -> List[Range]:
     return [(s, e) for s, e in parts if e > s]
 
 
+def merge(ranges: Iterable[Range]) -> List[Range]:
+    """Half-open ``ranges`` sorted, with overlapping or touching ones joined."""
+    out: List[Range] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
 class SlotLedger:
     """The ledger of one ``ReqToTokenPool`` (the scheduler and the model of a request share a process,
     hence the pool object)."""
@@ -61,11 +73,11 @@ class SlotLedger:
         with self._lock:
             self._entries.setdefault(key, _Entry())
 
-    def cursor(self, key: Key) -> int:
-        """End of the positions foresightkv took charge of for ``key`` (0 when unknown)."""
+    def taken(self, key: Key) -> List[Range]:
+        """The position ranges foresightkv took charge of for ``key``, ascending (empty when unknown)."""
         with self._lock:
             e = self._entries.get(key)
-            return 0 if e is None else e.cursor
+            return [] if e is None else list(e.taken)
 
     def keys(self) -> List[Key]:
         """Keys with an entry."""
@@ -84,20 +96,20 @@ class SlotLedger:
             e = self._entries.get(key)
             if e is None:
                 return list(ranges)
-            out = [(max(s, e.cursor), t) for s, t in ranges if t > max(s, e.cursor)]
+            out = [part for span in ranges for part in subtract(span, e.taken)]
             e.released.extend(out)
             return out
 
-    def take(self, key: Key, old: int, new: int) -> List[Range]:
-        """Moves the cursor of ``key`` to ``new`` after an eviction from ``old``; returns the ranges
-        foresightkv must free now (those the release path has not freed)."""
+    def take(self, key: Key, start: int, end: int) -> List[Range]:
+        """Takes charge of positions ``[start, end)`` of ``key`` after an eviction dropped them; returns
+        the ranges foresightkv must free now (those neither it nor the release path freed before)."""
         with self._lock:
             e = self._entries.setdefault(key, _Entry())
-            start = max(old, e.cursor)
-            e.cursor = max(e.cursor, new)
-            if new <= start:
+            if end <= start:
                 return []
-            return subtract((start, new), e.released)
+            out = subtract((start, end), e.released + e.taken)
+            e.taken = merge(e.taken + out)
+            return out
 
 
 _LEDGERS: "weakref.WeakKeyDictionary[object, SlotLedger]" = weakref.WeakKeyDictionary()
@@ -122,7 +134,7 @@ def ledger_key(req_to_token_pool, row: int) -> Key:
 def free_kv_row_hook(original, tree_cache, kv, ranges, *args, **kwargs):
     """AROUND hook of ``BasePrefixCache.free_kv_row``: frees only what foresightkv has not freed.
 
-    A no-op for requests foresightkv never evicted (no ledger entry or cursor 0)."""
+    Frees the ranges unchanged for requests foresightkv never evicted (no ledger entry, nothing taken)."""
     row = getattr(kv, "req_pool_idx", None)
     if row is None:
         return original(tree_cache, kv, ranges, *args, **kwargs)

@@ -2,7 +2,10 @@
 plugin's slot plumbing: the full K/V history stays in dense tensors, each (layer, KV head) keeps the
 list of original positions it holds, attention is a dense softmax over those, and at each eviction the
 statistics come from foresightkv's Rust-core ``window_stats`` over a contiguous copy, the victims from
-``Policy.choose_victims``."""
+``Policy.choose_victims``.
+
+Protect mode: the prompt (rounded up to a block) is kept whole and read by every query; the kept
+lists, statistics and queries of the policy cover the positions after it only."""
 
 from typing import List, Optional
 
@@ -37,22 +40,26 @@ class RequestRef:
         h: int,
         scale: float,
         block_size: int = 1,
+        protect_prompt: bool = False,
     ):
         self.stream, self.serial, self.block_size = stream, serial, block_size
         self.budget, self.interval, self.policy = budget, interval, policy
         self.hq, self.h, self.g, self.scale = hq, h, hq // h, scale
         self.length = 0
         self.live_start = 0
+        self.protect = protect_prompt
+        self.protected_len = 0
         self.layers = [LayerRef(h, self.g) for _ in range(num_layers)]
 
     def _due(self, new: int, prefill: bool) -> Optional[int]:
         """DESIGN.md's schedule: the window reached B + L, or a prompt chunk left more than B live; the
-        new start is the block-aligned position leaving at least B (exactly B at page size 1)."""
-        live = self.length - self.live_start
+        new start is the block-aligned position leaving at least B (exactly B at page size 1). In
+        protect mode the window starts after the protected prompt and a prompt is never compressed."""
+        base = max(self.live_start, self.protected_len)
+        live = self.length - base
         target = (self.length - self.budget) // self.block_size * self.block_size
-        if (
-            live >= self.budget + self.interval or (prefill and new > 1 and live > self.budget)
-        ) and target > self.live_start:
+        compress = not self.protect and prefill and new > 1 and live > self.budget
+        if live > 0 and (live >= self.budget + self.interval or compress) and target > base:
             return target
         return None
 
@@ -60,12 +67,15 @@ class RequestRef:
         """Adds ``new`` tokens; returns each layer's attention output ``[new, Hq, D]`` (float32)."""
         p0 = self.length
         self.length += new
+        if self.protect and prefill:
+            self.protected_len = -(-self.length // self.block_size) * self.block_size
+        first = min(max(p0, self.protected_len), self.length)
         target = self._due(new, prefill)
         outs = []
         for li, lr in enumerate(self.layers):
             for kh in range(self.h):
-                lr.kept[kh].extend(range(p0, self.length))
-            lr.stats = torch.cat([lr.stats, torch.zeros((self.h, new, self.g, 8))], dim=1)
+                lr.kept[kh].extend(range(first, self.length))
+            lr.stats = torch.cat([lr.stats, torch.zeros((self.h, self.length - first, self.g, 8))], dim=1)
             q = self.stream.q[li, p0 : self.length].float()
             k_hist = self.stream.k[li].float()
             v_hist = self.stream.v[li].float()
@@ -74,14 +84,15 @@ class RequestRef:
                 pos = p0 + j
                 for hh in range(self.hq):
                     kh = hh // self.g
-                    idx = torch.tensor([p for p in lr.kept[kh] if p <= pos])
+                    prompt = list(range(min(self.protected_len, pos + 1)))
+                    idx = torch.tensor(prompt + [p for p in lr.kept[kh] if p <= pos])
                     att = torch.softmax((k_hist[idx, kh] @ q[j, hh]) * self.scale, dim=0)
                     out[j, hh] = att @ v_hist[idx, kh]
             outs.append(out)
-            if self.policy.evicts:
-                lr.queries.append(self.stream.q[li, p0 : self.length])
+            if self.policy.evicts and first < self.length:
+                lr.queries.append(self.stream.q[li, first : self.length])
                 if target is not None:
-                    self._evict(li, lr, target - self.live_start)
+                    self._evict(li, lr, target - max(self.live_start, self.protected_len))
         if target is not None:
             self.live_start = target
         return outs

@@ -1,6 +1,7 @@
 """The backend driven with SGLang's own ForwardBatch, pools, allocator and release path on CPU:
 equal to ``torch_native`` when nothing is evicted, equal to the dense Rust-core reference when it
-evicts, and every token slot either free exactly once or held by exactly one live request."""
+evicts (with and without ``protect_prompt``), and every token slot either free exactly once or held by
+exactly one live request, the protected prompt's until its request ends."""
 
 import random
 
@@ -88,6 +89,7 @@ class Scenario:
             hq=self.rig.hq,
             h=self.rig.h,
             scale=self.rig.scale,
+            protect_prompt=self.config.protect_prompt,
         )
         self.serial += 1
 
@@ -109,7 +111,8 @@ class Scenario:
         return ledger_key(self.rig.rtp, self.live[name].req.kv.req_pool_idx)
 
     def check_cache(self):
-        """Each (layer, KV head)'s live slots hold exactly the reference's kept tokens, in order."""
+        """Each (layer, KV head)'s live slots hold exactly the reference's kept tokens, in order, and
+        the protected prompt's slots its own tokens, untouched."""
         eng = self.backend.engine
         for name, lv in self.live.items():
             key = self.key(name)
@@ -117,27 +120,39 @@ class Scenario:
             start = eng.live_start(key) if pending is None else pending
             ref = self.refs[name]
             assert start == ref.live_start
-            slots = self.rig.rtp.req_to_token[lv.req.kv.req_pool_idx, start : lv.length].long()
+            assert eng.protected_len(key) == ref.protected_len
+            prompt = min(ref.protected_len, lv.length)
+            base = max(start, prompt)
+            row = self.rig.rtp.req_to_token[lv.req.kv.req_pool_idx]
+            slots, prompt_slots = row[base : lv.length].long(), row[:prompt].long()
             for layer in range(self.rig.num_layers):
                 kb = self.rig.kv.get_key_buffer(layer)
                 vb = self.rig.kv.get_value_buffer(layer)
+                assert torch.equal(kb[prompt_slots], lv.stream.k[layer, :prompt])
+                assert torch.equal(vb[prompt_slots], lv.stream.v[layer, :prompt])
+                kept_all = eng.kept_positions(key, layer, self.rig.h)
                 for kh in range(self.rig.h):
-                    kept = torch.tensor(ref.layers[layer].kept[kh])
+                    kept = torch.tensor(ref.layers[layer].kept[kh], dtype=torch.int64)
+                    assert torch.equal(kept_all[kh], torch.cat([torch.arange(prompt), kept]))
                     assert torch.equal(kb[slots, kh], lv.stream.k[layer, kept, kh])
                     assert torch.equal(vb[slots, kh], lv.stream.v[layer, kept, kh])
 
     def check_slots(self):
         """No slot is free twice; free slots and the slots live requests hold partition the pool;
-        foresightkv returned every slot before each committed live_start."""
+        foresightkv returned exactly the slots between the protected prompt (if any) and each
+        committed live_start, never a prompt slot."""
         free = self.rig.free_slots()
         assert len(free) == len(set(free)), "a slot was freed twice"
         held = []
         for name, lv in self.live.items():
             key = self.key(name)
-            cursor = ledger_for(self.rig.rtp).cursor(key)
-            assert cursor == self.backend.engine.live_start(key)
-            row = lv.req.kv.req_pool_idx
-            held += self.rig.rtp.req_to_token[row, cursor : lv.length].tolist()
+            eng = self.backend.engine
+            start, prompt = eng.live_start(key), eng.protected_len(key)
+            taken = ledger_for(self.rig.rtp).taken(key)
+            assert taken == ([(prompt, start)] if start > prompt else [])
+            row = self.rig.rtp.req_to_token[lv.req.kv.req_pool_idx]
+            assert set(free).isdisjoint(row[: min(prompt, lv.length)].tolist()), "a prompt slot was freed"
+            held += row[: min(prompt, lv.length)].tolist() + row[max(start, prompt) : lv.length].tolist()
         assert len(held) == len(set(held))
         assert set(free).isdisjoint(held)
         assert set(free) | set(held) == set(range(1, self.rig.size + 1)), "a slot leaked"
@@ -176,11 +191,35 @@ def _policies(tmp_path_factory):
             EngineConfig(budget=8, interval=4, policy="foresight", checkpoint=str(path), sample=False),
             None,
         ),
+        "h2o_protect": (EngineConfig(budget=8, interval=4, policy="h2o", protect_prompt=True), None),
+        "snapkv_protect": (EngineConfig(budget=8, interval=4, policy="snapkv", protect_prompt=True), None),
+        "foresight_sample_protect": (
+            EngineConfig(budget=8, interval=4, policy="foresight", checkpoint=str(path), seed=7, protect_prompt=True),
+            None,
+        ),
+        "foresight_topl_kernels_protect": (
+            EngineConfig(
+                budget=8, interval=4, policy="foresight", checkpoint=str(path), sample=False, protect_prompt=True
+            ),
+            None,
+        ),
     }
 
 
 @pytest.mark.parametrize(
-    "policy", ["h2o", "tova", "streaming_llm", "random", "foresight_sample", "foresight_topl_kernels"]
+    "policy",
+    [
+        "h2o",
+        "tova",
+        "streaming_llm",
+        "random",
+        "foresight_sample",
+        "foresight_topl_kernels",
+        "h2o_protect",
+        "snapkv_protect",
+        "foresight_sample_protect",
+        "foresight_topl_kernels_protect",
+    ],
 )
 @pytest.mark.parametrize("seed", [0, 3])
 def test_eviction_matches_the_dense_reference_and_returns_every_slot_once(server_args, tmp_path_factory, policy, seed):

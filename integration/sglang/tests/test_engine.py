@@ -9,26 +9,29 @@ import torch
 from reference import RequestRef
 
 import foresightkv
-from foresightkv.engine import EngineConfig, EvictionEngine, StepRequest, next_live_start
+from foresightkv.engine import EngineConfig, EvictionEngine, StepRequest, align_up, next_live_start
 from foresightkv.errors import ConfigError, ShapeError
 from foresightkv_sglang.ledger import SlotLedger, subtract
 
 
+@pytest.mark.parametrize("protect", [False, True])
 @pytest.mark.parametrize("seed", range(12))
-def test_schedule_matches_the_core_manager(seed):
+def test_schedule_matches_the_core_manager(seed, protect):
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 16])
     interval = bs * rng.randint(1, 4)
     budget = interval * rng.randint(1, 4)
     mgr = foresightkv.KvCacheManager(
-        foresightkv.CacheConfig(bs, 4096, eviction=foresightkv.EvictionConfig(budget, interval))
+        foresightkv.CacheConfig(bs, 4096, eviction=foresightkv.EvictionConfig(budget, interval, protect_prompt=protect))
     )
     prompt = rng.randint(1, 3 * budget)
     mgr.add_sequence(1, list(range(prompt)))
-    length, live_start, compress = prompt, 0, True
+    protected = align_up(prompt, bs) if protect else 0
+    assert mgr.protected_len(1) == protected
+    length, live_start, compress = prompt, 0, not protect
     for _ in range(6 * (budget + interval)):
         plan = mgr.eviction_due(1)
-        ours = next_live_start(budget, interval, bs, length, live_start, compress=compress)
+        ours = next_live_start(budget, interval, bs, length, live_start, protected_len=protected, compress=compress)
         assert (plan.live_start_after if plan else None) == ours
         if plan:
             mgr.compact(1)
@@ -39,25 +42,71 @@ def test_schedule_matches_the_core_manager(seed):
         length += 1
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", range(16))
+def test_step_plan_matches_the_core_manager_in_protect_mode(seed):
+    """``EvictionEngine.begin_step`` in protect mode (the prompt in random chunks, then one token per
+    step) plans exactly the core manager's evictions, protected prefix and released positions."""
+    rng = random.Random(seed)
+    bs = rng.choice([1, 2, 16])
+    interval = bs * rng.randint(1, 4)
+    budget = interval * rng.randint(1, 4)
+    mgr = foresightkv.KvCacheManager(
+        foresightkv.CacheConfig(bs, 4096, eviction=foresightkv.EvictionConfig(budget, interval, protect_prompt=True))
+    )
+    eng = EvictionEngine(
+        EngineConfig(budget=budget, interval=interval, policy="h2o", protect_prompt=True), block_size=bs
+    )
+    prompt = rng.randint(1, 3 * budget)
+    mgr.add_sequence(1, list(range(prompt)))
+    chunks, done = [], 0
+    while done < prompt:
+        chunks.append(min(rng.randint(1, budget + interval), prompt - done))
+        done += chunks[-1]
+    length, freed = 0, []
+    steps = [(n, True) for n in chunks] + [(1, False)] * (6 * (budget + interval))
+    for i, (n, prefill) in enumerate(steps):
+        length += n
+        if not prefill:
+            mgr.append(1, [length - 1])
+        plan = eng.begin_step([StepRequest(key="r", seq_len=length, num_new=n, prefill=prefill, reset=i == 0)])
+        for a in plan.released:
+            assert a.protected_len == mgr.protected_len(1) and a.evicted_from >= a.protected_len
+            freed += range(a.evicted_from, a.new_live_start)
+        assert plan.protected_lens == [align_up(min(length, prompt), bs)]
+        due = mgr.eviction_due(1) if length == mgr.seq_len(1) else None
+        assert plan.evict_to[0] == (due.live_start_after if due else None)
+        if due:
+            mgr.compact(1)
+        assert eng.protected_len("r") == align_up(min(length, prompt), bs)
+    for a in eng.begin_step([]).released:
+        freed += range(a.evicted_from, a.new_live_start)
+    assert sorted(freed) == list(range(mgr.protected_len(1), mgr.live_start(1)))
+    assert len(freed) == len(set(freed)) and mgr.live_start(1) > mgr.protected_len(1)
+
+
+@pytest.mark.parametrize("seed", range(40))
 def test_ledger_frees_each_position_once(seed):
     rng = random.Random(seed)
     led = SlotLedger()
     key = (1, 1)
     led.track(key)
     freed = []
-    start, length = 0, 0
+    protected = rng.choice([0, rng.randint(1, 30)])
+    start, length = 0, protected
     released = False
     for _ in range(rng.randint(1, 12)):
         length += rng.randint(1, 20)
-        new = rng.randint(start, length)
+        new = rng.randint(max(start, protected), length)
         if rng.random() < 0.3:
             # the request is released while this eviction is still pending, then the commit comes
             for s, e in led.clip_release(key, [(0, length)]):
                 freed += range(s, e)
             released = True
-        for s, e in led.take(key, start, new):
+        for s, e in led.take(key, max(start, protected), new):
+            assert s >= protected, "a protected position was taken"
             freed += range(s, e)
+        if not released:
+            assert led.taken(key) == ([(protected, new)] if new > protected else [])
         start = new
         if released:
             break
@@ -88,17 +137,23 @@ def test_config_round_trip_and_typed_errors(tmp_path):
     assert EngineConfig.from_env(env={"FORESIGHTKV_CONFIG": str(p)}).budget == 32
 
 
+@pytest.mark.parametrize("protect", [False, True])
 @pytest.mark.parametrize("policy", ["h2o", "foresight_topl"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_paged_block16_step_matches_the_dense_reference(policy, seed, tmp_path):
+def test_paged_block16_step_matches_the_dense_reference(policy, seed, protect, tmp_path):
     bs, budget, interval, hq, h, d, layers = 16, 32, 16, 4, 2, 64, 2
     if policy == "h2o":
-        cfg, ck = EngineConfig(budget=budget, interval=interval, policy="h2o"), None
+        cfg, ck = EngineConfig(budget=budget, interval=interval, policy="h2o", protect_prompt=protect), None
     else:
         ck = foresightkv.ScorerCheckpoint.random(layers, h, hq // h, d, budget, interval, seed=seed)
         ck.save(tmp_path / "ck")
         cfg = EngineConfig(
-            budget=budget, interval=interval, policy="foresight", checkpoint=str(tmp_path / "ck"), sample=False
+            budget=budget,
+            interval=interval,
+            policy="foresight",
+            checkpoint=str(tmp_path / "ck"),
+            sample=False,
+            protect_prompt=protect,
         )
     eng = EvictionEngine(cfg, block_size=bs)
     g = torch.Generator().manual_seed(seed)
@@ -131,6 +186,7 @@ def test_paged_block16_step_matches_the_dense_reference(policy, seed, tmp_path):
                 h=h,
                 scale=scale,
                 block_size=bs,
+                protect_prompt=protect,
             )
         )
     rng = random.Random(seed)
@@ -139,7 +195,8 @@ def test_paged_block16_step_matches_the_dense_reference(policy, seed, tmp_path):
         reqs = [StepRequest(key=i, seq_len=lens[i] + n, num_new=n, prefill=n > 1) for i, n in enumerate(new)]
         plan = eng.begin_step(reqs)
         for a in plan.released:
-            assert a.new_live_start % bs == 0 and a.new_live_start > a.old_live_start
+            assert a.new_live_start % bs == 0 and a.new_live_start > a.evicted_from >= a.old_live_start
+            assert a.evicted_from == max(a.old_live_start, refs[a.key].protected_len)
         for layer in range(layers):
             qs, ks, vs, slots = [], [], [], []
             for i, n in enumerate(new):
@@ -161,7 +218,8 @@ def test_paged_block16_step_matches_the_dense_reference(policy, seed, tmp_path):
             lens[i] += n
             pending = eng.pending_live_start(i)
             assert (eng.live_start(i) if pending is None else pending) == refs[i].live_start
-    assert all(eng.live_start(i) > 0 for i in range(2))
+            assert eng.protected_len(i) == refs[i].protected_len
+    assert all(eng.live_start(i) > eng.protected_len(i) for i in range(2))
 
 
 def test_step_rejects_inconsistent_inputs():

@@ -93,12 +93,14 @@ def test_factory_reads_and_validates_the_configuration(server_args, monkeypatch,
 
     monkeypatch.setenv("FORESIGHTKV_CONFIG", '{"budget": 16, "interval": 8, "policy": "tova"}')
     assert factory(_runner(server_args)).engine.config.policy == "tova"
+    monkeypatch.setenv("FORESIGHTKV_CONFIG", '{"budget": 16, "interval": 8, "policy": "h2o", "protect_prompt": true}')
+    assert factory(_runner(server_args)).engine.config.protect_prompt
 
     for bad, msg in [
         ('{"budget": 8, "interval": 16, "policy": "h2o"}', "interval"),
         ('{"budget": 16, "interval": 8}', "checkpoint"),
         ('{"budget": 16, "interval": 8, "policy": "h2o", "bogus": 1}', "bogus"),
-        ('{"budget": 16, "interval": 8, "policy": "h2o", "protect_prompt": true}', "protect_prompt"),
+        ('{"budget": 16, "interval": 8, "policy": "h2o", "protect_prompt": "yes"}', "protect_prompt"),
         ("{not json", "JSON"),
     ]:
         monkeypatch.setenv("FORESIGHTKV_CONFIG", bad)

@@ -6,10 +6,14 @@
   layer's attention over the live windows of a paged cache read in place and evicts when due.
 - ``next_live_start``: the core's eviction schedule, for engine code that frees memory.
 
+With ``protect_prompt`` the prompt (rounded up to a block) is never evicted: attention reads
+``[0, protected_len) ∪ [max(live_start, protected_len), len)`` and an ``Advance`` frees
+``[evicted_from, new_live_start)`` only.
+
 Requires torch."""
 
 from .config import CONFIG_ENV, POLICIES, EngineConfig
-from .schedule import align_down, next_live_start
+from .schedule import align_down, align_up, next_live_start
 from .step import Advance, EvictionEngine, RequestState, StepPlan, StepRequest
 
 __all__ = [
@@ -22,5 +26,6 @@ __all__ = [
     "StepPlan",
     "StepRequest",
     "align_down",
+    "align_up",
     "next_live_start",
 ]

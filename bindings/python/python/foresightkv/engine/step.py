@@ -5,7 +5,14 @@ statistics, victim choice and in-place compaction with foresightkv's kernels and
 An engine plugin translates its own metadata into ``StepRequest``s, calls ``begin_step`` once per
 forward, ``attend`` once per layer, and frees the memory of the ``Advance``s ``begin_step`` returns
 (the evictions of the previous step, committed one step late so that no engine frees a slot its
-in-flight step may still read)."""
+in-flight step may still read).
+
+Protect mode (``protect_prompt``), as in the core's ``KvCacheManager``: the prompt rounded up to a
+block, ``protected_len``, is never evicted nor rewritten. Attention reads ``[0, protected_len) ∪
+[max(live_start, protected_len), len)``; the policy sees the evictable window ``[max(live_start,
+protected_len), len)`` alone (its statistics come from the queries of that window over its entries),
+and an eviction is due when that window reaches ``budget + interval`` (prompts are never compressed).
+The kernels read the two parts as one window through a block table whose evicted middle is cut out."""
 
 import itertools
 from dataclasses import dataclass, field
@@ -19,14 +26,15 @@ from .._native import NUM_STATS, ScorerCheckpoint
 from ..errors import ConfigError, ShapeError
 from ..evict import scorer_weights
 from .config import EngineConfig
-from .schedule import next_live_start
+from .schedule import align_up, next_live_start
 
 
 @dataclass(frozen=True)
 class StepRequest:
     """One request of a forward step: its stable ``key``, its length after the step, the number of
-    new tokens (queries) the step adds, whether they are prompt tokens, and ``reset`` when the engine
-    starts the request over (new request, or recomputation after preemption)."""
+    new tokens (queries) the step adds, whether they are prompt tokens (in protect mode they extend
+    the protected prompt), and ``reset`` when the engine starts the request over (new request, or
+    recomputation after preemption)."""
 
     key: Hashable
     seq_len: int
@@ -37,12 +45,20 @@ class StepRequest:
 
 @dataclass(frozen=True)
 class Advance:
-    """A committed eviction: logical positions ``[old_live_start, new_live_start)`` of request ``key``
-    hold no live entry any more, so the engine may give their memory back."""
+    """A committed eviction: logical positions ``[evicted_from, new_live_start)`` of request ``key``
+    hold no live entry any more, so the engine may give their memory back. ``evicted_from`` is
+    ``old_live_start`` unless the protected prompt ``[0, protected_len)`` lies beyond it (protect
+    mode), which stays."""
 
     key: Hashable
     old_live_start: int
     new_live_start: int
+    protected_len: int = 0
+
+    @property
+    def evicted_from(self) -> int:
+        """First position whose memory this eviction gives back: ``max(old_live_start, protected_len)``."""
+        return max(self.old_live_start, self.protected_len)
 
 
 @dataclass
@@ -59,19 +75,22 @@ class _LayerState:
 @dataclass
 class RequestState:
     """Per request: its serial number (the request part of the victim RNG key), the committed
-    ``live_start``, the one this step's eviction moves it to, and the per-layer state."""
+    ``live_start``, the one this step's eviction moves it to, the per-layer state and the protected
+    prefix (protect mode, else 0)."""
 
     serial: int
     length: int = 0
     live_start: int = 0
     pending: Optional[int] = None
     layers: Dict[int, _LayerState] = field(default_factory=dict)
+    protected_len: int = 0
 
 
 @dataclass
 class StepPlan:
     """What ``begin_step`` decided for one forward: per request (in batch order) its state, window and
-    eviction target, the offsets of its queries, and the evictions committed from the last step."""
+    eviction target, the offsets of its queries, the evictions committed from the last step, and its
+    protected prefix (all 0 outside protect mode)."""
 
     requests: List[StepRequest]
     states: List[RequestState]
@@ -80,6 +99,21 @@ class StepPlan:
     query_starts: List[int]
     evict_to: List[Optional[int]]
     released: List[Advance]
+    protected_lens: List[int] = field(default_factory=list)
+    _windows: Optional["_Windows"] = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class _Windows:
+    """The windows of a plan as the kernels read them through ``tables`` (a block table per request,
+    its evicted middle cut out in protect mode): length, attention start and evictable start per
+    request, in those cut coordinates (the plan's own outside protect mode)."""
+
+    source: torch.Tensor
+    tables: torch.Tensor
+    seq_lens: List[int]
+    attn_starts: List[int]
+    evict_starts: List[int]
 
 
 class EvictionEngine:
@@ -123,6 +157,11 @@ class EvictionEngine:
         st = self._states.get(key)
         return 0 if st is None else st.live_start
 
+    def protected_len(self, key: Hashable) -> int:
+        """Protected prefix of ``key``: its prompt rounded up to a block in protect mode, else 0."""
+        st = self._states.get(key)
+        return 0 if st is None else st.protected_len
+
     def pending_live_start(self, key: Hashable) -> Optional[int]:
         """``live_start`` the last step's eviction moves ``key`` to at the next ``begin_step``, if any."""
         st = self._states.get(key)
@@ -130,11 +169,16 @@ class EvictionEngine:
 
     def kept_positions(self, key: Hashable, layer: int, num_kv_heads: int) -> torch.Tensor:
         """Original positions ``[num_kv_heads, live]`` (int64, ascending per head) of the entries each KV
-        head of ``layer`` holds in ``key``'s live window after the last step (for checks and debugging)."""
+        head of ``layer`` holds after the last step, i.e. that attention reads: the protected prompt
+        (protect mode) then the live window (for checks and debugging)."""
         st = self._states[key]
         start = st.live_start if st.pending is None else st.pending
         ls = st.layers.get(layer, _LayerState())
-        return self._positions(ls, start, st.length, num_kv_heads)
+        window = self._positions(ls, max(start, st.protected_len), st.length, num_kv_heads)
+        if not st.protected_len:
+            return window
+        prompt = torch.arange(min(st.protected_len, st.length), dtype=torch.int64).expand(num_kv_heads, -1)
+        return torch.cat([prompt, window], dim=1)
 
     def release(self, key: Hashable) -> None:
         """Forgets ``key`` (finished, aborted or preempted request); its pending eviction is dropped."""
@@ -146,10 +190,11 @@ class EvictionEngine:
         released = []
         for key, st in self._states.items():
             if st.pending is not None:
-                released.append(Advance(key, st.live_start, st.pending))
+                released.append(Advance(key, st.live_start, st.pending, st.protected_len))
                 st.live_start, st.pending = st.pending, None
         cfg = self.config
-        states, lens, starts, qstarts, evict_to = [], [], [], [], []
+        protect = cfg.protect_prompt
+        states, lens, starts, qstarts, evict_to, protected = [], [], [], [], [], []
         offset = 0
         for r in requests:
             if r.num_new < 0 or r.seq_len < r.num_new:
@@ -163,6 +208,13 @@ class EvictionEngine:
                     f"request {r.key!r}: its new tokens start at {r.seq_len - r.num_new}, before its live window "
                     f"[{st.live_start}, ...); the engine must reset a request it recomputes"
                 )
+            if protect and r.prefill and r.num_new:
+                if st.live_start:
+                    raise ShapeError(
+                        f"request {r.key!r}: prompt tokens after an eviction in protect mode; the engine must "
+                        "reset a request it recomputes"
+                    )
+                st.protected_len = max(st.protected_len, align_up(r.seq_len, self.block_size))
             target = None
             if self.policy.evicts:
                 target = next_live_start(
@@ -171,7 +223,8 @@ class EvictionEngine:
                     self.block_size,
                     r.seq_len,
                     st.live_start,
-                    compress=r.prefill and r.num_new > 1,
+                    protected_len=st.protected_len,
+                    compress=not protect and r.prefill and r.num_new > 1,
                 )
             st.pending = target
             st.length = r.seq_len
@@ -180,8 +233,9 @@ class EvictionEngine:
             starts.append(st.live_start)
             qstarts.append(offset)
             evict_to.append(target)
+            protected.append(st.protected_len)
             offset += r.num_new
-        return StepPlan(list(requests), states, lens, starts, qstarts, evict_to, released)
+        return StepPlan(list(requests), states, lens, starts, qstarts, evict_to, released, protected)
 
     # ------------------------------------------------------------------ the per-layer step
 
@@ -203,7 +257,9 @@ class EvictionEngine:
         block_size, H, D]`` through ``block_tables`` (int32 ``[S, width]``, entry ``i`` = block of
         positions ``[i * block_size, (i + 1) * block_size)``), written to ``out``; then the eviction
         of layer ``layer`` for every request the plan marks, compacting the cache (and ``stats``,
-        float32 ``[num_blocks, block_size, H, G, 8]``, allocated here when None) in place."""
+        float32 ``[num_blocks, block_size, H, G, 8]``, allocated here when None) in place. In protect
+        mode the window is the protected prompt plus the live window, and only the queries of the
+        evictable window are recorded for the statistics."""
         num_tokens, hq, d = query.shape
         h = key_cache.shape[2]
         if hq % h != 0 or key_cache.shape[3] != d:
@@ -215,20 +271,49 @@ class EvictionEngine:
             raise ShapeError(f"query holds {num_tokens} tokens, the plan's requests add {expected}")
         if block_tables.shape[0] != len(plan.requests):
             raise ShapeError(f"block_tables has {block_tables.shape[0]} rows for {len(plan.requests)} requests")
-        self._attention(plan, query, key_cache, value_cache, block_tables, out, scale)
+        win = self._windows(plan, block_tables)
+        self._attention(plan, win, query, key_cache, value_cache, out, scale)
         if not self.policy.evicts:
             return out
         for i, r in enumerate(plan.requests):
-            if r.num_new:
+            skip = min(max(plan.protected_lens[i] - (r.seq_len - r.num_new), 0), r.num_new)
+            if r.num_new > skip:
                 qs = plan.query_starts[i]
                 ls = plan.states[i].layers.setdefault(layer, _LayerState())
-                ls.queries.append(query[qs : qs + r.num_new].detach().clone())
+                ls.queries.append(query[qs + skip : qs + r.num_new].detach().clone())
         due = [i for i, t in enumerate(plan.evict_to) if t is not None]
         if due:
             if stats is None:
                 stats = self._layer_stats(layer, key_cache, hq // h)
-            self._evict(plan, due, layer, key_cache, value_cache, block_tables, stats, scale)
+            self._evict(plan, win, due, layer, key_cache, value_cache, stats, scale)
         return out
+
+    def _windows(self, plan: StepPlan, block_tables: torch.Tensor) -> _Windows:
+        """The plan's windows in the coordinates the kernels read (computed once per plan and table).
+        In protect mode, a request whose ``live_start`` passed its protected prefix ``P`` reads a table
+        row whose blocks ``[P, live_start)`` are cut out: its window ``[0, P + len - live_start)``
+        is the prompt then the live entries, and its evictable part starts at ``P``."""
+        win = plan._windows
+        if win is not None and win.source is block_tables:
+            return win
+        lens, starts = list(plan.seq_lens), list(plan.live_starts)
+        if not self.config.protect_prompt:
+            win = _Windows(block_tables, block_tables, lens, starts, starts)
+        else:
+            bs = self.block_size
+            tables = block_tables
+            evict_starts = list(plan.protected_lens)
+            for i, (p, ls, n) in enumerate(zip(plan.protected_lens, starts, lens)):
+                if ls <= p:
+                    continue
+                if tables is block_tables:
+                    tables = block_tables.clone()
+                row = torch.cat([block_tables[i, : p // bs], block_tables[i, ls // bs : -(-n // bs)]])
+                tables[i, : row.numel()] = row
+                lens[i] = p + n - ls
+            win = _Windows(block_tables, tables, lens, [0] * len(lens), evict_starts)
+        plan._windows = win
+        return win
 
     def reserve_stats(
         self, layers: Sequence[int], num_blocks: int, block_size: int, num_kv_heads: int, group: int, device
@@ -262,10 +347,11 @@ class EvictionEngine:
             self._stats[layer] = st
         return st
 
-    def _attention(self, plan, query, key_cache, value_cache, block_tables, out, scale) -> None:
+    def _attention(self, plan, win, query, key_cache, value_cache, out, scale) -> None:
         """Decode rows through the paged decode kernel, multi-token rows through causal SDPA over the
-        gathered live window (query ``j`` of ``n`` sees live slots ``0 ..= live - n + j``)."""
+        gathered window ``win`` (query ``j`` of ``n`` sees window slots ``0 ..= live - n + j``)."""
         device = query.device
+        block_tables = win.tables
         dec = [i for i, r in enumerate(plan.requests) if r.num_new == 1]
         if dec:
             rows = torch.tensor([plan.query_starts[i] for i in dec], dtype=torch.long, device=device)
@@ -275,8 +361,8 @@ class EvictionEngine:
                 key_cache,
                 value_cache,
                 block_tables.index_select(0, sel).contiguous(),
-                torch.tensor([plan.seq_lens[i] for i in dec], dtype=torch.int32, device=device),
-                torch.tensor([plan.live_starts[i] for i in dec], dtype=torch.int32, device=device),
+                torch.tensor([win.seq_lens[i] for i in dec], dtype=torch.int32, device=device),
+                torch.tensor([win.attn_starts[i] for i in dec], dtype=torch.int32, device=device),
                 scale=scale,
             )
             out.index_copy_(0, rows, o.to(out.dtype))
@@ -285,7 +371,7 @@ class EvictionEngine:
             n = r.num_new
             if n <= 1:
                 continue
-            start, end = plan.live_starts[i], plan.seq_lens[i]
+            start, end = win.attn_starts[i], win.seq_lens[i]
             blocks, offs = self._slots(block_tables[i], start, end)
             k = key_cache[blocks, offs].transpose(0, 1).unsqueeze(0)
             v = value_cache[blocks, offs].transpose(0, 1).unsqueeze(0)
@@ -306,18 +392,22 @@ class EvictionEngine:
         blocks = table_row.index_select(0, pos // self.block_size).long()
         return blocks, pos % self.block_size
 
-    def _evict(self, plan, due, layer, key_cache, value_cache, block_tables, stats, scale) -> None:
-        """Window statistics, victim choice and compaction of layer ``layer`` for requests ``due``."""
+    def _evict(self, plan, win, due, layer, key_cache, value_cache, stats, scale) -> None:
+        """Window statistics, victim choice and compaction of layer ``layer`` for requests ``due``,
+        over each evictable window (``starts``/``lens`` in the kernels' coordinates, ``bases``/
+        ``ends`` the original positions)."""
         device = key_cache.device
         h, d = key_cache.shape[2], key_cache.shape[3]
         cfg = self.config
         sel = torch.tensor(due, dtype=torch.long, device=device)
-        bt = block_tables.index_select(0, sel).contiguous()
-        lens = [plan.seq_lens[i] for i in due]
-        starts = [plan.live_starts[i] for i in due]
+        bt = win.tables.index_select(0, sel).contiguous()
+        lens = [win.seq_lens[i] for i in due]
+        starts = [win.evict_starts[i] for i in due]
+        ends = [plan.seq_lens[i] for i in due]
+        bases = [max(plan.live_starts[i], plan.protected_lens[i]) for i in due]
         sl = torch.tensor(lens, dtype=torch.int32, device=device)
         ls = torch.tensor(starts, dtype=torch.int32, device=device)
-        num_evict = [plan.evict_to[i] - plan.live_starts[i] for i in due]
+        num_evict = [plan.evict_to[i] - b for i, b in zip(due, bases)]
         ne = torch.tensor(num_evict, dtype=torch.int32, device=device)
         layer_states = [plan.states[i].layers.setdefault(layer, _LayerState()) for i in due]
         qbufs = [torch.cat(s.queries) for s in layer_states]
@@ -331,7 +421,7 @@ class EvictionEngine:
         kernels.window_stats(queries, nq, key_cache, bt, sl, ls, stats, scale=scale)
         max_live = max(e - s for s, e in zip(starts, lens))
         survivors = torch.zeros((len(due), h, max_live), dtype=torch.int32, device=device)
-        positions = [self._positions(s, start, end, h) for s, start, end in zip(layer_states, starts, lens)]
+        positions = [self._positions(s, base, end, h) for s, base, end in zip(layer_states, bases, ends)]
         if self._use_kernels:
             w1, b1, w2, b2 = self._layer_weights(layer, h, group, d, device)
             scores = torch.zeros((len(due), h, max_live), dtype=torch.float32, device=device)
@@ -346,6 +436,7 @@ class EvictionEngine:
                     bt[j],
                     starts[j],
                     lens[j],
+                    ends[j],
                     num_evict[j],
                     key_cache,
                     value_cache,
@@ -360,7 +451,7 @@ class EvictionEngine:
             keep = lens[j] - starts[j] - num_evict[j]
             idx = survivors[j, :, :keep].long().cpu()
             s.positions = positions[j].gather(1, idx)
-            s.positions_end = lens[j]
+            s.positions_end = ends[j]
             s.queries.clear()
             s.evictions += 1
 
@@ -380,6 +471,7 @@ class EvictionEngine:
         table_row,
         start,
         end,
+        seq_len,
         num_evict,
         key_cache,
         value_cache,
@@ -390,7 +482,8 @@ class EvictionEngine:
         scale,
     ) -> torch.Tensor:
         """Survivor rows ``[H, max_live]`` of one request through ``Policy.choose_victims`` per KV head
-        (float32 host copies of the live entries)."""
+        (float32 host copies of the evictable entries, window slots ``[start, end)`` of ``table_row``;
+        ``seq_len`` is the request's length in original positions)."""
         blocks, offs = self._slots(table_row, start, end)
         h = key_cache.shape[2]
         group = queries.shape[1] // h
@@ -407,7 +500,7 @@ class EvictionEngine:
                 st_rows[:, kh].contiguous(),
                 q[:, kh * group : (kh + 1) * group].contiguous(),
                 positions[kh].tolist(),
-                end,
+                seq_len,
                 num_protected=self.config.interval,
                 num_evict=num_evict,
                 layer=layer,
