@@ -69,6 +69,11 @@ if scripts/test_sglang.sh 2>&1 | tee "$LOG/sglang.txt"; then :; else status=1; f
 read -r p f s < <(awk '/^sglang tests:/ { p = $3; f = $5; s = $7 } END { print p + 0, (f == "" ? 1 : f), s + 0 }' "$LOG/sglang.txt")
 passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
 
+section "vLLM plugin: real vLLM 0.32.0 on CPU (its own cached venv)"
+if scripts/test_vllm.sh 2>&1 | tee "$LOG/vllm.txt"; then :; else status=1; fi
+read -r p f s < <(awk '/^vllm tests:/ { p = $3; f = $5; s = $7 } END { print p + 0, (f == "" ? 1 : f), s + 0 }' "$LOG/vllm.txt")
+passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+
 echo
 echo "total: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ] || status=1

@@ -1,0 +1,215 @@
+"""The plugin configuration inside vLLM: the ``foresightkv`` entry of ``--additional-config`` (vLLM's
+documented channel for out-of-tree configuration; ``$FORESIGHTKV_CONFIG`` is the fallback), checked
+against the model and engine settings the backend supports, and cached per process for the calls vLLM
+makes without a current config (``customize_spec``)."""
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, List, Mapping, Optional
+
+import torch
+
+from foresightkv.engine import CONFIG_ENV, EngineConfig
+from foresightkv.errors import ConfigError, Error
+
+#: Key of the plugin's entry in vLLM's ``additional_config``.
+CONFIG_KEY = "foresightkv"
+
+#: Head sizes the foresightkv kernels are built for.
+SUPPORTED_HEAD_SIZES = (64, 128, 256)
+
+#: Model dtypes the backend accepts on GPUs (float32 only on vLLM's CPU platform).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+#: ``--kv-cache-dtype`` values the backend accepts (compaction moves raw, unquantised K/V).
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+
+#: vLLM block sizes must be a multiple of this (the paged kernels' granularity).
+BLOCK_SIZE_MULTIPLE = 16
+
+_EXAMPLE = (
+    '--additional-config \'{"foresightkv": {"budget": 1024, "interval": 128, '
+    '"policy": "foresight", "checkpoint": "/path/to/scorer"}}\''
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention shape of the model being served: what the kernels and a scorer must fit."""
+
+    num_layers: int
+    num_kv_heads: int
+    num_heads: int
+    head_size: int
+    dtype: torch.dtype
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """Everything the backend needs from vLLM's configuration: the validated ``EngineConfig``, the
+    block size it was validated for, and the model's attention shape."""
+
+    engine: EngineConfig
+    block_size: int
+    shape: ModelShape
+
+    @property
+    def window(self) -> int:
+        """The sliding window vLLM's KV manager keeps per request: budget B + interval L."""
+        return self.engine.budget + self.engine.interval
+
+
+_lock = threading.Lock()
+_active: Optional[PluginSettings] = None
+
+
+def raw_config(vllm_config: Any) -> Optional[Mapping[str, Any]]:
+    """The ``foresightkv`` entry of ``vllm_config.additional_config``, or None when it has none."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if not isinstance(extra, Mapping):
+        return None
+    return extra.get(CONFIG_KEY)
+
+
+def model_shape(vllm_config: Any) -> ModelShape:
+    """The attention shape of ``vllm_config``'s model (per tensor-parallel rank)."""
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    return ModelShape(
+        num_layers=mc.get_num_layers(pc),
+        num_kv_heads=mc.get_num_kv_heads(pc),
+        num_heads=mc.get_num_attention_heads(pc),
+        head_size=mc.get_head_size(),
+        dtype=mc.dtype,
+    )
+
+
+def load_settings(vllm_config: Any, *, env: Optional[Mapping[str, str]] = None) -> PluginSettings:
+    """Reads and validates the plugin configuration for ``vllm_config``: every problem (missing or
+    malformed options, unsupported head size, dtype, KV cache dtype, block size, prefix caching,
+    speculative decoding, a model with its own sliding window, MLA or hybrid models, a scorer for
+    another model shape) raises one ``ConfigError`` listing them all."""
+    env = os.environ if env is None else env
+    block_size = vllm_config.cache_config.block_size
+    problems: List[str] = []
+    shape = model_shape(vllm_config)
+    problems.extend(_engine_problems(vllm_config, shape, block_size))
+    raw = raw_config(vllm_config)
+    engine: Optional[EngineConfig] = None
+    schedule_bs = block_size if isinstance(block_size, int) and block_size > 0 else 1
+    try:
+        if raw is not None:
+            engine = EngineConfig.from_dict(raw, block_size=schedule_bs)
+        elif env.get(CONFIG_ENV, "").strip():
+            engine = EngineConfig.from_env(block_size=schedule_bs, env=env)
+        else:
+            problems.append(f"foresightkv needs its configuration: pass {_EXAMPLE} (or set {CONFIG_ENV})")
+    except ConfigError as e:
+        problems.append(str(e))
+    if engine is not None:
+        if engine.protect_prompt:
+            problems.append(
+                "option 'protect_prompt' is not supported by the vLLM plugin yet (the engine step evicts prompt "
+                "tokens; vLLM's prompt-protecting RSWASpec would free blocks the backend still reads)"
+            )
+        problems.extend(_scorer_problems(engine, shape))
+    if problems:
+        raise ConfigError("foresightkv cannot serve this model: " + "; ".join(problems))
+    assert engine is not None
+    return PluginSettings(engine=engine, block_size=block_size, shape=shape)
+
+
+def _engine_problems(vllm_config: Any, shape: ModelShape, block_size: Optional[int]) -> List[str]:
+    """Engine and model settings the backend does not support, as messages naming the fix."""
+    from vllm.platforms import current_platform
+
+    out = []
+    cc = vllm_config.cache_config
+    mc = vllm_config.model_config
+    if shape.head_size not in SUPPORTED_HEAD_SIZES:
+        out.append(f"head size {shape.head_size} is not supported (supported: {list(SUPPORTED_HEAD_SIZES)})")
+    dtypes = SUPPORTED_DTYPES + ((torch.float32,) if current_platform.is_cpu() else ())
+    if shape.dtype not in dtypes:
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        out.append(
+            f"model dtype {str(shape.dtype).replace('torch.', '')} is not supported (use --dtype with one of {names})"
+        )
+    if cc.cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        out.append(
+            f"KV cache dtype '{cc.cache_dtype}' is not supported: eviction moves raw K/V "
+            f"(use --kv-cache-dtype with one of {list(SUPPORTED_KV_CACHE_DTYPES)})"
+        )
+    if block_size is None or block_size % BLOCK_SIZE_MULTIPLE != 0:
+        out.append(
+            f"block size {block_size} is not supported (use --block-size with a multiple of {BLOCK_SIZE_MULTIPLE})"
+        )
+    if cc.enable_prefix_caching:
+        out.append(
+            "prefix caching must be off: eviction rewrites KV blocks in place, so a cached block would no "
+            "longer hold what its hash says (add --no-enable-prefix-caching)"
+        )
+    if vllm_config.speculative_config is not None:
+        out.append("speculative decoding is not supported (drop --speculative-config)")
+    if mc.get_sliding_window() is not None:
+        out.append(
+            f"the model has its own sliding window ({mc.get_sliding_window()} tokens); foresightkv needs "
+            "full-attention layers"
+        )
+    if mc.use_mla:
+        out.append("MLA models are not supported")
+    if mc.is_hybrid:
+        out.append("hybrid models (Mamba or linear-attention layers next to attention) are not supported")
+    return out
+
+
+def _scorer_problems(engine: EngineConfig, shape: ModelShape) -> List[str]:
+    """A scorer checkpoint that cannot be loaded or was trained for another model shape."""
+    if engine.policy != "foresight":
+        return []
+    try:
+        ck = engine.load_checkpoint()
+    except ConfigError as e:
+        return [str(e)]
+    assert ck is not None
+    try:
+        ck.check_model(shape.num_layers, shape.num_kv_heads, shape.group, shape.head_size)
+    except Error as e:
+        return [
+            f"scorer checkpoint {engine.checkpoint} does not fit the model ({shape.num_layers} layers, "
+            f"{shape.num_kv_heads} KV heads, group {shape.group}, head size {shape.head_size}): {e}"
+        ]
+    return []
+
+
+def activate(settings: PluginSettings) -> None:
+    """Makes ``settings`` the process's configuration (read by ``customize_spec``)."""
+    global _active
+    with _lock:
+        _active = settings
+
+
+def active() -> Optional[PluginSettings]:
+    """The process's configuration, if the backend has been set up in this process."""
+    return _active
+
+
+def settings_for_current_config() -> PluginSettings:
+    """The cached settings, or (first call in a process) those of vLLM's current config, validated and
+    cached; ``ConfigError`` when neither exists."""
+    cached = _active
+    if cached is not None:
+        return cached
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    if cfg is None:
+        raise ConfigError("foresightkv: no vLLM configuration is current and none was cached in this process")
+    settings = load_settings(cfg)
+    activate(settings)
+    return settings

@@ -1,0 +1,188 @@
+"""The KV cache spec ``customize_spec`` hands vLLM, checked against vLLM's real KV manager classes
+(``BlockPool`` and the manager vLLM's registry picks for the spec): over long generations, with
+chunked prefill and preemption by recompute, a request's blocks stay bounded by the window, freed
+blocks go back to the pool, and no block the backend reads (from ``live_start``) is ever freed.
+``live_start`` comes from foresightkv's own ``EvictionEngine.begin_step``, as in the backend."""
+
+import random
+
+import pytest
+import torch
+
+from foresightkv.engine import EngineConfig, EvictionEngine, StepRequest
+from foresightkv_vllm.backend import live_window_spec
+from foresightkv_vllm.config import ModelShape, PluginSettings
+
+
+def _full_spec(block_size, num_kv_heads=8, head_size=128, dtype=torch.float16):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype)
+
+
+def _settings(budget, interval, block_size):
+    engine = EngineConfig.from_dict({"budget": budget, "interval": interval, "policy": "h2o"}, block_size=block_size)
+    return PluginSettings(engine=engine, block_size=block_size, shape=ModelShape(2, 8, 16, 128, torch.float16))
+
+
+def test_customize_spec_gives_the_sliding_window_and_keeps_the_page():
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    from foresightkv_vllm import config
+    from foresightkv_vllm.backend import ForesightKVBackend
+
+    full = _full_spec(16)
+    config.activate(_settings(1024, 128, 16))
+    spec = ForesightKVBackend.customize_spec(full)
+    assert type(spec) is SlidingWindowSpec
+    assert spec.sliding_window == 1024 + 128
+    assert spec.page_size_bytes == full.page_size_bytes == 16 * 8 * 2 * 128 * 2
+    assert (spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype) == (16, 8, 128, torch.float16)
+    # a spec that is not plain full attention is left alone
+    assert ForesightKVBackend.customize_spec(spec) is spec
+
+
+def test_customize_spec_without_configuration_is_a_clear_error():
+    from foresightkv.errors import ConfigError
+    from foresightkv_vllm.backend import ForesightKVBackend
+
+    with pytest.raises(ConfigError, match="no vLLM configuration is current"):
+        ForesightKVBackend.customize_spec(_full_spec(16))
+
+
+def _cases():
+    rng = random.Random(20261123)
+    out = []
+    for _ in range(12):
+        bs = rng.choice([16, 32])
+        interval = bs * rng.randint(1, 4)
+        budget = interval + bs * rng.randint(0, 10)  # the core requires interval <= budget
+        prompt = rng.randint(1, 5 * (budget + interval))
+        chunk = rng.choice([prompt, bs * rng.randint(1, 8), rng.randint(1, 300)])
+        decode = rng.randint(1, 6 * (budget + interval))
+        preempt_at = rng.choice([None, rng.randint(0, decode - 1)])
+        out.append((budget, interval, bs, prompt, chunk, decode, preempt_at))
+    out.append((1024, 128, 16, 3000, 3000, 3000, None))
+    return out
+
+
+@pytest.mark.parametrize("budget,interval,bs,prompt,chunk,decode,preempt_at", _cases())
+def test_vllm_manager_frees_before_the_window_and_never_a_live_block(
+    budget, interval, bs, prompt, chunk, decode, preempt_at
+):
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager, get_manager_for_kv_cache_spec
+
+    spec = live_window_spec(_full_spec(bs), _settings(budget, interval, bs))
+    max_len = prompt + decode
+    num_blocks = max_len // bs + 8
+    pool = BlockPool(num_blocks, enable_caching=False, hash_block_size=bs)
+    mgr = get_manager_for_kv_cache_spec(
+        spec,
+        max_in_flight_tokens=chunk,
+        max_model_len=max_len + 1,
+        block_pool=pool,
+        enable_caching=False,
+        kv_cache_group_id=0,
+        scheduler_block_size=bs,
+    )
+    assert type(mgr) is SlidingWindowManager
+    cap = spec.max_admission_blocks_per_request(max_in_flight_tokens=chunk, max_model_len=max_len + 1)
+    engine = EvictionEngine(_settings(budget, interval, bs).engine, block_size=bs)
+    rid, key = "req-0", 7
+    usable = num_blocks - 1  # the pool's null block is never handed out
+
+    def step(n, q, prefill):
+        """One scheduler + worker step: n committed tokens, q new ones."""
+        mgr.remove_skipped_blocks(rid, n)
+        need = mgr.get_num_blocks_to_allocate(rid, n + q, [], n, 0, n + q, apply_admission_cap=n == 0)
+        assert need <= pool.get_num_free_blocks()
+        mgr.allocate_new_blocks(rid, n + q, n + q)
+        plan = engine.begin_step([StepRequest(key, n + q, q, prefill, reset=n == 0)])
+        live_start = plan.live_starts[0]
+        row = mgr.req_to_blocks[rid]
+        # every block the backend reads this step is allocated, not freed, and owned by the request
+        for i in range(live_start // bs, -(-(n + q) // bs)):
+            assert not row[i].is_null, f"block {i} (live window from {live_start}) was freed at {n} tokens"
+            assert row[i].ref_cnt == 1
+        held = sum(1 for b in row if not b.is_null)
+        assert held <= cap
+        assert held + pool.get_num_free_blocks() == usable
+        return held
+
+    peak_after_prompt, steady = 0, []
+    total = prompt
+    n = 0
+    while n < total:
+        q = min(chunk, total - n)
+        peak_after_prompt = max(peak_after_prompt, step(n, q, True))
+        n += q
+    for t in range(decode):
+        if preempt_at is not None and t == preempt_at:
+            # preemption by recompute: vLLM frees everything and prefills the whole sequence again
+            mgr.free(rid)
+            assert pool.get_num_free_blocks() == usable
+            engine.release(key)
+            total, n = n, 0
+            while n < total:
+                q = min(chunk, total - n)
+                step(n, q, True)
+                n += q
+        steady.append(step(n, 1, False))
+        n += 1
+    # the window bounds what a request holds, however long it runs
+    assert max(steady) <= -(-(budget + interval) // bs) + 1
+    mgr.free(rid)
+    assert pool.get_num_free_blocks() == usable
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_pool_sized_by_the_window_admits_and_runs_long_requests_concurrently(seed):
+    """vLLM sizes and admits sliding-window requests by ``max_admission_blocks_per_request``: a pool of
+    ``k`` such caps (far fewer blocks than ``k`` full sequences) runs ``k`` long requests side by side,
+    interleaved, without ever lacking a block."""
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+
+    rng = random.Random(seed)
+    budget, interval, bs, chunk, k = 64, 32, 16, 48, 4
+    lengths = [rng.randint(600, 1200) for _ in range(k)]
+    settings = _settings(budget, interval, bs)
+    spec = live_window_spec(_full_spec(bs), settings)
+    cap = spec.max_admission_blocks_per_request(max_in_flight_tokens=chunk, max_model_len=2048)
+    pool = BlockPool(k * cap + 1, enable_caching=False, hash_block_size=bs)
+    assert k * cap + 1 < sum(-(-n // bs) for n in lengths) // 4  # full attention would need > 4x the pool
+    mgr = get_manager_for_kv_cache_spec(
+        spec,
+        max_in_flight_tokens=chunk,
+        max_model_len=2048,
+        block_pool=pool,
+        enable_caching=False,
+        kv_cache_group_id=0,
+        scheduler_block_size=bs,
+    )
+    engine = EvictionEngine(settings.engine, block_size=bs)
+    done = [0] * k
+    prompts = [rng.randint(1, 300) for _ in range(k)]
+    while any(d < n for d, n in zip(done, lengths)):
+        batch = []
+        for r in range(k):
+            n = done[r]
+            if n >= lengths[r]:
+                continue
+            q = min(chunk, prompts[r] - n) if n < prompts[r] else 1
+            rid = f"r{r}"
+            mgr.remove_skipped_blocks(rid, n)
+            need = mgr.get_num_blocks_to_allocate(rid, n + q, [], n, 0, n + q, apply_admission_cap=n == 0)
+            assert need <= pool.get_num_free_blocks(), f"request {r} lacks blocks at {n} tokens"
+            mgr.allocate_new_blocks(rid, n + q, n + q)
+            batch.append(StepRequest(r, n + q, q, n < prompts[r], reset=n == 0))
+            done[r] = n + q
+        plan = engine.begin_step(batch)
+        for req, start in zip(plan.requests, plan.live_starts):
+            row = mgr.req_to_blocks[f"r{req.key}"]
+            assert all(not b.is_null for b in row[start // bs : -(-req.seq_len // bs)])
+        for r in range(k):
+            if done[r] >= lengths[r] and f"r{r}" in mgr.req_to_blocks:
+                mgr.free(f"r{r}")
+    assert pool.get_num_free_blocks() == k * cap
