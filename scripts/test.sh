@@ -2,7 +2,8 @@
 # Runs every test of the project on a fresh machine (the README's test command; .ci/run calls it).
 # Installs what it needs (nvcc 13.0 and libclang from Python packages, into a cache outside the clone),
 # builds the CUDA kernels (no GPU needed), runs the Rust tests, checks that a build without nvcc still
-# works and fails CUDA calls with a typed error, and prints the total test count.
+# works and fails CUDA calls with a typed error, runs the Python package's tests and the SGLang and
+# vLLM plugins' tests (each engine in its own cached virtual environment), and prints the total count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
