@@ -1,6 +1,7 @@
 """The foresightkv attention backend for vLLM 0.32: the backend class vLLM resolves ``CUSTOM`` to, the
 KV cache spec it hands vLLM's KV manager (a sliding window of budget + interval tokens, so vLLM frees
-the blocks before each request's live window itself), and the metadata builder and impl that run
+the blocks before each request's live window itself; in protect mode an R-SWA spec that keeps the
+original prompt and frees the gap between it and the window), and the metadata builder and impl that run
 ``foresightkv.engine.EvictionEngine`` over vLLM's paged cache in place."""
 
 import threading
@@ -20,7 +21,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec, replace_as
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, RSWASpec, SlidingWindowSpec, replace_as
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from . import config as plugin_config
@@ -30,10 +31,16 @@ from .config import BLOCK_SIZE_MULTIPLE, SUPPORTED_HEAD_SIZES, SUPPORTED_KV_CACH
 def live_window_spec(spec: AttentionSpec, settings: PluginSettings) -> AttentionSpec:
     """The spec vLLM's KV manager should use for a full-attention layer under foresightkv: a
     ``SlidingWindowSpec`` of ``budget + interval`` tokens, so the manager frees every block before
-    ``align_down(n - W + 1)`` while the engine's schedule keeps ``live_start`` at or after it. Other
-    specs are returned unchanged; the page size never changes."""
-    if type(spec) is not FullAttentionSpec:
+    ``align_down(n - W + 1)`` while the engine's schedule keeps ``live_start`` at or after it. In protect
+    mode an ``RSWASpec`` of window ``W``: vLLM's ``RSWAManager`` keeps the blocks of the original prompt
+    ``[0, cdiv(P, bs))`` and frees those in ``[cdiv(P, bs), align_down(max(P, n - W)))``, while the
+    engine keeps its evictable window from ``align_up(P)`` under ``W`` tokens. Other specs, and every spec
+    under the ``full_cache`` policy (which never evicts, so attention reads the whole sequence), are
+    returned unchanged; the page size never changes."""
+    if type(spec) is not FullAttentionSpec or settings.engine.policy == "full_cache":
         return spec
+    if settings.engine.protect_prompt:
+        return replace_as(spec, RSWASpec, rswa_window=settings.window)
     return replace_as(
         spec, SlidingWindowSpec, drop=("attention_chunk_size", "non_causal"), sliding_window=settings.window
     )
@@ -67,9 +74,10 @@ def shared_engine(settings: PluginSettings, block_size: int) -> EvictionEngine:
 
 @dataclass
 class ForesightKVMetadata:
-    """Per-step metadata: the engine's plan (live windows, due evictions), the block table (entry ``i``
-    = block of positions ``[i * block_size, (i + 1) * block_size)``; entries before a live window are
-    stale and never read) and the slot mapping of the new tokens."""
+    """Per-step metadata: the engine's plan (live windows, due evictions), the block table (one row per
+    engine request of the plan; entry ``i`` = block of positions ``[i * block_size, (i + 1) *
+    block_size)``; entries before a live window, after the protected prompt, are stale and never read)
+    and the slot mapping of the new tokens."""
 
     num_actual_tokens: int
     plan: StepPlan
@@ -77,9 +85,32 @@ class ForesightKVMetadata:
     slot_mapping: torch.Tensor
 
 
+def step_requests(
+    key: int, seq_len: int, num_new: int, prefill: bool, prompt_len: Optional[int]
+) -> List[StepRequest]:
+    """The engine's requests for one vLLM request of a step (a reset when nothing is computed yet).
+    Without ``prompt_len`` one request with vLLM's own prefill flag. In protect mode (``prompt_len``,
+    the ORIGINAL prompt length) the new tokens are prompt tokens exactly where they lie before
+    ``prompt_len``: a chunk that crosses it (a request resumed after preemption re-prefills prompt
+    and generated tokens as one prefill) becomes two requests of the same key, the prompt part then
+    the generated part, so the engine protects ``align_up(prompt_len)``, what vLLM's ``RSWAManager``
+    keeps, never the re-prefilled length."""
+    computed = seq_len - num_new
+    reset = computed == 0
+    if prompt_len is None:
+        return [StepRequest(key=key, seq_len=seq_len, num_new=num_new, prefill=prefill, reset=reset)]
+    if computed < prompt_len < seq_len:
+        return [
+            StepRequest(key=key, seq_len=prompt_len, num_new=prompt_len - computed, prefill=True, reset=reset),
+            StepRequest(key=key, seq_len=seq_len, num_new=seq_len - prompt_len, prefill=False),
+        ]
+    return [StepRequest(key=key, seq_len=seq_len, num_new=num_new, prefill=seq_len <= prompt_len, reset=reset)]
+
+
 class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
     """Builds ``ForesightKVMetadata`` once per step: per request a stable key (model runner V2's
-    ``req_idx``), a reset when the request starts over (nothing computed yet), and the engine's plan."""
+    ``req_idx``), a reset when the request starts over (nothing computed yet), in protect mode its
+    original prompt length (``rswa_prefix_lens``), and the engine's plan."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
@@ -104,21 +135,30 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
         qsl = cm.query_start_loc_cpu[: n + 1].tolist()
         seq_lens = cm.seq_lens[:n].cpu().tolist()
         prefilling = cm.is_prefilling[:n].cpu().tolist() if cm.is_prefilling is not None else None
-        requests = []
+        prompt_lens: List[Optional[int]] = [None] * n
+        if self.settings.engine.protect_prompt:
+            if cm.rswa_prefix_lens is None:
+                raise ConfigError(
+                    "foresightkv's protect_prompt needs each request's prompt length "
+                    "(CommonAttentionMetadata.rswa_prefix_lens), which model runner V2 passes when the model "
+                    f"config has an R-SWA window (--hf-overrides '{{\"rswa_window\": {self.settings.window}}}')"
+                )
+            prompt_lens = [int(p) for p in cm.rswa_prefix_lens[:n].cpu().tolist()]
+        requests, rows = [], []
         for i in range(n):
             num_new = qsl[i + 1] - qsl[i]
-            computed = seq_lens[i] - num_new
             prefill = bool(prefilling[i]) if prefilling is not None else num_new > 1
-            requests.append(
-                StepRequest(
-                    key=int(cm.req_idx[i]), seq_len=seq_lens[i], num_new=num_new, prefill=prefill, reset=computed == 0
-                )
-            )
+            parts = step_requests(int(cm.req_idx[i]), seq_lens[i], num_new, prefill, prompt_lens[i])
+            requests.extend(parts)
+            rows.extend([i] * len(parts))
         plan = self.engine.begin_step(requests)
+        table = cm.block_table_tensor[:n]
+        if len(rows) != n:
+            table = table.index_select(0, torch.tensor(rows, dtype=torch.long, device=table.device))
         return ForesightKVMetadata(
             num_actual_tokens=qsl[n],
             plan=plan,
-            block_table=cm.block_table_tensor[:n],
+            block_table=table,
             slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
         )
 
@@ -253,6 +293,12 @@ class ForesightKVBackend(AttentionBackend):
     def supported_kv_cache_layouts(cls):
         """(block, token, head) order, so K and V views have the strides the kernels take."""
         return (KVCacheLayout.LBNHC,)
+
+    @classmethod
+    def supports_rswa(cls) -> bool:
+        """True: protect mode asks for vLLM's R-SWA window (only so that model runner V2 passes prompt
+        lengths); the backend then protects each request's prompt itself."""
+        return True
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:

@@ -94,7 +94,8 @@ def load_settings(vllm_config: Any, *, env: Optional[Mapping[str, str]] = None) 
     """Reads and validates the plugin configuration for ``vllm_config``: every problem (missing or
     malformed options, unsupported head size, dtype, KV cache dtype, block size, prefix caching,
     speculative decoding, a model with its own sliding window, MLA or hybrid models, a scorer for
-    another model shape) raises one ``ConfigError`` listing them all."""
+    another model shape, protect mode without the R-SWA window that carries prompt lengths) raises
+    one ``ConfigError`` listing them all."""
     env = os.environ if env is None else env
     block_size = vllm_config.cache_config.block_size
     problems: List[str] = []
@@ -113,11 +114,7 @@ def load_settings(vllm_config: Any, *, env: Optional[Mapping[str, str]] = None) 
     except ConfigError as e:
         problems.append(str(e))
     if engine is not None:
-        if engine.protect_prompt:
-            problems.append(
-                "option 'protect_prompt' is not supported by the vLLM plugin yet (the engine step evicts prompt "
-                "tokens; vLLM's prompt-protecting RSWASpec would free blocks the backend still reads)"
-            )
+        problems.extend(_protect_problems(vllm_config, engine))
         problems.extend(_scorer_problems(engine, shape))
     if problems:
         raise ConfigError("foresightkv cannot serve this model: " + "; ".join(problems))
@@ -166,6 +163,28 @@ def _engine_problems(vllm_config: Any, shape: ModelShape, block_size: Optional[i
     if mc.is_hybrid:
         out.append("hybrid models (Mamba or linear-attention layers next to attention) are not supported")
     return out
+
+
+def _protect_problems(vllm_config: Any, engine: EngineConfig) -> List[str]:
+    """Protect mode needs each request's original prompt length, which model runner V2 hands the
+    attention backends (``CommonAttentionMetadata.rswa_prefix_lens``) only when the model config has
+    an R-SWA window: it must be set, to the window the plugin gives vLLM's ``RSWAManager``."""
+    window = engine.budget + engine.interval
+    have = vllm_config.model_config.rswa_window
+    if not engine.protect_prompt:
+        if have is not None:
+            return [
+                f"the model config has an R-SWA window ({have}), which only 'protect_prompt' uses "
+                "(drop 'rswa_window' from --hf-overrides or set 'protect_prompt': true)"
+            ]
+        return []
+    if have != window:
+        return [
+            f"'protect_prompt' needs vLLM to pass each request's prompt length to the backend, which it does "
+            f"for models with an R-SWA window: add --hf-overrides '{{\"rswa_window\": {window}}}' "
+            f"(budget + interval; got {have})"
+        ]
+    return []
 
 
 def _scorer_problems(engine: EngineConfig, shape: ModelShape) -> List[str]:

@@ -31,13 +31,13 @@ class Stream:
     v: torch.Tensor
 
 
-def _setup(make_vllm_config, fkv, dtype):
+def _setup(make_vllm_config, fkv, dtype, **engine_args):
     from vllm.config import set_current_vllm_config
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from foresightkv_vllm.backend import ForesightKVBackend
 
-    cfg = make_vllm_config(fkv, dtype=str(dtype).replace("torch.", ""))
+    cfg = make_vllm_config(fkv, dtype=str(dtype).replace("torch.", ""), **engine_args)
     spec = FullAttentionSpec(block_size=BS, num_kv_heads=H, head_size=D, dtype=dtype)
     names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
     with set_current_vllm_config(cfg):
@@ -63,22 +63,37 @@ def _vllm_kv_caches(spec, names):
     return create_kv_cache_views(raw, spec, NUM_BLOCKS, layout, tensor)
 
 
+def _ref_step(ref, a, b, prefill, orig):
+    """The reference's outputs for positions ``[a, b)``; in protect mode (``orig``, the original prompt
+    length) the prompt tokens are exactly those before ``orig``, a chunk crossing it taken in two."""
+    if orig is None:
+        return ref.step(b - a, prefill)
+    if a < orig < b:
+        first, rest = ref.step(orig - a, True), ref.step(b - orig, False)
+        return [torch.cat([x, y]) for x, y in zip(first, rest)]
+    return ref.step(b - a, b <= orig)
+
+
 def _run(make_vllm_config, fkv, seed, steps, max_chunk, dtype=torch.float32):
     """Runs ``steps`` forward steps of random mixed batches through the builder and impl and the dense
-    reference side by side; returns (max |out - reference|, longest live window after a step's
-    eviction, number of evictions seen, number of preemptions)."""
+    reference side by side; returns (max |out - reference|, longest evictable window after a step's
+    eviction, number of evictions seen, number of preemptions, number of resumed chunks crossing the
+    original prompt). In protect mode the model config carries the R-SWA window and each step vLLM's
+    ``rswa_prefix_lens`` (the original prompt lengths, also of resumed requests)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    builder, impl, layers, caches = _setup(make_vllm_config, fkv, dtype)
+    protect = bool(fkv.get("protect_prompt"))
+    extra = {"hf_overrides": {"rswa_window": fkv["budget"] + fkv["interval"]}} if protect else {}
+    builder, impl, layers, caches = _setup(make_vllm_config, fkv, dtype, **extra)
     engine = builder.engine
     policy = EngineConfig.from_dict(fkv, block_size=BS).build_policy()
     free = list(range(NUM_BLOCKS))
     rng.shuffle(free)
     reqs = {}
     serial = 0
-    worst, longest, evictions, preemptions = 0.0, 0, 0, 0
+    worst, longest, evictions, preemptions, crossings = 0.0, 0, 0, 0, 0
     for _ in range(steps):
         # finish a request now and then (vLLM reuses its req_idx and blocks), admit new ones
         if len(reqs) > 1 and rng.random() < 0.1:
@@ -95,7 +110,8 @@ def _run(make_vllm_config, fkv, seed, steps, max_chunk, dtype=torch.float32):
         if not reqs or (len(reqs) < 3 and rng.random() < 0.5):
             idx = min(set(range(8)) - set(reqs))
             stream = Stream(*(torch.randn(LAYERS, MAX_LEN, n, D, generator=gen).to(dtype) for n in (HQ, H, H)))
-            reqs[idx] = dict(len=0, blocks=[], prompt=rng.randint(2, 90), stream=stream, ref=None)
+            prompt = rng.randint(2, 90)
+            reqs[idx] = dict(len=0, blocks=[], prompt=prompt, orig=prompt, stream=stream, ref=None)
         for done in [i for i, r in reqs.items() if r["len"] == MAX_LEN]:
             free.extend(reqs.pop(done)["blocks"])
         order = sorted(reqs, key=lambda i: reqs[i]["len"] < reqs[i]["prompt"])  # decodes first, as vLLM
@@ -118,6 +134,7 @@ def _run(make_vllm_config, fkv, seed, steps, max_chunk, dtype=torch.float32):
                     h=H,
                     scale=impl.scale,
                     block_size=BS,
+                    protect_prompt=protect,
                 )
                 serial += 1
             while len(r["blocks"]) * BS < r["len"] + q:
@@ -145,10 +162,13 @@ def _run(make_vllm_config, fkv, seed, steps, max_chunk, dtype=torch.float32):
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
             is_prefilling=torch.tensor(prefilling),
             req_idx=np.array(order, dtype=np.int32),
+            rswa_prefix_lens=torch.tensor([reqs[i]["orig"] for i in order], dtype=torch.int32) if protect else None,
         )
         meta = builder.build(0, cm)
         for row, i in enumerate(order):
-            for b in reqs[i]["blocks"][: meta.plan.live_starts[row] // BS]:
+            r = reqs[i]
+            crossings += protect and r["len"] < r["orig"] < seq_lens[row] and r["prompt"] > r["orig"]
+            for b in r["blocks"][engine.protected_len(i) // BS : engine.live_start(i) // BS]:
                 for c in caches:
                     c[b] = float("nan")
         outs = []
@@ -164,27 +184,35 @@ def _run(make_vllm_config, fkv, seed, steps, max_chunk, dtype=torch.float32):
         for row, i in enumerate(order):
             r = reqs[i]
             a, b = int(qsl[row]), int(qsl[row + 1])
-            ref_outs = r["ref"].step(qlens[row], prefilling[row])
+            ref_outs = _ref_step(r["ref"], r["len"], seq_lens[row], prefilling[row], r["orig"] if protect else None)
             for layer in range(LAYERS):
                 got = outs[layer][a:b]
                 assert torch.isfinite(got).all(), "the backend read a block before a live window"
                 worst = max(worst, (got.float() - ref_outs[layer]).abs().max().item())
+                ref_kept = r["ref"].layers[layer].kept
+                if engine.protected_len(i) > seq_lens[row]:
+                    # inside the protected prompt's last block nothing is evictable yet (the engine's
+                    # kept_positions cannot be asked there: it builds arange(protected_len, length))
+                    assert ref_kept == [[] for _ in range(H)]
+                    continue
+                prompt = list(range(engine.protected_len(i)))
                 kept = engine.kept_positions(i, layer, H)
-                assert kept.tolist() == r["ref"].layers[layer].kept, f"request {i} layer {layer} kept other entries"
+                assert kept.tolist() == [prompt + k for k in ref_kept], f"request {i} layer {layer} kept other entries"
             after = engine.pending_live_start(i)
             if after is not None:
                 evictions += 1
                 assert after == r["ref"].live_start
             r["len"] = seq_lens[row]
-            longest = max(longest, r["len"] - (engine.live_start(i) if after is None else after))
-    return worst, longest, evictions, preemptions
+            start = engine.live_start(i) if after is None else after
+            longest = max(longest, r["len"] - max(start, engine.protected_len(i)))
+    return worst, longest, evictions, preemptions, crossings
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_without_eviction_equals_dense_causal_attention(make_vllm_config, seed, dtype, tol):
     fkv = {"budget": 1024, "interval": 16, "policy": "h2o"}
-    worst, longest, evictions, _ = _run(make_vllm_config, fkv, seed, 30, 40, dtype)
+    worst, longest, evictions, _, _ = _run(make_vllm_config, fkv, seed, 30, 40, dtype)
     assert worst < tol
     assert evictions == 0
 
@@ -207,10 +235,37 @@ def test_with_eviction_equals_the_dense_reference_of_the_same_policy(make_vllm_c
     fkv = {"budget": 32, "interval": 16, "policy": policy}
     if policy.startswith("foresight"):
         fkv = {**fkv, "policy": "foresight", "checkpoint": scorer_dir, "sample": policy == "foresight_sample"}
-    worst, longest, evictions, preemptions = _run(make_vllm_config, fkv, seed, 60, 24)
+    worst, longest, evictions, preemptions, _ = _run(make_vllm_config, fkv, seed, 60, 24)
     assert evictions > 0, "no eviction happened"
     assert preemptions > 0, "no request was preempted"
     assert worst < 1e-4
     # after each step's eviction the live window holds fewer than the W = B + L tokens vLLM's
     # sliding-window manager keeps, so the manager never frees a live block
+    assert longest <= 32 + 16 - 1
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_protect_mode_without_eviction_equals_dense_causal_attention(make_vllm_config, seed):
+    fkv = {"budget": 1024, "interval": 16, "policy": "h2o", "protect_prompt": True}
+    worst, _, evictions, _, _ = _run(make_vllm_config, fkv, seed, 30, 40)
+    assert worst < 1e-5
+    assert evictions == 0
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "foresight_sample"])
+@pytest.mark.parametrize("seed", [4, 5])
+def test_protect_mode_equals_the_dense_reference_over_prompt_and_survivors(make_vllm_config, scorer_dir, policy, seed):
+    """Protect mode with preemption: the original prompt (rounded up to a block) stays whole, also when
+    a resumed request re-prefills prompt and generated tokens, and outputs and kept entries equal the
+    dense reference over (prompt ∪ survivors); blocks between the prompt and each live window are
+    poisoned."""
+    fkv = {"budget": 32, "interval": 16, "policy": policy, "protect_prompt": True}
+    if policy.startswith("foresight"):
+        fkv = {**fkv, "policy": "foresight", "checkpoint": scorer_dir, "sample": True}
+    worst, longest, evictions, preemptions, crossings = _run(make_vllm_config, fkv, seed, 120, 24)
+    assert evictions > 0, "no eviction happened"
+    assert preemptions > 0, "no request was preempted"
+    assert crossings > 0, "no resumed prefill chunk crossed the original prompt"
+    assert worst < 1e-4
+    # the evictable window stays under W = B + L, so vLLM's RSWAManager never frees a block it reads
     assert longest <= 32 + 16 - 1

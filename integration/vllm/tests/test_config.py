@@ -115,9 +115,23 @@ def test_all_problems_are_reported_together(make_vllm_config):
     assert "policy 'foresight' needs 'checkpoint'" in msg
 
 
-def test_protect_prompt_is_rejected_until_supported(make_vllm_config):
-    with pytest.raises(ConfigError, match="option 'protect_prompt' is not supported by the vLLM plugin yet"):
-        load_settings(make_vllm_config({**GOOD, "protect_prompt": True}))
+def test_protect_prompt_with_the_r_swa_window_gives_the_settings(make_vllm_config):
+    s = load_settings(make_vllm_config({**GOOD, "protect_prompt": True}, hf_overrides={"rswa_window": 80}))
+    assert s.engine.protect_prompt and s.window == 80
+
+
+@pytest.mark.parametrize("overrides", [None, {"rswa_window": 64}])
+def test_protect_prompt_without_the_matching_r_swa_window_names_the_flag(make_vllm_config, overrides):
+    kw = {} if overrides is None else {"hf_overrides": overrides}
+    with pytest.raises(ConfigError) as info:
+        load_settings(make_vllm_config({**GOOD, "protect_prompt": True}, **kw))
+    assert "--hf-overrides '{\"rswa_window\": 80}'" in str(info.value)
+    assert f"got {None if overrides is None else 64}" in str(info.value)
+
+
+def test_an_r_swa_window_without_protect_prompt_is_refused(make_vllm_config):
+    with pytest.raises(ConfigError, match=r"R-SWA window \(80\), which only 'protect_prompt' uses"):
+        load_settings(make_vllm_config(GOOD, hf_overrides={"rswa_window": 80}))
 
 
 def test_unreadable_scorer_checkpoint_is_named(make_vllm_config, tmp_path):

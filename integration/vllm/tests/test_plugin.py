@@ -171,3 +171,5 @@ def test_vllm_cuda_selector_validation_accepts_supported_and_names_the_rest():
     assert reasons(block_size=8) == ["block_size not supported"]
     assert reasons(has_sliding_window=True) == ["sliding window not supported"]
     assert reasons(use_mla=True) == ["MLA not supported"]
+    # protect mode's R-SWA window (which carries prompt lengths) passes vLLM's check
+    assert reasons(use_rswa=True) == []

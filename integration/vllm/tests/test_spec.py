@@ -42,6 +42,17 @@ def test_customize_spec_gives_the_sliding_window_and_keeps_the_page():
     assert ForesightKVBackend.customize_spec(spec) is spec
 
 
+def test_customize_spec_keeps_full_attention_under_the_full_cache_policy():
+    from foresightkv_vllm import config
+    from foresightkv_vllm.backend import ForesightKVBackend
+
+    engine = EngineConfig.from_dict({"budget": 1024, "interval": 128, "policy": "full_cache"}, block_size=16)
+    config.activate(PluginSettings(engine=engine, block_size=16, shape=ModelShape(2, 8, 16, 128, torch.float16)))
+    full = _full_spec(16)
+    # full_cache never evicts, so vLLM must keep (and the backend reads) every block of the sequence
+    assert ForesightKVBackend.customize_spec(full) is full
+
+
 def test_customize_spec_without_configuration_is_a_clear_error():
     from foresightkv.errors import ConfigError
     from foresightkv_vllm.backend import ForesightKVBackend
@@ -186,3 +197,143 @@ def test_a_pool_sized_by_the_window_admits_and_runs_long_requests_concurrently(s
             if done[r] >= lengths[r] and f"r{r}" in mgr.req_to_blocks:
                 mgr.free(f"r{r}")
     assert pool.get_num_free_blocks() == k * cap
+
+
+def _protect_settings(budget, interval, block_size, policy="h2o"):
+    engine = EngineConfig.from_dict(
+        {"budget": budget, "interval": interval, "policy": policy, "protect_prompt": True}, block_size=block_size
+    )
+    return PluginSettings(engine=engine, block_size=block_size, shape=ModelShape(2, 8, 16, 128, torch.float16))
+
+
+def test_customize_spec_in_protect_mode_gives_the_r_swa_window_and_keeps_the_page():
+    from vllm.v1.kv_cache_interface import RSWASpec
+
+    from foresightkv_vllm import config
+    from foresightkv_vllm.backend import ForesightKVBackend
+
+    full = _full_spec(16)
+    config.activate(_protect_settings(1024, 128, 16))
+    spec = ForesightKVBackend.customize_spec(full)
+    assert type(spec) is RSWASpec
+    assert spec.rswa_window == 1024 + 128
+    assert spec.sliding_window is None
+    assert spec.page_size_bytes == full.page_size_bytes
+    assert (spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype) == (16, 8, 128, torch.float16)
+    assert ForesightKVBackend.customize_spec(spec) is spec
+
+
+def _protect_cases():
+    rng = random.Random(20261124)
+    out = []
+    for _ in range(12):
+        bs = rng.choice([16, 32])
+        interval = bs * rng.randint(1, 4)
+        budget = interval + bs * rng.randint(0, 10)
+        prompt = rng.randint(1, 3 * (budget + interval))
+        chunk = rng.choice([prompt, bs * rng.randint(1, 8), rng.randint(1, 300)])
+        decode = rng.randint(2 * (budget + interval), 6 * (budget + interval))
+        preempt_at = rng.choice([None, rng.randint(0, decode - 1), rng.randint(budget + interval, decode - 1)])
+        out.append((budget, interval, bs, prompt, chunk, decode, preempt_at))
+    out.append((64, 16, 16, 100, 37, 700, 400))
+    return out
+
+
+@pytest.mark.parametrize("budget,interval,bs,prompt,chunk,decode,preempt_at", _protect_cases())
+def test_vllm_r_swa_manager_keeps_the_prompt_and_never_frees_a_block_the_backend_reads(
+    budget, interval, bs, prompt, chunk, decode, preempt_at
+):
+    """Protect mode with vLLM's real ``RSWAManager``: the blocks of the original prompt are never freed,
+    not even after preemption and a resumed re-prefill of prompt + generated tokens; no block the
+    engine reads (protected prompt, then its evictable window) is freed; a request holds at most the
+    prompt's blocks plus ``cdiv(W, bs) + 1``; the gap blocks really go back to the pool."""
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import RSWAManager, get_manager_for_kv_cache_spec
+
+    from foresightkv_vllm.backend import step_requests
+
+    settings = _protect_settings(budget, interval, bs)
+    spec = live_window_spec(_full_spec(bs), settings)
+    max_len = prompt + decode
+    num_blocks = max_len // bs + 8
+    pool = BlockPool(num_blocks, enable_caching=False, hash_block_size=bs)
+    mgr = get_manager_for_kv_cache_spec(
+        spec,
+        max_in_flight_tokens=chunk,
+        max_model_len=max_len + 1,
+        block_pool=pool,
+        enable_caching=False,
+        kv_cache_group_id=0,
+        scheduler_block_size=bs,
+    )
+    assert type(mgr) is RSWAManager
+    engine = EvictionEngine(settings.engine, block_size=bs)
+    rid, key = "req-0", 7
+    usable = num_blocks - 1
+    prompt_blocks = -(-prompt // bs)
+    window_blocks = -(-(budget + interval) // bs) + 1
+
+    def step(n, q):
+        """One scheduler + worker step, as vLLM's allocate_slots and the builder do it."""
+        mgr.remove_skipped_blocks(rid, n, num_prompt_tokens=prompt)
+        need = mgr.get_num_blocks_to_allocate(rid, n + q, [], n, 0, n + q)
+        assert need <= pool.get_num_free_blocks()
+        mgr.allocate_new_blocks(rid, n + q, n + q)
+        plan = engine.begin_step(step_requests(key, n + q, q, n < prompt or n + q <= prompt, prompt))
+        protected = engine.protected_len(key)
+        assert protected == min(-(-(n + q) // bs), prompt_blocks) * bs
+        start = max(engine.live_start(key), protected)
+        row = mgr.req_to_blocks[rid]
+        reads = list(range(protected // bs)) + list(range(start // bs, -(-(n + q) // bs)))
+        for i in reads:
+            assert not row[i].is_null, f"block {i} (protected {protected}, window from {start}) freed at {n}"
+            assert row[i].ref_cnt == 1
+        held = sum(1 for b in row if not b.is_null)
+        assert held + pool.get_num_free_blocks() == usable
+        return plan, held
+
+    n = 0
+    while n < prompt:
+        q = min(chunk, prompt - n)
+        step(n, q)
+        n += q
+    steady, evictions = [], 0
+    for t in range(decode):
+        if preempt_at is not None and t == preempt_at:
+            mgr.free(rid)
+            assert pool.get_num_free_blocks() == usable
+            engine.release(key)
+            total, n = n, 0
+            while n < total:
+                q = min(chunk, total - n)
+                step(n, q)
+                n += q
+        plan, held = step(n, 1)
+        evictions += sum(t is not None for t in plan.evict_to)
+        assert all(not b.is_null for b in mgr.req_to_blocks[rid][:prompt_blocks]), "a prompt block was freed"
+        steady.append(held)
+        n += 1
+    assert evictions > 0
+    assert max(steady) <= prompt_blocks + window_blocks
+    # the gap really went back: far fewer blocks than the sequence spans
+    assert steady[-1] < -(-n // bs) - 1
+    mgr.free(rid)
+    assert pool.get_num_free_blocks() == usable
+
+
+def test_a_resumed_chunk_crossing_the_prompt_is_split_at_the_original_prompt():
+    from foresightkv_vllm.backend import step_requests
+
+    # vLLM re-prefills prompt (100) + generated tokens (230) after preemption
+    first, rest = step_requests(3, 330, 330, True, 100)
+    assert (first.seq_len, first.num_new, first.prefill, first.reset) == (100, 100, True, True)
+    assert (rest.seq_len, rest.num_new, rest.prefill, rest.reset) == (330, 230, False, False)
+    (only,) = step_requests(3, 80, 80, True, 100)
+    assert only.prefill and only.reset
+    (gen,) = step_requests(3, 260, 60, True, 100)  # a later chunk of the replay: generated tokens only
+    assert not gen.prefill and not gen.reset
+    (plain,) = step_requests(3, 330, 330, True, None)
+    assert plain.prefill and plain.num_new == 330
+    engine = EvictionEngine(_protect_settings(64, 16, 16).engine, block_size=16)
+    engine.begin_step(step_requests(3, 330, 330, True, 100))
+    assert engine.protected_len(3) == 112

@@ -174,7 +174,8 @@ class EvictionEngine:
         st = self._states[key]
         start = st.live_start if st.pending is None else st.pending
         ls = st.layers.get(layer, _LayerState())
-        window = self._positions(ls, max(start, st.protected_len), st.length, num_kv_heads)
+        window_start = min(max(start, st.protected_len), st.length)
+        window = self._positions(ls, window_start, st.length, num_kv_heads)
         if not st.protected_len:
             return window
         prompt = torch.arange(min(st.protected_len, st.length), dtype=torch.int64).expand(num_kv_heads, -1)
