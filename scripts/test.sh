@@ -66,12 +66,12 @@ read -r p f s < <(awk '/^python tests:/ { p = $3; f = $5; s = $7 } END { print p
 passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
 
 section "SGLang plugin: real sglang 0.5.23 on CPU (its own cached venv)"
-if scripts/test_sglang.sh 2>&1 | tee "$LOG/sglang.txt"; then :; else status=1; fi
+if scripts/test_engine.sh sglang 2>&1 | tee "$LOG/sglang.txt"; then :; else status=1; fi
 read -r p f s < <(awk '/^sglang tests:/ { p = $3; f = $5; s = $7 } END { print p + 0, (f == "" ? 1 : f), s + 0 }' "$LOG/sglang.txt")
 passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
 
 section "vLLM plugin: real vLLM 0.32.0 on CPU (its own cached venv)"
-if scripts/test_vllm.sh 2>&1 | tee "$LOG/vllm.txt"; then :; else status=1; fi
+if scripts/test_engine.sh vllm 2>&1 | tee "$LOG/vllm.txt"; then :; else status=1; fi
 read -r p f s < <(awk '/^vllm tests:/ { p = $3; f = $5; s = $7 } END { print p + 0, (f == "" ? 1 : f), s + 0 }' "$LOG/vllm.txt")
 passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
 

@@ -1,7 +1,13 @@
 """Shared fixtures: the plugin registered and SGLang's runtime context published once per session
 (as a scheduler process would), with the server arguments the backend requires."""
 
-import pytest
+import sys
+from pathlib import Path
+
+# The dense reference both plugins must match lives in integration/testing/reference.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "testing"))
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

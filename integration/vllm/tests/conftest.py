@@ -4,6 +4,11 @@
 
 import json
 import os
+import sys
+from pathlib import Path
+
+# The dense reference both plugins must match lives in integration/testing/reference.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "testing"))
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 

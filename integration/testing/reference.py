@@ -1,6 +1,7 @@
-"""A dense reference of ForesightKV eviction for one request, independent of SGLang and of the
-plugin's slot plumbing: the full K/V history stays in dense tensors, each (layer, KV head) keeps the
-list of original positions it holds, attention is a dense softmax over those, and at each eviction the
+"""A dense reference of ForesightKV eviction for one request, independent of any engine and of the
+plugins' slot and block plumbing (shared by the SGLang and vLLM plugin tests, which both must match
+it): the full K/V history stays in dense tensors, each (layer, KV head) keeps the list of original
+positions it holds, attention is a dense softmax over those, and at each eviction the
 statistics come from foresightkv's Rust-core ``window_stats`` over a contiguous copy, the victims from
 ``Policy.choose_victims``.
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Tests one engine plugin against the real engine on CPU: `scripts/test_engine.sh sglang` (sglang==0.5.23)
+# or `scripts/test_engine.sh vllm` (vllm==0.32.0). Builds the foresightkv wheel (maturin, release, abi3),
+# ensures the engine's cached venv (scripts/engine_env.sh ENGINE, which also installs integration/ENGINE
+# editable so the engine sees its entry point), installs the wheel there, and runs integration/ENGINE/tests
+# with that venv's pytest.
+#
+# Prints pytest's summary, then one line `ENGINE tests: P passed, F failed, S skipped`.
+# Exit status: 0 when every test passed (skips allowed), non-zero otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ENGINE="${1:-}"
+case "$ENGINE" in
+  sglang) GROUP="sglang.srt.plugins" ;;
+  # the PyPI vllm wheel is a CUDA build: without VLLM_TARGET_DEVICE it picks no platform on a GPU-less machine
+  vllm) GROUP="vllm.general_plugins"; export VLLM_TARGET_DEVICE="${VLLM_TARGET_DEVICE:-cpu}" ;;
+  *) echo "usage: scripts/test_engine.sh sglang|vllm (got '$ENGINE')" >&2; exit 2 ;;
+esac
+eval "$(scripts/setup.sh)"
+CACHE="${FORESIGHTKV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/foresightkv}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+fail() { echo "FAIL: $*"; echo "$ENGINE tests: 0 passed, 1 failed, 0 skipped"; exit 1; }
+
+echo "--- $ENGINE environment"
+PY="$(scripts/engine_env.sh "$ENGINE" 2>"$WORK/env.err")" || { cat "$WORK/env.err"; fail "scripts/engine_env.sh $ENGINE failed"; }
+"$PY" -m pip show --quiet maturin >/dev/null 2>&1 || "$PY" -m pip install --quiet --disable-pip-version-check "maturin>=1.9.4,<2"
+
+echo "--- building the foresightkv wheel (maturin, release, abi3)"
+start=$(date +%s)
+"$PY" -m maturin build --release --quiet -m bindings/python/Cargo.toml -i "$PY" --out "$WORK/wheels" 2>&1 \
+  | grep -v -e '^\s*Compiling' -e '^\s*Finished' || true
+WHEEL="$(ls "$WORK"/wheels/foresightkv-*.whl 2>/dev/null | head -n1 || true)"
+[ -n "$WHEEL" ] || fail "no wheel was built"
+echo "built $(basename "$WHEEL") in $(( $(date +%s) - start )) s"
+
+echo "--- installing foresightkv and foresightkv-$ENGINE into $(dirname "$(dirname "$PY")")"
+"$PY" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$WHEEL"
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps -e "integration/$ENGINE" 2>"$WORK/pip.err" \
+  || { cat "$WORK/pip.err"; fail "installing integration/$ENGINE failed"; }
+"$PY" - "$ENGINE" "$GROUP" <<'PYEOF' || fail "the installed packages do not import"
+import importlib, importlib.metadata, os, sys
+engine, group = sys.argv[1], sys.argv[2]
+import foresightkv, foresightkv.engine
+importlib.import_module(f"foresightkv_{engine}")
+mod = importlib.import_module(engine)
+eps = [e for e in importlib.metadata.entry_points(group=group) if e.name == "foresightkv"]
+assert eps, f"entry point {group}:foresightkv is not installed"
+print(f"foresightkv {foresightkv.__version__} ({os.path.dirname(foresightkv.__file__)}); "
+      f"{engine} {mod.__version__}; plugin {eps[0].value}")
+PYEOF
+
+echo "--- pytest (integration/$ENGINE/tests)"
+status=0
+(cd "integration/$ENGINE" && "$PY" -m pytest -q -rs -p no:cacheprovider tests 2>&1) | tee "$WORK/pytest.txt" || status=$?
+summary="$(tail -n 1 "$WORK/pytest.txt")"
+count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+' || echo 0; }
+passed=$(count passed); failed=$(( $(count failed) + $(count error) )); skipped=$(count skipped)
+[ "$passed" -gt 0 ] || { status=1; failed=$((failed + 1)); }
+[ "$failed" -eq 0 ] || status=1
+echo "$ENGINE tests: $passed passed, $failed failed, $skipped skipped"
+exit $status
