@@ -201,18 +201,25 @@ fn run(config: CacheConfig, seed: u64) {
         step: Mutex::new(()),
     });
     let stop = Arc::new(AtomicBool::new(false));
+    // The workers start only once the checker is running, so on a loaded machine the checker still
+    // overlaps them (otherwise it may not be scheduled before the workers finish).
+    let checker_running = Arc::new(AtomicBool::new(false));
     let checker = {
-        let (sh, stop) = (sh.clone(), stop.clone());
+        let (sh, stop, running) = (sh.clone(), stop.clone(), checker_running.clone());
         std::thread::spawn(move || {
             let mut checks = 0;
             while !stop.load(Ordering::Relaxed) {
                 check_snapshot(&sh.m.snapshot(), bs).unwrap();
                 checks += 1;
+                running.store(true, Ordering::Release);
                 std::thread::yield_now();
             }
             checks
         })
     };
+    while !checker_running.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
             let sh = sh.clone();
