@@ -178,7 +178,10 @@ def test_compact_moves_survivors_with_their_stats():
     for kh in range(hkv):
         surv[0, kh, :6] = torch.tensor(keep[kh])
     table = bt[0].tolist()
-    at = lambda x, p, kh: x[table[p // bs], p % bs, kh].clone()
+
+    def at(x, p, kh):
+        return x[table[p // bs], p % bs, kh].clone()
+
     expect = {(p, kh): (at(kc, src, kh), at(vc, src, kh), at(stats, src, kh))
               for kh in range(hkv) for p, src in zip(range(2, 8), keep[kh])}
     fkv.compact(kc, vc, bt, sl, ls, torch.tensor([2], dtype=torch.int32), surv, stats)
