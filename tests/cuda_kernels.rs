@@ -1,10 +1,10 @@
-//! The CUDA eviction kernels against their CPU references on the same random paged caches. These
-//! run where a GPU is visible and say why they skipped otherwise.
+//! The CUDA eviction kernels against their CPU references on the same random paged caches. The
+//! comparisons are `#[ignore]`d (they need a CUDA GPU) and run by scripts/gpu_check.sh with
+//! `--ignored`; the argument checks run everywhere.
 #![allow(clippy::needless_range_loop)]
 
 mod kernels_support;
 
-use foresightkv::cuda::runtime::gpu_available;
 use foresightkv::cuda::{
     launch_compact, launch_paged_attention_decode, launch_scorer_mlp, launch_select_survivors,
     launch_window_stats, plan_decode, window_stats_workspace_len, CudaError, DeviceArray,
@@ -16,32 +16,10 @@ use foresightkv::kernels::{
 };
 use foresightkv::Element;
 use half::{bf16, f16};
-use kernels_support::{assert_close, eps, shapes, uniform, CacheKind, Scenario, Shape};
-use proptest::test_runner::{Config, TestRunner};
+use kernels_support::{
+    assert_close, eps, require_gpu, runner, shapes, uniform, CacheKind, Scenario, Shape,
+};
 use rand::RngExt;
-
-/// Whether the GPU tests can run; prints why not.
-fn gpu(test: &str) -> bool {
-    if foresightkv::cuda::embedded_fatbin().is_err() {
-        eprintln!(
-            "{test}: skipped: this build has no CUDA kernels (nvcc was not found at build time)"
-        );
-        return false;
-    }
-    if !gpu_available() {
-        eprintln!("{test}: skipped: no CUDA GPU visible (driver missing or no device)");
-        return false;
-    }
-    true
-}
-
-fn runner(cases: u32) -> TestRunner {
-    TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    })
-}
 
 fn up<T: bytemuck::Pod>(data: &[T]) -> DeviceBuffer {
     DeviceBuffer::from_host(0, data).expect("upload")
@@ -150,10 +128,9 @@ fn decode_case<T: Element + bytemuck::Pod>(shape: Shape) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_decode_matches_reference() {
-    if !gpu("cuda_decode_matches_reference") {
-        return;
-    }
+    require_gpu();
     // Long windows exercise the split-KV merge (partitions of at most 512 slots).
     let strat = shapes(vec![64, 128, 256], 1300, 0);
     runner(12)
@@ -216,10 +193,9 @@ fn window_stats_case<T: Element + bytemuck::Pod>(shape: Shape, max_queries: usiz
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_window_stats_matches_reference() {
-    if !gpu("cuda_window_stats_matches_reference") {
-        return;
-    }
+    require_gpu();
     let strat = (shapes(vec![64, 128, 256], 150, 1), 1usize..140);
     runner(12)
         .run(&strat, |(s, mq)| {
@@ -300,10 +276,9 @@ fn scorer_case<T: Element + bytemuck::Pod>(shape: Shape) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_scorer_matches_reference() {
-    if !gpu("cuda_scorer_matches_reference") {
-        return;
-    }
+    require_gpu();
     runner(12)
         .run(&shapes(vec![64, 128, 256], 200, 0), |s| {
             scorer_case::<f32>(s.clone());
@@ -314,10 +289,9 @@ fn cuda_scorer_matches_reference() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_select_matches_reference() {
-    if !gpu("cuda_select_matches_reference") {
-        return;
-    }
+    require_gpu();
     let strat = (
         shapes(vec![64], 900, 0),
         0usize..40,
@@ -482,10 +456,9 @@ fn compact_case<T: Element + bytemuck::Pod>(shape: Shape, with_stats: bool) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_compact_matches_reference() {
-    if !gpu("cuda_compact_matches_reference") {
-        return;
-    }
+    require_gpu();
     runner(16)
         .run(
             &(shapes(vec![64, 128, 256], 600, 0), proptest::bool::ANY),

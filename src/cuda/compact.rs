@@ -6,12 +6,14 @@ use super::paged::{
 };
 use super::{CudaError, Runtime};
 use crate::kernels::compact::validate_num_evict;
-use crate::kernels::scorer::validate_slot_matrix;
+use crate::kernels::scorer_mlp::validate_slot_matrix;
 use crate::kernels::{KernelError, PagedKvLayout, StatsLayout};
 use crate::DType;
 
-/// Floats one block stages per chunk (CP_STAGE in csrc/compact.cu).
-const STAGE_FLOATS: usize = 8192;
+use super::params::{FKV_COMPACT_STAGE, FKV_COMPACT_THREADS};
+
+/// Floats one block stages per chunk.
+const STAGE_FLOATS: usize = FKV_COMPACT_STAGE as usize;
 
 /// Enqueues `compact` on `stream` of device `ordinal`: same contract as
 /// [`crate::kernels::compact()`] (`stats` optional). Survivor lists are bounds-checked on the device
@@ -71,15 +73,7 @@ pub unsafe fn launch_compact(
         return Ok(());
     }
     survivors.non_null("survivors")?;
-    num_evict.non_null("num_evict")?;
-    if num_evict.len < n {
-        return Err(KernelError::BufferTooSmall {
-            name: "num_evict",
-            have: num_evict.len,
-            need: n,
-        }
-        .into());
-    }
+    num_evict.holding("num_evict", n)?;
     let p = super::params::fkv_compact_params {
         kv: raw_cache(kv, &cache, dtype),
         win: windows.raw(),
@@ -91,7 +85,7 @@ pub unsafe fn launch_compact(
     let rt = Runtime::get(ordinal)?;
     let cfg = Launch {
         grid: (kv.num_kv_heads as u32, grid_dim("num_seqs", n)?, 1),
-        threads: 256,
+        threads: FKV_COMPACT_THREADS,
         shared: 0,
     };
     launch_kernel(&rt, stream, "fkv_compact", cfg, &p)

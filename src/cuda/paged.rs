@@ -2,7 +2,7 @@
 //! select_survivors, compact): raw device pointers with the lengths the caller vouches for, the
 //! host mirrors of the window lengths used for validation, and the one launch helper.
 
-use super::params::{fkv_live_windows, fkv_paged_kv, fkv_stats_buf};
+use super::params::{fkv_live_windows, fkv_paged_kv, fkv_stats_buf, FKV_MAX_GRID_YZ};
 use super::{CudaError, Runtime};
 use crate::kernels::paged::{validate_starts, validate_window_lengths};
 use crate::kernels::{KernelError, PagedKvLayout, StatsLayout};
@@ -30,6 +30,19 @@ impl DeviceArray {
         } else {
             Ok(self.ptr)
         }
+    }
+
+    /// Fails with `NullPointer` when the address is 0, `BufferTooSmall` when it holds fewer than
+    /// `need` elements.
+    pub fn holding(&self, name: &'static str, need: usize) -> Result<u64, KernelError> {
+        if self.len < need {
+            return Err(KernelError::BufferTooSmall {
+                name,
+                have: self.len,
+                need,
+            });
+        }
+        self.non_null(name)
     }
 }
 
@@ -68,12 +81,7 @@ impl DeviceWindows<'_> {
 
     /// Longest live window (from the host mirrors).
     pub fn max_live(&self) -> usize {
-        self.seq_lens_host
-            .iter()
-            .zip(self.live_starts_host)
-            .map(|(l, s)| (l - s).max(0) as usize)
-            .max()
-            .unwrap_or(0)
+        crate::kernels::paged::max_live(self.seq_lens_host, self.live_starts_host)
     }
 
     /// Validates lengths (host mirrors) and pointers; block ids are bounds-checked on the device.
@@ -101,7 +109,7 @@ impl DeviceWindows<'_> {
                 return Err(KernelError::NullPointer("live_starts"));
             }
         }
-        if n > 65_535 {
+        if n > FKV_MAX_GRID_YZ as usize {
             return Err(KernelError::InvalidSize {
                 name: "num_seqs",
                 value: n as i64,
@@ -129,7 +137,7 @@ pub(crate) fn validate_cache(kv: &PagedKvLayout, cache: &DeviceCache) -> Result<
     kv.validate_cuda_head_dim()?;
     cache.key.non_null("key_cache")?;
     cache.value.non_null("value_cache")?;
-    if kv.num_kv_heads > 65_535 {
+    if kv.num_kv_heads > FKV_MAX_GRID_YZ as i64 {
         return Err(KernelError::InvalidSize {
             name: "num_kv_heads",
             value: kv.num_kv_heads,
@@ -241,7 +249,7 @@ pub(crate) unsafe fn launch_kernel<P>(
 
 /// Converts a grid dimension, failing on overflow.
 pub(crate) fn grid_dim(name: &'static str, v: usize) -> Result<u32, KernelError> {
-    if v > 65_535 {
+    if v > FKV_MAX_GRID_YZ as usize {
         return Err(KernelError::InvalidSize {
             name,
             value: v as i64,

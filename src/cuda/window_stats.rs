@@ -6,13 +6,15 @@ use super::paged::{
     DeviceWindows, Launch,
 };
 use super::{CudaError, Runtime};
-use crate::kernels::{KernelError, PagedKvLayout, StatsLayout, WindowStatsArgs};
+use crate::kernels::{PagedKvLayout, StatsLayout, WindowStatsArgs};
 use crate::DType;
 
-/// Live slots per tile of the window_stats kernels (WS_TILE).
-const TILE: usize = 32;
-/// Threads per block of the tile kernels.
-const THREADS: u32 = 128;
+use super::params::{
+    FKV_WINDOW_STATS_LSE_THREADS, FKV_WINDOW_STATS_THREADS, FKV_WINDOW_STATS_TILE,
+};
+
+/// Live slots per tile of the window_stats kernels.
+const TILE: usize = FKV_WINDOW_STATS_TILE as usize;
 
 /// f32 workspace elements a window_stats call needs:
 /// `num_seqs * num_q_heads * max_queries * (2 * ceil(max_live / 32) + 1)`.
@@ -70,16 +72,8 @@ pub unsafe fn launch_window_stats(
         return Ok(());
     }
     queries.non_null("queries")?;
-    num_queries.non_null("num_queries")?;
+    num_queries.holding("num_queries", n)?;
     stats.non_null("stats")?;
-    if num_queries.len < n {
-        return Err(KernelError::BufferTooSmall {
-            name: "num_queries",
-            have: num_queries.len,
-            need: n,
-        }
-        .into());
-    }
     let max_live = windows.max_live();
     let need = window_stats_workspace_len(
         n,
@@ -87,15 +81,7 @@ pub unsafe fn launch_window_stats(
         args.max_queries as usize,
         max_live,
     );
-    workspace.non_null("workspace")?;
-    if workspace.len < need {
-        return Err(KernelError::BufferTooSmall {
-            name: "workspace",
-            have: workspace.len,
-            need,
-        }
-        .into());
-    }
+    workspace.holding("workspace", need)?;
     let tiles = max_live.div_ceil(TILE).max(1);
     let p = super::params::fkv_window_stats_params {
         kv: raw_cache(kv, &cache, dtype),
@@ -120,13 +106,13 @@ pub unsafe fn launch_window_stats(
     let rt = Runtime::get(ordinal)?;
     let tile_launch = Launch {
         grid,
-        threads: THREADS,
+        threads: FKV_WINDOW_STATS_THREADS,
         shared: 0,
     };
     launch_kernel(&rt, stream, "fkv_window_stats_partial", tile_launch, &p)?;
     let lse = Launch {
         grid: (n as u32, 1, 1),
-        threads: 256,
+        threads: FKV_WINDOW_STATS_LSE_THREADS,
         shared: 0,
     };
     launch_kernel(&rt, stream, "fkv_window_stats_lse", lse, &p)?;

@@ -2,16 +2,24 @@
 //! place: the K/V cache, the per-sequence live windows (block tables), and the statistics buffer.
 
 use super::KernelError;
+use crate::cuda::params;
 use serde::{Deserialize, Serialize};
 
 /// Largest number of elements any single tensor may have (2^40): rejects absurd sizes early.
 pub(crate) const MAX_ELEMS: i64 = 1 << 40;
 
-/// Number of ForesightKV statistics kept per (live entry, query head).
-pub const NUM_STATS: usize = 8;
+/// Number of ForesightKV statistics kept per (live entry, query head) (`FKV_NUM_STATS`).
+pub const NUM_STATS: usize = params::FKV_NUM_STATS as usize;
 
-/// Hidden width of the scorer MLP.
-pub const SCORER_HIDDEN: usize = 16;
+/// Hidden width of the scorer MLP (`FKV_SCORER_HIDDEN`).
+pub const SCORER_HIDDEN: usize = params::FKV_SCORER_HIDDEN as usize;
+
+/// Head dims the CUDA attention and eviction kernels are built for (`FKV_HEAD_DIM_*`).
+pub const CUDA_HEAD_DIMS: [i64; 3] = [
+    params::FKV_HEAD_DIM_SMALL as i64,
+    params::FKV_HEAD_DIM_MEDIUM as i64,
+    params::FKV_HEAD_DIM_LARGE as i64,
+];
 
 /// Shape and element strides of a paged K/V cache pair (head_dim contiguous).
 ///
@@ -145,9 +153,9 @@ impl PagedKvLayout {
         fits("value_cache", value_len, self.extent(&self.value_strides))
     }
 
-    /// Checks the head dim is one the CUDA kernels are built for (64, 128, 256).
+    /// Checks the head dim is one the CUDA kernels are built for ([`CUDA_HEAD_DIMS`]).
     pub fn validate_cuda_head_dim(&self) -> Result<(), KernelError> {
-        if matches!(self.head_dim, 64 | 128 | 256) {
+        if CUDA_HEAD_DIMS.contains(&self.head_dim) {
             Ok(())
         } else {
             Err(KernelError::InvalidSize {
@@ -190,10 +198,7 @@ impl LiveWindows<'_> {
 
     /// Longest live window of the batch.
     pub fn max_live(&self) -> usize {
-        (0..self.num_seqs())
-            .map(|s| self.live_len(s))
-            .max()
-            .unwrap_or(0)
+        max_live(self.seq_lens, self.live_starts)
     }
 
     /// (block id, offset in block) of live slot `i` of sequence `s` (validated windows only).
@@ -237,6 +242,17 @@ impl LiveWindows<'_> {
         }
         Ok(())
     }
+}
+
+/// Longest live window `seq_lens[s] - live_starts[s]` of a batch (0 for none; a negative one
+/// counts as 0).
+pub fn max_live(seq_lens: &[i32], live_starts: &[i32]) -> usize {
+    seq_lens
+        .iter()
+        .zip(live_starts)
+        .map(|(l, s)| (l - s).max(0) as usize)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Length checks shared by the CPU references and the CUDA launchers (which pass host mirrors of

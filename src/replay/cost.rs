@@ -3,7 +3,7 @@
 //! overhead. Its efficiency constants can be replaced by measured timings from `bench-kernels` JSON.
 
 use super::error::ReplayError;
-use super::policy::Policy;
+use super::policy_cost::Policy;
 use super::preset::{GpuPreset, ModelPreset};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -385,8 +385,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn reads_what_bench_kernels_writes() {
-        use crate::bench_kernels::{BenchKernelsReport, DecodeRow, EvictRow};
+        use crate::cli::bench_kernels::{BenchKernelsReport, DecodeRow, EvictRow};
         let report = BenchKernelsReport {
             device: "NVIDIA H200".into(),
             unix_time: 0,

@@ -8,12 +8,7 @@ use super::{CudaError, Runtime};
 use crate::kernels::{DecodeArgs, KernelError, PagedKvLayout};
 use crate::DType;
 
-/// Threads per block of the decode kernel (csrc/paged_attention_decode.cu).
-const DECODE_THREADS: u32 = 128;
-/// Query heads the P.V phase accumulates together (DEC_GCHUNK in the kernel).
-const DECODE_GCHUNK: i64 = 8;
-/// Dynamic shared memory the decode kernel may use without opting in to more.
-const SHARED_LIMIT: i64 = 48 * 1024;
+use super::params::{FKV_DECODE_GCHUNK, FKV_DECODE_SHARED_LIMIT, FKV_DECODE_THREADS};
 
 /// How a decode call is split: live slots per partition, partitions, and workspace it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,10 +35,10 @@ pub fn plan_decode(
 ) -> Result<DecodePlan, KernelError> {
     let g = crate::kernels::paged::group_size(num_q_heads, kv.num_kv_heads)?;
     let hd = kv.head_dim;
-    let bytes = |p: i64| 4 * (g * hd + g * p + 2 * g + DECODE_GCHUNK * hd);
+    let bytes = |p: i64| 4 * (g * hd + g * p + 2 * g + FKV_DECODE_GCHUNK as i64 * hd);
     let partition_size = [512i64, 256, 128, 64, 32]
         .into_iter()
-        .find(|&p| bytes(p) <= SHARED_LIMIT)
+        .find(|&p| bytes(p) <= FKV_DECODE_SHARED_LIMIT as i64)
         .ok_or_else(|| KernelError::InvalidArgument {
             name: "num_q_heads",
             why: format!("a GQA group of {g} heads of dim {hd} does not fit the decode kernel's shared memory"),
@@ -97,15 +92,7 @@ pub unsafe fn launch_paged_attention_decode(
     query.non_null("query")?;
     out.non_null("out")?;
     if plan.workspace_len > 0 {
-        workspace.non_null("workspace")?;
-        if workspace.len < plan.workspace_len {
-            return Err(KernelError::BufferTooSmall {
-                name: "workspace",
-                have: workspace.len,
-                need: plan.workspace_len,
-            }
-            .into());
-        }
+        workspace.holding("workspace", plan.workspace_len)?;
     }
     let grid = (
         kv.num_kv_heads as u32,
@@ -130,7 +117,7 @@ pub unsafe fn launch_paged_attention_decode(
     };
     let cfg = Launch {
         grid,
-        threads: DECODE_THREADS,
+        threads: FKV_DECODE_THREADS,
         shared: plan.shared_bytes,
     };
     launch_kernel(&rt, stream, "fkv_paged_attention_decode", cfg, &p)?;

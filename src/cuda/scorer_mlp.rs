@@ -5,12 +5,11 @@ use super::paged::{
     DeviceWindows, Launch,
 };
 use super::{CudaError, Runtime};
-use crate::kernels::scorer::{scorer_in_dim, validate_scorer_lens, validate_slot_matrix};
+use crate::kernels::scorer_mlp::{scorer_in_dim, validate_scorer_lens, validate_slot_matrix};
 use crate::kernels::{PagedKvLayout, StatsLayout};
 use crate::DType;
 
-/// Live slots per block of the scorer kernel (SC_CHUNK).
-const CHUNK: usize = 32;
+use super::params::{FKV_SCORER_CHUNK, FKV_SCORER_THREADS};
 
 /// One layer's scorer weights on the device (f32, layouts of [`crate::kernels::ScorerWeights`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +66,7 @@ pub unsafe fn launch_scorer_mlp(
         kv.num_kv_heads,
         scores.len,
     )?;
-    let chunks = windows.max_live().div_ceil(CHUNK);
+    let chunks = windows.max_live().div_ceil(FKV_SCORER_CHUNK as usize);
     if n == 0 || chunks == 0 {
         return Ok(());
     }
@@ -100,7 +99,7 @@ pub unsafe fn launch_scorer_mlp(
             grid_dim("num_seqs", n)?,
             grid_dim("slot chunks", chunks)?,
         ),
-        threads: 128,
+        threads: FKV_SCORER_THREADS,
         shared: 0,
     };
     launch_kernel(&rt, stream, "fkv_scorer_mlp", cfg, &p)
