@@ -8,7 +8,7 @@ mod kernels_support;
 use foresightkv::cuda::{
     launch_compact, launch_paged_attention_decode, launch_scorer_mlp, launch_select_survivors,
     launch_window_stats, plan_decode, window_stats_workspace_len, CudaError, DeviceArray,
-    DeviceBuffer, DeviceCache, DeviceScorerWeights, DeviceWindows,
+    DeviceBuffer, DeviceCache, DeviceScorerWeights, DeviceWindows, PagedLaunch,
 };
 use foresightkv::kernels::{
     compact, paged_attention_decode, scorer_mlp, select_survivors, window_stats, DecodeArgs,
@@ -20,6 +20,23 @@ use kernels_support::{
     assert_close, eps, require_gpu, runner, shapes, uniform, CacheKind, Scenario, Shape,
 };
 use rand::RngExt;
+
+/// A launch on device 0, legacy default stream.
+fn on_device_0<'a>(
+    dtype: foresightkv::DType,
+    kv: &'a foresightkv::kernels::PagedKvLayout,
+    cache: DeviceCache,
+    windows: &'a DeviceWindows<'a>,
+) -> PagedLaunch<'a> {
+    PagedLaunch {
+        ordinal: 0,
+        stream: 0,
+        dtype,
+        kv,
+        cache,
+        windows,
+    }
+}
 
 fn up<T: bytemuck::Pod>(data: &[T]) -> DeviceBuffer {
     DeviceBuffer::from_host(0, data).expect("upload")
@@ -103,12 +120,7 @@ fn decode_case<T: Element + bytemuck::Pod>(shape: Shape) {
     let ws = DeviceBuffer::zeros(0, plan.workspace_len.max(1) * 4).unwrap();
     unsafe {
         launch_paged_attention_decode(
-            0,
-            0,
-            T::DTYPE,
-            &sc.kv,
-            dev.cache(&sc),
-            &dev.windows(&sc),
+            &on_device_0(T::DTYPE, &sc.kv, dev.cache(&sc), &dev.windows(&sc)),
             &args,
             arr(&q, query.len()),
             arr(&out, want.len()),
@@ -172,12 +184,7 @@ fn window_stats_case<T: Element + bytemuck::Pod>(shape: Shape, max_queries: usiz
     let ws = DeviceBuffer::zeros(0, wl * 4).unwrap();
     unsafe {
         launch_window_stats(
-            0,
-            0,
-            T::DTYPE,
-            &sc.kv,
-            dev.cache(&sc),
-            &dev.windows(&sc),
+            &on_device_0(T::DTYPE, &sc.kv, dev.cache(&sc), &dev.windows(&sc)),
             &args,
             arr(&q, queries.len()),
             arr(&nq, n),
@@ -257,12 +264,7 @@ fn scorer_case<T: Element + bytemuck::Pod>(shape: Shape) {
     };
     unsafe {
         launch_scorer_mlp(
-            0,
-            0,
-            T::DTYPE,
-            &sc.kv,
-            dev.cache(&sc),
-            &dev.windows(&sc),
+            &on_device_0(T::DTYPE, &sc.kv, dev.cache(&sc), &dev.windows(&sc)),
             &layout,
             arr(&st, stats.len()),
             dweights,
@@ -386,12 +388,7 @@ fn compact_case<T: Element + bytemuck::Pod>(shape: Shape, with_stats: bool) {
     let cache = dev.cache(&sc);
     unsafe {
         launch_compact(
-            0,
-            0,
-            T::DTYPE,
-            &sc.kv,
-            cache,
-            &dev.windows(&sc),
+            &on_device_0(T::DTYPE, &sc.kv, cache, &dev.windows(&sc)),
             max_live as i64,
             arr(&de, n),
             &num_evict,
@@ -511,12 +508,7 @@ fn launchers_reject_bad_arguments_before_launch() {
     let args = DecodeArgs::contiguous(4, 64);
     let dec = |cache: DeviceCache, w: &DeviceWindows<'_>, q: DeviceArray, ws: DeviceArray| unsafe {
         launch_paged_attention_decode(
-            0,
-            0,
-            foresightkv::DType::F32,
-            &sc.kv,
-            cache,
-            w,
+            &on_device_0(foresightkv::DType::F32, &sc.kv, cache, w),
             &args,
             q,
             fake(2 * 4 * 64),
@@ -571,12 +563,7 @@ fn launchers_reject_bad_arguments_before_launch() {
     };
     let r = unsafe {
         launch_paged_attention_decode(
-            0,
-            0,
-            foresightkv::DType::F32,
-            &odd,
-            big,
-            &windows,
+            &on_device_0(foresightkv::DType::F32, &odd, big, &windows),
             &DecodeArgs::contiguous(4, 96),
             fake(768),
             fake(768),
@@ -620,12 +607,7 @@ fn launchers_reject_bad_arguments_before_launch() {
     assert!(matches!(kerr(r), KernelError::NullPointer("num_evict")));
     let r = unsafe {
         launch_compact(
-            0,
-            0,
-            foresightkv::DType::F32,
-            &sc.kv,
-            cache,
-            &windows,
+            &on_device_0(foresightkv::DType::F32, &sc.kv, cache, &windows),
             20,
             fake(2),
             &[8, 0],
@@ -645,12 +627,7 @@ fn launchers_reject_bad_arguments_before_launch() {
     let stats_len = layout.strides[0] as usize * layout.num_blocks as usize;
     let r = unsafe {
         launch_window_stats(
-            0,
-            0,
-            foresightkv::DType::F32,
-            &sc.kv,
-            cache,
-            &windows,
+            &on_device_0(foresightkv::DType::F32, &sc.kv, cache, &windows),
             &wargs,
             fake(2 * 8 * 4 * 64),
             fake(2),

@@ -25,7 +25,7 @@ pub use fatbin::{embedded_fatbin, FatbinEntry, FatbinKind};
 pub use runtime::{DeviceInfo, Runtime};
 
 pub use compact::launch_compact;
-pub use paged::{DeviceArray, DeviceCache, DeviceWindows};
+pub use paged::{DeviceArray, DeviceCache, DeviceWindows, PagedLaunch};
 pub use paged_attention_decode::{launch_paged_attention_decode, plan_decode, DecodePlan};
 pub use sample_survivors::{launch_sample_survivors, DeviceSample};
 pub use scorer_mlp::{launch_scorer_mlp, DeviceScorerWeights};

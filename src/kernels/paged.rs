@@ -43,13 +43,19 @@ pub struct PagedKvLayout {
 }
 
 impl PagedKvLayout {
-    /// A separate `[num_blocks, block_size, kv_heads, head_dim]` key tensor and value tensor.
-    pub fn contiguous(num_blocks: i64, block_size: i64, num_kv_heads: i64, head_dim: i64) -> Self {
-        let s = [
-            block_size * num_kv_heads * head_dim,
-            num_kv_heads * head_dim,
-            head_dim,
-        ];
+    /// Keys and values with the same (block, token, head) strides: a row of `row` elements per
+    /// (block, token, head), `head_major` putting the head axis before the token axis.
+    fn same_strides(
+        (num_blocks, block_size, num_kv_heads, head_dim): (i64, i64, i64, i64),
+        row: i64,
+        head_major: bool,
+    ) -> Self {
+        let block = block_size * num_kv_heads * row;
+        let s = if head_major {
+            [block, row, block_size * row]
+        } else {
+            [block, num_kv_heads * row, row]
+        };
         Self {
             num_blocks,
             block_size,
@@ -60,22 +66,17 @@ impl PagedKvLayout {
         }
     }
 
+    /// A separate `[num_blocks, block_size, kv_heads, head_dim]` key tensor and value tensor.
+    pub fn contiguous(num_blocks: i64, block_size: i64, num_kv_heads: i64, head_dim: i64) -> Self {
+        let dims = (num_blocks, block_size, num_kv_heads, head_dim);
+        Self::same_strides(dims, head_dim, false)
+    }
+
     /// Separate `[num_blocks, kv_heads, block_size, head_dim]` tensors (vLLM's "HND" layout: the
     /// two halves of its `(2, num_blocks, ...)` cache with stride order `(0, 1, 3, 2, 4)`).
     pub fn head_major(num_blocks: i64, block_size: i64, num_kv_heads: i64, head_dim: i64) -> Self {
-        let s = [
-            num_kv_heads * block_size * head_dim,
-            head_dim,
-            block_size * head_dim,
-        ];
-        Self {
-            num_blocks,
-            block_size,
-            num_kv_heads,
-            head_dim,
-            key_strides: s,
-            value_strides: s,
-        }
+        let dims = (num_blocks, block_size, num_kv_heads, head_dim);
+        Self::same_strides(dims, head_dim, true)
     }
 
     /// One `[num_blocks, block_size, kv_heads, 2 * head_dim]` tensor, K then V in the last axis;
@@ -86,19 +87,8 @@ impl PagedKvLayout {
         num_kv_heads: i64,
         head_dim: i64,
     ) -> Self {
-        let s = [
-            block_size * num_kv_heads * 2 * head_dim,
-            num_kv_heads * 2 * head_dim,
-            2 * head_dim,
-        ];
-        Self {
-            num_blocks,
-            block_size,
-            num_kv_heads,
-            head_dim,
-            key_strides: s,
-            value_strides: s,
-        }
+        let dims = (num_blocks, block_size, num_kv_heads, head_dim);
+        Self::same_strides(dims, 2 * head_dim, false)
     }
 
     /// One `[num_blocks, kv_heads, block_size, 2 * head_dim]` tensor, K then V in the last axis;
@@ -109,19 +99,8 @@ impl PagedKvLayout {
         num_kv_heads: i64,
         head_dim: i64,
     ) -> Self {
-        let s = [
-            num_kv_heads * block_size * 2 * head_dim,
-            2 * head_dim,
-            block_size * 2 * head_dim,
-        ];
-        Self {
-            num_blocks,
-            block_size,
-            num_kv_heads,
-            head_dim,
-            key_strides: s,
-            value_strides: s,
-        }
+        let dims = (num_blocks, block_size, num_kv_heads, head_dim);
+        Self::same_strides(dims, 2 * head_dim, true)
     }
 
     /// Elements between the key view and the value view of a fused layout (head_dim).

@@ -1,7 +1,7 @@
 //! `compact`: per (sequence, KV head), the survivors' K, V and statistics rows moved to the tail of
 //! the live window, in place.
 
-use super::{with_elem, Buf, Cache, OpError, Place, Windows};
+use super::{paged, with_elem, Buf, Cache, OpError, Place, Windows};
 use crate::cuda::launch_compact;
 use crate::kernels::{self, KvCacheMut, PagedKvLayout, StatsLayout};
 use crate::DType;
@@ -62,12 +62,7 @@ pub unsafe fn compact(
             })
         }
         Place::Cuda { ordinal, stream } => Ok(launch_compact(
-            ordinal,
-            stream,
-            dtype,
-            kv,
-            cache.device(),
-            &windows.on_device(),
+            &paged((ordinal, stream), dtype, kv, cache, &windows.on_device()),
             max_live,
             num_evict.device(),
             num_evict_host,

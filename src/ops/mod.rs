@@ -18,7 +18,7 @@ pub mod scorer_mlp;
 pub mod select_survivors;
 pub mod window_stats;
 
-use crate::cuda::{CudaError, DeviceArray, DeviceCache, DeviceWindows};
+use crate::cuda::{CudaError, DeviceArray, DeviceCache, DeviceWindows, PagedLaunch};
 use crate::kernels::{KernelError, LiveWindows};
 use thiserror::Error;
 
@@ -160,7 +160,7 @@ impl<'a> Windows<'a> {
     }
 
     /// The windows as the CUDA launchers take them.
-    fn on_device(&self) -> DeviceWindows<'a> {
+    pub(crate) fn on_device(&self) -> DeviceWindows<'a> {
         DeviceWindows {
             block_tables: self.block_tables.addr,
             seq_lens: self.seq_lens.addr,
@@ -169,6 +169,24 @@ impl<'a> Windows<'a> {
             seq_lens_host: self.seq_lens_host,
             live_starts_host: self.live_starts_host,
         }
+    }
+}
+
+/// The device call of a paged-cache op on CUDA device `ordinal`, stream `stream`.
+fn paged<'a>(
+    (ordinal, stream): (usize, u64),
+    dtype: crate::DType,
+    kv: &'a crate::kernels::PagedKvLayout,
+    cache: Cache,
+    windows: &'a DeviceWindows<'a>,
+) -> PagedLaunch<'a> {
+    PagedLaunch {
+        ordinal,
+        stream,
+        dtype,
+        kv,
+        cache: cache.device(),
+        windows,
     }
 }
 

@@ -1,6 +1,6 @@
 //! `paged_attention_decode`: each sequence's query (all heads) over its live window of the cache.
 
-use super::{with_elem, Buf, Cache, OpError, Place, Windows};
+use super::{paged, with_elem, Buf, Cache, OpError, Place, Windows};
 use crate::cuda::{launch_paged_attention_decode, plan_decode};
 use crate::kernels::{self, DecodeArgs, PagedKvLayout};
 use crate::DType;
@@ -54,12 +54,7 @@ pub unsafe fn paged_attention_decode(
         )?)),
         Place::Cuda { ordinal, stream } => {
             launch_paged_attention_decode(
-                ordinal,
-                stream,
-                dtype,
-                kv,
-                cache.device(),
-                &windows.on_device(),
+                &paged((ordinal, stream), dtype, kv, cache, &windows.on_device()),
                 args,
                 query.device(),
                 out.device(),

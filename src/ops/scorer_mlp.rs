@@ -1,7 +1,7 @@
 //! `scorer_mlp`: the per-KV-head MLP `concat(k, v, stats) -> Linear(16) -> GELU -> Linear(1)` over
 //! every live entry.
 
-use super::{with_elem, Buf, Cache, OpError, Place, Windows};
+use super::{paged, with_elem, Buf, Cache, OpError, Place, Windows};
 use crate::cuda::{launch_scorer_mlp, DeviceScorerWeights};
 use crate::kernels::{self, PagedKvLayout, ScorerWeights, StatsLayout};
 use crate::DType;
@@ -65,12 +65,7 @@ pub unsafe fn scorer_mlp(
                 b2: weights.b2.device(),
             };
             Ok(launch_scorer_mlp(
-                ordinal,
-                stream,
-                dtype,
-                kv,
-                cache.device(),
-                &windows.on_device(),
+                &paged((ordinal, stream), dtype, kv, cache, &windows.on_device()),
                 stats_layout,
                 stats.device(),
                 w,

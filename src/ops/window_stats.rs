@@ -1,8 +1,8 @@
 //! `window_stats`: the 8 ForesightKV statistics of every live entry from the queries since the
 //! last eviction.
 
-use super::{with_elem, Buf, OpError, Place, Windows};
-use crate::cuda::{launch_window_stats, window_stats_workspace_len, DeviceCache};
+use super::{paged, with_elem, Buf, Cache, OpError, Place, Windows};
+use crate::cuda::{launch_window_stats, window_stats_workspace_len};
 use crate::kernels::{self, PagedKvLayout, StatsLayout, WindowStatsArgs};
 use crate::DType;
 
@@ -52,14 +52,12 @@ pub unsafe fn window_stats(
             stats.host_mut(),
         )?)),
         Place::Cuda { ordinal, stream } => {
-            let key = key_cache.device();
+            let cache = Cache {
+                key: key_cache,
+                value: key_cache,
+            };
             Ok(launch_window_stats(
-                ordinal,
-                stream,
-                dtype,
-                kv,
-                DeviceCache { key, value: key },
-                &windows.on_device(),
+                &paged((ordinal, stream), dtype, kv, cache, &windows.on_device()),
                 args,
                 queries.device(),
                 num_queries.device(),
