@@ -1,7 +1,7 @@
 //! `foresightkv bench-kernels`: GPU benchmark of paged decode attention (time and achieved K/V
 //! bandwidth against the device's copy bandwidth measured in the same run) and of the eviction
-//! step (window_stats + scorer_mlp + select_survivors + compact) as a fraction of the decode time
-//! it amortises over. Prints a table and JSON. Needs a GPU: without one it returns
+//! step (window_stats + scorer_mlp + sample_survivors + compact; select_survivors timed beside
+//! it) as a fraction of the decode time it amortises over. Prints a table and JSON. Needs a GPU: without one it returns
 //! [`BenchKernelsError::NoGpu`].
 
 use crate::cuda::CudaError;
@@ -134,11 +134,13 @@ pub struct EvictRow {
     pub window_stats_us: f64,
     /// scorer_mlp time, microseconds.
     pub scorer_us: f64,
-    /// select_survivors time, microseconds.
+    /// select_survivors time (deterministic top-L), microseconds.
     pub select_us: f64,
+    /// sample_survivors time (ForesightKV's sampled victims, the default), microseconds.
+    pub sample_us: f64,
     /// compact time, microseconds.
     pub compact_us: f64,
-    /// Sum of the four.
+    /// The default eviction step: window_stats + scorer + sample_survivors + compact.
     pub total_us: f64,
     /// One decode step at live B + L/2, microseconds.
     pub decode_step_us: f64,
@@ -260,13 +262,14 @@ fn print_table(r: &BenchKernelsReport) {
         }
     }
     println!(
-        "{:>6} {:>6} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9}",
+        "{:>6} {:>6} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9}",
         "batch",
         "B",
         "L",
         "stats us",
         "scorer us",
         "select us",
+        "sample us",
         "compact us",
         "total us",
         "decode us/st",
@@ -274,13 +277,14 @@ fn print_table(r: &BenchKernelsReport) {
     );
     for e in &r.evict {
         println!(
-            "{:>6} {:>6} {:>5} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>8.2}%",
+            "{:>6} {:>6} {:>5} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>8.2}%",
             e.batch,
             e.budget,
             e.interval,
             e.window_stats_us,
             e.scorer_us,
             e.select_us,
+            e.sample_us,
             e.compact_us,
             e.total_us,
             e.decode_step_us,
@@ -294,7 +298,7 @@ mod imp {
     use super::{BenchKernelsArgs, BenchKernelsError, BenchKernelsReport, DecodeRow, EvictRow};
     use crate::cuda::{CudaError, DeviceBuffer, Runtime};
     use crate::kernels::{
-        DecodeArgs, PagedKvLayout, SelectArgs, StatsLayout, WindowStatsArgs, NUM_STATS,
+        DecodeArgs, PagedKvLayout, SampleArgs, SelectArgs, StatsLayout, WindowStatsArgs, NUM_STATS,
         SCORER_HIDDEN,
     };
     use crate::ops::{self, scorer_mlp::ScorerBufs, Buf, Cache, OpError, Place, Windows};
@@ -457,13 +461,14 @@ mod imp {
         Ok(2.0 * bytes as f64 / t / 1e9)
     }
 
-    /// Times the four eviction kernels for `batch` sequences at budget `budget`; microseconds each.
+    /// Times the eviction kernels (window_stats, scorer_mlp, select_survivors, sample_survivors,
+    /// compact) for `batch` sequences at budget `budget`; microseconds each.
     fn evict_times(
         a: &BenchKernelsArgs,
         rt: &Runtime,
         batch: usize,
         budget: usize,
-    ) -> Result<[f64; 4], OpError> {
+    ) -> Result<[f64; 5], OpError> {
         let (dev, bs, hd, l) = (a.device, a.block_size, a.head_dim, a.interval);
         let at = Place::Cuda {
             ordinal: dev,
@@ -556,6 +561,26 @@ mod imp {
                 survivors_buf,
             )
         })?;
+        let keys = DeviceBuffer::zeros(dev, batch * 4)?;
+        let sample = SampleArgs {
+            select: sel,
+            layer: 0,
+            seed: 0,
+            temperature: 1.0,
+        };
+        let t_sample = time_it(rt, a.iters, || unsafe {
+            ops::sample_survivors::sample_survivors(
+                at,
+                &w,
+                &sample,
+                scores_buf,
+                evict_buf,
+                &evict_host,
+                Buf::new(keys.ptr(), batch),
+                Buf::new(keys.ptr(), batch),
+                survivors_buf,
+            )
+        })?;
         let t_compact = time_it(rt, a.iters, || unsafe {
             ops::compact::compact(
                 at,
@@ -570,7 +595,13 @@ mod imp {
                 Some((&sl, st)),
             )
         })?;
-        Ok([us(t_stats), us(t_scorer), us(t_select), us(t_compact)])
+        Ok([
+            us(t_stats),
+            us(t_scorer),
+            us(t_select),
+            us(t_sample),
+            us(t_compact),
+        ])
     }
 
     /// Runs every measurement.
@@ -625,7 +656,7 @@ mod imp {
                 let t = evict_times(a, &rt, batch, budget)?;
                 let mid = (budget + a.interval / 2).div_ceil(a.block_size) * a.block_size;
                 let (dt, _) = decode_time(a, &rt, batch, mid)?;
-                let total_us: f64 = t.iter().sum();
+                let total_us = t[0] + t[1] + t[3] + t[4];
                 evict.push(EvictRow {
                     batch,
                     budget,
@@ -633,7 +664,8 @@ mod imp {
                     window_stats_us: t[0],
                     scorer_us: t[1],
                     select_us: t[2],
-                    compact_us: t[3],
+                    sample_us: t[3],
+                    compact_us: t[4],
                     total_us,
                     decode_step_us: dt * 1e6,
                     fraction_of_decode: total_us / (a.interval as f64 * dt * 1e6),

@@ -411,6 +411,7 @@ mod tests {
                 window_stats_us: 10.0,
                 scorer_us: 5.0,
                 select_us: 3.0,
+                sample_us: 3.0,
                 compact_us: 6.0,
                 total_us: 24.0,
                 decode_step_us: 50.0,
