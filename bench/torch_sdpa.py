@@ -30,16 +30,16 @@ def time_sdpa(batch, live, q_heads, kv_heads, head_dim, dtype, iters):
     q = torch.randn(batch, q_heads, 1, head_dim, device=dev, dtype=dtype)
     gqa = q_heads != kv_heads
 
-    def step():
+    def step(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
 
     for _ in range(3):
-        step()
+        step(q, k, v)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
-        step()
+        step(q, k, v)
     end.record()
     torch.cuda.synchronize()
     secs = start.elapsed_time(end) / 1e3 / iters

@@ -7,8 +7,8 @@
 
 namespace {
 
-constexpr int CP_THREADS = 256;
-constexpr int CP_STAGE = 8192;  // floats staged per chunk (32 KiB)
+constexpr int CP_THREADS = FKV_COMPACT_THREADS;
+constexpr int CP_STAGE = FKV_COMPACT_STAGE;  // floats staged per chunk (32 KiB)
 constexpr int CP_MAX_ROWS = 64;
 
 // Shared memory of one block, declared once in the entry point.
@@ -32,7 +32,7 @@ __device__ void compact_impl(const fkv_compact_params &p, CpShared &sh) {
   if (evict < 0 || evict > live) return;
   const int64_t keep = live - evict;
   const int64_t hd = p.kv.head_dim;
-  const int64_t srow = p.st.stats ? p.st.group_size * 8 : 0;
+  const int64_t srow = p.st.stats ? p.st.group_size * FKV_NUM_STATS : 0;
   const int64_t rw = 2 * hd + srow;
   int64_t rows = CP_STAGE / rw;
   if (rows > CP_MAX_ROWS) rows = CP_MAX_ROWS;
@@ -90,10 +90,5 @@ __device__ void compact_impl(const fkv_compact_params &p, CpShared &sh) {
 
 extern "C" __global__ void __launch_bounds__(CP_THREADS) fkv_compact(const fkv_compact_params p) {
   __shared__ CpShared sh;
-  switch (p.kv.dtype) {
-    case FKV_DTYPE_F32: compact_impl<float>(p, sh); break;
-    case FKV_DTYPE_F16: compact_impl<__half>(p, sh); break;
-    case FKV_DTYPE_BF16: compact_impl<__nv_bfloat16>(p, sh); break;
-    default: break;
-  }
+  fkv::with_elem(p.kv.dtype, [&](auto t) { compact_impl<typename decltype(t)::type>(p, sh); });
 }

@@ -1,13 +1,13 @@
 // paged_attention_decode: one query per sequence against its live window, GQA (the G query heads of
 // a KV head share every K/V row load), f32 accumulation, split-KV with a log-sum-exp merge.
-// Grid (kv_head, seq, partition), 128 threads. Contract and CPU reference: src/kernels/decode.rs.
+// Grid (kv_head, seq, partition), 128 threads. Contract and CPU reference: src/kernels/paged_attention_decode.rs.
 #include "fkv_common.cuh"
 
 namespace {
 
-constexpr int DEC_THREADS = 128;
+constexpr int DEC_THREADS = FKV_DECODE_THREADS;
 constexpr int DEC_WARPS = DEC_THREADS / 32;
-constexpr int DEC_GCHUNK = 8;  // query heads accumulated together in the P.V phase
+constexpr int DEC_GCHUNK = FKV_DECODE_GCHUNK;  // query heads accumulated together in the P.V phase
 
 template <typename T, int HD>
 __device__ void decode_partition(const fkv_decode_params &p) {
@@ -182,23 +182,14 @@ __device__ void decode_merge(const fkv_decode_params &p) {
   }
 }
 
-template <typename T>
-__device__ void decode_dispatch(const fkv_decode_params &p, bool merge) {
-  switch (p.kv.head_dim) {
-    case 64: merge ? decode_merge<T, 64>(p) : decode_partition<T, 64>(p); break;
-    case 128: merge ? decode_merge<T, 128>(p) : decode_partition<T, 128>(p); break;
-    case 256: merge ? decode_merge<T, 256>(p) : decode_partition<T, 256>(p); break;
-    default: break;
-  }
-}
-
 __device__ void decode_entry(const fkv_decode_params &p, bool merge) {
-  switch (p.kv.dtype) {
-    case FKV_DTYPE_F32: decode_dispatch<float>(p, merge); break;
-    case FKV_DTYPE_F16: decode_dispatch<__half>(p, merge); break;
-    case FKV_DTYPE_BF16: decode_dispatch<__nv_bfloat16>(p, merge); break;
-    default: break;
-  }
+  fkv::with_elem(p.kv.dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    fkv::with_head_dim(p.kv.head_dim, [&](auto hd) {
+      constexpr int HD = decltype(hd)::value;
+      merge ? decode_merge<T, HD>(p) : decode_partition<T, HD>(p);
+    });
+  });
 }
 
 }  // namespace

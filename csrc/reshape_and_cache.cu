@@ -10,31 +10,25 @@ __device__ void reshape_and_cache_impl(const fkv_reshape_and_cache_params &p) {
   const int64_t token = blockIdx.x;
   const int64_t slot = p.slot_mapping[token];
   if (slot < 0) return;
-  const int64_t block = slot / p.block_size;
-  const int64_t offset = slot % p.block_size;
-  if (block >= p.num_blocks) return;  // validated on the host; never write out of bounds
+  const fkv_paged_kv &kv = p.kv;
+  const int64_t block = slot / kv.block_size;
+  const int64_t offset = slot % kv.block_size;
+  if (block >= kv.num_blocks) return;  // validated on the host; never write out of bounds
   const T *key = static_cast<const T *>(p.key);
   const T *value = static_cast<const T *>(p.value);
-  T *kc = static_cast<T *>(p.key_cache);
-  T *vc = static_cast<T *>(p.value_cache);
-  const int64_t n = p.num_kv_heads * p.head_dim;
+  T *kc = static_cast<T *>(kv.key_cache);
+  T *vc = static_cast<T *>(kv.value_cache);
+  const int64_t n = kv.num_kv_heads * kv.head_dim;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int64_t h = i / p.head_dim;
-    const int64_t d = i % p.head_dim;
-    kc[block * p.kc_stride_block + offset * p.kc_stride_token + h * p.kc_stride_head + d] =
-        key[token * p.key_stride_token + h * p.key_stride_head + d];
-    vc[block * p.vc_stride_block + offset * p.vc_stride_token + h * p.vc_stride_head + d] =
-        value[token * p.value_stride_token + h * p.value_stride_head + d];
+    const int64_t h = i / kv.head_dim;
+    const int64_t d = i % kv.head_dim;
+    kc[fkv::key_off(kv, block, offset, h) + d] = key[token * p.key_stride_token + h * p.key_stride_head + d];
+    vc[fkv::value_off(kv, block, offset, h) + d] = value[token * p.value_stride_token + h * p.value_stride_head + d];
   }
 }
 
 }  // namespace
 
-extern "C" __global__ void fkv_reshape_and_cache(const fkv_reshape_and_cache_params p) {
-  switch (p.dtype) {
-    case FKV_DTYPE_F32: reshape_and_cache_impl<float>(p); break;
-    case FKV_DTYPE_F16: reshape_and_cache_impl<__half>(p); break;
-    case FKV_DTYPE_BF16: reshape_and_cache_impl<__nv_bfloat16>(p); break;
-    default: break;
-  }
+extern "C" __global__ void __launch_bounds__(FKV_RESHAPE_THREADS_MAX) fkv_reshape_and_cache(const fkv_reshape_and_cache_params p) {
+  fkv::with_elem(p.kv.dtype, [&](auto t) { reshape_and_cache_impl<typename decltype(t)::type>(p); });
 }

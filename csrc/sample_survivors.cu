@@ -1,10 +1,10 @@
 // sample_survivors: per (seq, KV head) ForesightKV's reproducible victim sampling, the GPU twin of
-// evict::select_survivors_batch with VictimMode::Sample (src/evict/select.rs).
+// its CPU reference kernels::sample_survivors (src/kernels/sample_survivors.rs).
 //
 // 1. Candidates: the top pool = min(2 n, unprotected) slots by the total-order score key (ties:
-//    the lower slot), found like select_survivors: a radix select (8 bits a pass) gives the
-//    threshold key and how many keys equal to it are in; one block scan turns that count into a
-//    slot bound (ties are taken from the lowest slots up).
+//    the lower slot), found like select_survivors (csrc/include/fkv_select.cuh): a radix select
+//    (8 bits a pass) gives the threshold key and how many keys equal to it are in; one block scan
+//    turns that count into a slot bound (ties are taken from the lowest slots up).
 // 2. Each candidate slot c gets key_c = score_c / T + G_c in binary64, G_c the Gumbel variate of
 //    Philox4x32-10 with counter [c, eviction, layer << 16 | head, request] and key
 //    [seed_lo, seed_hi] (src/evict/philox.rs). Every floating-point step is an explicit _rn
@@ -15,11 +15,11 @@
 // 4. The survivors are written ascending to the front of the row, as select_survivors does.
 // Grid (kv_head, seq), SAMPLE_THREADS threads.
 #include "fkv_common.cuh"
+#include "fkv_select.cuh"
 
 namespace fkv_sample {
 
-constexpr int SAMPLE_THREADS = 256;
-constexpr int SAMPLE_WARPS = SAMPLE_THREADS / 32;
+constexpr int SAMPLE_THREADS = FKV_SAMPLE_THREADS;
 
 constexpr uint32_t PHILOX_M0 = 0xD2511F53u;
 constexpr uint32_t PHILOX_M1 = 0xCD9E8D57u;
@@ -102,113 +102,17 @@ __device__ __forceinline__ unsigned long long order_key(double x) {
   return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
 }
 
-// Exclusive prefix sum of v over the block; *total receives the block sum. All threads call it.
-__device__ int block_scan(int v, int *total) {
-  __shared__ int warp_sums[SAMPLE_WARPS];
-  __shared__ int sum_all;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int x = v;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) warp_sums[warp] = x;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int acc = 0;
-    for (int w = 0; w < SAMPLE_WARPS; ++w) {
-      const int t = warp_sums[w];
-      warp_sums[w] = acc;
-      acc += t;
-    }
-    sum_all = acc;
-  }
-  __syncthreads();
-  const int r = warp_sums[warp] + x - v;
-  *total = sum_all;
-  __syncthreads();
-  return r;
-}
-
-// Among slots i in [0, n) where key_of(i, &key) holds, the threshold key of the k largest (k >= 1,
-// at most the number of such slots): *thr = the k-th largest key, *ties = how many keys equal to
-// it belong to the k. All threads call it and receive the same results.
-template <typename K, typename KeyOf>
-__device__ void radix_top(int64_t n, int k, KeyOf key_of, K *thr, int *ties) {
-  __shared__ unsigned int hist[256];
-  __shared__ K prefix_s, mask_s;
-  __shared__ int remaining_s;
-  if (threadIdx.x == 0) {
-    prefix_s = 0;
-    mask_s = 0;
-    remaining_s = k;
-  }
-  __syncthreads();
-  for (int shift = (int)sizeof(K) * 8 - 8; shift >= 0; shift -= 8) {
-    for (int d = threadIdx.x; d < 256; d += SAMPLE_THREADS) hist[d] = 0;
-    __syncthreads();
-    const K prefix = prefix_s, mask = mask_s;
-    for (int64_t i = threadIdx.x; i < n; i += SAMPLE_THREADS) {
-      K key;
-      if (key_of(i, &key) && (key & mask) == prefix) atomicAdd(&hist[(unsigned)(key >> shift) & 255u], 1u);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int above = 0;
-      int d = 255;
-      for (; d > 0; --d) {
-        if (above + (int)hist[d] >= remaining_s) break;
-        above += (int)hist[d];
-      }
-      remaining_s -= above;
-      prefix_s = prefix | ((K)d << shift);
-      mask_s = mask | ((K)255 << shift);
-    }
-    __syncthreads();
-  }
-  *thr = prefix_s;
-  *ties = remaining_s;
-  __syncthreads();
-}
-
-// The slot bound that takes the `ties` lowest slots whose key equals thr: one past the last of
-// them (0 when ties is 0). All threads call it and receive the same result.
-template <typename K, typename KeyOf>
-__device__ int64_t tie_cutoff(int64_t n, KeyOf key_of, K thr, int ties) {
-  __shared__ long long cut_s;
-  if (threadIdx.x == 0) cut_s = 0;
-  __syncthreads();
-  int base = 0;
-  for (int64_t c0 = 0; c0 < n && base < ties; c0 += SAMPLE_THREADS) {
-    const int64_t i = c0 + threadIdx.x;
-    K key;
-    const int tie = (i < n && key_of(i, &key) && key == thr) ? 1 : 0;
-    int total;
-    const int rank = base + block_scan(tie, &total);
-    if (tie && rank == ties - 1) cut_s = i + 1;
-    base += total;
-  }
-  __syncthreads();
-  const int64_t cut = cut_s;
-  __syncthreads();
-  return cut;
-}
-
 }  // namespace fkv_sample
 
 extern "C" __global__ void __launch_bounds__(fkv_sample::SAMPLE_THREADS)
     fkv_sample_survivors(const fkv_sample_params p) {
   using namespace fkv_sample;
   const int64_t kvh = blockIdx.x, s = blockIdx.y;
-  const int64_t live = fkv::live_len(p.win, s);
-  int64_t cand = live - p.num_protected;
-  if (cand < 0) cand = 0;
-  int64_t n = p.num_evict[s];
-  if (n < 0) n = 0;
-  if (n > cand) n = cand;
+  const fkv::SelectRow row =
+      fkv::select_row(p.win, p.scores, p.num_evict, p.survivors, p.num_kv_heads, p.max_live, p.num_protected);
+  const int64_t live = row.live, cand = row.cand, n = row.evict;
   const int64_t pool = 2 * n < cand ? 2 * n : cand;
-  const float *scores = p.scores + (s * p.num_kv_heads + kvh) * p.max_live;
-  int32_t *out = p.survivors + (s * p.num_kv_heads + kvh) * p.max_live;
+  const float *scores = row.scores;
   const uint2 pkey = make_uint2((uint32_t)p.seed, (uint32_t)(p.seed >> 32));
   const uint32_t lane_word = ((p.layer & 0xFFFFu) << 16) | ((uint32_t)kvh & 0xFFFFu);
   const uint32_t eviction = p.evictions[s], request = p.requests[s];
@@ -224,8 +128,8 @@ extern "C" __global__ void __launch_bounds__(fkv_sample::SAMPLE_THREADS)
   };
   if (n > 0 && pool < cand) {
     int ties1;
-    radix_top<uint32_t>(cand, (int)pool, key1, &thr1, &ties1);
-    cut1 = tie_cutoff<uint32_t>(cand, key1, thr1, ties1);
+    fkv::radix_top<SAMPLE_THREADS, uint32_t>(cand, (int)pool, key1, &thr1, &ties1);
+    cut1 = fkv::tie_cutoff<SAMPLE_THREADS, uint32_t>(cand, key1, thr1, ties1);
   }
   auto key2 = [&](int64_t i, unsigned long long *k) {
     if (n == 0 || i >= cand) return false;
@@ -242,19 +146,12 @@ extern "C" __global__ void __launch_bounds__(fkv_sample::SAMPLE_THREADS)
   int64_t cut2 = 0;
   if (n > 0) {
     int ties2;
-    radix_top<unsigned long long>(cand, (int)n, key2, &thr2, &ties2);
-    cut2 = tie_cutoff<unsigned long long>(cand, key2, thr2, ties2);
+    fkv::radix_top<SAMPLE_THREADS, unsigned long long>(cand, (int)n, key2, &thr2, &ties2);
+    cut2 = fkv::tie_cutoff<SAMPLE_THREADS, unsigned long long>(cand, key2, thr2, ties2);
   }
 
-  int keep_base = 0;
-  for (int64_t c0 = 0; c0 < live; c0 += SAMPLE_THREADS) {
-    const int64_t i = c0 + threadIdx.x;
+  fkv::write_survivors<SAMPLE_THREADS>(live, p.max_live, row.out, [&](int64_t i) {
     unsigned long long k2;
-    const bool victim = i < live && key2(i, &k2) && (k2 > thr2 || (k2 == thr2 && i < cut2));
-    const int keep = (i < live) && !victim;
-    int keep_total;
-    const int pos = keep_base + block_scan(keep, &keep_total);
-    if (keep && pos < p.max_live) out[pos] = (int32_t)i;
-    keep_base += keep_total;
-  }
+    return key2(i, &k2) && (k2 > thr2 || (k2 == thr2 && i < cut2));
+  });
 }

@@ -1,14 +1,14 @@
 // scorer_mlp: per (seq, KV head, live slot) the ForesightKV MLP concat(k, v, stats) -> 16 -> GELU
 // -> 1. One warp per slot: lanes split the input features, 16 hidden sums reduced across the warp.
-// Grid (kv_head, seq, slot chunk of SC_CHUNK), 128 threads. CPU reference: src/kernels/scorer.rs.
+// Grid (kv_head, seq, slot chunk of SC_CHUNK), 128 threads. CPU reference: src/kernels/scorer_mlp.rs.
 #include "fkv_common.cuh"
 
 namespace {
 
-constexpr int SC_THREADS = 128;
+constexpr int SC_THREADS = FKV_SCORER_THREADS;
 constexpr int SC_WARPS = SC_THREADS / 32;
-constexpr int SC_CHUNK = 32;
-constexpr int SC_HIDDEN = 16;
+constexpr int SC_CHUNK = FKV_SCORER_CHUNK;
+constexpr int SC_HIDDEN = FKV_SCORER_HIDDEN;
 
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
 
@@ -17,7 +17,7 @@ __device__ void scorer_impl(const fkv_scorer_params &p) {
   using E = fkv::Elem<T>;
   const int64_t kvh = blockIdx.x, s = blockIdx.y;
   const int64_t live = fkv::live_len(p.win, s);
-  const int64_t hd = p.kv.head_dim, in_dim = p.in_dim, srow = p.st.group_size * 8;
+  const int64_t hd = p.kv.head_dim, in_dim = p.in_dim, srow = p.st.group_size * FKV_NUM_STATS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const T *kc = static_cast<const T *>(p.kv.key_cache);
   const T *vc = static_cast<const T *>(p.kv.value_cache);
@@ -54,10 +54,5 @@ __device__ void scorer_impl(const fkv_scorer_params &p) {
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(SC_THREADS) fkv_scorer_mlp(const fkv_scorer_params p) {
-  switch (p.kv.dtype) {
-    case FKV_DTYPE_F32: scorer_impl<float>(p); break;
-    case FKV_DTYPE_F16: scorer_impl<__half>(p); break;
-    case FKV_DTYPE_BF16: scorer_impl<__nv_bfloat16>(p); break;
-    default: break;
-  }
+  fkv::with_elem(p.kv.dtype, [&](auto t) { scorer_impl<typename decltype(t)::type>(p); });
 }

@@ -9,8 +9,8 @@
 
 namespace {
 
-constexpr int WS_TILE = 32;  // slots per tile: one per lane
-constexpr int WS_THREADS = 128;
+constexpr int WS_TILE = FKV_WINDOW_STATS_TILE;  // slots per tile: one per lane
+constexpr int WS_THREADS = FKV_WINDOW_STATS_THREADS;
 constexpr int WS_WARPS = WS_THREADS / 32;
 constexpr float WS_DECAY = 0.9f;
 
@@ -175,9 +175,9 @@ __device__ void ws_reduce(const fkv_window_stats_params &p, WsShared &sh) {
 template <typename T>
 __device__ void ws_dispatch(const fkv_window_stats_params &p, int pass, WsShared &sh) {
   switch (p.kv.head_dim) {
-    case 64: pass == 0 ? ws_partial<T, 64>(p, sh) : ws_reduce<T, 64>(p, sh); break;
-    case 128: pass == 0 ? ws_partial<T, 128>(p, sh) : ws_reduce<T, 128>(p, sh); break;
-    case 256: pass == 0 ? ws_partial<T, 256>(p, sh) : ws_reduce<T, 256>(p, sh); break;
+    case FKV_HEAD_DIM_SMALL: pass == 0 ? ws_partial<T, FKV_HEAD_DIM_SMALL>(p, sh) : ws_reduce<T, FKV_HEAD_DIM_SMALL>(p, sh); break;
+    case FKV_HEAD_DIM_MEDIUM: pass == 0 ? ws_partial<T, FKV_HEAD_DIM_MEDIUM>(p, sh) : ws_reduce<T, FKV_HEAD_DIM_MEDIUM>(p, sh); break;
+    case FKV_HEAD_DIM_LARGE: pass == 0 ? ws_partial<T, FKV_HEAD_DIM_LARGE>(p, sh) : ws_reduce<T, FKV_HEAD_DIM_LARGE>(p, sh); break;
     default: break;
   }
 }

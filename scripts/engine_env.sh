@@ -11,8 +11,7 @@
 # Everything comes from PyPI (the only index reachable here); the engines pin CUDA builds of torch, so the
 # first run downloads several GiB. Both engines import on a CPU-only machine (see docs/engines.md).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT="$(pwd)"
+source "$(dirname "$0")/lib.sh"
 
 ENGINE="${1:-}"
 case "$ENGINE" in
@@ -22,26 +21,12 @@ case "$ENGINE" in
   *) echo "usage: $0 {vllm|sglang}" >&2; exit 2 ;;
 esac
 
-CACHE="${FORESIGHTKV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/foresightkv}"
 VENV="$CACHE/venv-$ENGINE"
-BASE_PY="${PYTHON:-python3}"
-STAMP="$VENV/.stamp-$(echo "${PINS[*]} $("$BASE_PY" -c 'import sys; print(sys.version)')" | md5sum | cut -c1-12)"
-PLUGIN="$ROOT/integration/$ENGINE"
+PLUGIN="$FKV_ROOT/integration/$ENGINE"
 
 log() { echo "engine_env($ENGINE): $*" >&2; }
 
-if [ ! -f "$STAMP" ]; then
-  log "creating $VENV with ${PINS[*]}"
-  start=$(date +%s)
-  rm -rf "$VENV"
-  mkdir -p "$CACHE"
-  "$BASE_PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PINS[@]}" >&2
-  "$VENV/bin/python" -c "import $ENGINE, torch, pytest" >&2
-  touch "$STAMP"
-  log "done in $(( $(date +%s) - start )) s ($(du -sh "$VENV" | cut -f1))"
-fi
+fkv_venv "engine_env($ENGINE)" "$VENV" "${PYTHON:-python3}" "$ENGINE, torch, pytest" "${PINS[@]}"
 
 if [ -f "$PLUGIN/pyproject.toml" ]; then
   PLUGIN_STAMP="$VENV/.plugin-$(md5sum "$PLUGIN/pyproject.toml" | cut -c1-12)"

@@ -8,7 +8,8 @@
 # Prints pytest's summary, then one line `ENGINE tests: P passed, F failed, S skipped`.
 # Exit status: 0 when every test passed (skips allowed), non-zero otherwise.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
+cd "$FKV_ROOT"
 ENGINE="${1:-}"
 case "$ENGINE" in
   sglang) GROUP="sglang.srt.plugins" ;;
@@ -16,12 +17,10 @@ case "$ENGINE" in
   vllm) GROUP="vllm.general_plugins"; export VLLM_TARGET_DEVICE="${VLLM_TARGET_DEVICE:-cpu}" ;;
   *) echo "usage: scripts/test_engine.sh sglang|vllm (got '$ENGINE')" >&2; exit 2 ;;
 esac
-eval "$(scripts/setup.sh)"
-CACHE="${FORESIGHTKV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/foresightkv}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+fkv_build_env
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-fail() { echo "FAIL: $*"; echo "$ENGINE tests: 0 passed, 1 failed, 0 skipped"; exit 1; }
+fail() { fkv_fail_summary "$ENGINE" "$*"; }
 
 echo "--- $ENGINE environment"
 PY="$(scripts/engine_env.sh "$ENGINE" 2>"$WORK/env.err")" || { cat "$WORK/env.err"; fail "scripts/engine_env.sh $ENGINE failed"; }
@@ -29,9 +28,7 @@ PY="$(scripts/engine_env.sh "$ENGINE" 2>"$WORK/env.err")" || { cat "$WORK/env.er
 
 echo "--- building the foresightkv wheel (maturin, release, abi3)"
 start=$(date +%s)
-"$PY" -m maturin build --release --quiet -m bindings/python/Cargo.toml -i "$PY" --out "$WORK/wheels" 2>&1 \
-  | grep -v -e '^\s*Compiling' -e '^\s*Finished' || true
-WHEEL="$(ls "$WORK"/wheels/foresightkv-*.whl 2>/dev/null | head -n1 || true)"
+WHEEL="$(fkv_wheel "$PY" "$WORK/wheels")"
 [ -n "$WHEEL" ] || fail "no wheel was built"
 echo "built $(basename "$WHEEL") in $(( $(date +%s) - start )) s"
 
@@ -54,10 +51,5 @@ PYEOF
 echo "--- pytest (integration/$ENGINE/tests)"
 status=0
 (cd "integration/$ENGINE" && "$PY" -m pytest -q -rs -p no:cacheprovider tests 2>&1) | tee "$WORK/pytest.txt" || status=$?
-summary="$(tail -n 1 "$WORK/pytest.txt")"
-count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+' || echo 0; }
-passed=$(count passed); failed=$(( $(count failed) + $(count error) )); skipped=$(count skipped)
-[ "$passed" -gt 0 ] || { status=1; failed=$((failed + 1)); }
-[ "$failed" -eq 0 ] || status=1
-echo "$ENGINE tests: $passed passed, $failed failed, $skipped skipped"
+fkv_pytest_summary "$ENGINE" "$WORK/pytest.txt" || status=1
 exit $status

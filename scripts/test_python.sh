@@ -9,23 +9,20 @@
 # Prints pytest's summary, then one line `python tests: P passed, F failed, S skipped`.
 # Exit status: 0 when every test passed (skips allowed), non-zero otherwise.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-eval "$(scripts/setup.sh)"
-CACHE="${FORESIGHTKV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/foresightkv}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+source "$(dirname "$0")/lib.sh"
+cd "$FKV_ROOT"
+fkv_build_env
 PY="$(scripts/python_env.sh)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 echo "--- building the wheel (maturin, release, abi3-py39)"
 start=$(date +%s)
-"$(dirname "$PY")/maturin" build --release --quiet -m bindings/python/Cargo.toml -i "$PY" --out "$WORK/wheels" 2>&1 \
-  | grep -v -e '^\s*Compiling' -e '^\s*Finished' || true
-WHEEL="$(ls "$WORK"/wheels/foresightkv-*.whl 2>/dev/null | head -n1 || true)"
-[ -n "$WHEEL" ] || { echo "FAIL: no wheel was built"; echo "python tests: 0 passed, 1 failed, 0 skipped"; exit 1; }
+WHEEL="$(fkv_wheel "$PY" "$WORK/wheels")"
+[ -n "$WHEEL" ] || fkv_fail_summary python "no wheel was built"
 case "$(basename "$WHEEL")" in
   *-cp39-abi3-*) ;;
-  *) echo "FAIL: $(basename "$WHEEL") is not an abi3 (cp39) wheel"; echo "python tests: 0 passed, 1 failed, 0 skipped"; exit 1 ;;
+  *) fkv_fail_summary python "$(basename "$WHEEL") is not an abi3 (cp39) wheel" ;;
 esac
 echo "built $(basename "$WHEEL") ($(du -h "$WHEEL" | cut -f1)) in $(( $(date +%s) - start )) s"
 
@@ -67,10 +64,5 @@ then :; else echo "FAIL: the wheel does not work without torch and numpy"; extra
 
 echo "--- pytest"
 (cd bindings/python && "$FRESH" -m pytest -q -rs -p no:cacheprovider tests 2>&1) | tee "$WORK/pytest.txt" || status=$?
-summary="$(tail -n 1 "$WORK/pytest.txt")"
-count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+' || echo 0; }
-passed=$(count passed); failed=$(( $(count failed) + $(count error) + extra_failed )); skipped=$(count skipped)
-[ "$passed" -gt 0 ] || { status=1; failed=$((failed + 1)); }
-[ "$failed" -eq 0 ] || status=1
-echo "python tests: $passed passed, $failed failed, $skipped skipped"
+fkv_pytest_summary python "$WORK/pytest.txt" "$extra_failed" || status=1
 exit $status

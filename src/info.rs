@@ -1,16 +1,8 @@
-//! `foresightkv info`: what this build and this machine offer (version, embedded kernel
+//! What this build and this machine offer (version, embedded kernel
 //! architectures read from the fatbin itself, visible GPUs, cudarc and driver versions).
 
 use crate::cuda::{self, CudaError, FatbinEntry};
 use serde::Serialize;
-
-/// Arguments of `foresightkv info`.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct InfoArgs {
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// Everything `info` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -79,43 +71,4 @@ pub fn collect() -> Result<Info, CudaError> {
         driver,
         gpus,
     })
-}
-
-/// Runs `foresightkv info`, printing to stdout.
-pub fn run(args: &InfoArgs) -> Result<(), CudaError> {
-    let info = collect()?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&info).map_err(|e| CudaError::Fatbin(e.to_string()))?
-        );
-        return Ok(());
-    }
-    println!("foresightkv {}", info.version);
-    if info.kernels_embedded {
-        println!(
-            "kernels:  embedded ({} bytes): {}",
-            info.fatbin_bytes,
-            info.architectures.join(", ")
-        );
-    } else {
-        println!(
-            "kernels:  not compiled in (no nvcc at build time; run scripts/setup.sh and rebuild)"
-        );
-    }
-    println!(
-        "cudarc:   {} (dynamic loading; cuda feature {})",
-        info.cudarc_version,
-        if info.cuda_feature { "on" } else { "off" }
-    );
-    match &info.driver {
-        Ok(v) => println!("driver:   CUDA {v}"),
-        Err(e) => println!("driver:   none ({e})"),
-    }
-    match &info.gpus {
-        Ok(g) if g.is_empty() => println!("gpus:     none visible"),
-        Ok(g) => g.iter().for_each(|d| println!("gpu:      {d}")),
-        Err(e) => println!("gpus:     none ({e})"),
-    }
-    Ok(())
 }

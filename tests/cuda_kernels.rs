@@ -1,14 +1,14 @@
-//! The CUDA eviction kernels against their CPU references on the same random paged caches. These
-//! run where a GPU is visible and say why they skipped otherwise.
+//! The CUDA eviction kernels against their CPU references on the same random paged caches. The
+//! comparisons are `#[ignore]`d (they need a CUDA GPU) and run by scripts/gpu_check.sh with
+//! `--ignored`; the argument checks run everywhere.
 #![allow(clippy::needless_range_loop)]
 
 mod kernels_support;
 
-use foresightkv::cuda::runtime::gpu_available;
 use foresightkv::cuda::{
     launch_compact, launch_paged_attention_decode, launch_scorer_mlp, launch_select_survivors,
     launch_window_stats, plan_decode, window_stats_workspace_len, CudaError, DeviceArray,
-    DeviceBuffer, DeviceCache, DeviceScorerWeights, DeviceWindows,
+    DeviceBuffer, DeviceCache, DeviceScorerWeights, DeviceWindows, PagedLaunch,
 };
 use foresightkv::kernels::{
     compact, paged_attention_decode, scorer_mlp, select_survivors, window_stats, DecodeArgs,
@@ -16,31 +16,26 @@ use foresightkv::kernels::{
 };
 use foresightkv::Element;
 use half::{bf16, f16};
-use kernels_support::{assert_close, eps, shapes, uniform, CacheKind, Scenario, Shape};
-use proptest::test_runner::{Config, TestRunner};
+use kernels_support::{
+    assert_close, eps, require_gpu, runner, shapes, uniform, CacheKind, Scenario, Shape,
+};
 use rand::RngExt;
 
-/// Whether the GPU tests can run; prints why not.
-fn gpu(test: &str) -> bool {
-    if foresightkv::cuda::embedded_fatbin().is_err() {
-        eprintln!(
-            "{test}: skipped: this build has no CUDA kernels (nvcc was not found at build time)"
-        );
-        return false;
+/// A launch on device 0, legacy default stream.
+fn on_device_0<'a>(
+    dtype: foresightkv::DType,
+    kv: &'a foresightkv::kernels::PagedKvLayout,
+    cache: DeviceCache,
+    windows: &'a DeviceWindows<'a>,
+) -> PagedLaunch<'a> {
+    PagedLaunch {
+        ordinal: 0,
+        stream: 0,
+        dtype,
+        kv,
+        cache,
+        windows,
     }
-    if !gpu_available() {
-        eprintln!("{test}: skipped: no CUDA GPU visible (driver missing or no device)");
-        return false;
-    }
-    true
-}
-
-fn runner(cases: u32) -> TestRunner {
-    TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    })
 }
 
 fn up<T: bytemuck::Pod>(data: &[T]) -> DeviceBuffer {
@@ -125,12 +120,7 @@ fn decode_case<T: Element + bytemuck::Pod>(shape: Shape) {
     let ws = DeviceBuffer::zeros(0, plan.workspace_len.max(1) * 4).unwrap();
     unsafe {
         launch_paged_attention_decode(
-            0,
-            0,
-            T::DTYPE,
-            &sc.kv,
-            dev.cache(&sc),
-            &dev.windows(&sc),
+            &on_device_0(T::DTYPE, &sc.kv, dev.cache(&sc), &dev.windows(&sc)),
             &args,
             arr(&q, query.len()),
             arr(&out, want.len()),
@@ -150,10 +140,9 @@ fn decode_case<T: Element + bytemuck::Pod>(shape: Shape) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_decode_matches_reference() {
-    if !gpu("cuda_decode_matches_reference") {
-        return;
-    }
+    require_gpu();
     // Long windows exercise the split-KV merge (partitions of at most 512 slots).
     let strat = shapes(vec![64, 128, 256], 1300, 0);
     runner(12)
@@ -195,12 +184,7 @@ fn window_stats_case<T: Element + bytemuck::Pod>(shape: Shape, max_queries: usiz
     let ws = DeviceBuffer::zeros(0, wl * 4).unwrap();
     unsafe {
         launch_window_stats(
-            0,
-            0,
-            T::DTYPE,
-            &sc.kv,
-            dev.cache(&sc),
-            &dev.windows(&sc),
+            &on_device_0(T::DTYPE, &sc.kv, dev.cache(&sc), &dev.windows(&sc)),
             &args,
             arr(&q, queries.len()),
             arr(&nq, n),
@@ -216,10 +200,9 @@ fn window_stats_case<T: Element + bytemuck::Pod>(shape: Shape, max_queries: usiz
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_window_stats_matches_reference() {
-    if !gpu("cuda_window_stats_matches_reference") {
-        return;
-    }
+    require_gpu();
     let strat = (shapes(vec![64, 128, 256], 150, 1), 1usize..140);
     runner(12)
         .run(&strat, |(s, mq)| {
@@ -281,12 +264,7 @@ fn scorer_case<T: Element + bytemuck::Pod>(shape: Shape) {
     };
     unsafe {
         launch_scorer_mlp(
-            0,
-            0,
-            T::DTYPE,
-            &sc.kv,
-            dev.cache(&sc),
-            &dev.windows(&sc),
+            &on_device_0(T::DTYPE, &sc.kv, dev.cache(&sc), &dev.windows(&sc)),
             &layout,
             arr(&st, stats.len()),
             dweights,
@@ -300,10 +278,9 @@ fn scorer_case<T: Element + bytemuck::Pod>(shape: Shape) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_scorer_matches_reference() {
-    if !gpu("cuda_scorer_matches_reference") {
-        return;
-    }
+    require_gpu();
     runner(12)
         .run(&shapes(vec![64, 128, 256], 200, 0), |s| {
             scorer_case::<f32>(s.clone());
@@ -314,10 +291,9 @@ fn cuda_scorer_matches_reference() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_select_matches_reference() {
-    if !gpu("cuda_select_matches_reference") {
-        return;
-    }
+    require_gpu();
     let strat = (
         shapes(vec![64], 900, 0),
         0usize..40,
@@ -412,12 +388,7 @@ fn compact_case<T: Element + bytemuck::Pod>(shape: Shape, with_stats: bool) {
     let cache = dev.cache(&sc);
     unsafe {
         launch_compact(
-            0,
-            0,
-            T::DTYPE,
-            &sc.kv,
-            cache,
-            &dev.windows(&sc),
+            &on_device_0(T::DTYPE, &sc.kv, cache, &dev.windows(&sc)),
             max_live as i64,
             arr(&de, n),
             &num_evict,
@@ -482,10 +453,9 @@ fn compact_case<T: Element + bytemuck::Pod>(shape: Shape, with_stats: bool) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_compact_matches_reference() {
-    if !gpu("cuda_compact_matches_reference") {
-        return;
-    }
+    require_gpu();
     runner(16)
         .run(
             &(shapes(vec![64, 128, 256], 600, 0), proptest::bool::ANY),
@@ -538,12 +508,7 @@ fn launchers_reject_bad_arguments_before_launch() {
     let args = DecodeArgs::contiguous(4, 64);
     let dec = |cache: DeviceCache, w: &DeviceWindows<'_>, q: DeviceArray, ws: DeviceArray| unsafe {
         launch_paged_attention_decode(
-            0,
-            0,
-            foresightkv::DType::F32,
-            &sc.kv,
-            cache,
-            w,
+            &on_device_0(foresightkv::DType::F32, &sc.kv, cache, w),
             &args,
             q,
             fake(2 * 4 * 64),
@@ -598,12 +563,7 @@ fn launchers_reject_bad_arguments_before_launch() {
     };
     let r = unsafe {
         launch_paged_attention_decode(
-            0,
-            0,
-            foresightkv::DType::F32,
-            &odd,
-            big,
-            &windows,
+            &on_device_0(foresightkv::DType::F32, &odd, big, &windows),
             &DecodeArgs::contiguous(4, 96),
             fake(768),
             fake(768),
@@ -647,12 +607,7 @@ fn launchers_reject_bad_arguments_before_launch() {
     assert!(matches!(kerr(r), KernelError::NullPointer("num_evict")));
     let r = unsafe {
         launch_compact(
-            0,
-            0,
-            foresightkv::DType::F32,
-            &sc.kv,
-            cache,
-            &windows,
+            &on_device_0(foresightkv::DType::F32, &sc.kv, cache, &windows),
             20,
             fake(2),
             &[8, 0],
@@ -672,12 +627,7 @@ fn launchers_reject_bad_arguments_before_launch() {
     let stats_len = layout.strides[0] as usize * layout.num_blocks as usize;
     let r = unsafe {
         launch_window_stats(
-            0,
-            0,
-            foresightkv::DType::F32,
-            &sc.kv,
-            cache,
-            &windows,
+            &on_device_0(foresightkv::DType::F32, &sc.kv, cache, &windows),
             &wargs,
             fake(2 * 8 * 4 * 64),
             fake(2),

@@ -348,13 +348,10 @@ fn convert_scorer_command_end_to_end() {
     )
     .unwrap();
     let out = dir.join("scorer");
-    let args = foresightkv::evict::convert::ConvertArgs {
-        model: dir.clone(),
-        out: out.clone(),
-        budget: 256,
-        interval: 32,
-    };
-    foresightkv::evict::convert::run_convert(&args).unwrap();
+    let (converted, _, shards) =
+        foresightkv::evict::convert::convert_official_dir(&dir, 256, 32).unwrap();
+    assert_eq!(shards, 2);
+    converted.save(&out).unwrap();
     assert_eq!(ScorerCheckpoint::load_for(&out, &shape()).unwrap(), ck);
     std::fs::remove_dir_all(&dir).unwrap();
 }

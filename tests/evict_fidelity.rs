@@ -218,8 +218,9 @@ fn streaming_keeps_sinks_through_a_replay() {
 }
 
 #[test]
+#[cfg(feature = "cli")]
 fn fidelity_command_writes_trace_and_rows() {
-    use foresightkv::evict::fidelity::{run_fidelity, FidelityArgs};
+    use foresightkv::cli::fidelity::{run as run_fidelity, FidelityArgs};
     let dir = std::env::temp_dir().join(format!("fkv-fid-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (trace_path, json_path) = (dir.join("syn.safetensors"), dir.join("rows.json"));

@@ -2,7 +2,8 @@
 //! exported block-manager operation sequence (replayed into a fresh manager, which must end full).
 
 use foresightkv::block::KvCacheManager;
-use foresightkv::replay::{replay, run, Admission, Policy, ReplayArgs, ScenarioKind};
+use foresightkv::cli::replay::run;
+use foresightkv::replay::{replay, Admission, NoProgress, Policy, ReplayArgs, ScenarioKind};
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("fkv-replay-{name}-{}", std::process::id()));
@@ -55,7 +56,7 @@ fn small_args(dir: &std::path::Path) -> ReplayArgs {
 fn table_json_png_and_exported_ops() {
     let dir = temp_dir("out");
     let args = small_args(&dir);
-    let report = replay(&args).unwrap();
+    let report = replay(&args, &NoProgress).unwrap();
     assert_eq!(report.runs.len(), 5, "full + 2 policies x 2 budgets");
     assert!(report
         .runs
@@ -153,30 +154,42 @@ fn bad_inputs_are_typed_errors() {
         quiet: true,
         ..ReplayArgs::default()
     };
-    let err = replay(&ReplayArgs {
-        trace: csv.display().to_string(),
-        ..base.clone()
-    })
+    let err = replay(
+        &ReplayArgs {
+            trace: csv.display().to_string(),
+            ..base.clone()
+        },
+        &NoProgress,
+    )
     .unwrap_err();
     assert!(err.to_string().contains("line 3"), "{err}");
-    assert!(replay(&ReplayArgs {
-        budgets: vec![1000],
-        ..base.clone()
-    })
+    assert!(replay(
+        &ReplayArgs {
+            budgets: vec![1000],
+            ..base.clone()
+        },
+        &NoProgress,
+    )
     .unwrap_err()
     .to_string()
     .contains("multiple"));
-    assert!(replay(&ReplayArgs {
-        model: "nope".into(),
-        ..base.clone()
-    })
+    assert!(replay(
+        &ReplayArgs {
+            model: "nope".into(),
+            ..base.clone()
+        },
+        &NoProgress,
+    )
     .unwrap_err()
     .to_string()
     .contains("qwen3-4b"));
-    assert!(replay(&ReplayArgs {
-        trace: dir.join("missing.csv").display().to_string(),
-        ..base
-    })
+    assert!(replay(
+        &ReplayArgs {
+            trace: dir.join("missing.csv").display().to_string(),
+            ..base
+        },
+        &NoProgress,
+    )
     .is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }

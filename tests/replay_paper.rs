@@ -4,7 +4,7 @@
 //! memory accounting differs from theirs, so the ratios are compared in the notes, and this test
 //! checks our own arithmetic, written out by hand.
 
-use foresightkv::replay::{replay, Policy, ReplayArgs, ScenarioKind};
+use foresightkv::replay::{replay, NoProgress, Policy, ReplayArgs, ScenarioKind};
 
 #[test]
 fn paper_setting_max_batch_matches_the_kv_arithmetic() {
@@ -25,7 +25,7 @@ fn paper_setting_max_batch_matches_the_kv_arithmetic() {
         ),
         ("qwen3-4b", 128, 32_768, 0.9)
     );
-    let report = replay(&args).unwrap();
+    let report = replay(&args, &NoProgress).unwrap();
 
     // KV bytes per token, Qwen3-4B: 2 (K, V) x 36 layers x 8 KV heads x 128 dims x 2 bytes = 147,456.
     // One block of 16 tokens: 2,359,296 bytes.

@@ -4,9 +4,38 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "fkv_params.h"
 
 namespace fkv {
+
+// A type as a value, for the generic lambdas the dispatchers below call.
+template <typename T> struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) with T the element type of fkv_dtype `dtype` (nothing for an unknown code,
+// which the host validation rules out): the one dtype switch of the kernels.
+template <typename F> __device__ __forceinline__ void with_elem(int32_t dtype, F f) {
+  switch (dtype) {
+    case FKV_DTYPE_F32: f(Tag<float>{}); break;
+    case FKV_DTYPE_F16: f(Tag<__half>{}); break;
+    case FKV_DTYPE_BF16: f(Tag<__nv_bfloat16>{}); break;
+    default: break;
+  }
+}
+
+// Calls f(std::integral_constant<int, HD>{}) with HD the supported head dim `head_dim` (nothing for
+// another one, which the host validation rules out): the one head-dim switch of the kernels.
+template <typename F> __device__ __forceinline__ void with_head_dim(int64_t head_dim, F f) {
+  switch (head_dim) {
+    case FKV_HEAD_DIM_SMALL: f(std::integral_constant<int, FKV_HEAD_DIM_SMALL>{}); break;
+    case FKV_HEAD_DIM_MEDIUM: f(std::integral_constant<int, FKV_HEAD_DIM_MEDIUM>{}); break;
+    case FKV_HEAD_DIM_LARGE: f(std::integral_constant<int, FKV_HEAD_DIM_LARGE>{}); break;
+    default: break;
+  }
+}
 
 template <typename T> struct Elem;
 template <> struct Elem<float> {

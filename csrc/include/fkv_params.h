@@ -6,6 +6,40 @@
 
 #include <stdint.h>
 
+/* Kernel constants: the one definition, read by nvcc (the kernels) and by bindgen (the Rust
+ * launchers and CPU references, as crate::cuda::params::FKV_*). */
+
+/* Head dims the attention and eviction kernels are instantiated for (decode, window_stats,
+ * scorer_mlp, compact). */
+#define FKV_HEAD_DIM_SMALL 64
+#define FKV_HEAD_DIM_MEDIUM 128
+#define FKV_HEAD_DIM_LARGE 256
+/* ForesightKV statistics per (live entry, query head), and the scorer MLP's hidden width. */
+#define FKV_NUM_STATS 8
+#define FKV_SCORER_HIDDEN 16
+/* Largest grid y / z dimension of a launch (sequences, partitions, tiles, chunks). */
+#define FKV_MAX_GRID_YZ 65535
+/* reshape_and_cache: at most this many threads per token (one block per token). */
+#define FKV_RESHAPE_THREADS_MAX 512
+/* paged_attention_decode: threads per block, query heads the P.V phase accumulates together, and
+ * the dynamic shared memory a block may use without opting in to more. */
+#define FKV_DECODE_THREADS 128
+#define FKV_DECODE_GCHUNK 8
+#define FKV_DECODE_SHARED_LIMIT 49152
+/* window_stats: live slots per tile (one per lane), threads of the tile kernels and of lse. */
+#define FKV_WINDOW_STATS_TILE 32
+#define FKV_WINDOW_STATS_THREADS 128
+#define FKV_WINDOW_STATS_LSE_THREADS 256
+/* scorer_mlp: threads per block and live slots per block. */
+#define FKV_SCORER_THREADS 128
+#define FKV_SCORER_CHUNK 32
+/* select_survivors and sample_survivors: threads per block (one block per sequence and KV head). */
+#define FKV_SELECT_THREADS 256
+#define FKV_SAMPLE_THREADS 256
+/* compact: threads per block, and floats one block stages per chunk (32 KiB). */
+#define FKV_COMPACT_THREADS 256
+#define FKV_COMPACT_STAGE 8192
+
 /* Element type of a KV tensor. */
 typedef enum fkv_dtype {
   FKV_DTYPE_F32 = 0,
@@ -13,35 +47,8 @@ typedef enum fkv_dtype {
   FKV_DTYPE_BF16 = 2
 } fkv_dtype;
 
-/* reshape_and_cache: write num_tokens new K/V rows into cache slots.
- * Token i goes to block slot_mapping[i] / block_size, offset slot_mapping[i] % block_size;
- * a negative slot (padding) is skipped. All strides are in elements; the head_dim axis is
- * contiguous in every tensor. */
-typedef struct fkv_reshape_and_cache_params {
-  const void *key;        /* [num_tokens, num_kv_heads, head_dim] */
-  const void *value;      /* [num_tokens, num_kv_heads, head_dim] */
-  void *key_cache;        /* [num_blocks, ..block/token/head strides.., head_dim] */
-  void *value_cache;
-  const int64_t *slot_mapping; /* [num_tokens] */
-  int64_t num_tokens;
-  int64_t num_kv_heads;
-  int64_t head_dim;
-  int64_t block_size;
-  int64_t num_blocks;
-  int64_t key_stride_token;
-  int64_t key_stride_head;
-  int64_t value_stride_token;
-  int64_t value_stride_head;
-  int64_t kc_stride_block;
-  int64_t kc_stride_token;
-  int64_t kc_stride_head;
-  int64_t vc_stride_block;
-  int64_t vc_stride_token;
-  int64_t vc_stride_head;
-  int32_t dtype; /* fkv_dtype */
-} fkv_reshape_and_cache_params;
-
-/* A paged K/V cache (read by decode, window_stats and scorer_mlp, rewritten by compact).
+/* A paged K/V cache (written by reshape_and_cache, read by decode, window_stats and scorer_mlp,
+ * rewritten by compact).
  * Row (block, token, head) of the keys starts at key_cache + block * k_stride_block +
  * token * k_stride_token + head * k_stride_head (elements of dtype); head_dim contiguous.
  * key_cache and value_cache may point into one fused tensor. */
@@ -60,6 +67,22 @@ typedef struct fkv_paged_kv {
   int64_t v_stride_head;
   int32_t dtype; /* fkv_dtype */
 } fkv_paged_kv;
+
+/* reshape_and_cache: write num_tokens new K/V rows into cache slots of kv.
+ * Token i goes to block slot_mapping[i] / kv.block_size, offset slot_mapping[i] % kv.block_size;
+ * a negative slot (padding) or one past the cache is skipped. All strides are in elements; the
+ * head_dim axis is contiguous in every tensor. */
+typedef struct fkv_reshape_and_cache_params {
+  fkv_paged_kv kv;
+  const void *key;             /* [num_tokens, kv.num_kv_heads, kv.head_dim] */
+  const void *value;           /* [num_tokens, kv.num_kv_heads, kv.head_dim] */
+  const int64_t *slot_mapping; /* [num_tokens] */
+  int64_t num_tokens;
+  int64_t key_stride_token;
+  int64_t key_stride_head;
+  int64_t value_stride_token;
+  int64_t value_stride_head;
+} fkv_reshape_and_cache_params;
 
 /* Live windows of a batch: live slot i of sequence s is logical position live_starts[s] + i, in
  * block block_tables[s * block_table_stride + pos / block_size] at offset pos % block_size.

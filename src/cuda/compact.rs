@@ -1,42 +1,35 @@
 //! Launcher of `fkv_compact` (csrc/compact.cu) over caller-owned device memory.
 
-use super::paged::{
-    grid_dim, launch_kernel, raw_cache, raw_stats, validate_cache, DeviceArray, DeviceCache,
-    DeviceWindows, Launch,
-};
-use super::{CudaError, Runtime};
+use super::paged::{grid_dim, raw_stats, DeviceArray, Launch, PagedLaunch};
+use super::CudaError;
 use crate::kernels::compact::validate_num_evict;
-use crate::kernels::scorer::validate_slot_matrix;
-use crate::kernels::{KernelError, PagedKvLayout, StatsLayout};
-use crate::DType;
+use crate::kernels::scorer_mlp::validate_slot_matrix;
+use crate::kernels::{KernelError, StatsLayout};
 
-/// Floats one block stages per chunk (CP_STAGE in csrc/compact.cu).
-const STAGE_FLOATS: usize = 8192;
+use super::params::{FKV_COMPACT_STAGE, FKV_COMPACT_THREADS};
 
-/// Enqueues `compact` on `stream` of device `ordinal`: same contract as
+/// Floats one block stages per chunk.
+const STAGE_FLOATS: usize = FKV_COMPACT_STAGE as usize;
+
+/// Enqueues `compact` on `at`'s stream and device: same contract as
 /// [`crate::kernels::compact()`] (`stats` optional). Survivor lists are bounds-checked on the device
 /// (an out-of-range entry is skipped) but not checked for order, since they are produced there.
 ///
 /// # Safety
-/// The pointers must be device memory of `ordinal` holding the lengths given, alive until the
-/// kernel completes; the device arrays must match their host mirrors; `stream` must belong to
+/// The pointers must be device memory of `at.ordinal` holding the lengths given, alive until the
+/// kernel completes; the device arrays must match their host mirrors; `at.stream` must belong to
 /// that device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn launch_compact(
-    ordinal: usize,
-    stream: u64,
-    dtype: DType,
-    kv: &PagedKvLayout,
-    cache: DeviceCache,
-    windows: &DeviceWindows<'_>,
+    at: &PagedLaunch<'_>,
     max_live: i64,
     num_evict: DeviceArray,
     num_evict_host: &[i32],
     survivors: DeviceArray,
     stats: Option<(&StatsLayout, DeviceArray)>,
 ) -> Result<(), CudaError> {
-    validate_cache(kv, &cache)?;
-    windows.validate(kv.block_size, true)?;
+    at.validate()?;
+    let (kv, windows) = (at.kv, at.windows);
     validate_num_evict(
         windows.seq_lens_host,
         windows.live_starts_host,
@@ -71,28 +64,19 @@ pub unsafe fn launch_compact(
         return Ok(());
     }
     survivors.non_null("survivors")?;
-    num_evict.non_null("num_evict")?;
-    if num_evict.len < n {
-        return Err(KernelError::BufferTooSmall {
-            name: "num_evict",
-            have: num_evict.len,
-            need: n,
-        }
-        .into());
-    }
+    num_evict.holding("num_evict", n)?;
     let p = super::params::fkv_compact_params {
-        kv: raw_cache(kv, &cache, dtype),
+        kv: at.raw_cache(),
         win: windows.raw(),
         st: raw_stats(stats),
         survivors: survivors.ptr as *const i32,
         num_evict: num_evict.ptr as *const i32,
         max_live,
     };
-    let rt = Runtime::get(ordinal)?;
     let cfg = Launch {
         grid: (kv.num_kv_heads as u32, grid_dim("num_seqs", n)?, 1),
-        threads: 256,
+        threads: FKV_COMPACT_THREADS,
         shared: 0,
     };
-    launch_kernel(&rt, stream, "fkv_compact", cfg, &p)
+    at.launch("fkv_compact", cfg, &p)
 }

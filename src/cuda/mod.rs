@@ -7,16 +7,16 @@
 
 pub mod buffer;
 pub mod compact;
-pub mod decode;
 pub mod error;
 pub mod fatbin;
 pub mod paged;
+pub mod paged_attention_decode;
 pub mod params;
 pub mod reshape_and_cache;
 pub mod runtime;
-pub mod sample;
-pub mod scorer;
-pub mod select;
+pub mod sample_survivors;
+pub mod scorer_mlp;
+pub mod select_survivors;
 pub mod window_stats;
 
 pub use buffer::DeviceBuffer;
@@ -25,9 +25,9 @@ pub use fatbin::{embedded_fatbin, FatbinEntry, FatbinKind};
 pub use runtime::{DeviceInfo, Runtime};
 
 pub use compact::launch_compact;
-pub use decode::{launch_paged_attention_decode, plan_decode, DecodePlan};
-pub use paged::{DeviceArray, DeviceCache, DeviceWindows};
-pub use sample::{launch_sample_survivors, DeviceSample};
-pub use scorer::{launch_scorer_mlp, DeviceScorerWeights};
-pub use select::launch_select_survivors;
+pub use paged::{DeviceArray, DeviceCache, DeviceWindows, PagedLaunch};
+pub use paged_attention_decode::{launch_paged_attention_decode, plan_decode, DecodePlan};
+pub use sample_survivors::{launch_sample_survivors, DeviceSample};
+pub use scorer_mlp::{launch_scorer_mlp, DeviceScorerWeights};
+pub use select_survivors::launch_select_survivors;
 pub use window_stats::{launch_window_stats, window_stats_workspace_len};

@@ -2,7 +2,7 @@
 //! select_survivors, compact): raw device pointers with the lengths the caller vouches for, the
 //! host mirrors of the window lengths used for validation, and the one launch helper.
 
-use super::params::{fkv_live_windows, fkv_paged_kv, fkv_stats_buf};
+use super::params::{fkv_live_windows, fkv_paged_kv, fkv_stats_buf, FKV_MAX_GRID_YZ};
 use super::{CudaError, Runtime};
 use crate::kernels::paged::{validate_starts, validate_window_lengths};
 use crate::kernels::{KernelError, PagedKvLayout, StatsLayout};
@@ -30,6 +30,19 @@ impl DeviceArray {
         } else {
             Ok(self.ptr)
         }
+    }
+
+    /// Fails with `NullPointer` when the address is 0, `BufferTooSmall` when it holds fewer than
+    /// `need` elements.
+    pub fn holding(&self, name: &'static str, need: usize) -> Result<u64, KernelError> {
+        if self.len < need {
+            return Err(KernelError::BufferTooSmall {
+                name,
+                have: self.len,
+                need,
+            });
+        }
+        self.non_null(name)
     }
 }
 
@@ -68,12 +81,7 @@ impl DeviceWindows<'_> {
 
     /// Longest live window (from the host mirrors).
     pub fn max_live(&self) -> usize {
-        self.seq_lens_host
-            .iter()
-            .zip(self.live_starts_host)
-            .map(|(l, s)| (l - s).max(0) as usize)
-            .max()
-            .unwrap_or(0)
+        crate::kernels::paged::max_live(self.seq_lens_host, self.live_starts_host)
     }
 
     /// Validates lengths (host mirrors) and pointers; block ids are bounds-checked on the device.
@@ -101,7 +109,7 @@ impl DeviceWindows<'_> {
                 return Err(KernelError::NullPointer("live_starts"));
             }
         }
-        if n > 65_535 {
+        if n > FKV_MAX_GRID_YZ as usize {
             return Err(KernelError::InvalidSize {
                 name: "num_seqs",
                 value: n as i64,
@@ -123,13 +131,58 @@ impl DeviceWindows<'_> {
     }
 }
 
+/// What every paged-cache launch shares: the device and the caller's stream (raw `CUstream`; 0 =
+/// legacy default), the cache's element type, layout and device views, and the live windows.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedLaunch<'a> {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// The caller's stream on that device.
+    pub stream: u64,
+    /// Element type of the cache (and of the queries and outputs of the attention kernels).
+    pub dtype: DType,
+    /// Shape and strides of the cache.
+    pub kv: &'a PagedKvLayout,
+    /// The cache on the device.
+    pub cache: DeviceCache,
+    /// The live windows on the device, with their host mirrors.
+    pub windows: &'a DeviceWindows<'a>,
+}
+
+impl PagedLaunch<'_> {
+    /// Validates the cache for the CUDA kernels and the windows against it.
+    pub(crate) fn validate(&self) -> Result<(), KernelError> {
+        validate_cache(self.kv, &self.cache)?;
+        self.windows.validate(self.kv.block_size, true)
+    }
+
+    /// The C view of the cache.
+    pub(crate) fn raw_cache(&self) -> fkv_paged_kv {
+        raw_cache(self.kv, &self.cache, self.dtype)
+    }
+
+    /// Enqueues kernel `name` with `params` on the call's device and stream.
+    ///
+    /// # Safety
+    /// As [`launch_kernel`].
+    pub(crate) unsafe fn launch<P: KernelParams>(
+        &self,
+        name: &'static str,
+        cfg: Launch,
+        params: &P,
+    ) -> Result<(), CudaError> {
+        let rt = Runtime::get(self.ordinal)?;
+        launch_kernel(&rt, self.stream, name, cfg, params)
+    }
+}
+
 /// Validates a cache layout for the CUDA kernels (head dim 64/128/256, buffer lengths, pointers).
 pub(crate) fn validate_cache(kv: &PagedKvLayout, cache: &DeviceCache) -> Result<(), KernelError> {
     kv.validate(cache.key.len, cache.value.len)?;
     kv.validate_cuda_head_dim()?;
     cache.key.non_null("key_cache")?;
     cache.value.non_null("value_cache")?;
-    if kv.num_kv_heads > 65_535 {
+    if kv.num_kv_heads > FKV_MAX_GRID_YZ as i64 {
         return Err(KernelError::InvalidSize {
             name: "num_kv_heads",
             value: kv.num_kv_heads,
@@ -178,6 +231,17 @@ pub(crate) fn raw_stats(stats: Option<(&StatsLayout, DeviceArray)>) -> fkv_stats
     }
 }
 
+/// A kernel's by-value parameter struct (the bindgen structs of csrc/include/fkv_params.h).
+#[cfg(feature = "cuda")]
+pub(crate) trait KernelParams: cudarc::driver::DeviceRepr {}
+#[cfg(feature = "cuda")]
+impl<P: cudarc::driver::DeviceRepr> KernelParams for P {}
+/// A kernel's by-value parameter struct (without the `cuda` feature nothing launches).
+#[cfg(not(feature = "cuda"))]
+pub(crate) trait KernelParams {}
+#[cfg(not(feature = "cuda"))]
+impl<P> KernelParams for P {}
+
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Launch {
@@ -195,7 +259,7 @@ pub(crate) struct Launch {
 /// `params` must point only at device memory valid for the kernel; `stream` must belong to the
 /// runtime's device.
 #[cfg(feature = "cuda")]
-pub(crate) unsafe fn launch_kernel<P: cudarc::driver::DeviceRepr>(
+pub(crate) unsafe fn launch_kernel<P: KernelParams>(
     rt: &Runtime,
     stream: u64,
     name: &'static str,
@@ -229,7 +293,7 @@ pub(crate) unsafe fn launch_kernel<P: cudarc::driver::DeviceRepr>(
 /// # Safety
 /// Never launches.
 #[cfg(not(feature = "cuda"))]
-pub(crate) unsafe fn launch_kernel<P>(
+pub(crate) unsafe fn launch_kernel<P: KernelParams>(
     _rt: &Runtime,
     _stream: u64,
     _name: &'static str,
@@ -241,7 +305,7 @@ pub(crate) unsafe fn launch_kernel<P>(
 
 /// Converts a grid dimension, failing on overflow.
 pub(crate) fn grid_dim(name: &'static str, v: usize) -> Result<u32, KernelError> {
-    if v > 65_535 {
+    if v > FKV_MAX_GRID_YZ as usize {
         return Err(KernelError::InvalidSize {
             name,
             value: v as i64,

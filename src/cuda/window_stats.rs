@@ -1,18 +1,16 @@
 //! Launcher of `fkv_window_stats_{partial,lse,reduce}` (csrc/window_stats.cu) over caller-owned
 //! device memory.
 
-use super::paged::{
-    grid_dim, launch_kernel, raw_cache, raw_stats, validate_cache, DeviceArray, DeviceCache,
-    DeviceWindows, Launch,
-};
-use super::{CudaError, Runtime};
-use crate::kernels::{KernelError, PagedKvLayout, StatsLayout, WindowStatsArgs};
-use crate::DType;
+use super::paged::{grid_dim, raw_stats, DeviceArray, Launch, PagedLaunch};
+use super::CudaError;
+use crate::kernels::{StatsLayout, WindowStatsArgs};
 
-/// Live slots per tile of the window_stats kernels (WS_TILE).
-const TILE: usize = 32;
-/// Threads per block of the tile kernels.
-const THREADS: u32 = 128;
+use super::params::{
+    FKV_WINDOW_STATS_LSE_THREADS, FKV_WINDOW_STATS_THREADS, FKV_WINDOW_STATS_TILE,
+};
+
+/// Live slots per tile of the window_stats kernels.
+const TILE: usize = FKV_WINDOW_STATS_TILE as usize;
 
 /// f32 workspace elements a window_stats call needs:
 /// `num_seqs * num_q_heads * max_queries * (2 * ceil(max_live / 32) + 1)`.
@@ -29,23 +27,18 @@ pub fn window_stats_workspace_len(
         .saturating_mul(tiles.saturating_mul(2).saturating_add(1))
 }
 
-/// Enqueues `window_stats` on `stream` of device `ordinal`: same contract as
+/// Enqueues `window_stats` on `at`'s stream and device: same contract as
 /// [`crate::kernels::window_stats()`]. `cache.value` is not read (pass the key view twice if you
 /// like). `num_queries_host` mirrors the device `num_queries` (int32). `workspace` (f32) must hold
 /// [`window_stats_workspace_len`] elements.
 ///
 /// # Safety
-/// The pointers must be device memory of `ordinal` holding the lengths given, alive until the
-/// kernels complete; the device arrays must match their host mirrors; `stream` must belong to
+/// The pointers must be device memory of `at.ordinal` holding the lengths given, alive until the
+/// kernels complete; the device arrays must match their host mirrors; `at.stream` must belong to
 /// that device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn launch_window_stats(
-    ordinal: usize,
-    stream: u64,
-    dtype: DType,
-    kv: &PagedKvLayout,
-    cache: DeviceCache,
-    windows: &DeviceWindows<'_>,
+    at: &PagedLaunch<'_>,
     args: &WindowStatsArgs,
     queries: DeviceArray,
     num_queries: DeviceArray,
@@ -54,8 +47,8 @@ pub unsafe fn launch_window_stats(
     stats: DeviceArray,
     workspace: DeviceArray,
 ) -> Result<(), CudaError> {
-    validate_cache(kv, &cache)?;
-    windows.validate(kv.block_size, true)?;
+    at.validate()?;
+    let (kv, windows) = (at.kv, at.windows);
     args.validate(
         kv,
         stats_layout,
@@ -70,16 +63,8 @@ pub unsafe fn launch_window_stats(
         return Ok(());
     }
     queries.non_null("queries")?;
-    num_queries.non_null("num_queries")?;
+    num_queries.holding("num_queries", n)?;
     stats.non_null("stats")?;
-    if num_queries.len < n {
-        return Err(KernelError::BufferTooSmall {
-            name: "num_queries",
-            have: num_queries.len,
-            need: n,
-        }
-        .into());
-    }
     let max_live = windows.max_live();
     let need = window_stats_workspace_len(
         n,
@@ -87,18 +72,10 @@ pub unsafe fn launch_window_stats(
         args.max_queries as usize,
         max_live,
     );
-    workspace.non_null("workspace")?;
-    if workspace.len < need {
-        return Err(KernelError::BufferTooSmall {
-            name: "workspace",
-            have: workspace.len,
-            need,
-        }
-        .into());
-    }
+    workspace.holding("workspace", need)?;
     let tiles = max_live.div_ceil(TILE).max(1);
     let p = super::params::fkv_window_stats_params {
-        kv: raw_cache(kv, &cache, dtype),
+        kv: at.raw_cache(),
         win: windows.raw(),
         st: raw_stats(Some((stats_layout, stats))),
         queries: queries.ptr as *const _,
@@ -117,18 +94,17 @@ pub unsafe fn launch_window_stats(
         grid_dim("num_seqs", n)?,
         grid_dim("live tiles", tiles)?,
     );
-    let rt = Runtime::get(ordinal)?;
     let tile_launch = Launch {
         grid,
-        threads: THREADS,
+        threads: FKV_WINDOW_STATS_THREADS,
         shared: 0,
     };
-    launch_kernel(&rt, stream, "fkv_window_stats_partial", tile_launch, &p)?;
+    at.launch("fkv_window_stats_partial", tile_launch, &p)?;
     let lse = Launch {
         grid: (n as u32, 1, 1),
-        threads: 256,
+        threads: FKV_WINDOW_STATS_LSE_THREADS,
         shared: 0,
     };
-    launch_kernel(&rt, stream, "fkv_window_stats_lse", lse, &p)?;
-    launch_kernel(&rt, stream, "fkv_window_stats_reduce", tile_launch, &p)
+    at.launch("fkv_window_stats_lse", lse, &p)?;
+    at.launch("fkv_window_stats_reduce", tile_launch, &p)
 }

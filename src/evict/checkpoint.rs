@@ -10,7 +10,7 @@
 
 use super::tensors::{read_file, serialize, to_f32, write_file, OwnedTensor};
 use super::EvictError;
-use crate::kernels::scorer::scorer_in_dim;
+use crate::kernels::scorer_mlp::scorer_in_dim;
 use crate::kernels::{ScorerWeights, SCORER_HIDDEN};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -255,35 +255,25 @@ pub fn model_shape_from_hf_config(path: &Path) -> Result<ModelShape, EvictError>
     })
 }
 
-/// Arguments of `foresightkv convert-scorer`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ConvertArgs {
-    /// Model directory with the official checkpoint's `*.safetensors` shards and `config.json`.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Output directory of the scorer-only checkpoint.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Budget B the scorer was trained with.
-    #[arg(long)]
-    pub budget: usize,
-    /// Eviction interval L the scorer was trained with.
-    #[arg(long)]
-    pub interval: usize,
-}
-
-/// Runs `foresightkv convert-scorer`: reads every shard, converts, writes, prints a summary.
-pub fn run_convert(args: &ConvertArgs) -> Result<(), EvictError> {
-    let shape = model_shape_from_hf_config(&args.model.join("config.json"))?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.model)
-        .map_err(|e| EvictError::io(&args.model, e))?
+/// Converts the official checkpoint in a Hugging Face model directory (`config.json` plus every
+/// `*.safetensors` shard, read in name order) for a scorer trained with `budget` and `interval`;
+/// returns the checkpoint, the model shape and how many shards were read. The one loader the
+/// command line and the bindings share.
+pub fn convert_official_dir(
+    model_dir: &Path,
+    budget: usize,
+    interval: usize,
+) -> Result<(ScorerCheckpoint, ModelShape, usize), EvictError> {
+    let shape = model_shape_from_hf_config(&model_dir.join("config.json"))?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(model_dir)
+        .map_err(|e| EvictError::io(model_dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
     if files.is_empty() {
         return Err(EvictError::BadCheckpoint {
-            path: args.model.display().to_string(),
+            path: model_dir.display().to_string(),
             why: "no *.safetensors shards".into(),
         });
     }
@@ -291,16 +281,6 @@ pub fn run_convert(args: &ConvertArgs) -> Result<(), EvictError> {
     for p in &files {
         official.add_shard(&p.display().to_string(), &read_file(p)?)?;
     }
-    let ck = convert_official(&official, shape, args.budget, args.interval)?;
-    ck.save(&args.out)?;
-    println!(
-        "converted {} layers x {} KV heads (G {}, head_dim {}) from {} shards to {}",
-        shape.num_layers,
-        shape.num_kv_heads,
-        shape.group_size,
-        shape.head_dim,
-        files.len(),
-        args.out.display()
-    );
-    Ok(())
+    let ck = convert_official(&official, shape, budget, interval)?;
+    Ok((ck, shape, files.len()))
 }

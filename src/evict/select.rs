@@ -3,6 +3,8 @@
 
 use super::philox::SampleKey;
 use super::EvictError;
+use crate::kernels::sample_survivors::{sample_row_victims, sample_survivors, SampleArgs};
+use crate::kernels::select_survivors::top_victims;
 use crate::kernels::{select_survivors, SelectArgs};
 use serde::{Deserialize, Serialize};
 
@@ -64,7 +66,7 @@ pub fn select_victims(
         ));
     }
     match *mode {
-        VictimMode::TopL => top_by_score(scores, req.num_protected, req.num_evict),
+        VictimMode::TopL => Ok(top_victims(scores, req.num_protected, req.num_evict)?),
         VictimMode::Sample { seed, temperature } => {
             if !(temperature.is_finite() && temperature > 0.0) {
                 return Err(EvictError::arg(
@@ -82,21 +84,13 @@ pub fn select_victims(
                 ));
             }
             let key = SampleKey { seed, ..req.key };
-            let pool = (2 * req.num_evict).min(unprotected);
-            let candidates = top_by_score(scores, req.num_protected, pool)?;
-            let mut keyed: Vec<(f64, usize)> = candidates
-                .into_iter()
-                .map(|c| {
-                    (
-                        scores[c] as f64 / temperature as f64 + key.gumbel(c as u32),
-                        c,
-                    )
-                })
-                .collect();
-            keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            let mut victims: Vec<usize> = keyed[..req.num_evict].iter().map(|&(_, c)| c).collect();
-            victims.sort_unstable();
-            Ok(victims)
+            Ok(sample_row_victims(
+                scores,
+                req.num_protected,
+                req.num_evict,
+                &key,
+                temperature,
+            )?)
         }
     }
 }
@@ -133,14 +127,6 @@ pub fn select_survivors_batch(
     survivors: &mut [i32],
 ) -> Result<(), EvictError> {
     let n = batch.seq_lens.len();
-    crate::kernels::select::validate_select(
-        batch.seq_lens,
-        batch.live_starts,
-        &batch.args,
-        batch.num_evict,
-        batch.scores.len(),
-        survivors.len(),
-    )?;
     if batch.requests.len() != n || batch.evictions.len() != n {
         return Err(EvictError::Shape(format!(
             "{} requests and {} eviction counts for {n} sequences",
@@ -159,64 +145,26 @@ pub fn select_survivors_batch(
         )?;
         return Ok(());
     }
-    let (heads, ml) = (
-        batch.args.num_kv_heads as usize,
-        batch.args.max_live as usize,
-    );
-    for s in 0..n {
-        let live = (batch.seq_lens[s] - batch.live_starts[s]) as usize;
-        for kh in 0..heads {
-            let row = (s * heads + kh) * ml;
-            let key = SampleKey {
-                seed: 0,
-                request: batch.requests[s],
-                layer: batch.layer,
-                head: kh as u32,
-                eviction: batch.evictions[s],
-            };
-            let req = VictimRequest {
-                num_protected: batch.args.num_protected as usize,
-                num_evict: batch.num_evict[s] as usize,
-                key,
-            };
-            let victims = select_victims(&batch.scores[row..row + live], &req, mode)?;
-            let mut out = row;
-            let mut next = victims.iter().peekable();
-            for i in 0..live {
-                if next.peek() == Some(&&i) {
-                    next.next();
-                } else {
-                    survivors[out] = i as i32;
-                    out += 1;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The `n` highest-scoring unprotected slots (ascending), through the kernels' `select_survivors`.
-fn top_by_score(scores: &[f32], num_protected: usize, n: usize) -> Result<Vec<usize>, EvictError> {
-    let live = scores.len();
-    let args = SelectArgs {
-        num_kv_heads: 1,
-        max_live: live as i64,
-        num_protected: num_protected as i64,
+    let VictimMode::Sample { seed, temperature } = *mode else {
+        unreachable!("TopL returned above")
     };
-    let mut survivors = vec![0i32; live];
-    select_survivors(
-        &[live as i32],
-        &[0],
+    let args = SampleArgs {
+        select: batch.args,
+        layer: batch.layer,
+        seed,
+        temperature,
+    };
+    sample_survivors(
+        batch.seq_lens,
+        batch.live_starts,
         &args,
-        scores,
-        &[n as i32],
-        &mut survivors,
+        batch.scores,
+        batch.num_evict,
+        batch.requests,
+        batch.evictions,
+        survivors,
     )?;
-    let mut kept = vec![false; live];
-    for &s in &survivors[..live - n] {
-        kept[s as usize] = true;
-    }
-    Ok((0..live).filter(|&i| !kept[i]).collect())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -318,7 +266,7 @@ mod tests {
             let b = select_victims(&scores, &req, &mode).unwrap();
             prop_assert_eq!(&a, &b);
             prop_assert_eq!(a.len(), n);
-            let pool = top_by_score(&scores, prot, (2 * n).min(live - prot)).unwrap();
+            let pool = top_victims(&scores, prot, (2 * n).min(live - prot)).unwrap();
             for v in &a {
                 prop_assert!(pool.contains(v));
                 prop_assert!(*v < live - prot);

@@ -2,7 +2,7 @@
 //! the tail of the live window in their original order, in place.
 
 use super::paged::{LiveWindows, PagedKvLayout, StatsLayout};
-use super::scorer::validate_slot_matrix;
+use super::scorer_mlp::validate_slot_matrix;
 use super::KernelError;
 use crate::Element;
 

@@ -18,21 +18,25 @@
 //!   block manager advances `live_start` by the eviction count and frees the blocks before it.
 
 pub mod compact;
-pub mod decode;
 pub mod error;
 pub mod layout;
 pub mod paged;
+pub mod paged_attention_decode;
 pub mod reshape_and_cache;
-pub mod scorer;
-pub mod select;
+pub mod sample_survivors;
+pub mod scorer_mlp;
+pub mod select_survivors;
 pub mod window_stats;
 
 pub use compact::{compact, KvCacheMut};
-pub use decode::{paged_attention_decode, DecodeArgs};
 pub use error::KernelError;
 pub use layout::CacheWriteLayout;
-pub use paged::{LiveWindows, PagedKvLayout, StatsLayout, NUM_STATS, SCORER_HIDDEN};
+pub use paged::{
+    LiveWindows, PagedKvLayout, StatsLayout, CUDA_HEAD_DIMS, NUM_STATS, SCORER_HIDDEN,
+};
+pub use paged_attention_decode::{paged_attention_decode, DecodeArgs};
 pub use reshape_and_cache::reshape_and_cache;
-pub use scorer::{gelu, scorer_mlp, ScorerWeights};
-pub use select::{score_key, select_survivors, SelectArgs};
+pub use sample_survivors::{sample_survivors, SampleArgs};
+pub use scorer_mlp::{gelu, scorer_mlp, ScorerWeights};
+pub use select_survivors::{score_key, select_survivors, SelectArgs};
 pub use window_stats::{window_stats, WindowStatsArgs};

@@ -2,16 +2,24 @@
 //! place: the K/V cache, the per-sequence live windows (block tables), and the statistics buffer.
 
 use super::KernelError;
+use crate::cuda::params;
 use serde::{Deserialize, Serialize};
 
 /// Largest number of elements any single tensor may have (2^40): rejects absurd sizes early.
 pub(crate) const MAX_ELEMS: i64 = 1 << 40;
 
-/// Number of ForesightKV statistics kept per (live entry, query head).
-pub const NUM_STATS: usize = 8;
+/// Number of ForesightKV statistics kept per (live entry, query head) (`FKV_NUM_STATS`).
+pub const NUM_STATS: usize = params::FKV_NUM_STATS as usize;
 
-/// Hidden width of the scorer MLP.
-pub const SCORER_HIDDEN: usize = 16;
+/// Hidden width of the scorer MLP (`FKV_SCORER_HIDDEN`).
+pub const SCORER_HIDDEN: usize = params::FKV_SCORER_HIDDEN as usize;
+
+/// Head dims the CUDA attention and eviction kernels are built for (`FKV_HEAD_DIM_*`).
+pub const CUDA_HEAD_DIMS: [i64; 3] = [
+    params::FKV_HEAD_DIM_SMALL as i64,
+    params::FKV_HEAD_DIM_MEDIUM as i64,
+    params::FKV_HEAD_DIM_LARGE as i64,
+];
 
 /// Shape and element strides of a paged K/V cache pair (head_dim contiguous).
 ///
@@ -35,13 +43,19 @@ pub struct PagedKvLayout {
 }
 
 impl PagedKvLayout {
-    /// A separate `[num_blocks, block_size, kv_heads, head_dim]` key tensor and value tensor.
-    pub fn contiguous(num_blocks: i64, block_size: i64, num_kv_heads: i64, head_dim: i64) -> Self {
-        let s = [
-            block_size * num_kv_heads * head_dim,
-            num_kv_heads * head_dim,
-            head_dim,
-        ];
+    /// Keys and values with the same (block, token, head) strides: a row of `row` elements per
+    /// (block, token, head), `head_major` putting the head axis before the token axis.
+    fn same_strides(
+        (num_blocks, block_size, num_kv_heads, head_dim): (i64, i64, i64, i64),
+        row: i64,
+        head_major: bool,
+    ) -> Self {
+        let block = block_size * num_kv_heads * row;
+        let s = if head_major {
+            [block, row, block_size * row]
+        } else {
+            [block, num_kv_heads * row, row]
+        };
         Self {
             num_blocks,
             block_size,
@@ -52,22 +66,17 @@ impl PagedKvLayout {
         }
     }
 
+    /// A separate `[num_blocks, block_size, kv_heads, head_dim]` key tensor and value tensor.
+    pub fn contiguous(num_blocks: i64, block_size: i64, num_kv_heads: i64, head_dim: i64) -> Self {
+        let dims = (num_blocks, block_size, num_kv_heads, head_dim);
+        Self::same_strides(dims, head_dim, false)
+    }
+
     /// Separate `[num_blocks, kv_heads, block_size, head_dim]` tensors (vLLM's "HND" layout: the
     /// two halves of its `(2, num_blocks, ...)` cache with stride order `(0, 1, 3, 2, 4)`).
     pub fn head_major(num_blocks: i64, block_size: i64, num_kv_heads: i64, head_dim: i64) -> Self {
-        let s = [
-            num_kv_heads * block_size * head_dim,
-            head_dim,
-            block_size * head_dim,
-        ];
-        Self {
-            num_blocks,
-            block_size,
-            num_kv_heads,
-            head_dim,
-            key_strides: s,
-            value_strides: s,
-        }
+        let dims = (num_blocks, block_size, num_kv_heads, head_dim);
+        Self::same_strides(dims, head_dim, true)
     }
 
     /// One `[num_blocks, block_size, kv_heads, 2 * head_dim]` tensor, K then V in the last axis;
@@ -78,19 +87,8 @@ impl PagedKvLayout {
         num_kv_heads: i64,
         head_dim: i64,
     ) -> Self {
-        let s = [
-            block_size * num_kv_heads * 2 * head_dim,
-            num_kv_heads * 2 * head_dim,
-            2 * head_dim,
-        ];
-        Self {
-            num_blocks,
-            block_size,
-            num_kv_heads,
-            head_dim,
-            key_strides: s,
-            value_strides: s,
-        }
+        let dims = (num_blocks, block_size, num_kv_heads, head_dim);
+        Self::same_strides(dims, 2 * head_dim, false)
     }
 
     /// One `[num_blocks, kv_heads, block_size, 2 * head_dim]` tensor, K then V in the last axis;
@@ -101,19 +99,8 @@ impl PagedKvLayout {
         num_kv_heads: i64,
         head_dim: i64,
     ) -> Self {
-        let s = [
-            num_kv_heads * block_size * 2 * head_dim,
-            2 * head_dim,
-            block_size * 2 * head_dim,
-        ];
-        Self {
-            num_blocks,
-            block_size,
-            num_kv_heads,
-            head_dim,
-            key_strides: s,
-            value_strides: s,
-        }
+        let dims = (num_blocks, block_size, num_kv_heads, head_dim);
+        Self::same_strides(dims, 2 * head_dim, true)
     }
 
     /// Elements between the key view and the value view of a fused layout (head_dim).
@@ -145,9 +132,9 @@ impl PagedKvLayout {
         fits("value_cache", value_len, self.extent(&self.value_strides))
     }
 
-    /// Checks the head dim is one the CUDA kernels are built for (64, 128, 256).
+    /// Checks the head dim is one the CUDA kernels are built for ([`CUDA_HEAD_DIMS`]).
     pub fn validate_cuda_head_dim(&self) -> Result<(), KernelError> {
-        if matches!(self.head_dim, 64 | 128 | 256) {
+        if CUDA_HEAD_DIMS.contains(&self.head_dim) {
             Ok(())
         } else {
             Err(KernelError::InvalidSize {
@@ -190,10 +177,7 @@ impl LiveWindows<'_> {
 
     /// Longest live window of the batch.
     pub fn max_live(&self) -> usize {
-        (0..self.num_seqs())
-            .map(|s| self.live_len(s))
-            .max()
-            .unwrap_or(0)
+        max_live(self.seq_lens, self.live_starts)
     }
 
     /// (block id, offset in block) of live slot `i` of sequence `s` (validated windows only).
@@ -237,6 +221,17 @@ impl LiveWindows<'_> {
         }
         Ok(())
     }
+}
+
+/// Longest live window `seq_lens[s] - live_starts[s]` of a batch (0 for none; a negative one
+/// counts as 0).
+pub fn max_live(seq_lens: &[i32], live_starts: &[i32]) -> usize {
+    seq_lens
+        .iter()
+        .zip(live_starts)
+        .map(|(l, s)| (l - s).max(0) as usize)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Length checks shared by the CPU references and the CUDA launchers (which pass host mirrors of

@@ -1,6 +1,6 @@
 //! CPU reference of `reshape_and_cache`: write new K/V rows into the cache slots a slot mapping names.
 
-use super::{CacheWriteLayout, KernelError};
+use super::{CacheWriteLayout, KernelError, PagedKvLayout};
 use crate::Element;
 
 /// Writes token `i`'s K/V rows to slot `slot_mapping[i]` (block `slot / block_size`, offset
@@ -24,21 +24,19 @@ pub fn reshape_and_cache<T: Element>(
         slot_mapping.len(),
     )?;
     layout.validate_slots(slot_mapping)?;
-    let l = layout;
-    let hd = l.head_dim as usize;
+    let (l, kv) = (layout, &layout.cache);
+    let hd = kv.head_dim as usize;
     for (t, &slot) in slot_mapping.iter().enumerate() {
         if slot < 0 {
             continue;
         }
-        let (block, offset) = (slot / l.block_size, slot % l.block_size);
-        for h in 0..l.num_kv_heads {
+        let (block, offset) = (slot / kv.block_size, slot % kv.block_size);
+        for h in 0..kv.num_kv_heads {
             let t = t as i64;
             let src_k = (t * l.key_strides[0] + h * l.key_strides[1]) as usize;
             let src_v = (t * l.value_strides[0] + h * l.value_strides[1]) as usize;
-            let [kb, kt, kh] = l.key_cache_strides;
-            let [vb, vt, vh] = l.value_cache_strides;
-            let dst_k = (block * kb + offset * kt + h * kh) as usize;
-            let dst_v = (block * vb + offset * vt + h * vh) as usize;
+            let dst_k = PagedKvLayout::offset(&kv.key_strides, block, offset, h);
+            let dst_v = PagedKvLayout::offset(&kv.value_strides, block, offset, h);
             key_cache[dst_k..dst_k + hd].copy_from_slice(&key[src_k..src_k + hd]);
             value_cache[dst_v..dst_v + hd].copy_from_slice(&value[src_v..src_v + hd]);
         }

@@ -3,7 +3,7 @@
 //! overhead. Its efficiency constants can be replaced by measured timings from `bench-kernels` JSON.
 
 use super::error::ReplayError;
-use super::policy::Policy;
+use super::policy_cost::Policy;
 use super::preset::{GpuPreset, ModelPreset};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -385,8 +385,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn reads_what_bench_kernels_writes() {
-        use crate::bench_kernels::{BenchKernelsReport, DecodeRow, EvictRow};
+        use crate::cli::bench_kernels::{BenchKernelsReport, DecodeRow, EvictRow};
         let report = BenchKernelsReport {
             device: "NVIDIA H200".into(),
             unix_time: 0,
@@ -410,6 +411,7 @@ mod tests {
                 window_stats_us: 10.0,
                 scorer_us: 5.0,
                 select_us: 3.0,
+                sample_us: 3.0,
                 compact_us: 6.0,
                 total_us: 24.0,
                 decode_step_us: 50.0,

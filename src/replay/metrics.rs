@@ -1,7 +1,7 @@
 //! What a replay run measures: per-request TTFT and TPOT, throughput, concurrency, preemptions,
 //! KV memory over time and the blocks left allocated at the end, summed up into [`RunMetrics`].
 
-use super::policy::Policy;
+use super::policy_cost::Policy;
 use serde::Serialize;
 
 /// The summary of one run (one policy at one budget), as printed and written to JSON.

@@ -8,133 +8,179 @@ pub mod cost;
 pub mod error;
 pub mod export;
 pub mod metrics;
+#[cfg(feature = "cli")]
 pub mod plot;
-pub mod policy;
+pub mod policy_cost;
 pub mod preset;
 pub mod report;
+pub mod request_trace;
 pub mod scenario;
 pub mod scheduler;
-pub mod trace;
 
 pub use cost::{CostConstants, CostModel, MeasuredTimings};
 pub use error::ReplayError;
 pub use metrics::RunMetrics;
-pub use policy::Policy;
+pub use policy_cost::Policy;
 pub use report::{Report, Setup};
+pub use request_trace::{BundledTrace, Trace, TraceRequest};
 pub use scenario::{OutputLengths, ScenarioKind, ScenarioSpec};
 pub use scheduler::{
     simulate, Admission, BlockOp, NoObserver, Observer, SchedulerConfig, StepView,
 };
-pub use trace::{BundledTrace, Trace, TraceRequest};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use std::path::PathBuf;
 
 /// Arguments of `foresightkv replay`. With none: the bundled conversation trace in the reasoning
 /// scenario on Qwen3-4B / H200, the full cache against ForesightKV at B = 1K, 2K, 4K, L = 128.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ReplayArgs {
     /// Trace: "conv" or "code" (bundled Azure 2023 traces) or a CSV path with the columns
     /// TIMESTAMP, ContextTokens, GeneratedTokens.
-    #[arg(long, default_value = "conv")]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().trace))]
     pub trace: String,
     /// Scenario.
-    #[arg(long, value_enum, default_value_t = ScenarioKind::Reasoning)]
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = ReplayArgs::default().scenario))]
     pub scenario: ScenarioKind,
     /// Requests to replay: the first N of the trace, or N identical ones in the paper setting
     /// [default: 1000 from a trace, 512 in the paper setting].
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub requests: Option<usize>,
     /// Arrival-rate multiplier (2 = arrivals twice as dense).
-    #[arg(long, default_value_t = 1.0)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().rate_scale))]
     pub rate_scale: f64,
     /// Reasoning scenario: median output length (log-normal).
-    #[arg(long, default_value_t = OutputLengths::default().median)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().output_median))]
     pub output_median: f64,
     /// Reasoning scenario: standard deviation of the log output length.
-    #[arg(long, default_value_t = OutputLengths::default().sigma)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().output_sigma))]
     pub output_sigma: f64,
     /// Reasoning scenario: shortest output.
-    #[arg(long, default_value_t = OutputLengths::default().min)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().output_min))]
     pub output_min: u32,
     /// Reasoning scenario: longest output.
-    #[arg(long, default_value_t = OutputLengths::default().max)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().output_max))]
     pub output_max: u32,
     /// Paper setting: prompt length.
-    #[arg(long, default_value_t = 128)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().prompt_len))]
     pub prompt_len: u32,
     /// Paper setting: output length of every request.
-    #[arg(long, default_value_t = 32_768)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().output_len))]
     pub output_len: u32,
     /// Model preset (qwen3-1.7b, qwen3-4b, qwen3-8b, deepseek-r1-distill-qwen-7b, llama-3.1-8b).
-    #[arg(long, default_value = "qwen3-4b")]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().model))]
     pub model: String,
     /// GPU preset (h200, h100, a100-80g or a800, l4).
-    #[arg(long, default_value = "h200")]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().gpu))]
     pub gpu: String,
     /// Share of GPU memory for weights and KV cache.
-    #[arg(long, default_value_t = 0.9)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().mem_fraction))]
     pub mem_fraction: f64,
     /// Eviction policies to compare with the full cache (which always runs).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "foresight")]
+    #[cfg_attr(feature = "cli", arg(long, value_enum, value_delimiter = ',', default_values_t = ReplayArgs::default().policy))]
     pub policy: Vec<Policy>,
     /// Budgets B in tokens (multiples of the block size).
-    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', default_values_t = ReplayArgs::default().budgets))]
     pub budgets: Vec<usize>,
     /// Eviction interval L in tokens.
-    #[arg(long, default_value_t = 128)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().interval))]
     pub interval: usize,
     /// Tokens per KV block.
-    #[arg(long, default_value_t = 16)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().block_size))]
     pub block_size: usize,
     /// Evict generated tokens only; prompts stay whole.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub protect_prompt: bool,
     /// Admission rule.
-    #[arg(long, value_enum, default_value_t = Admission::Footprint)]
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = ReplayArgs::default().admission))]
     pub admission: Admission,
     /// Most sequences running at once.
-    #[arg(long, default_value_t = 1024)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().max_num_seqs))]
     pub max_num_seqs: usize,
     /// Most tokens per step (decode tokens plus prefill chunks).
-    #[arg(long, default_value_t = 8192)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().max_batched_tokens))]
     pub max_batched_tokens: usize,
     /// Stop after this many simulated seconds.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub horizon_s: Option<f64>,
     /// Measured kernel timings (`bench-kernels` JSON) replacing the roofline's constants.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub timings: Option<PathBuf>,
     /// Seed of the output-length draws.
-    #[arg(long, default_value_t = 0)]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = ReplayArgs::default().seed))]
     pub seed: u64,
     /// Write the report as JSON here.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub json: Option<PathBuf>,
     /// Write the PNG plot here.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub plot: Option<PathBuf>,
     /// Write the block-manager operation sequence of the first evicting run (or the full cache's
     /// when none evicts) here as CSV, for bench/vllm_manager_compare.py.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub export_ops: Option<PathBuf>,
     /// No progress bars.
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub quiet: bool,
 }
 
 impl Default for ReplayArgs {
-    /// The defaults of `foresightkv replay` with no arguments.
+    /// The defaults of `foresightkv replay` with no arguments (the command line reads them here).
     fn default() -> Self {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Wrap {
-            #[command(flatten)]
-            args: ReplayArgs,
+        let out = OutputLengths::default();
+        Self {
+            trace: "conv".into(),
+            scenario: ScenarioKind::Reasoning,
+            requests: None,
+            rate_scale: 1.0,
+            output_median: out.median,
+            output_sigma: out.sigma,
+            output_min: out.min,
+            output_max: out.max,
+            prompt_len: 128,
+            output_len: 32_768,
+            model: "qwen3-4b".into(),
+            gpu: "h200".into(),
+            mem_fraction: 0.9,
+            policy: vec![Policy::Foresight],
+            budgets: vec![1024, 2048, 4096],
+            interval: 128,
+            block_size: 16,
+            protect_prompt: false,
+            admission: Admission::Footprint,
+            max_num_seqs: 1024,
+            max_batched_tokens: 8192,
+            horizon_s: None,
+            timings: None,
+            seed: 0,
+            json: None,
+            plot: None,
+            export_ops: None,
+            quiet: false,
         }
-        Wrap::parse_from(["replay"]).args
     }
+}
+
+/// Follows the runs of a replay (the command line draws progress bars from it); called from the
+/// threads that run them.
+pub trait RunProgress: Sync {
+    /// Run `run` (of `configs`, in order), labelled `label`, starts over `total` requests.
+    fn started(&self, run: usize, label: &str, total: usize);
+    /// Run `run` has finished `done` requests.
+    fn advanced(&self, run: usize, done: usize);
+    /// Run `run` is over.
+    fn finished(&self, run: usize);
+}
+
+/// No progress reporting.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl RunProgress for NoProgress {
+    fn started(&self, _run: usize, _label: &str, _total: usize) {}
+    fn advanced(&self, _run: usize, _done: usize) {}
+    fn finished(&self, _run: usize) {}
 }
 
 /// Requests replayed by default from a trace (enough to saturate an H200 with reasoning outputs at
@@ -191,8 +237,8 @@ pub fn run_configs(
     Ok(configs)
 }
 
-/// Runs the whole replay described by `args` and returns its report.
-pub fn replay(args: &ReplayArgs) -> Result<Report, ReplayError> {
+/// Runs the whole replay described by `args` and returns its report; `progress` follows each run.
+pub fn replay(args: &ReplayArgs, progress: &dyn RunProgress) -> Result<Report, ReplayError> {
     let trace = load_trace(&args.trace)?;
     let requests_n = args.requests.unwrap_or(match args.scenario {
         ScenarioKind::Paper => DEFAULT_PAPER_REQUESTS,
@@ -227,36 +273,26 @@ pub fn replay(args: &ReplayArgs) -> Result<Report, ReplayError> {
     let configs = run_configs(args, num_blocks)?;
     let export_index = configs.iter().position(|c| c.policy.evicts()).unwrap_or(0);
 
-    let bars = MultiProgress::with_draw_target(if args.quiet {
-        ProgressDrawTarget::hidden()
-    } else {
-        ProgressDrawTarget::stderr()
-    });
-    let style =
-        ProgressStyle::with_template("{prefix:>16} [{bar:30}] {pos}/{len} requests {elapsed}")
-            .map_err(|e| ReplayError::Config(e.to_string()))?
-            .progress_chars("=> ");
     let runs: Vec<Result<RunMetrics, ReplayError>> = configs
         .par_iter()
         .enumerate()
         .map(|(i, cfg)| {
-            let bar = bars.add(ProgressBar::new(requests.len() as u64));
-            bar.set_style(style.clone());
-            bar.set_prefix(match cfg.budget {
+            let label = match cfg.budget {
                 Some(b) => format!("{} B={b}", cfg.policy.name()),
                 None => cfg.policy.name().to_string(),
-            });
-            let progress = |done: usize| bar.set_position(done as u64);
+            };
+            progress.started(i, &label, requests.len());
+            let advanced = |done: usize| progress.advanced(i, done);
             let result = match (&args.export_ops, i == export_index) {
                 (Some(path), true) => {
                     let mut exporter = export::OpExporter::create(path)?;
-                    let r = simulate(&requests, cfg, &cost, &mut exporter, Some(&progress));
+                    let r = simulate(&requests, cfg, &cost, &mut exporter, Some(&advanced));
                     exporter.finish()?;
                     r
                 }
-                _ => simulate(&requests, cfg, &cost, &mut NoObserver, Some(&progress)),
+                _ => simulate(&requests, cfg, &cost, &mut NoObserver, Some(&advanced)),
             };
-            bar.finish();
+            progress.finished(i);
             result
         })
         .collect();
@@ -283,17 +319,4 @@ pub fn replay(args: &ReplayArgs) -> Result<Report, ReplayError> {
         },
         runs,
     })
-}
-
-/// Runs `foresightkv replay`: prints the table, writes the JSON and the PNG when asked.
-pub fn run(args: &ReplayArgs) -> Result<(), ReplayError> {
-    let report = replay(args)?;
-    print!("{}", report.table());
-    if let Some(path) = &args.json {
-        report.write_json(path)?;
-    }
-    if let Some(path) = &args.plot {
-        plot::write_png(&report, path)?;
-    }
-    Ok(())
 }

@@ -3,7 +3,7 @@
 //! crate, so no system font library is needed.
 
 use super::error::ReplayError;
-use super::policy::Policy;
+use super::policy_cost::Policy;
 use super::report::Report;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};

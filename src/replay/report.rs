@@ -3,7 +3,7 @@
 
 use super::error::ReplayError;
 use super::metrics::RunMetrics;
-use super::policy::Policy;
+use super::policy_cost::Policy;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::Path;

@@ -4,13 +4,14 @@
 //! batch is limited by KV memory alone).
 
 use super::error::ReplayError;
-use super::trace::{Trace, TraceRequest};
+use super::request_trace::{Trace, TraceRequest};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 /// Which scenario to replay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum ScenarioKind {
     /// Arrivals, prompt and output lengths as recorded in the trace.
@@ -148,7 +149,7 @@ impl ScenarioSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replay::trace::BundledTrace;
+    use crate::replay::request_trace::BundledTrace;
     use proptest::prelude::*;
 
     fn spec(kind: ScenarioKind) -> ScenarioSpec {

@@ -7,14 +7,15 @@
 use super::cost::{CostModel, StepWork};
 use super::error::ReplayError;
 use super::metrics::{Recorder, RunMetrics};
-use super::policy::Policy;
-use super::trace::TraceRequest;
+use super::policy_cost::Policy;
+use super::request_trace::TraceRequest;
 use crate::block::{BlockError, CacheConfig, EvictionConfig, KvCacheManager, SeqId};
 use serde::Serialize;
 use std::collections::VecDeque;
 
 /// How waiting requests are admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Admission {
     /// Admit while the footprints all running sequences will hold at their peak fit in the pool

@@ -6,8 +6,33 @@
 use foresightkv::kernels::{LiveWindows, PagedKvLayout, StatsLayout, NUM_STATS};
 use foresightkv::Element;
 use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// The reason every GPU test is `#[ignore]`d with; scripts/gpu_check.sh runs them with `--ignored`.
+pub const NEEDS_GPU: &str = "needs a CUDA GPU";
+
+/// Fails the (ignored, explicitly requested) GPU test at once, saying why, when this build has no
+/// kernels or no GPU is visible.
+pub fn require_gpu() {
+    if let Err(e) = foresightkv::cuda::embedded_fatbin() {
+        panic!("this GPU test cannot run: {e}");
+    }
+    assert!(
+        foresightkv::cuda::runtime::gpu_available(),
+        "this GPU test cannot run: no CUDA GPU visible (driver missing or no device)"
+    );
+}
+
+/// A proptest runner of `cases` cases that persists no failures.
+pub fn runner(cases: u32) -> TestRunner {
+    TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
 
 /// How the cache tensors are laid out in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

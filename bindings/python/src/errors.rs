@@ -4,6 +4,7 @@ use foresightkv::block::BlockError;
 use foresightkv::cuda::CudaError;
 use foresightkv::evict::EvictError;
 use foresightkv::kernels::KernelError;
+use foresightkv::ops::OpError;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -137,6 +138,14 @@ pub fn cuda_error(func: &str, e: CudaError) -> PyErr {
         CudaError::Driver { .. } | CudaError::Fatbin(_) => {
             error(Kind::Cuda, format!("{func}: {e}"))
         }
+    }
+}
+
+/// The Python exception of a kernel op's error, prefixed with the function name.
+pub fn op_error(func: &str, e: OpError) -> PyErr {
+    match e {
+        OpError::Kernel(k) => kernel_error(func, k),
+        OpError::Cuda(c) => cuda_error(func, c),
     }
 }
 

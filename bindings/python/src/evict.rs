@@ -6,11 +6,11 @@ use crate::args::{self, opt_float};
 use crate::errors::{error, evict_error, Kind};
 use crate::tensor::{ElemType, Raw, Tensor};
 use foresightkv::evict::convert;
-use foresightkv::evict::tensors::{read_file, serialize, write_file};
+use foresightkv::evict::tensors::{serialize, write_file};
 use foresightkv::evict::{
-    self, choose_victims, EvictError, EvictionPolicy, EvictionView, ForesightPolicy, ModelShape,
-    SampleKey, Schedule, ScorerCheckpoint, ScorerConfig, SimOptions, SyntheticConfig, Trace,
-    TraceShape, VictimMode,
+    self, choose_victims, EvictionPolicy, EvictionView, ForesightPolicy, ModelShape, SampleKey,
+    Schedule, ScorerCheckpoint, ScorerConfig, SimOptions, SyntheticConfig, Trace, TraceShape,
+    VictimMode,
 };
 use foresightkv::kernels::{NUM_STATS, SCORER_HIDDEN};
 use pyo3::prelude::*;
@@ -111,30 +111,8 @@ impl PyScorerCheckpoint {
         let dir = path_arg("model_dir", model_dir)?;
         let budget = args::size("budget", budget)?;
         let interval = args::size("interval", interval)?;
-        let ck = py
-            .detach(move || -> Result<ScorerCheckpoint, EvictError> {
-                let shape = convert::model_shape_from_hf_config(&dir.join("config.json"))?;
-                let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                    .map_err(|source| EvictError::Io {
-                        path: dir.display().to_string(),
-                        source,
-                    })?
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                    .collect();
-                files.sort();
-                if files.is_empty() {
-                    return Err(EvictError::BadCheckpoint {
-                        path: dir.display().to_string(),
-                        why: "no *.safetensors shards".into(),
-                    });
-                }
-                let mut official = convert::OfficialTensors::default();
-                for f in &files {
-                    official.add_shard(&f.display().to_string(), &read_file(f)?)?;
-                }
-                convert::convert_official(&official, shape, budget, interval)
-            })
+        let (ck, _, _) = py
+            .detach(move || convert::convert_official_dir(&dir, budget, interval))
             .map_err(|e| evict_error(F, e))?;
         Ok(Self {
             inner: Arc::new(ck),
@@ -740,6 +718,7 @@ fn schedule_arg(
 /// kept, relative output error, queries, evictions) and, with `record`, every eviction.
 #[pyfunction]
 #[pyo3(signature = (trace, policy, budget, interval, *, request = None, record = None, prompt_len = None))]
+#[allow(clippy::too_many_arguments)]
 pub fn simulate<'py>(
     py: Python<'py>,
     trace: &Bound<'py, PyAny>,

@@ -1,64 +1,39 @@
-//! The kernels as Python functions over tensors: every argument is validated (type, dtype, device,
-//! shape, strides, aliasing) before memory is touched, then the kernel runs with the GIL released:
-//! the CPU reference for host tensors, the CUDA launcher on PyTorch's current stream for CUDA ones.
+//! The kernels as Python functions over tensors. This file only extracts: every tensor is checked
+//! (type, dtype, device, shape, strides, aliasing) and turned into the layout and [`Buf`]s of its
+//! op in `foresightkv::ops`, which validates the call once and runs the CPU reference for host
+//! tensors or the CUDA launcher on PyTorch's current stream for CUDA ones, with the GIL released.
+//! Errors become `foresightkv.Error` subclasses naming the function and the offending value.
 
 use crate::args;
-use crate::errors::{cuda_error, error, kernel_error, Kind};
-use crate::tensor::{
-    check_outputs, same_device, torch_stream, Device, ElemType, Raw, Tensor, FLOATS,
-};
-use foresightkv::cuda::reshape_and_cache::{
-    launch_reshape_and_cache, CacheWriteLens, CacheWritePtrs,
-};
-use foresightkv::cuda::{
-    launch_compact, launch_paged_attention_decode, launch_scorer_mlp, launch_select_survivors,
-    launch_window_stats, plan_decode, window_stats_workspace_len, CudaError, DeviceArray,
-    DeviceCache, DeviceScorerWeights, DeviceWindows,
-};
+use crate::errors::{cuda_error, error, op_error, Kind};
+use crate::tensor::{check_outputs, same_device, torch_stream, Device, ElemType, Tensor, FLOATS};
+use foresightkv::cuda::CudaError;
 use foresightkv::kernels::{
-    self, CacheWriteLayout, DecodeArgs, KvCacheMut, LiveWindows, PagedKvLayout, ScorerWeights,
-    SelectArgs, StatsLayout, WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
+    CacheWriteLayout, DecodeArgs, PagedKvLayout, SampleArgs, SelectArgs, StatsLayout,
+    WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
 };
-use half::{bf16, f16};
+use foresightkv::ops::{self, scorer_mlp::ScorerBufs, Buf, Cache, Place};
+use foresightkv::DType;
 use pyo3::prelude::*;
 
-/// Runs `$body` with `$T` bound to the Rust element type of float dtype `$dtype`.
-macro_rules! with_float {
-    ($dtype:expr, $T:ident => $body:expr) => {
-        match $dtype {
-            ElemType::F32 => {
-                type $T = f32;
-                $body
-            }
-            ElemType::F16 => {
-                type $T = f16;
-                $body
-            }
-            ElemType::Bf16 => {
-                type $T = bf16;
-                $body
-            }
-            other => Err(error(
-                Kind::DType,
-                format!("unsupported cache dtype {}", other.name()),
-            )),
-        }
-    };
-}
-
-/// Where a kernel call runs: the CPU reference, or CUDA device `ordinal` on PyTorch's current stream.
-enum Target {
-    Host,
-    Cuda { ordinal: usize, stream: u64 },
-}
-
-/// Requires every tensor on one device; for CUDA, requires the kernels and fetches the stream.
-fn target(py: Python<'_>, func: &str, tensors: &[&Tensor<'_>]) -> PyResult<Target> {
+/// Where the tensors of a call live: every tensor on one device; for CUDA, the kernels must be
+/// compiled in, and the call goes to PyTorch's current stream of that device.
+fn place(py: Python<'_>, func: &str, tensors: &[&Tensor<'_>]) -> PyResult<Place> {
     match same_device(tensors)? {
-        Device::Cpu => Ok(Target::Host),
+        Device::Cpu => Ok(Place::Host),
         Device::Cuda(ordinal) => {
-            require_kernels(func, tensors[0])?;
-            Ok(Target::Cuda {
+            match foresightkv::cuda::embedded_fatbin() {
+                Ok(_) => {}
+                Err(e @ (CudaError::KernelsNotCompiled | CudaError::FeatureDisabled)) => {
+                    let t = tensors[0];
+                    return Err(error(
+                        Kind::Device,
+                        format!("{func}: {} is a CUDA tensor ({}) but {e}", t.name, t.device),
+                    ));
+                }
+                Err(e) => return Err(cuda_error(func, e)),
+            }
+            Ok(Place::Cuda {
                 ordinal,
                 stream: torch_stream(py, ordinal)?,
             })
@@ -66,13 +41,23 @@ fn target(py: Python<'_>, func: &str, tensors: &[&Tensor<'_>]) -> PyResult<Targe
     }
 }
 
-/// The address and element count of a tensor, as a CUDA launcher takes it.
-fn dev(t: &Tensor<'_>) -> DeviceArray {
-    DeviceArray::new(t.ptr as u64, t.extent)
+/// A tensor's memory as an op takes it.
+fn buf(t: &Tensor<'_>) -> Buf {
+    Buf::new(t.ptr as u64, t.extent)
+}
+
+/// The cache element type of a float tensor.
+fn cache_dtype(t: &Tensor<'_>) -> PyResult<DType> {
+    t.dtype.cache_dtype().ok_or_else(|| {
+        error(
+            Kind::DType,
+            format!("{} has dtype {}, not a cache dtype", t.name, t.dtype_name),
+        )
+    })
 }
 
 /// The values of an int32 vector on the host: read in place, or copied from the device with
-/// `.cpu()` (which waits for the device).
+/// `.cpu()` (which waits for the device): the host copies an op validates before a launch.
 fn host_i32(t: &Tensor<'_>) -> PyResult<Vec<i32>> {
     if t.device == Device::Cpu {
         // SAFETY: host int32 1-D tensor (checked by the caller).
@@ -84,14 +69,18 @@ fn host_i32(t: &Tensor<'_>) -> PyResult<Vec<i32>> {
     Ok(unsafe { h.read_strided::<i32>() })
 }
 
-/// A float32 workspace of `len` elements on CUDA device `ordinal`, from PyTorch's allocator.
+/// A float32 workspace of `len` elements at `place`, from PyTorch's allocator (none on the host or
+/// when `len` is 0); the tensor is returned so the caller keeps it alive over the call.
 fn workspace<'py>(
     py: Python<'py>,
-    ordinal: usize,
+    place: Place,
     len: usize,
-) -> PyResult<(Option<Bound<'py, PyAny>>, DeviceArray)> {
+) -> PyResult<(Option<Bound<'py, PyAny>>, Buf)> {
+    let Place::Cuda { ordinal, .. } = place else {
+        return Ok((None, Buf::default()));
+    };
     if len == 0 {
-        return Ok((None, DeviceArray::default()));
+        return Ok((None, Buf::default()));
     }
     let torch = py.import("torch")?;
     let kwargs = pyo3::types::PyDict::new(py);
@@ -99,19 +88,7 @@ fn workspace<'py>(
     kwargs.set_item("device", format!("cuda:{ordinal}"))?;
     let t = torch.call_method("empty", (len,), Some(&kwargs))?;
     let ptr: u64 = t.call_method0("data_ptr")?.extract()?;
-    Ok((Some(t), DeviceArray::new(ptr, len)))
-}
-
-/// Requires the CUDA kernels to be compiled in; names the tensor that asked for them.
-fn require_kernels(func: &str, t: &Tensor<'_>) -> PyResult<()> {
-    match foresightkv::cuda::embedded_fatbin() {
-        Ok(_) => Ok(()),
-        Err(e @ CudaError::KernelsNotCompiled) | Err(e @ CudaError::FeatureDisabled) => Err(error(
-            Kind::Device,
-            format!("{func}: {} is a CUDA tensor ({}) but {e}", t.name, t.device),
-        )),
-        Err(e) => Err(cuda_error(func, e)),
-    }
+    Ok((Some(t), Buf::new(ptr, len)))
 }
 
 /// Extracts a K/V cache pair `[num_blocks, block_size, num_kv_heads, head_dim]` (any strides,
@@ -140,73 +117,11 @@ fn cache_pair<'py>(
     Ok((k, v, layout))
 }
 
-/// Block tables `[num_seqs, width]`, `seq_lens` and `live_starts` `[num_seqs]`, int32, contiguous.
-struct Windows<'py> {
-    block_tables: Tensor<'py>,
-    seq_lens: Tensor<'py>,
-    live_starts: Tensor<'py>,
-}
-
-impl<'py> Windows<'py> {
-    fn extract(
-        block_tables: &Bound<'py, PyAny>,
-        seq_lens: &Bound<'py, PyAny>,
-        live_starts: &Bound<'py, PyAny>,
-        num_seqs: i64,
-    ) -> PyResult<Self> {
-        let bt = Tensor::extract("block_tables", block_tables)?;
-        let sl = Tensor::extract("seq_lens", seq_lens)?;
-        let ls = Tensor::extract("live_starts", live_starts)?;
-        bt.expect_dtype(&[ElemType::I32])?;
-        bt.expect_ndim(2)?;
-        bt.expect_contiguous()?;
-        bt.expect_dim(0, num_seqs, "one row per sequence")?;
-        for t in [&sl, &ls] {
-            t.expect_dtype(&[ElemType::I32])?;
-            t.expect_ndim(1)?;
-            t.expect_contiguous()?;
-            t.expect_dim(0, num_seqs, "one entry per sequence")?;
-        }
-        Ok(Self {
-            block_tables: bt,
-            seq_lens: sl,
-            live_starts: ls,
-        })
-    }
-
-    fn tensors(&self) -> [&Tensor<'py>; 3] {
-        [&self.block_tables, &self.seq_lens, &self.live_starts]
-    }
-
-    fn raw(&self) -> RawWindows {
-        RawWindows {
-            block_tables: self.block_tables.raw(),
-            stride: self.block_tables.shape[1],
-            seq_lens: self.seq_lens.raw(),
-            live_starts: self.live_starts.raw(),
-        }
-    }
-}
-
-/// [`Windows`] as plain numbers, for code running without the GIL.
-#[derive(Clone, Copy)]
-struct RawWindows {
-    block_tables: Raw,
-    stride: i64,
-    seq_lens: Raw,
-    live_starts: Raw,
-}
-
-impl RawWindows {
-    /// # Safety
-    /// The tensors must be alive, on the host, int32, and not written concurrently.
-    unsafe fn get<'a>(self) -> LiveWindows<'a> {
-        LiveWindows {
-            block_tables: self.block_tables.slice(),
-            block_table_stride: self.stride,
-            seq_lens: self.seq_lens.slice(),
-            live_starts: self.live_starts.slice(),
-        }
+/// The op view of a cache pair.
+fn cache(k: &Tensor<'_>, v: &Tensor<'_>) -> Cache {
+    Cache {
+        key: buf(k),
+        value: buf(v),
     }
 }
 
@@ -223,6 +138,85 @@ fn int32_vector<'py>(
     t.expect_contiguous()?;
     t.expect_dim(0, n, what)?;
     Ok(t)
+}
+
+/// Block tables `[num_seqs, width]` (optional), `seq_lens` and `live_starts` `[num_seqs]`, int32,
+/// contiguous.
+struct Windows<'py> {
+    block_tables: Option<Tensor<'py>>,
+    seq_lens: Tensor<'py>,
+    live_starts: Tensor<'py>,
+}
+
+impl<'py> Windows<'py> {
+    fn extract(
+        block_tables: Option<&Bound<'py, PyAny>>,
+        seq_lens: &Bound<'py, PyAny>,
+        live_starts: &Bound<'py, PyAny>,
+        num_seqs: i64,
+    ) -> PyResult<Self> {
+        let bt = block_tables
+            .map(|obj| {
+                let bt = Tensor::extract("block_tables", obj)?;
+                bt.expect_dtype(&[ElemType::I32])?;
+                bt.expect_ndim(2)?;
+                bt.expect_contiguous()?;
+                bt.expect_dim(0, num_seqs, "one row per sequence")?;
+                Ok::<_, PyErr>(bt)
+            })
+            .transpose()?;
+        let what = "one entry per sequence";
+        Ok(Self {
+            block_tables: bt,
+            seq_lens: int32_vector("seq_lens", seq_lens, num_seqs, what)?,
+            live_starts: int32_vector("live_starts", live_starts, num_seqs, what)?,
+        })
+    }
+
+    fn tensors(&self) -> Vec<&Tensor<'py>> {
+        let mut all: Vec<&Tensor<'py>> = self.block_tables.iter().collect();
+        all.extend([&self.seq_lens, &self.live_starts]);
+        all
+    }
+
+    /// The windows as plain numbers with their host copies, for the op.
+    fn host(&self) -> PyResult<HostWindows> {
+        let (bt, stride) = match &self.block_tables {
+            Some(t) => (buf(t), t.shape[1]),
+            None => (Buf::default(), 0),
+        };
+        Ok(HostWindows {
+            block_tables: bt,
+            stride,
+            seq_lens: buf(&self.seq_lens),
+            live_starts: buf(&self.live_starts),
+            lens: host_i32(&self.seq_lens)?,
+            starts: host_i32(&self.live_starts)?,
+        })
+    }
+}
+
+/// [`Windows`] without the GIL: buffers plus host copies of the lengths.
+struct HostWindows {
+    block_tables: Buf,
+    stride: i64,
+    seq_lens: Buf,
+    live_starts: Buf,
+    lens: Vec<i32>,
+    starts: Vec<i32>,
+}
+
+impl HostWindows {
+    fn get(&self) -> ops::Windows<'_> {
+        ops::Windows {
+            block_tables: self.block_tables,
+            block_table_stride: self.stride,
+            seq_lens: self.seq_lens,
+            live_starts: self.live_starts,
+            seq_lens_host: &self.lens,
+            live_starts_host: &self.starts,
+        }
+    }
 }
 
 /// A float32 statistics buffer `[num_blocks, block_size, num_kv_heads, group_size, 8]` whose last
@@ -243,10 +237,20 @@ fn stats_buffer<'py>(obj: &Bound<'py, PyAny>) -> PyResult<(Tensor<'py>, StatsLay
     Ok((s, layout))
 }
 
-fn scale_or_default(scale: Option<f64>, head_dim: i64) -> f32 {
-    scale
+/// A float32 per-slot matrix `[num_seqs, num_kv_heads, max_live]`, contiguous.
+fn slot_matrix<'py>(name: &str, obj: &Bound<'py, PyAny>, dtype: ElemType) -> PyResult<Tensor<'py>> {
+    let t = Tensor::extract(name, obj)?;
+    t.expect_dtype(&[dtype])?;
+    t.expect_ndim(3)?;
+    t.expect_contiguous()?;
+    Ok(t)
+}
+
+/// The softmax scale: the given one, or `1 / sqrt(head_dim)`.
+fn scale_or_default(scale: Option<&Bound<'_, PyAny>>, head_dim: i64) -> PyResult<f32> {
+    Ok(args::opt_float("scale", scale)?
         .map(|s| s as f32)
-        .unwrap_or_else(|| 1.0 / (head_dim.max(1) as f32).sqrt())
+        .unwrap_or_else(|| 1.0 / (head_dim.max(1) as f32).sqrt()))
 }
 
 /// Writes each token's K/V rows into the cache slots `slot_mapping` names (negative = padding).
@@ -284,70 +288,28 @@ pub fn reshape_and_cache<'py>(
     sm.expect_contiguous()?;
     sm.expect_dim(0, k.shape[0], "one slot per token")?;
     let all = [&k, &v, &kc, &vc, &sm];
-    let device = same_device(&all)?;
+    let at = place(py, F, &all)?;
+    check_outputs(&[&kc, &vc], &all)?;
     let layout = CacheWriteLayout {
+        cache: kv,
         num_tokens: k.shape[0],
-        num_kv_heads: k.shape[1],
-        head_dim: k.shape[2],
-        block_size: kv.block_size,
-        num_blocks: kv.num_blocks,
         key_strides: [k.stride(0), k.stride(1)],
         value_strides: [v.stride(0), v.stride(1)],
-        key_cache_strides: kv.key_strides,
-        value_cache_strides: kv.value_strides,
     };
-    match device {
-        Device::Cpu => {
-            check_outputs(&[&kc, &vc], &all)?;
-            let (rk, rv, rkc, rvc, rs) = (k.raw(), v.raw(), kc.raw(), vc.raw(), sm.raw());
-            with_float!(k.dtype, T => py
-                .detach(move || {
-                    // SAFETY: host tensors of dtype T (checked), alive for this call; the two caches
-                    // are disjoint from each other and from every input (check_outputs).
-                    unsafe {
-                        kernels::reshape_and_cache::<T>(
-                            &layout,
-                            rk.slice(),
-                            rv.slice(),
-                            rkc.slice_mut(),
-                            rvc.slice_mut(),
-                            rs.slice(),
-                        )
-                    }
-                })
-                .map_err(|e| kernel_error(F, e)))
-        }
-        Device::Cuda(ordinal) => {
-            kc.expect_writable()?;
-            vc.expect_writable()?;
-            require_kernels(F, &kc)?;
-            let dtype = k
-                .dtype
-                .cache_dtype()
-                .ok_or_else(|| error(Kind::DType, "unsupported dtype"))?;
-            let stream = torch_stream(py, ordinal)?;
-            let ptrs = CacheWritePtrs {
-                key: k.ptr as u64,
-                value: v.ptr as u64,
-                key_cache: kc.ptr as u64,
-                value_cache: vc.ptr as u64,
-                slot_mapping: sm.ptr as u64,
-            };
-            let lens = CacheWriteLens {
-                key: k.extent,
-                value: v.extent,
-                key_cache: kc.extent,
-                value_cache: vc.extent,
-            };
-            py.detach(move || {
-                // SAFETY: CUDA tensors of `ordinal` with the extents computed from their own shapes
-                // and strides, kept alive by the caller's references; the stream is PyTorch's
-                // current stream of that device, so the caching allocator orders reuse after it.
-                unsafe { launch_reshape_and_cache(ordinal, stream, dtype, &layout, ptrs, lens) }
-            })
-            .map_err(|e| cuda_error(F, e))
-        }
-    }
+    let (dtype, c, kb, vb, sb) = (
+        cache_dtype(&k)?,
+        cache(&kc, &vc),
+        buf(&k),
+        buf(&v),
+        buf(&sm),
+    );
+    py.detach(move || {
+        // SAFETY: every buffer is a tensor of `at` with the dtype and extent checked above, kept
+        // alive by the caller's references; the caches overlap no input (check_outputs); on CUDA the
+        // stream is PyTorch's current one, so its caching allocator orders reuse after the kernel.
+        unsafe { ops::reshape_and_cache::reshape_and_cache(at, dtype, &layout, c, kb, vb, sb) }
+    })
+    .map_err(|e| op_error(F, e))
 }
 
 /// Decode attention: each sequence's query (all heads) over its live window of the paged cache.
@@ -376,73 +338,44 @@ pub fn paged_attention_decode<'py>(
     let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
     kc.expect_same_dtype(&q)?;
     kc.expect_dim(3, q.shape[2], "head_dim of query")?;
-    let w = Windows::extract(block_tables, seq_lens, live_starts, q.shape[0])?;
+    let w = Windows::extract(Some(block_tables), seq_lens, live_starts, q.shape[0])?;
     let o = Tensor::extract("out", out)?;
     o.expect_same_dtype(&q)?;
     o.expect_shape(&q.shape, "the shape of query")?;
     o.expect_inner_contiguous(1)?;
-    let [bt, sl, ls] = w.tensors();
-    let all = [&q, &kc, &vc, bt, sl, ls, &o];
-    let tgt = target(py, F, &all)?;
+    let mut all = vec![&q, &kc, &vc, &o];
+    all.extend(w.tensors());
+    let at = place(py, F, &all)?;
     check_outputs(&[&o], &all)?;
     let args = DecodeArgs {
         num_q_heads: q.shape[1],
         query_strides: [q.stride(0), q.stride(1)],
         out_strides: [o.stride(0), o.stride(1)],
-        scale: scale_or_default(args::opt_float("scale", scale)?, q.shape[2]),
+        scale: scale_or_default(scale, q.shape[2])?,
     };
-    if let Target::Cuda { ordinal, stream } = tgt {
-        let (lens, starts) = (host_i32(sl)?, host_i32(ls)?);
-        let max_live = lens
-            .iter()
-            .zip(&starts)
-            .map(|(l, s)| (l - s).max(0) as usize)
-            .max()
-            .unwrap_or(0);
-        let plan = plan_decode(&kv, args.num_q_heads, lens.len(), max_live)
-            .map_err(|e| kernel_error(F, e))?;
-        let (_ws_keep, ws) = workspace(py, ordinal, plan.workspace_len)?;
-        let dtype = q
-            .dtype
-            .cache_dtype()
-            .ok_or_else(|| error(Kind::DType, "unsupported dtype"))?;
-        let cache = DeviceCache {
-            key: dev(&kc),
-            value: dev(&vc),
-        };
-        let (bt_ptr, sl_ptr, ls_ptr, stride) =
-            (bt.ptr as u64, sl.ptr as u64, ls.ptr as u64, bt.shape[1]);
-        let (qa, oa) = (dev(&q), dev(&o));
-        return py
-            .detach(move || {
-                let windows = DeviceWindows {
-                    block_tables: bt_ptr,
-                    seq_lens: sl_ptr,
-                    live_starts: ls_ptr,
-                    block_table_stride: stride,
-                    seq_lens_host: &lens,
-                    live_starts_host: &starts,
-                };
-                // SAFETY: CUDA tensors of `ordinal` with extents from their own shapes and strides,
-                // alive while the caller holds them; host mirrors copied from the device tensors.
-                unsafe {
-                    launch_paged_attention_decode(
-                        ordinal, stream, dtype, &kv, cache, &windows, &args, qa, oa, ws,
-                    )
-                }
-            })
-            .map(|_| ())
-            .map_err(|e| cuda_error(F, e));
-    }
-    let (rq, rk, rv, ro, rw) = (q.raw(), kc.raw(), vc.raw(), o.raw(), w.raw());
-    with_float!(q.dtype, T => py
-        .detach(move || {
-            // SAFETY: host tensors of the checked dtypes, alive for this call; `out` overlaps nothing.
-            unsafe {
-                kernels::paged_attention_decode::<T>(&kv, &rw.get(), &args, rq.slice(), rk.slice(), rv.slice(), ro.slice_mut())
-            }
-        })
-        .map_err(|e| kernel_error(F, e)))
+    let hw = w.host()?;
+    let ws_len = ops::paged_attention_decode::workspace_len(at, &kv, args.num_q_heads, &hw.get())
+        .map_err(|e| op_error(F, e))?;
+    let (_ws_keep, ws) = workspace(py, at, ws_len)?;
+    let (dtype, c, qb, ob) = (cache_dtype(&q)?, cache(&kc, &vc), buf(&q), buf(&o));
+    py.detach(move || {
+        // SAFETY: as in reshape_and_cache; the host copies of the windows were read from the
+        // window tensors; `out` overlaps nothing; the workspace tensor lives until this returns.
+        unsafe {
+            ops::paged_attention_decode::paged_attention_decode(
+                at,
+                dtype,
+                &kv,
+                c,
+                &hw.get(),
+                &args,
+                qb,
+                ob,
+                ws,
+            )
+        }
+    })
+    .map_err(|e| op_error(F, e))
 }
 
 /// Updates the 8 ForesightKV statistics of every live entry from the queries since the last eviction.
@@ -468,93 +401,50 @@ pub fn window_stats<'py>(
     q.expect_dtype(FLOATS)?;
     q.expect_ndim(4)?;
     q.expect_inner_contiguous(1)?;
-    let nq = int32_vector(
-        "num_queries",
-        num_queries,
-        q.shape[0],
-        "one count per sequence",
-    )?;
+    let what = "one count per sequence";
+    let nq = int32_vector("num_queries", num_queries, q.shape[0], what)?;
     let (kc, _, kv) = cache_pair(key_cache, key_cache)?;
     kc.expect_same_dtype(&q)?;
     kc.expect_dim(3, q.shape[3], "head_dim of queries")?;
-    let w = Windows::extract(block_tables, seq_lens, live_starts, q.shape[0])?;
+    let w = Windows::extract(Some(block_tables), seq_lens, live_starts, q.shape[0])?;
     let (st, stats_layout) = stats_buffer(stats)?;
-    let [bt, sl, ls] = w.tensors();
-    let all = [&q, &nq, &kc, bt, sl, ls, &st];
-    let tgt = target(py, F, &all)?;
+    let mut all = vec![&q, &nq, &kc, &st];
+    all.extend(w.tensors());
+    let at = place(py, F, &all)?;
     check_outputs(&[&st], &all)?;
     let args = WindowStatsArgs {
         num_q_heads: q.shape[2],
         max_queries: q.shape[1],
         query_strides: [q.stride(0), q.stride(1), q.stride(2)],
-        scale: scale_or_default(args::opt_float("scale", scale)?, q.shape[3]),
+        scale: scale_or_default(scale, q.shape[3])?,
     };
-    if let Target::Cuda { ordinal, stream } = tgt {
-        let (lens, starts, counts) = (host_i32(sl)?, host_i32(ls)?, host_i32(&nq)?);
-        let max_live = lens
-            .iter()
-            .zip(&starts)
-            .map(|(l, s)| (l - s).max(0) as usize)
-            .max()
-            .unwrap_or(0);
-        let ws_len = window_stats_workspace_len(
-            lens.len(),
-            args.num_q_heads as usize,
-            args.max_queries as usize,
-            max_live,
-        );
-        let (_ws_keep, ws) = workspace(py, ordinal, ws_len)?;
-        let dtype = q
-            .dtype
-            .cache_dtype()
-            .ok_or_else(|| error(Kind::DType, "unsupported dtype"))?;
-        let cache = DeviceCache {
-            key: dev(&kc),
-            value: dev(&kc),
-        };
-        let (bt_ptr, sl_ptr, ls_ptr, stride) =
-            (bt.ptr as u64, sl.ptr as u64, ls.ptr as u64, bt.shape[1]);
-        let (qa, na, sa) = (dev(&q), dev(&nq), dev(&st));
-        return py
-            .detach(move || {
-                let windows = DeviceWindows {
-                    block_tables: bt_ptr,
-                    seq_lens: sl_ptr,
-                    live_starts: ls_ptr,
-                    block_table_stride: stride,
-                    seq_lens_host: &lens,
-                    live_starts_host: &starts,
-                };
-                // SAFETY: as in paged_attention_decode.
-                unsafe {
-                    launch_window_stats(
-                        ordinal,
-                        stream,
-                        dtype,
-                        &kv,
-                        cache,
-                        &windows,
-                        &args,
-                        qa,
-                        na,
-                        &counts,
-                        &stats_layout,
-                        sa,
-                        ws,
-                    )
-                }
-            })
-            .map_err(|e| cuda_error(F, e));
-    }
-    let (rq, rn, rk, rs, rw) = (q.raw(), nq.raw(), kc.raw(), st.raw(), w.raw());
-    with_float!(q.dtype, T => py
-        .detach(move || {
-            // SAFETY: host tensors of the checked dtypes, alive for this call; `stats` overlaps nothing.
-            unsafe {
-                kernels::window_stats::<T>(&kv, &rw.get(), &args, rq.slice(), rn.slice(), rk.slice(), &stats_layout, rs.slice_mut())
-            }
-        })
-        .map_err(|e| kernel_error(F, e)))
+    let (hw, counts) = (w.host()?, host_i32(&nq)?);
+    let (_ws_keep, ws) = workspace(
+        py,
+        at,
+        ops::window_stats::workspace_len(at, &args, &hw.get()),
+    )?;
+    let (dtype, kb, qb, nb, sb) = (cache_dtype(&q)?, buf(&kc), buf(&q), buf(&nq), buf(&st));
+    py.detach(move || {
+        // SAFETY: as in paged_attention_decode; `stats` overlaps nothing.
+        unsafe {
+            ops::window_stats::window_stats(
+                at,
+                dtype,
+                &kv,
+                kb,
+                &hw.get(),
+                &args,
+                qb,
+                nb,
+                &counts,
+                &stats_layout,
+                sb,
+                ws,
+            )
+        }
+    })
+    .map_err(|e| op_error(F, e))
 }
 
 /// Scores every live entry with the per-KV-head MLP `concat(k, v, stats) -> Linear(16) -> GELU -> Linear(1)`.
@@ -580,12 +470,9 @@ pub fn scorer_mlp<'py>(
 ) -> PyResult<()> {
     const F: &str = "scorer_mlp";
     let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
-    let sc = Tensor::extract("scores", scores)?;
-    sc.expect_dtype(&[ElemType::F32])?;
-    sc.expect_ndim(3)?;
-    sc.expect_contiguous()?;
+    let sc = slot_matrix("scores", scores, ElemType::F32)?;
     sc.expect_dim(1, kv.num_kv_heads, "num_kv_heads of the cache")?;
-    let w = Windows::extract(block_tables, seq_lens, live_starts, sc.shape[0])?;
+    let w = Windows::extract(Some(block_tables), seq_lens, live_starts, sc.shape[0])?;
     let (st, stats_layout) = stats_buffer(stats)?;
     let h = kv.num_kv_heads;
     let in_dim = 2 * kv.head_dim + NUM_STATS as i64 * stats_layout.group_size;
@@ -603,71 +490,87 @@ pub fn scorer_mlp<'py>(
         t.expect_contiguous()?;
         weights.push(t);
     }
-    let [bt, sl, ls] = w.tensors();
-    let mut all = vec![&kc, &vc, bt, sl, ls, &st, &sc];
+    let mut all = vec![&kc, &vc, &st, &sc];
+    all.extend(w.tensors());
     all.extend(weights.iter());
-    let tgt = target(py, F, &all)?;
+    let at = place(py, F, &all)?;
     check_outputs(&[&sc], &all)?;
-    let max_live = sc.shape[2];
-    if let Target::Cuda { ordinal, stream } = tgt {
-        let (lens, starts) = (host_i32(sl)?, host_i32(ls)?);
-        let dtype = kc
-            .dtype
-            .cache_dtype()
-            .ok_or_else(|| error(Kind::DType, "unsupported dtype"))?;
-        let cache = DeviceCache {
-            key: dev(&kc),
-            value: dev(&vc),
+    let wb = ScorerBufs {
+        w1: buf(&weights[0]),
+        b1: buf(&weights[1]),
+        w2: buf(&weights[2]),
+        b2: buf(&weights[3]),
+    };
+    let (hw, max_live) = (w.host()?, sc.shape[2]);
+    let (dtype, c, stb, scb) = (cache_dtype(&kc)?, cache(&kc, &vc), buf(&st), buf(&sc));
+    py.detach(move || {
+        // SAFETY: as in paged_attention_decode; `scores` overlaps nothing.
+        unsafe {
+            ops::scorer_mlp::scorer_mlp(
+                at,
+                dtype,
+                &kv,
+                c,
+                &hw.get(),
+                &stats_layout,
+                stb,
+                wb,
+                max_live,
+                scb,
+            )
+        }
+    })
+    .map_err(|e| op_error(F, e))
+}
+
+/// The tensors every survivor selection reads and writes: scores and survivors `[num_seqs,
+/// num_kv_heads, max_live]`, the windows' lengths and `num_evict` `[num_seqs]`.
+struct Selection<'py> {
+    scores: Tensor<'py>,
+    survivors: Tensor<'py>,
+    windows: Windows<'py>,
+    num_evict: Tensor<'py>,
+    args: SelectArgs,
+}
+
+impl<'py> Selection<'py> {
+    fn extract(
+        seq_lens: &Bound<'py, PyAny>,
+        live_starts: &Bound<'py, PyAny>,
+        scores: &Bound<'py, PyAny>,
+        num_evict: &Bound<'py, PyAny>,
+        survivors: &Bound<'py, PyAny>,
+        num_protected: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Self> {
+        let sc = slot_matrix("scores", scores, ElemType::F32)?;
+        let n = sc.shape[0];
+        let windows = Windows::extract(None, seq_lens, live_starts, n)?;
+        let ne = int32_vector("num_evict", num_evict, n, "one count per sequence")?;
+        let sv = slot_matrix("survivors", survivors, ElemType::I32)?;
+        sv.expect_shape(&sc.shape, "the shape of scores")?;
+        let num_protected = match num_protected {
+            None => 0,
+            Some(p) => args::int::<i64>("num_protected", p, "[0, 2^63)")?,
         };
-        let (bt_ptr, sl_ptr, ls_ptr, stride) =
-            (bt.ptr as u64, sl.ptr as u64, ls.ptr as u64, bt.shape[1]);
-        let dw = DeviceScorerWeights {
-            w1: dev(&weights[0]),
-            b1: dev(&weights[1]),
-            w2: dev(&weights[2]),
-            b2: dev(&weights[3]),
+        let args = SelectArgs {
+            num_kv_heads: sc.shape[1],
+            max_live: sc.shape[2],
+            num_protected,
         };
-        let (sa, sca) = (dev(&st), dev(&sc));
-        return py
-            .detach(move || {
-                let windows = DeviceWindows {
-                    block_tables: bt_ptr,
-                    seq_lens: sl_ptr,
-                    live_starts: ls_ptr,
-                    block_table_stride: stride,
-                    seq_lens_host: &lens,
-                    live_starts_host: &starts,
-                };
-                // SAFETY: as in paged_attention_decode.
-                unsafe {
-                    launch_scorer_mlp(
-                        ordinal,
-                        stream,
-                        dtype,
-                        &kv,
-                        cache,
-                        &windows,
-                        &stats_layout,
-                        sa,
-                        dw,
-                        max_live,
-                        sca,
-                    )
-                }
-            })
-            .map_err(|e| cuda_error(F, e));
-    }
-    let (rk, rv, rs, rsc, rw) = (kc.raw(), vc.raw(), st.raw(), sc.raw(), w.raw());
-    let rws: Vec<Raw> = weights.iter().map(Tensor::raw).collect();
-    with_float!(kc.dtype, T => py
-        .detach(move || {
-            // SAFETY: host tensors of the checked dtypes, alive for this call; `scores` overlaps nothing.
-            unsafe {
-                let weights = ScorerWeights { w1: rws[0].slice(), b1: rws[1].slice(), w2: rws[2].slice(), b2: rws[3].slice() };
-                kernels::scorer_mlp::<T>(&kv, &rw.get(), rk.slice(), rv.slice(), &stats_layout, rs.slice(), &weights, max_live, rsc.slice_mut())
-            }
+        Ok(Self {
+            scores: sc,
+            survivors: sv,
+            windows,
+            num_evict: ne,
+            args,
         })
-        .map_err(|e| kernel_error(F, e)))
+    }
+
+    fn tensors(&self) -> Vec<&Tensor<'py>> {
+        let mut all = vec![&self.scores, &self.survivors, &self.num_evict];
+        all.extend(self.windows.tensors());
+        all
+    }
 }
 
 /// Deterministic top-k eviction choice: per (sequence, KV head), evicts the `num_evict[s]`
@@ -687,66 +590,101 @@ pub fn select_survivors<'py>(
     num_protected: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     const F: &str = "select_survivors";
-    let sc = Tensor::extract("scores", scores)?;
-    sc.expect_dtype(&[ElemType::F32])?;
-    sc.expect_ndim(3)?;
-    sc.expect_contiguous()?;
-    let n = sc.shape[0];
-    let sl = int32_vector("seq_lens", seq_lens, n, "one entry per sequence")?;
-    let ls = int32_vector("live_starts", live_starts, n, "one entry per sequence")?;
-    let ne = int32_vector("num_evict", num_evict, n, "one count per sequence")?;
-    let sv = Tensor::extract("survivors", survivors)?;
-    sv.expect_dtype(&[ElemType::I32])?;
-    sv.expect_shape(&sc.shape, "the shape of scores")?;
-    sv.expect_contiguous()?;
-    let num_protected = match num_protected {
-        None => 0,
-        Some(p) => args::int::<i64>("num_protected", p, "[0, 2^63)")?,
-    };
-    let all = [&sc, &sl, &ls, &ne, &sv];
-    let tgt = target(py, F, &all)?;
-    check_outputs(&[&sv], &all)?;
-    let sargs = SelectArgs {
-        num_kv_heads: sc.shape[1],
-        max_live: sc.shape[2],
+    let s = Selection::extract(
+        seq_lens,
+        live_starts,
+        scores,
+        num_evict,
+        survivors,
         num_protected,
-    };
-    if let Target::Cuda { ordinal, stream } = tgt {
-        let (lens, starts, evict) = (host_i32(&sl)?, host_i32(&ls)?, host_i32(&ne)?);
-        let (sl_ptr, ls_ptr) = (sl.ptr as u64, ls.ptr as u64);
-        let (sca, na, sva) = (dev(&sc), dev(&ne), dev(&sv));
-        return py
-            .detach(move || {
-                let windows = DeviceWindows {
-                    block_tables: 0,
-                    seq_lens: sl_ptr,
-                    live_starts: ls_ptr,
-                    block_table_stride: 0,
-                    seq_lens_host: &lens,
-                    live_starts_host: &starts,
-                };
-                // SAFETY: as in paged_attention_decode.
-                unsafe {
-                    launch_select_survivors(ordinal, stream, &windows, &sargs, sca, na, &evict, sva)
-                }
-            })
-            .map_err(|e| cuda_error(F, e));
-    }
-    let (rsl, rls, rsc, rne, rsv) = (sl.raw(), ls.raw(), sc.raw(), ne.raw(), sv.raw());
+    )?;
+    let all = s.tensors();
+    let at = place(py, F, &all)?;
+    check_outputs(&[&s.survivors], &all)?;
+    let (hw, evict) = (s.windows.host()?, host_i32(&s.num_evict)?);
+    let (args, scb, neb, svb) = (s.args, buf(&s.scores), buf(&s.num_evict), buf(&s.survivors));
     py.detach(move || {
-        // SAFETY: host tensors of the checked dtypes, alive for this call; `survivors` overlaps nothing.
+        // SAFETY: as in paged_attention_decode; `survivors` overlaps nothing.
         unsafe {
-            kernels::select_survivors(
-                rsl.slice(),
-                rls.slice(),
-                &sargs,
-                rsc.slice(),
-                rne.slice(),
-                rsv.slice_mut(),
+            ops::select_survivors::select_survivors(at, &hw.get(), &args, scb, neb, &evict, svb)
+        }
+    })
+    .map_err(|e| op_error(F, e))
+}
+
+/// ForesightKV's reproducible victim sampling: per (sequence `s`, KV head `kh`), the candidates are
+/// the top `min(2 n, unprotected)` scores, `n = num_evict[s]` of them are drawn by
+/// softmax(score / temperature) as Gumbel top-k with Philox noise keyed by `(seed, requests[s],
+/// layer, kh, evictions[s])`, and the survivors are written, ascending, to `survivors`. Bit for bit
+/// the same on CPU and CUDA tensors.
+///
+/// As `select_survivors`, plus `requests` and `evictions`: int32 `[num_seqs]` (read as unsigned
+/// 32-bit), `layer` below 65536, `temperature` positive (default 1.0).
+#[pyfunction]
+#[pyo3(signature = (seq_lens, live_starts, scores, num_evict, requests, evictions, survivors, *, layer, seed, temperature = None, num_protected = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn sample_survivors<'py>(
+    py: Python<'py>,
+    seq_lens: &Bound<'py, PyAny>,
+    live_starts: &Bound<'py, PyAny>,
+    scores: &Bound<'py, PyAny>,
+    num_evict: &Bound<'py, PyAny>,
+    requests: &Bound<'py, PyAny>,
+    evictions: &Bound<'py, PyAny>,
+    survivors: &Bound<'py, PyAny>,
+    layer: &Bound<'py, PyAny>,
+    seed: &Bound<'py, PyAny>,
+    temperature: Option<&Bound<'py, PyAny>>,
+    num_protected: Option<&Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    const F: &str = "sample_survivors";
+    let s = Selection::extract(
+        seq_lens,
+        live_starts,
+        scores,
+        num_evict,
+        survivors,
+        num_protected,
+    )?;
+    let n = s.scores.shape[0];
+    let rq = int32_vector("requests", requests, n, "one request id per sequence")?;
+    let ev = int32_vector("evictions", evictions, n, "one count per sequence")?;
+    let args = SampleArgs {
+        select: s.args,
+        layer: args::int::<u32>("layer", layer, "[0, 65536)")?,
+        seed: args::int::<u64>("seed", seed, "[0, 2^64)")?,
+        temperature: args::opt_float("temperature", temperature)?.unwrap_or(1.0) as f32,
+    };
+    let mut all = s.tensors();
+    all.extend([&rq, &ev]);
+    let at = place(py, F, &all)?;
+    check_outputs(&[&s.survivors], &all)?;
+    let (hw, evict) = (s.windows.host()?, host_i32(&s.num_evict)?);
+    let (scb, neb, svb, rqb, evb) = (
+        buf(&s.scores),
+        buf(&s.num_evict),
+        buf(&s.survivors),
+        buf(&rq),
+        buf(&ev),
+    );
+    py.detach(move || {
+        // SAFETY: as in paged_attention_decode; int32 `requests` / `evictions` are read as the u32
+        // the op takes (same size, any bit pattern valid); `survivors` overlaps nothing.
+        unsafe {
+            ops::sample_survivors::sample_survivors(
+                at,
+                &hw.get(),
+                &args,
+                scb,
+                neb,
+                &evict,
+                rqb,
+                evb,
+                svb,
             )
         }
     })
-    .map_err(|e| kernel_error(F, e))
+    .map_err(|e| op_error(F, e))
 }
 
 /// In-place compaction: per (sequence, KV head), moves the survivors' K, V (and statistics rows
@@ -771,31 +709,25 @@ pub fn compact<'py>(
 ) -> PyResult<()> {
     const F: &str = "compact";
     let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
-    let sv = Tensor::extract("survivors", survivors)?;
-    sv.expect_dtype(&[ElemType::I32])?;
-    sv.expect_ndim(3)?;
-    sv.expect_contiguous()?;
+    let sv = slot_matrix("survivors", survivors, ElemType::I32)?;
     sv.expect_dim(1, kv.num_kv_heads, "num_kv_heads of the cache")?;
     let n = sv.shape[0];
-    let w = Windows::extract(block_tables, seq_lens, live_starts, n)?;
+    let w = Windows::extract(Some(block_tables), seq_lens, live_starts, n)?;
     let ne = int32_vector("num_evict", num_evict, n, "one count per sequence")?;
     let st = stats.map(stats_buffer).transpose()?;
-    let [bt, sl, ls] = w.tensors();
-    let mut all = vec![&kc, &vc, bt, sl, ls, &ne, &sv];
-    if let Some((s, _)) = &st {
-        all.push(s);
-    }
-    let tgt = target(py, F, &all)?;
-    let esize = kc.dtype.size();
-    let fused =
-        vc.ptr == kc.ptr + kv.head_dim as usize * esize && kv.key_strides == kv.value_strides;
+    let mut all = vec![&kc, &vc, &ne, &sv];
+    all.extend(w.tensors());
+    all.extend(st.as_ref().map(|(s, _)| s));
+    let at = place(py, F, &all)?;
+    let (dtype, c) = (cache_dtype(&kc)?, cache(&kc, &vc));
+    // A fused cache's two views overlap each other by design: only the key view is checked as an
+    // output, and against everything but the value view.
+    let fused = ops::compact::is_fused(&kv, &c, dtype);
     let mut outputs = vec![&kc];
     if !fused {
         outputs.push(&vc);
     }
-    if let Some((s, _)) = &st {
-        outputs.push(s);
-    }
+    outputs.extend(st.as_ref().map(|(s, _)| s));
     let others: Vec<&Tensor<'_>> = all
         .iter()
         .copied()
@@ -805,61 +737,26 @@ pub fn compact<'py>(
     if fused {
         vc.expect_writable()?;
     }
-    let max_live = sv.shape[2];
-    if let Target::Cuda { ordinal, stream } = tgt {
-        let (lens, starts, evict) = (host_i32(sl)?, host_i32(ls)?, host_i32(&ne)?);
-        let dtype = kc
-            .dtype
-            .cache_dtype()
-            .ok_or_else(|| error(Kind::DType, "unsupported dtype"))?;
-        let cache = DeviceCache {
-            key: dev(&kc),
-            value: dev(&vc),
-        };
-        let (bt_ptr, sl_ptr, ls_ptr, stride) =
-            (bt.ptr as u64, sl.ptr as u64, ls.ptr as u64, bt.shape[1]);
-        let (na, sva) = (dev(&ne), dev(&sv));
-        let stats_dev = st.as_ref().map(|(s, l)| (*l, dev(s)));
-        return py
-            .detach(move || {
-                let windows = DeviceWindows {
-                    block_tables: bt_ptr,
-                    seq_lens: sl_ptr,
-                    live_starts: ls_ptr,
-                    block_table_stride: stride,
-                    seq_lens_host: &lens,
-                    live_starts_host: &starts,
-                };
-                let stats = stats_dev.as_ref().map(|(l, a)| (l, *a));
-                // SAFETY: as in paged_attention_decode.
-                unsafe {
-                    launch_compact(
-                        ordinal, stream, dtype, &kv, cache, &windows, max_live, na, &evict, sva,
-                        stats,
-                    )
-                }
-            })
-            .map_err(|e| cuda_error(F, e));
-    }
-    let fused_raw = Raw {
-        ptr: kc.ptr,
-        len: kc.extent.max(vc.extent + kv.head_dim as usize),
-    };
-    let (rk, rv, rne, rsv, rw) = (kc.raw(), vc.raw(), ne.raw(), sv.raw(), w.raw());
-    let rst = st.as_ref().map(|(s, l)| (*l, s.raw()));
-    with_float!(kc.dtype, T => py
-        .detach(move || {
-            // SAFETY: host tensors of the checked dtypes, alive for this call; the written buffers
-            // overlap no input, and a fused cache is passed as one slice covering both views.
-            unsafe {
-                let cache = if fused {
-                    KvCacheMut::Fused(fused_raw.slice_mut::<T>())
-                } else {
-                    KvCacheMut::Split { key: rk.slice_mut::<T>(), value: rv.slice_mut::<T>() }
-                };
-                let stats = rst.as_ref().map(|(l, r)| (l, r.slice_mut::<f32>()));
-                kernels::compact::<T>(&kv, &rw.get(), max_live, rne.slice(), rsv.slice(), cache, stats)
-            }
-        })
-        .map_err(|e| kernel_error(F, e)))
+    let (hw, evict, max_live) = (w.host()?, host_i32(&ne)?, sv.shape[2]);
+    let (neb, svb) = (buf(&ne), buf(&sv));
+    let stb = st.as_ref().map(|(s, l)| (*l, buf(s)));
+    py.detach(move || {
+        // SAFETY: as in paged_attention_decode; the written buffers overlap no input (a fused
+        // cache's two views only each other, which the op handles as one tensor).
+        unsafe {
+            ops::compact::compact(
+                at,
+                dtype,
+                &kv,
+                c,
+                &hw.get(),
+                max_live,
+                neb,
+                &evict,
+                svb,
+                stb.as_ref().map(|(l, b)| (l, *b)),
+            )
+        }
+    })
+    .map_err(|e| op_error(F, e))
 }

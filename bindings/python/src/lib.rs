@@ -77,6 +77,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::window_stats, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::scorer_mlp, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::select_survivors, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::sample_survivors, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::compact, m)?)?;
     Ok(())
 }

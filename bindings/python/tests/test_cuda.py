@@ -131,3 +131,24 @@ def test_window_stats_scorer_select_compact_cuda_match_cpu():
     torch.cuda.synchronize()
     assert torch.equal(g["kc"].cpu(), c["kc"]) and torch.equal(g["vc"].cpu(), c["vc"])
     assert torch.equal(g["stats"].cpu(), c["stats"])
+
+
+def test_sample_survivors_cuda_is_the_cpu_sampler_bit_for_bit():
+    gen = torch.Generator().manual_seed(12)
+    lens = torch.tensor([700, 300, 129], dtype=torch.int32)
+    starts = torch.tensor([64, 0, 16], dtype=torch.int32)
+    scores = torch.randn(3, 4, 700, generator=gen)
+    scores[0, 0, :50] = 1.5  # ties
+    num_evict = torch.tensor([128, 64, 32], dtype=torch.int32)
+    req = torch.tensor([5, 6, 7], dtype=torch.int32)
+    evictions = torch.tensor([0, 3, 9], dtype=torch.int32)
+    surv_c = torch.full((3, 4, 700), -1, dtype=torch.int32)
+    surv_g = surv_c.cuda()
+    fkv.sample_survivors(lens, starts, scores, num_evict, req, evictions, surv_c, layer=2, seed=99, num_protected=32)
+    fkv.sample_survivors(lens.cuda(), starts.cuda(), scores.cuda(), num_evict.cuda(), req.cuda(), evictions.cuda(),
+                         surv_g, layer=2, seed=99, num_protected=32)
+    torch.cuda.synchronize()
+    live = (lens - starts).tolist()
+    for s in range(3):
+        keep = live[s] - int(num_evict[s])
+        assert torch.equal(surv_g[s, :, :keep].cpu(), surv_c[s, :, :keep])

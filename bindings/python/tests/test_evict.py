@@ -4,7 +4,6 @@ PyTorch references and against the kernels."""
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 

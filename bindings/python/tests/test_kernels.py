@@ -178,7 +178,10 @@ def test_compact_moves_survivors_with_their_stats():
     for kh in range(hkv):
         surv[0, kh, :6] = torch.tensor(keep[kh])
     table = bt[0].tolist()
-    at = lambda x, p, kh: x[table[p // bs], p % bs, kh].clone()
+
+    def at(x, p, kh):
+        return x[table[p // bs], p % bs, kh].clone()
+
     expect = {(p, kh): (at(kc, src, kh), at(vc, src, kh), at(stats, src, kh))
               for kh in range(hkv) for p, src in zip(range(2, 8), keep[kh])}
     fkv.compact(kc, vc, bt, sl, ls, torch.tensor([2], dtype=torch.int32), surv, stats)
@@ -281,3 +284,58 @@ def test_dlpack_producers_are_read_and_written_in_place():
     assert (kc[1, 1, 0] == key[0, 0]).all() and (vc[0, 0, 0] == key[1, 0]).all()
     with pytest.raises(fkv.ArgumentTypeError, match="DLPack"):
         fkv.reshape_and_cache(object(), key, kc, vc, slots)
+
+
+def sample_case(seed, temperature=1.0, layer=3, requests=(7, 9)):
+    gen = torch.Generator().manual_seed(seed)
+    lens, starts = torch.tensor([40, 23], dtype=torch.int32), torch.tensor([16, 0], dtype=torch.int32)
+    # Distinct scores 0.01 apart, shuffled per row.
+    scores = torch.stack([torch.randperm(40, generator=gen) for _ in range(4)]).float().reshape(2, 2, 40) / 100
+    num_evict = torch.tensor([8, 5], dtype=torch.int32)
+    req = torch.tensor(requests, dtype=torch.int32)
+    evictions = torch.tensor([0, 2], dtype=torch.int32)
+    surv = torch.full((2, 2, 40), -5, dtype=torch.int32)
+    fkv.sample_survivors(lens, starts, scores, num_evict, req, evictions, surv, layer=layer, seed=11,
+                         temperature=temperature, num_protected=4)
+    return lens, starts, scores, num_evict, surv
+
+
+def test_sample_survivors_keeps_the_protected_and_evicts_from_the_top_2n():
+    lens, starts, scores, num_evict, surv = sample_case(0)
+    for s in range(2):
+        live, n = int(lens[s] - starts[s]), int(num_evict[s])
+        for kh in range(2):
+            kept = surv[s, kh, : live - n].tolist()
+            assert kept == sorted(set(kept)) and len(kept) == live - n
+            assert all(p in kept for p in range(live - 4, live)), "the newest 4 slots are protected"
+            victims = set(range(live)) - set(kept)
+            row = scores[s, kh, : live - 4].tolist()
+            pool = sorted(range(live - 4), key=lambda i: (-row[i], i))[: 2 * n]
+            assert victims <= set(pool), "victims come from the top 2n unprotected scores"
+    # Reproducible: the same key draws the same victims; another request or layer draws others.
+    assert torch.equal(sample_case(0)[4], surv)
+    others = [sample_case(0, layer=4)[4], sample_case(0, requests=(8, 10))[4]]
+    assert all(not torch.equal(o, surv) for o in others)
+
+
+def test_sample_survivors_at_a_tiny_temperature_is_the_top_n():
+    # score / T dwarfs the Gumbel noise (|G| < 40) when scores differ by 0.01 and T = 1e-6.
+    lens, starts, scores, num_evict, surv = sample_case(1, temperature=1e-6)
+    expect = ref_select(lens, starts, scores, num_evict, 4)
+    for s in range(2):
+        for kh in range(2):
+            keep = expect[s][kh]
+            assert surv[s, kh, : len(keep)].tolist() == keep
+
+
+def test_sample_survivors_rejects_bad_keys_with_the_value():
+    lens, starts = torch.tensor([8], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    args = (lens, starts, torch.zeros(1, 1, 8), torch.tensor([2], dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+            torch.zeros(1, 1, 8, dtype=torch.int32))
+    with pytest.raises(fkv.InvalidArgumentError, match="70000"):
+        fkv.sample_survivors(*args, layer=70000, seed=0)
+    with pytest.raises(fkv.InvalidArgumentError, match="temperature"):
+        fkv.sample_survivors(*args, layer=0, seed=0, temperature=-1.0)
+    with pytest.raises(fkv.ShapeError, match="requests"):
+        fkv.sample_survivors(lens, starts, *args[2:4], torch.zeros(2, dtype=torch.int32), *args[5:], layer=0, seed=0)

@@ -267,6 +267,20 @@ def select_survivors(
     survivors: TensorLike,
     num_protected: Optional[int] = None,
 ) -> None: ...
+def sample_survivors(
+    seq_lens: TensorLike,
+    live_starts: TensorLike,
+    scores: TensorLike,
+    num_evict: TensorLike,
+    requests: TensorLike,
+    evictions: TensorLike,
+    survivors: TensorLike,
+    *,
+    layer: int,
+    seed: int,
+    temperature: Optional[float] = None,
+    num_protected: Optional[int] = None,
+) -> None: ...
 def compact(
     key_cache: TensorLike,
     value_cache: TensorLike,

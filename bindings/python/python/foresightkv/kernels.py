@@ -9,17 +9,28 @@ Shapes (``S`` sequences, ``Hq`` query heads, ``H`` KV heads, ``G = Hq / H``, ``D
 - ``block_tables``: int32 ``[S, width]``; ``seq_lens``, ``live_starts``: int32 ``[S]``;
 - statistics: float32 ``[num_blocks, block_size, H, G, 8]``;
 - per-slot matrices (``scores`` float32, ``survivors`` int32): ``[S, H, max_live]``.
+
+``select_survivors`` evicts the top scores; ``sample_survivors`` draws the victims as ForesightKV does
+(top ``2 n`` by score, then ``n`` by softmax with Philox noise), bit for bit the same on CPU and CUDA.
 """
 
 from typing import Any, Optional
 
 from . import _native
-from ._native import compact, reshape_and_cache, scorer_mlp, select_survivors, window_stats
+from ._native import (
+    compact,
+    reshape_and_cache,
+    sample_survivors,
+    scorer_mlp,
+    select_survivors,
+    window_stats,
+)
 
 __all__ = [
     "compact",
     "paged_attention_decode",
     "reshape_and_cache",
+    "sample_survivors",
     "scorer_mlp",
     "select_survivors",
     "window_stats",

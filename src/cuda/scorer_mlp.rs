@@ -1,16 +1,11 @@
 //! Launcher of `fkv_scorer_mlp` (csrc/scorer_mlp.cu) over caller-owned device memory.
 
-use super::paged::{
-    grid_dim, launch_kernel, raw_cache, raw_stats, validate_cache, DeviceArray, DeviceCache,
-    DeviceWindows, Launch,
-};
-use super::{CudaError, Runtime};
-use crate::kernels::scorer::{scorer_in_dim, validate_scorer_lens, validate_slot_matrix};
-use crate::kernels::{PagedKvLayout, StatsLayout};
-use crate::DType;
+use super::paged::{grid_dim, raw_stats, DeviceArray, Launch, PagedLaunch};
+use super::CudaError;
+use crate::kernels::scorer_mlp::{scorer_in_dim, validate_scorer_lens, validate_slot_matrix};
+use crate::kernels::StatsLayout;
 
-/// Live slots per block of the scorer kernel (SC_CHUNK).
-const CHUNK: usize = 32;
+use super::params::{FKV_SCORER_CHUNK, FKV_SCORER_THREADS};
 
 /// One layer's scorer weights on the device (f32, layouts of [`crate::kernels::ScorerWeights`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,28 +20,23 @@ pub struct DeviceScorerWeights {
     pub b2: DeviceArray,
 }
 
-/// Enqueues `scorer_mlp` on `stream` of device `ordinal`: same contract as
+/// Enqueues `scorer_mlp` on `at`'s stream and device: same contract as
 /// [`crate::kernels::scorer_mlp`]; `scores` is `[num_seqs, num_kv_heads, max_live]` f32.
 ///
 /// # Safety
-/// The pointers must be device memory of `ordinal` holding the lengths given, alive until the
-/// kernel completes; `stream` must belong to that device.
+/// The pointers must be device memory of `at.ordinal` holding the lengths given, alive until the
+/// kernel completes; `at.stream` must belong to that device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn launch_scorer_mlp(
-    ordinal: usize,
-    stream: u64,
-    dtype: DType,
-    kv: &PagedKvLayout,
-    cache: DeviceCache,
-    windows: &DeviceWindows<'_>,
+    at: &PagedLaunch<'_>,
     stats_layout: &StatsLayout,
     stats: DeviceArray,
     weights: DeviceScorerWeights,
     max_live: i64,
     scores: DeviceArray,
 ) -> Result<(), CudaError> {
-    validate_cache(kv, &cache)?;
-    windows.validate(kv.block_size, true)?;
+    at.validate()?;
+    let (kv, windows) = (at.kv, at.windows);
     stats_layout.validate(kv, stats_layout.group_size * kv.num_kv_heads, stats.len)?;
     let in_dim = scorer_in_dim(kv.head_dim, stats_layout.group_size);
     let nkv = kv.num_kv_heads as usize;
@@ -67,7 +57,7 @@ pub unsafe fn launch_scorer_mlp(
         kv.num_kv_heads,
         scores.len,
     )?;
-    let chunks = windows.max_live().div_ceil(CHUNK);
+    let chunks = windows.max_live().div_ceil(FKV_SCORER_CHUNK as usize);
     if n == 0 || chunks == 0 {
         return Ok(());
     }
@@ -82,7 +72,7 @@ pub unsafe fn launch_scorer_mlp(
         a.non_null(name)?;
     }
     let p = super::params::fkv_scorer_params {
-        kv: raw_cache(kv, &cache, dtype),
+        kv: at.raw_cache(),
         win: windows.raw(),
         st: raw_stats(Some((stats_layout, stats))),
         w1: weights.w1.ptr as *const f32,
@@ -93,15 +83,14 @@ pub unsafe fn launch_scorer_mlp(
         max_live,
         in_dim: in_dim as i64,
     };
-    let rt = Runtime::get(ordinal)?;
     let cfg = Launch {
         grid: (
             nkv as u32,
             grid_dim("num_seqs", n)?,
             grid_dim("slot chunks", chunks)?,
         ),
-        threads: 128,
+        threads: FKV_SCORER_THREADS,
         shared: 0,
     };
-    launch_kernel(&rt, stream, "fkv_scorer_mlp", cfg, &p)
+    at.launch("fkv_scorer_mlp", cfg, &p)
 }

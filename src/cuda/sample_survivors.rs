@@ -1,17 +1,12 @@
 //! Launcher of `fkv_sample_survivors` (csrc/sample_survivors.cu): ForesightKV's reproducible victim
-//! sampling on the device, choosing exactly what [`crate::evict::select_survivors_batch`] chooses
-//! with [`crate::evict::VictimMode::Sample`] on the CPU.
+//! sampling on the device, choosing exactly what its CPU reference
+//! [`crate::kernels::sample_survivors()`] chooses.
 
 use super::paged::{grid_dim, launch_kernel, DeviceArray, DeviceWindows, Launch};
+use super::params::FKV_SAMPLE_THREADS;
 use super::{CudaError, Runtime};
-use crate::kernels::select::validate_select;
+use crate::kernels::sample_survivors::{validate_sample, SampleArgs};
 use crate::kernels::{KernelError, SelectArgs};
-
-/// Threads per block of `fkv_sample_survivors` (its `SAMPLE_THREADS`).
-const SAMPLE_THREADS: u32 = 256;
-
-/// Largest head count: the head index is a 16-bit field of the Philox counter.
-const MAX_SAMPLE_HEADS: i64 = 1 << 16;
 
 /// What one sampled selection of one layer reads on the device: the twin of
 /// [`crate::evict::BatchSelect`] (windows apart) plus the mode's seed and temperature.
@@ -37,44 +32,36 @@ pub struct DeviceSample<'a> {
     pub temperature: f32,
 }
 
-/// Checks everything a sampled selection needs that does not touch the device: the windows'
-/// host mirrors, the shapes of [`validate_select`], the sampling key ranges and the buffers.
-fn validate_sample(
+impl DeviceSample<'_> {
+    /// The shape and sampling key, as the CPU reference takes them.
+    pub fn sample_args(&self) -> SampleArgs {
+        SampleArgs {
+            select: self.args,
+            layer: self.layer,
+            seed: self.seed,
+            temperature: self.temperature,
+        }
+    }
+}
+
+/// Checks everything a sampled selection needs that does not touch the device: the windows' host
+/// mirrors, the arguments of [`validate_sample`] and the device addresses.
+fn validate_device_sample(
     windows: &DeviceWindows<'_>,
     batch: &DeviceSample<'_>,
     survivors: &DeviceArray,
 ) -> Result<(), KernelError> {
     windows.validate(1, false)?;
-    validate_select(
+    validate_sample(
         windows.seq_lens_host,
         windows.live_starts_host,
-        &batch.args,
+        &batch.sample_args(),
         batch.num_evict_host,
+        batch.requests.len,
+        batch.evictions.len,
         batch.scores.len,
         survivors.len,
     )?;
-    if !(batch.temperature.is_finite() && batch.temperature > 0.0) {
-        return Err(KernelError::InvalidArgument {
-            name: "temperature",
-            why: format!("{} is not a positive finite number", batch.temperature),
-        });
-    }
-    if batch.layer > 0xFFFF {
-        return Err(KernelError::InvalidArgument {
-            name: "layer",
-            why: format!(
-                "{} exceeds the 16-bit Philox counter field (at most 65535)",
-                batch.layer
-            ),
-        });
-    }
-    if batch.args.num_kv_heads > MAX_SAMPLE_HEADS {
-        return Err(KernelError::InvalidSize {
-            name: "num_kv_heads",
-            value: batch.args.num_kv_heads,
-            why: "at most 65536: the head is a 16-bit Philox counter field",
-        });
-    }
     let n = windows.num_seqs();
     if n == 0 {
         return Ok(());
@@ -86,14 +73,7 @@ fn validate_sample(
         ("requests", &batch.requests),
         ("evictions", &batch.evictions),
     ] {
-        a.non_null(name)?;
-        if a.len < n {
-            return Err(KernelError::BufferTooSmall {
-                name,
-                have: a.len,
-                need: n,
-            });
-        }
+        a.holding(name, n)?;
     }
     Ok(())
 }
@@ -117,7 +97,7 @@ pub unsafe fn launch_sample_survivors(
     batch: &DeviceSample<'_>,
     survivors: DeviceArray,
 ) -> Result<(), CudaError> {
-    validate_sample(windows, batch, &survivors)?;
+    validate_device_sample(windows, batch, &survivors)?;
     let n = windows.num_seqs();
     if n == 0 {
         return Ok(());
@@ -139,7 +119,7 @@ pub unsafe fn launch_sample_survivors(
     let rt = Runtime::get(ordinal)?;
     let cfg = Launch {
         grid: (batch.args.num_kv_heads as u32, grid_dim("num_seqs", n)?, 1),
-        threads: SAMPLE_THREADS,
+        threads: FKV_SAMPLE_THREADS,
         shared: 0,
     };
     launch_kernel(&rt, stream, "fkv_sample_survivors", cfg, &p)

@@ -2,7 +2,7 @@
 //! choice over scored live entries, returned as the sorted list of survivors `compact` consumes.
 
 use super::paged::validate_starts;
-use super::scorer::validate_slot_matrix;
+use super::scorer_mlp::validate_slot_matrix;
 use super::KernelError;
 use serde::{Deserialize, Serialize};
 
@@ -133,4 +133,33 @@ pub fn select_survivors(
         }
     }
     Ok(())
+}
+
+/// The `n` highest-scoring unprotected slots of one row of `live = scores.len()` slots, ascending:
+/// the victims [`select_survivors`] chooses for that row (ties: the older slot).
+pub fn top_victims(
+    scores: &[f32],
+    num_protected: usize,
+    n: usize,
+) -> Result<Vec<usize>, KernelError> {
+    let live = scores.len();
+    let args = SelectArgs {
+        num_kv_heads: 1,
+        max_live: live as i64,
+        num_protected: num_protected as i64,
+    };
+    let mut survivors = vec![0i32; live];
+    select_survivors(
+        &[live as i32],
+        &[0],
+        &args,
+        scores,
+        &[n as i32],
+        &mut survivors,
+    )?;
+    let mut kept = vec![false; live];
+    for &s in &survivors[..live - n] {
+        kept[s as usize] = true;
+    }
+    Ok((0..live).filter(|&i| !kept[i]).collect())
 }

@@ -1,19 +1,10 @@
 //! Launcher of `fkv_paged_attention_decode` (+ its split-KV merge) over caller-owned device memory.
 
-use super::paged::{
-    grid_dim, launch_kernel, raw_cache, validate_cache, DeviceArray, DeviceCache, DeviceWindows,
-    Launch,
-};
-use super::{CudaError, Runtime};
+use super::paged::{grid_dim, DeviceArray, Launch, PagedLaunch};
+use super::CudaError;
 use crate::kernels::{DecodeArgs, KernelError, PagedKvLayout};
-use crate::DType;
 
-/// Threads per block of the decode kernel (csrc/paged_attention_decode.cu).
-const DECODE_THREADS: u32 = 128;
-/// Query heads the P.V phase accumulates together (DEC_GCHUNK in the kernel).
-const DECODE_GCHUNK: i64 = 8;
-/// Dynamic shared memory the decode kernel may use without opting in to more.
-const SHARED_LIMIT: i64 = 48 * 1024;
+use super::params::{FKV_DECODE_GCHUNK, FKV_DECODE_SHARED_LIMIT, FKV_DECODE_THREADS};
 
 /// How a decode call is split: live slots per partition, partitions, and workspace it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,10 +31,10 @@ pub fn plan_decode(
 ) -> Result<DecodePlan, KernelError> {
     let g = crate::kernels::paged::group_size(num_q_heads, kv.num_kv_heads)?;
     let hd = kv.head_dim;
-    let bytes = |p: i64| 4 * (g * hd + g * p + 2 * g + DECODE_GCHUNK * hd);
+    let bytes = |p: i64| 4 * (g * hd + g * p + 2 * g + FKV_DECODE_GCHUNK as i64 * hd);
     let partition_size = [512i64, 256, 128, 64, 32]
         .into_iter()
-        .find(|&p| bytes(p) <= SHARED_LIMIT)
+        .find(|&p| bytes(p) <= FKV_DECODE_SHARED_LIMIT as i64)
         .ok_or_else(|| KernelError::InvalidArgument {
             name: "num_q_heads",
             why: format!("a GQA group of {g} heads of dim {hd} does not fit the decode kernel's shared memory"),
@@ -63,31 +54,25 @@ pub fn plan_decode(
     })
 }
 
-/// Enqueues paged decode attention on `stream` (raw CUstream; 0 = legacy default) of device
-/// `ordinal`: same contract as [`crate::kernels::paged_attention_decode`], `query` and `out` in
-/// `dtype`. `workspace` (f32) must hold [`plan_decode`]'s `workspace_len` (may be empty when that
+/// Enqueues paged decode attention on `at`'s stream and device: same contract as
+/// [`crate::kernels::paged_attention_decode`], `query` and `out` in `at.dtype`. `workspace` (f32) must hold [`plan_decode`]'s `workspace_len` (may be empty when that
 /// is 0). Everything is validated before launch; block ids are bounds-checked on the device (an
 /// out-of-range block's slots are skipped).
 ///
 /// # Safety
-/// The pointers must be device memory of `ordinal` holding the lengths given, alive until the
-/// kernels complete; `windows`' device arrays must match their host mirrors; `stream` must belong
+/// The pointers must be device memory of `at.ordinal` holding the lengths given, alive until the
+/// kernels complete; ``at.windows`' device arrays must match their host mirrors; `stream` must belong
 /// to that device.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn launch_paged_attention_decode(
-    ordinal: usize,
-    stream: u64,
-    dtype: DType,
-    kv: &PagedKvLayout,
-    cache: DeviceCache,
-    windows: &DeviceWindows<'_>,
+    at: &PagedLaunch<'_>,
     args: &DecodeArgs,
     query: DeviceArray,
     out: DeviceArray,
     workspace: DeviceArray,
 ) -> Result<DecodePlan, CudaError> {
-    validate_cache(kv, &cache)?;
-    windows.validate(kv.block_size, true)?;
+    at.validate()?;
+    let (kv, windows) = (at.kv, at.windows);
     let n = windows.num_seqs();
     args.validate(kv, n, query.len, out.len)?;
     let plan = plan_decode(kv, args.num_q_heads, n, windows.max_live())?;
@@ -97,24 +82,15 @@ pub unsafe fn launch_paged_attention_decode(
     query.non_null("query")?;
     out.non_null("out")?;
     if plan.workspace_len > 0 {
-        workspace.non_null("workspace")?;
-        if workspace.len < plan.workspace_len {
-            return Err(KernelError::BufferTooSmall {
-                name: "workspace",
-                have: workspace.len,
-                need: plan.workspace_len,
-            }
-            .into());
-        }
+        workspace.holding("workspace", plan.workspace_len)?;
     }
     let grid = (
         kv.num_kv_heads as u32,
         grid_dim("num_seqs", n)?,
         grid_dim("num_partitions", plan.num_partitions as usize)?,
     );
-    let rt = Runtime::get(ordinal)?;
     let p = super::params::fkv_decode_params {
-        kv: raw_cache(kv, &cache, dtype),
+        kv: at.raw_cache(),
         win: windows.raw(),
         query: query.ptr as *const _,
         out: out.ptr as *mut _,
@@ -130,17 +106,17 @@ pub unsafe fn launch_paged_attention_decode(
     };
     let cfg = Launch {
         grid,
-        threads: DECODE_THREADS,
+        threads: FKV_DECODE_THREADS,
         shared: plan.shared_bytes,
     };
-    launch_kernel(&rt, stream, "fkv_paged_attention_decode", cfg, &p)?;
+    at.launch("fkv_paged_attention_decode", cfg, &p)?;
     if plan.num_partitions > 1 {
         let merge = Launch {
             grid: (args.num_q_heads as u32, grid.1, 1),
             threads: kv.head_dim as u32,
             shared: 0,
         };
-        launch_kernel(&rt, stream, "fkv_paged_attention_decode_merge", merge, &p)?;
+        at.launch("fkv_paged_attention_decode_merge", merge, &p)?;
     }
     Ok(plan)
 }

@@ -1,9 +1,10 @@
 //! Launcher of `fkv_select_survivors` (csrc/select_survivors.cu) over caller-owned device memory.
 
 use super::paged::{grid_dim, launch_kernel, DeviceArray, DeviceWindows, Launch};
+use super::params::FKV_SELECT_THREADS;
 use super::{CudaError, Runtime};
-use crate::kernels::select::validate_select;
-use crate::kernels::{KernelError, SelectArgs};
+use crate::kernels::select_survivors::validate_select;
+use crate::kernels::SelectArgs;
 
 /// Enqueues `select_survivors` on `stream` of device `ordinal`: same contract as
 /// [`crate::kernels::select_survivors`]. Only `windows`' lengths are used (block tables may be 0);
@@ -38,16 +39,8 @@ pub unsafe fn launch_select_survivors(
         return Ok(());
     }
     scores.non_null("scores")?;
-    num_evict.non_null("num_evict")?;
+    num_evict.holding("num_evict", n)?;
     survivors.non_null("survivors")?;
-    if num_evict.len < n {
-        return Err(KernelError::BufferTooSmall {
-            name: "num_evict",
-            have: num_evict.len,
-            need: n,
-        }
-        .into());
-    }
     let p = super::params::fkv_select_params {
         win: windows.raw(),
         scores: scores.ptr as *const f32,
@@ -60,7 +53,7 @@ pub unsafe fn launch_select_survivors(
     let rt = Runtime::get(ordinal)?;
     let cfg = Launch {
         grid: (args.num_kv_heads as u32, grid_dim("num_seqs", n)?, 1),
-        threads: 256,
+        threads: FKV_SELECT_THREADS,
         shared: 0,
     };
     launch_kernel(&rt, stream, "fkv_select_survivors", cfg, &p)

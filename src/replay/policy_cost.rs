@@ -6,7 +6,8 @@ use super::preset::ModelPreset;
 use serde::Serialize;
 
 /// A KV policy: the full cache or one of the eviction policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// No eviction: the full cache.

@@ -1,10 +1,12 @@
 //! `foresightkv bench-kernels`: GPU benchmark of paged decode attention (time and achieved K/V
 //! bandwidth against the device's copy bandwidth measured in the same run) and of the eviction
-//! step (window_stats + scorer_mlp + select_survivors + compact) as a fraction of the decode time
-//! it amortises over. Prints a table and JSON. Needs a GPU: without one it returns
+//! step (window_stats + scorer_mlp + sample_survivors + compact; select_survivors timed beside
+//! it) as a fraction of the decode time it amortises over. Prints a table and JSON. Needs a GPU: without one it returns
 //! [`BenchKernelsError::NoGpu`].
 
 use crate::cuda::CudaError;
+use crate::kernels::CUDA_HEAD_DIMS;
+use crate::ops::OpError;
 use crate::DType;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -79,6 +81,9 @@ pub enum BenchKernelsError {
     /// A CUDA call or kernel argument failed.
     #[error(transparent)]
     Cuda(#[from] CudaError),
+    /// A kernel op refused its arguments or could not run.
+    #[error(transparent)]
+    Op(#[from] OpError),
     /// An argument is out of range.
     #[error("invalid bench-kernels argument: {0}")]
     BadArgs(String),
@@ -129,11 +134,13 @@ pub struct EvictRow {
     pub window_stats_us: f64,
     /// scorer_mlp time, microseconds.
     pub scorer_us: f64,
-    /// select_survivors time, microseconds.
+    /// select_survivors time (deterministic top-L), microseconds.
     pub select_us: f64,
+    /// sample_survivors time (ForesightKV's sampled victims, the default), microseconds.
+    pub sample_us: f64,
     /// compact time, microseconds.
     pub compact_us: f64,
-    /// Sum of the four.
+    /// The default eviction step: window_stats + scorer + sample_survivors + compact.
     pub total_us: f64,
     /// One decode step at live B + L/2, microseconds.
     pub decode_step_us: f64,
@@ -200,8 +207,11 @@ fn check_args(a: &BenchKernelsArgs) -> Result<(), BenchKernelsError> {
             a.q_heads, a.kv_heads
         ));
     }
-    if ![64, 128, 256].contains(&a.head_dim) {
-        return bad(format!("head dim {} (64, 128 or 256)", a.head_dim));
+    if !CUDA_HEAD_DIMS.contains(&(a.head_dim as i64)) {
+        return bad(format!(
+            "head dim {} (the kernels are built for {CUDA_HEAD_DIMS:?})",
+            a.head_dim
+        ));
     }
     if a.block_size == 0 || a.interval == 0 || !a.interval.is_multiple_of(a.block_size) {
         return bad(format!(
@@ -252,13 +262,14 @@ fn print_table(r: &BenchKernelsReport) {
         }
     }
     println!(
-        "{:>6} {:>6} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9}",
+        "{:>6} {:>6} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9}",
         "batch",
         "B",
         "L",
         "stats us",
         "scorer us",
         "select us",
+        "sample us",
         "compact us",
         "total us",
         "decode us/st",
@@ -266,13 +277,14 @@ fn print_table(r: &BenchKernelsReport) {
     );
     for e in &r.evict {
         println!(
-            "{:>6} {:>6} {:>5} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>8.2}%",
+            "{:>6} {:>6} {:>5} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>8.2}%",
             e.batch,
             e.budget,
             e.interval,
             e.window_stats_us,
             e.scorer_us,
             e.select_us,
+            e.sample_us,
             e.compact_us,
             e.total_us,
             e.decode_step_us,
@@ -284,15 +296,12 @@ fn print_table(r: &BenchKernelsReport) {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{BenchKernelsArgs, BenchKernelsError, BenchKernelsReport, DecodeRow, EvictRow};
-    use crate::cuda::{
-        launch_compact, launch_paged_attention_decode, launch_scorer_mlp, launch_select_survivors,
-        launch_window_stats, plan_decode, window_stats_workspace_len, CudaError, DeviceArray,
-        DeviceBuffer, DeviceCache, DeviceScorerWeights, DeviceWindows, Runtime,
-    };
+    use crate::cuda::{CudaError, DeviceBuffer, Runtime};
     use crate::kernels::{
-        DecodeArgs, PagedKvLayout, SelectArgs, StatsLayout, WindowStatsArgs, NUM_STATS,
+        DecodeArgs, PagedKvLayout, SampleArgs, SelectArgs, StatsLayout, WindowStatsArgs, NUM_STATS,
         SCORER_HIDDEN,
     };
+    use crate::ops::{self, scorer_mlp::ScorerBufs, Buf, Cache, OpError, Place, Windows};
     use std::time::Instant;
 
     const WARMUP: usize = 3;
@@ -305,11 +314,11 @@ mod imp {
     }
 
     /// Mean seconds per call of `f` (enqueued back to back, then one synchronisation).
-    fn time_it(
+    fn time_it<E: From<CudaError>>(
         rt: &Runtime,
         iters: usize,
-        mut f: impl FnMut() -> Result<(), CudaError>,
-    ) -> Result<f64, CudaError> {
+        mut f: impl FnMut() -> Result<(), E>,
+    ) -> Result<f64, E> {
         for _ in 0..WARMUP {
             f()?;
         }
@@ -351,12 +360,13 @@ mod imp {
                 per,
             })
         }
-        fn windows(&self) -> DeviceWindows<'_> {
-            DeviceWindows {
-                block_tables: self.tables.ptr(),
-                seq_lens: self.lens.ptr(),
-                live_starts: self.starts.ptr(),
+        fn windows(&self) -> Windows<'_> {
+            let n = self.lens_host.len();
+            Windows {
+                block_tables: Buf::new(self.tables.ptr(), n * self.per),
                 block_table_stride: self.per as i64,
+                seq_lens: Buf::new(self.lens.ptr(), n),
+                live_starts: Buf::new(self.starts.ptr(), n),
                 seq_lens_host: &self.lens_host,
                 live_starts_host: &self.starts_host,
             }
@@ -368,13 +378,13 @@ mod imp {
         dev: usize,
         kv: &PagedKvLayout,
         esize: usize,
-    ) -> Result<(DeviceBuffer, DeviceBuffer, DeviceCache), CudaError> {
+    ) -> Result<(DeviceBuffer, DeviceBuffer, Cache), CudaError> {
         let elems = kv.extent(&kv.key_strides);
         let k = DeviceBuffer::zeros(dev, elems * esize)?;
         let v = DeviceBuffer::zeros(dev, elems * esize)?;
-        let c = DeviceCache {
-            key: DeviceArray::new(k.ptr(), elems),
-            value: DeviceArray::new(v.ptr(), elems),
+        let c = Cache {
+            key: Buf::new(k.ptr(), elems),
+            value: Buf::new(v.ptr(), elems),
         };
         Ok((k, v, c))
     }
@@ -385,8 +395,12 @@ mod imp {
         rt: &Runtime,
         batch: usize,
         live: usize,
-    ) -> Result<(f64, i64), CudaError> {
+    ) -> Result<(f64, i64), OpError> {
         let (dev, bs, hd) = (a.device, a.block_size, a.head_dim);
+        let at = Place::Cuda {
+            ordinal: dev,
+            stream: 0,
+        };
         let b = Batch::new(dev, batch, live, bs)?;
         let kv = PagedKvLayout::contiguous(
             (batch * b.per) as i64,
@@ -400,25 +414,24 @@ mod imp {
         let n = batch * a.q_heads * hd;
         let q = DeviceBuffer::zeros(dev, n * esize)?;
         let out = DeviceBuffer::zeros(dev, n * esize)?;
-        let plan = plan_decode(&kv, a.q_heads as i64, batch, live)?;
-        let ws = DeviceBuffer::zeros(dev, plan.workspace_len.max(1) * 4)?;
+        let plan = crate::cuda::plan_decode(&kv, a.q_heads as i64, batch, live)?;
         let w = b.windows();
+        let ws_len = ops::paged_attention_decode::workspace_len(at, &kv, a.q_heads as i64, &w)?;
+        let ws = DeviceBuffer::zeros(dev, ws_len.max(1) * 4)?;
         let t = time_it(rt, a.iters, || {
             // SAFETY: every buffer above is alive and sized as declared, on this device.
             unsafe {
-                launch_paged_attention_decode(
-                    dev,
-                    0,
+                ops::paged_attention_decode::paged_attention_decode(
+                    at,
                     a.dtype,
                     &kv,
                     c,
                     &w,
                     &args,
-                    DeviceArray::new(q.ptr(), n),
-                    DeviceArray::new(out.ptr(), n),
-                    DeviceArray::new(ws.ptr(), plan.workspace_len),
+                    Buf::new(q.ptr(), n),
+                    Buf::new(out.ptr(), n),
+                    Buf::new(ws.ptr(), ws_len),
                 )
-                .map(|_| ())
             }
         })?;
         Ok((t, plan.num_partitions))
@@ -448,14 +461,19 @@ mod imp {
         Ok(2.0 * bytes as f64 / t / 1e9)
     }
 
-    /// Times the four eviction kernels for `batch` sequences at budget `budget`; microseconds each.
+    /// Times the eviction kernels (window_stats, scorer_mlp, select_survivors, sample_survivors,
+    /// compact) for `batch` sequences at budget `budget`; microseconds each.
     fn evict_times(
         a: &BenchKernelsArgs,
         rt: &Runtime,
         batch: usize,
         budget: usize,
-    ) -> Result<[f64; 4], CudaError> {
+    ) -> Result<[f64; 5], OpError> {
         let (dev, bs, hd, l) = (a.device, a.block_size, a.head_dim, a.interval);
+        let at = Place::Cuda {
+            ordinal: dev,
+            stream: 0,
+        };
         let live = budget + l;
         let g = a.q_heads / a.kv_heads;
         let b = Batch::new(dev, batch, live, bs)?;
@@ -471,25 +489,30 @@ mod imp {
         let queries = DeviceBuffer::zeros(dev, qn * a.dtype.size())?;
         let nq_host = vec![l as i32; batch];
         let nq = DeviceBuffer::from_host(dev, &nq_host)?;
-        let wl = window_stats_workspace_len(batch, a.q_heads, l, live);
+        let wl = ops::window_stats::workspace_len(at, &wargs, &w);
         let ws = DeviceBuffer::zeros(dev, wl * 4)?;
         let in_dim = 2 * hd + NUM_STATS * g;
         let w1 = DeviceBuffer::zeros(dev, a.kv_heads * SCORER_HIDDEN * in_dim * 4)?;
         let b1 = DeviceBuffer::zeros(dev, a.kv_heads * SCORER_HIDDEN * 4)?;
         let w2 = DeviceBuffer::zeros(dev, a.kv_heads * SCORER_HIDDEN * 4)?;
         let b2 = DeviceBuffer::zeros(dev, a.kv_heads * 4)?;
-        let weights = DeviceScorerWeights {
-            w1: DeviceArray::new(w1.ptr(), a.kv_heads * SCORER_HIDDEN * in_dim),
-            b1: DeviceArray::new(b1.ptr(), a.kv_heads * SCORER_HIDDEN),
-            w2: DeviceArray::new(w2.ptr(), a.kv_heads * SCORER_HIDDEN),
-            b2: DeviceArray::new(b2.ptr(), a.kv_heads),
+        let weights = ScorerBufs {
+            w1: Buf::new(w1.ptr(), a.kv_heads * SCORER_HIDDEN * in_dim),
+            b1: Buf::new(b1.ptr(), a.kv_heads * SCORER_HIDDEN),
+            w2: Buf::new(w2.ptr(), a.kv_heads * SCORER_HIDDEN),
+            b2: Buf::new(b2.ptr(), a.kv_heads),
         };
         let slots = batch * a.kv_heads * live;
         let scores = DeviceBuffer::zeros(dev, slots * 4)?;
         let survivors = DeviceBuffer::zeros(dev, slots * 4)?;
         let evict_host = vec![l as i32; batch];
         let evict = DeviceBuffer::from_host(dev, &evict_host)?;
-        let st = DeviceArray::new(stats.ptr(), stats_len);
+        let st = Buf::new(stats.ptr(), stats_len);
+        let (scores_buf, survivors_buf, evict_buf) = (
+            Buf::new(scores.ptr(), slots),
+            Buf::new(survivors.ptr(), slots),
+            Buf::new(evict.ptr(), batch),
+        );
         let sel = SelectArgs {
             num_kv_heads: a.kv_heads as i64,
             max_live: live as i64,
@@ -498,26 +521,24 @@ mod imp {
         let us = |t: f64| t * 1e6;
         // SAFETY (all four closures): every buffer above is alive and sized as declared.
         let t_stats = time_it(rt, a.iters, || unsafe {
-            launch_window_stats(
-                dev,
-                0,
+            ops::window_stats::window_stats(
+                at,
                 a.dtype,
                 &kv,
-                c,
+                c.key,
                 &w,
                 &wargs,
-                DeviceArray::new(queries.ptr(), qn),
-                DeviceArray::new(nq.ptr(), batch),
+                Buf::new(queries.ptr(), qn),
+                Buf::new(nq.ptr(), batch),
                 &nq_host,
                 &sl,
                 st,
-                DeviceArray::new(ws.ptr(), wl),
+                Buf::new(ws.ptr(), wl),
             )
         })?;
         let t_scorer = time_it(rt, a.iters, || unsafe {
-            launch_scorer_mlp(
-                dev,
-                0,
+            ops::scorer_mlp::scorer_mlp(
+                at,
                 a.dtype,
                 &kv,
                 c,
@@ -526,37 +547,61 @@ mod imp {
                 st,
                 weights,
                 live as i64,
-                DeviceArray::new(scores.ptr(), slots),
+                scores_buf,
             )
         })?;
         let t_select = time_it(rt, a.iters, || unsafe {
-            launch_select_survivors(
-                dev,
-                0,
+            ops::select_survivors::select_survivors(
+                at,
                 &w,
                 &sel,
-                DeviceArray::new(scores.ptr(), slots),
-                DeviceArray::new(evict.ptr(), batch),
+                scores_buf,
+                evict_buf,
                 &evict_host,
-                DeviceArray::new(survivors.ptr(), slots),
+                survivors_buf,
+            )
+        })?;
+        let keys = DeviceBuffer::zeros(dev, batch * 4)?;
+        let sample = SampleArgs {
+            select: sel,
+            layer: 0,
+            seed: 0,
+            temperature: 1.0,
+        };
+        let t_sample = time_it(rt, a.iters, || unsafe {
+            ops::sample_survivors::sample_survivors(
+                at,
+                &w,
+                &sample,
+                scores_buf,
+                evict_buf,
+                &evict_host,
+                Buf::new(keys.ptr(), batch),
+                Buf::new(keys.ptr(), batch),
+                survivors_buf,
             )
         })?;
         let t_compact = time_it(rt, a.iters, || unsafe {
-            launch_compact(
-                dev,
-                0,
+            ops::compact::compact(
+                at,
                 a.dtype,
                 &kv,
                 c,
                 &w,
                 live as i64,
-                DeviceArray::new(evict.ptr(), batch),
+                evict_buf,
                 &evict_host,
-                DeviceArray::new(survivors.ptr(), slots),
+                survivors_buf,
                 Some((&sl, st)),
             )
         })?;
-        Ok([us(t_stats), us(t_scorer), us(t_select), us(t_compact)])
+        Ok([
+            us(t_stats),
+            us(t_scorer),
+            us(t_select),
+            us(t_sample),
+            us(t_compact),
+        ])
     }
 
     /// Runs every measurement.
@@ -611,7 +656,7 @@ mod imp {
                 let t = evict_times(a, &rt, batch, budget)?;
                 let mid = (budget + a.interval / 2).div_ceil(a.block_size) * a.block_size;
                 let (dt, _) = decode_time(a, &rt, batch, mid)?;
-                let total_us: f64 = t.iter().sum();
+                let total_us = t[0] + t[1] + t[3] + t[4];
                 evict.push(EvictRow {
                     batch,
                     budget,
@@ -619,7 +664,8 @@ mod imp {
                     window_stats_us: t[0],
                     scorer_us: t[1],
                     select_us: t[2],
-                    compact_us: t[3],
+                    sample_us: t[3],
+                    compact_us: t[4],
                     total_us,
                     decode_step_us: dt * 1e6,
                     fraction_of_decode: total_us / (a.interval as f64 * dt * 1e6),
@@ -695,16 +741,17 @@ mod tests {
     }
 
     #[test]
-    fn without_a_gpu_it_is_a_typed_error() {
-        if crate::cuda::runtime::gpu_available() {
-            eprintln!("skipped: a GPU is visible, so bench-kernels would run");
-            return;
-        }
-        let a = Cli::parse_from(["x", "--batches", "1", "--lives", "1024"]).args;
+    fn without_a_usable_gpu_it_is_a_typed_error() {
+        // Device 4096 exists nowhere: without kernels or a GPU the run stops there, with GPUs it
+        // is a missing device, and no benchmark runs in a unit test either way.
+        let a =
+            Cli::parse_from(["x", "--batches", "1", "--lives", "1024", "--device", "4096"]).args;
         match run(&a) {
             Err(BenchKernelsError::NoGpu(_))
-            | Err(BenchKernelsError::Cuda(CudaError::KernelsNotCompiled)) => {}
-            other => panic!("expected NoGpu, got {other:?}"),
+            | Err(BenchKernelsError::Cuda(
+                CudaError::KernelsNotCompiled | CudaError::NoSuchDevice { .. },
+            )) => {}
+            other => panic!("expected a typed no-GPU error, got {other:?}"),
         }
     }
 }

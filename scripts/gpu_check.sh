@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The GPU check: everything scripts/test.sh cannot run without a CUDA GPU, on a machine with one.
+#
+#   1. the Rust GPU tests (`#[ignore = "needs a CUDA GPU"]`) with `cargo test -- --ignored`;
+#   2. the Python package's CUDA tests (bindings/python/tests/test_cuda.py), none may skip;
+#   3. `foresightkv bench-kernels` (decode bandwidth, eviction-step share), table and JSON;
+#   4. compute-sanitizer memcheck and racecheck over the kernel test binaries' GPU tests.
+#
+# Everything it prints goes to bench/results/gpu/ (one log per step, plus summary.txt with the
+# machine, date and the command lines). Exits non-zero when any step fails, and at once, saying
+# why, when there is no GPU, no driver or no compute-sanitizer.
+#
+#   scripts/gpu_check.sh                       # all four steps
+#   GPU_CHECK_QUICK=1 scripts/gpu_check.sh     # smaller bench-kernels grid and fewer sanitizer cases
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$FKV_ROOT"
+OUT="$FKV_ROOT/bench/results/gpu"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+die() { echo "gpu_check: $*" | tee -a "$SUMMARY" >&2; exit 1; }
+
+{
+  echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
+} > "$SUMMARY"
+
+command -v nvidia-smi >/dev/null 2>&1 || die "no nvidia-smi: this machine has no NVIDIA driver (run this on a GPU machine)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpus.txt" 2>&1 \
+  || die "nvidia-smi sees no GPU: $(cat "$OUT/gpus.txt")"
+[ -s "$OUT/gpus.txt" ] || die "nvidia-smi lists no GPU"
+echo "gpus: $(paste -sd';' "$OUT/gpus.txt")" >> "$SUMMARY"
+
+fkv_build_env
+SANITIZER="$(command -v compute-sanitizer || true)"
+for dir in "${CUDA_HOME:-}/bin" /usr/local/cuda/bin /opt/cuda/bin; do
+  [ -n "$SANITIZER" ] || { [ -x "$dir/compute-sanitizer" ] && SANITIZER="$dir/compute-sanitizer"; } || true
+done
+[ -n "$SANITIZER" ] || die "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin): install the CUDA toolkit's sanitizer"
+
+status=0
+step() { # step NAME LOG COMMAND...: runs one step, logging to LOG, recording the outcome
+  local name="$1" log="$2"
+  shift 2
+  echo "--- $name: $*" | tee -a "$SUMMARY"
+  if "$@" > "$log" 2>&1; then
+    echo "ok: $name" | tee -a "$SUMMARY"
+  else
+    tail -n 30 "$log"
+    echo "FAIL: $name (log: ${log#"$FKV_ROOT"/})" | tee -a "$SUMMARY"
+    status=1
+  fi
+}
+
+echo "--- build (release)"
+cargo build --workspace --all-targets --release > "$OUT/build.txt" 2>&1 || die "build failed: $(tail -n 20 "$OUT/build.txt")"
+BIN="$CARGO_TARGET_DIR/release/foresightkv"
+"$BIN" info > "$OUT/info.txt" 2>&1 || die "foresightkv info failed: $(cat "$OUT/info.txt")"
+grep -q '^gpu: ' "$OUT/info.txt" || die "foresightkv sees no GPU: $(cat "$OUT/info.txt")"
+
+# 1. Rust GPU tests: only the ignored ones (the rest ran in scripts/test.sh).
+step "Rust GPU tests (--ignored)" "$OUT/rust_gpu_tests.txt" \
+  cargo test --workspace --release -- --ignored
+grep -E '^test result:' "$OUT/rust_gpu_tests.txt" | tee -a "$SUMMARY" || true
+
+# 2. Python CUDA tests in a fresh venv over the cached test venv (as scripts/test_python.sh does).
+python_cuda() { # (runs inside `if`, where set -e is off: every step checks its own status)
+  local py venv wheel site rc=0
+  py="$(scripts/python_env.sh)" || return 1
+  venv="$(mktemp -d)/venv"
+  wheel="$(fkv_wheel "$py" "$(dirname "$venv")/wheels")"
+  [ -n "$wheel" ] || { echo "no wheel was built"; return 1; }
+  "$py" -m venv "$venv" || return 1
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index "$wheel" || return 1
+  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || return 1
+  "$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/zz_foresightkv_test_deps.pth" || return 1
+  "$venv/bin/python" -c 'import torch; assert torch.cuda.is_available(), "torch sees no CUDA device"' || return 1
+  (cd bindings/python && "$venv/bin/python" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py) || rc=$?
+  [ "$rc" -eq 0 ] || return 1
+}
+step "Python CUDA tests (tests/test_cuda.py)" "$OUT/python_cuda_tests.txt" python_cuda
+# Every CUDA test must run here: a skip is a failure of the check.
+if tail -n 1 "$OUT/python_cuda_tests.txt" | grep -q skipped; then
+  echo "FAIL: Python CUDA tests skipped some tests: $(tail -n 1 "$OUT/python_cuda_tests.txt")" | tee -a "$SUMMARY"
+  status=1
+fi
+
+# 3. The kernel benchmark: table on stdout, JSON beside it.
+BENCH_ARGS=()
+[ -z "${GPU_CHECK_QUICK:-}" ] || BENCH_ARGS=(--batches 1,32,256 --lives 1024,8192,32768 --evict-batches 1,128)
+step "foresightkv bench-kernels ${BENCH_ARGS[*]}" "$OUT/bench_kernels.txt" \
+  "$BIN" bench-kernels "${BENCH_ARGS[@]}" --json "$OUT/bench_kernels.json"
+
+# 4. compute-sanitizer over the kernel test binaries' GPU tests (few proptest cases: the sanitizer
+#    slows kernels down by orders of magnitude).
+export FORESIGHTKV_PROPTEST_CASES="${GPU_CHECK_SANITIZER_CASES:-4}"
+mapfile -t TEST_BINS < <(cargo test --release --no-run --message-format=json \
+    --test cuda_kernels --test cuda_sampling --test reshape_and_cache 2>/dev/null \
+  | "$(scripts/python_env.sh)" -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["executable"])')
+[ "${#TEST_BINS[@]}" -eq 3 ] || die "expected 3 kernel test binaries, found ${#TEST_BINS[@]}"
+for tool in memcheck racecheck; do
+  for bin in "${TEST_BINS[@]}"; do
+    name="$(basename "$bin" | sed 's/-[0-9a-f]*$//')"
+    step "compute-sanitizer --tool $tool $name --ignored" "$OUT/sanitizer_${tool}_${name}.txt" \
+      "$SANITIZER" --tool "$tool" --error-exitcode 1 --target-processes all "$bin" --ignored --test-threads 1
+  done
+done
+
+echo "gpu_check: $([ "$status" -eq 0 ] && echo "all steps passed" || echo "some steps FAILED"); logs in bench/results/gpu/" \
+  | tee -a "$SUMMARY"
+exit $status
