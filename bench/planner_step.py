@@ -212,8 +212,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"# planning one engine forward: host time per call (us), median / min over {a.steps} decode steps")
     print(f"# foresightkv {__version__}, torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}")
     print(f"# budget {BUDGET}, interval {INTERVAL}, block {BLOCK}; rows = requests of the batch, 1 new token each")
-    print(f"{'batch':>6} {'before: Python begin_step':>27} {'after: engine.begin_step':>26} "
-          f"{'bare WindowPlanner.plan':>25} {'speed-up':>9} {'evictions/step':>15}")
+    print("# A: begin_step alone (before: StepRequest objects built beforehand; after: StepBatch of lists)")
+    print("# B: from the engine's per-batch CPU tensors (before: tolist + StepRequest objects + begin_step, the")
+    print("#    old plugins' path; after: begin_step(StepBatch of the tensors), read in place by the binding)")
+    print(f"{'batch':>6} {'A before':>17} {'A after':>17} {'bare plan':>17} {'A x':>6} "
+          f"{'B before':>17} {'B after':>17} {'B x':>6} {'evictions/step':>15}")
     for batch in batches:
         steps = workload(batch, a.steps)
         # before: the old engine over StepRequest objects built beforehand (as the plugins built them)
@@ -241,9 +244,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             pb, pe = check_b.begin_step(r), check_e.begin_step(StepBatch(*cols))
             assert pb.evict_to == pe.evict_to and pb.live_starts == pe.live_starts
             assert [(x.key, x.new_live_start) for x in pb.released] == [(x.key, x.new_live_start) for x in pe.released]
-        mb, me, mr = (statistics.median(t) for t in (t_before, t_after, t_bare))
-        print(f"{batch:>6} {mb:>15.1f} / {min(t_before):>9.1f} {me:>14.1f} / {min(t_after):>9.1f} "
-              f"{mr:>13.1f} / {min(t_bare):>9.1f} {mb / me:>8.1f}x {statistics.mean(evictions[1:]):>15.1f}")
+        # B: from the engine's tensors (keys, lengths, new tokens, prefill and reset as int64 CPU tensors)
+        tens = [tuple(torch.tensor(c, dtype=torch.int64) for c in cols) for cols in steps]
+        before_b = BeforeEngine(cfg, BLOCK)
+
+        def old_plugin(t, engine=before_b):
+            keys, lens, new, pre, res = (c.tolist() for c in t)
+            engine.begin_step([BeforeStepRequest(k, n, q, bool(p), bool(r)) for k, n, q, p, r in zip(keys, lens, new, pre, res)])
+
+        t_before_b = measure(old_plugin, tens)
+        engine_b = EvictionEngine(cfg, block_size=BLOCK)
+        t_after_b = measure(lambda t: engine_b.begin_step(StepBatch(*t)), tens)
+        med = [statistics.median(t) for t in (t_before, t_after, t_bare, t_before_b, t_after_b)]
+        mins = [min(t) for t in (t_before, t_after, t_bare, t_before_b, t_after_b)]
+        cells = [f"{m:>8.1f} /{lo:>7.1f}" for m, lo in zip(med, mins)]
+        print(f"{batch:>6} {cells[0]} {cells[1]} {cells[2]} {med[0] / med[1]:>5.1f}x "
+              f"{cells[3]} {cells[4]} {med[3] / med[4]:>5.1f}x {statistics.mean(evictions[1:]):>15.1f}")
+    print("# cells: median / min microseconds per forward; x = before / after of the medians")
     return 0
 
 

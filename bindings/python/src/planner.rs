@@ -54,11 +54,16 @@ pub(crate) fn array<'py>(py: Python<'py>, code: &str, data: &[u8]) -> PyResult<B
     cls.bind(py).call1((code, PyBytes::new(py, data)))
 }
 
+/// The native-endian bytes of `vals` (a plain integer slice: no padding, every byte initialised).
+pub(crate) fn as_bytes<T: Copy + Into<i64>>(vals: &[T]) -> &[u8] {
+    // SAFETY: `T` is a primitive integer (the `Into<i64>` bound admits no other type with padding);
+    // the slice covers exactly the memory of `vals`, borrowed for the same lifetime.
+    unsafe { std::slice::from_raw_parts(vals.as_ptr().cast::<u8>(), std::mem::size_of_val(vals)) }
+}
+
 fn bytes_i32<'a>(out: &mut Vec<u8>, cols: impl IntoIterator<Item = &'a [i32]>) {
     for c in cols {
-        for v in c {
-            out.extend_from_slice(&v.to_ne_bytes());
-        }
+        out.extend_from_slice(as_bytes(c));
     }
 }
 
@@ -263,9 +268,7 @@ impl PyWindowPlanner {
             ],
         );
         let rows = array(py, "i", &buf)?;
-        buf.clear();
-        bytes_i64(&mut buf, out.serials.iter().copied());
-        let serials = array(py, "q", &buf)?;
+        let serials = array(py, "q", as_bytes(&out.serials))?;
         buf.clear();
         bytes_i64(
             &mut buf,

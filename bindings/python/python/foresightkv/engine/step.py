@@ -111,7 +111,7 @@ class _LayerState:
 
 class StepPlan:
     """What ``begin_step`` decided for one forward, as the core's planner returned it: ``rows``, an
-    int32 CPU tensor ``[len(WindowPlanner.FIELDS), n]`` (per request row, batch order: length,
+    int32 CPU tensor ``[len(WindowPlanner.FIELDS) * n]`` (row major: per request row, batch order: length,
     new tokens, query offset, committed live start, protected prefix, evictable start, eviction
     target or -1, and the window length / attention start / evictable start in the kernels'
     coordinates), the rows' state ``serials`` (the request part of the victim RNG key), the
@@ -125,29 +125,32 @@ class StepPlan:
         self.serials = serials
         self.released: List[Advance] = released
         self.num_tokens = num_tokens
-        self._lists: Optional[List[List[int]]] = None
+        self._n = len(serials)
+        self._lists: Optional[List[int]] = None
         self._device: Dict[Any, torch.Tensor] = {}
         self._windows: Optional["_Windows"] = None
 
     def __len__(self) -> int:
-        return self.rows.shape[1]
+        return self._n
 
     def field(self, name: str) -> List[int]:
         """The planner's row ``name`` (one of ``WindowPlanner.FIELDS``) as a list."""
         if self._lists is None:
             self._lists = self.rows.tolist()
-        return self._lists[_ROW[name]]
+        i = _ROW[name] * self._n
+        return self._lists[i : i + self._n]
 
-    def on(self, device) -> torch.Tensor:
-        """``rows`` on ``device`` (copied once per plan and device)."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            return self.rows
-        t = self._device.get(device)
-        if t is None:
-            t = self.rows.to(device)
-            self._device[device] = t
-        return t
+    def row(self, name: str, device=None) -> torch.Tensor:
+        """The planner's row ``name`` as an int32 tensor ``[n]`` on ``device`` (CPU by default; the
+        plan is copied once per device)."""
+        t = self.rows
+        if device is not None and torch.device(device).type != "cpu":
+            device = torch.device(device)
+            t = self._device.get(device)
+            if t is None:
+                t = self._device[device] = self.rows.to(device)
+        i = _ROW[name] * self._n
+        return t[i : i + self._n]
 
     @property
     def seq_lens(self) -> List[int]:
@@ -294,10 +297,7 @@ class EvictionEngine:
         )
         for serial in dropped:
             self._layers.pop(serial, None)
-        n = len(serials)
-        table = torch.frombuffer(rows, dtype=torch.int32).view(len(_FIELDS), n) if n else torch.zeros(
-            (len(_FIELDS), 0), dtype=torch.int32
-        )
+        table = torch.frombuffer(rows, dtype=torch.int32) if serials else torch.zeros(0, dtype=torch.int32)
         released = []
         if rel:
             r = rel.tolist()
@@ -373,28 +373,28 @@ class EvictionEngine:
         win = plan._windows
         if win is not None and win.source is block_tables:
             return win
-        rows = plan.on(block_tables.device)
+        dev = block_tables.device
         tables = block_tables
-        host = plan.rows
-        if self.config.protect_prompt and bool((host[_ROW["live_starts"]] > host[_ROW["protected_lens"]]).any()):
+        if self.config.protect_prompt and bool((plan.row("live_starts") > plan.row("protected_lens")).any()):
             bs = self.block_size
-            prompt_blocks = (rows[_ROW["protected_lens"]] // bs).long().unsqueeze(1)
-            shift = ((rows[_ROW["live_starts"]] - rows[_ROW["protected_lens"]]).clamp(min=0) // bs).long().unsqueeze(1)
+            protected, live = plan.row("protected_lens", dev), plan.row("live_starts", dev)
+            prompt_blocks = (protected // bs).long().unsqueeze(1)
+            shift = ((live - protected).clamp(min=0) // bs).long().unsqueeze(1)
             width = block_tables.shape[1]
-            cols = torch.arange(width, device=block_tables.device).unsqueeze(0)
+            cols = torch.arange(width, device=dev).unsqueeze(0)
             idx = (cols + shift * (cols >= prompt_blocks)).clamp(max=max(width - 1, 0))
             tables = torch.gather(block_tables, 1, idx)
-        num_new = host[_ROW["num_new"]]
+        num_new = plan.row("num_new")
         dec = torch.nonzero(num_new == 1).flatten()
         multi = torch.nonzero(num_new > 1).flatten().tolist()
-        due = torch.nonzero(host[_ROW["evict_to"]] >= 0).flatten().tolist()
+        due = torch.nonzero(plan.row("evict_to") >= 0).flatten().tolist()
         win = _Windows(
             block_tables,
             tables,
-            rows[_ROW["window_lens"]],
-            rows[_ROW["attn_starts"]],
-            rows[_ROW["evict_starts"]],
-            dec.to(block_tables.device),
+            plan.row("window_lens", dev),
+            plan.row("attn_starts", dev),
+            plan.row("evict_starts", dev),
+            dec.to(dev),
             multi,
             due,
         )
@@ -440,7 +440,7 @@ class EvictionEngine:
         block_tables = win.tables
         if win.decode.numel():
             sel = win.decode.to(device)
-            rows = plan.on(device)[_ROW["query_starts"]].index_select(0, sel).long()
+            rows = plan.row("query_starts", device).index_select(0, sel).long()
             o = kernels.paged_attention_decode(
                 query.index_select(0, rows).contiguous(),
                 key_cache,
