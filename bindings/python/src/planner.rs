@@ -198,6 +198,7 @@ impl PyWindowPlanner {
     /// `dropped` int64 (serials of states replaced by resets), all `array.array`. Atomic: on error
     /// nothing changed.
     #[pyo3(signature = (keys, seq_lens, num_new, prefill, reset, prompt_lens = None))]
+    #[allow(clippy::too_many_arguments)] // the columns of the Python-facing call
     fn plan<'py>(
         &mut self,
         py: Python<'py>,
