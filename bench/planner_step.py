@@ -16,6 +16,7 @@ Usage: python bench/planner_step.py [--steps 300] [--batches 1,64,256,1024]
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import platform
 import statistics
@@ -191,14 +192,21 @@ def workload(batch: int, steps: int):
 
 
 def measure(fn, inputs) -> List[float]:
-    """Microseconds of each ``fn(x)`` over ``inputs`` (the first, the prefill, is not counted)."""
+    """Microseconds of each ``fn(x)`` over ``inputs`` (the first, the prefill, is not counted), with
+    the garbage collector off (the prepared inputs of every variant are alive at once, and full
+    collections over them would land in whichever call happens to trigger one)."""
     times = []
-    for i, x in enumerate(inputs):
-        t0 = time.perf_counter_ns()
-        fn(x)
-        dt = (time.perf_counter_ns() - t0) / 1e3
-        if i:
-            times.append(dt)
+    gc.collect()
+    gc.disable()
+    try:
+        for i, x in enumerate(inputs):
+            t0 = time.perf_counter_ns()
+            fn(x)
+            dt = (time.perf_counter_ns() - t0) / 1e3
+            if i:
+                times.append(dt)
+    finally:
+        gc.enable()
     return times
 
 
