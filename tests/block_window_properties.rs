@@ -337,7 +337,12 @@ fn check_invariants(
         prop_assert_eq!(plan.bases[i] as usize, base);
         if got.target >= 0 {
             let t = got.target as usize;
-            prop_assert!(t.is_multiple_of(bs) && t > base, "target {} base {}", t, base);
+            prop_assert!(
+                t.is_multiple_of(bs) && t > base,
+                "target {} base {}",
+                t,
+                base
+            );
             prop_assert!(
                 n - t >= b && n - t < b + bs,
                 "target {} leaves {} live",
