@@ -10,9 +10,14 @@ This script applies the same sequence, in one run,
     vLLM as a sliding window of B + L + block_size tokens, which frees out-of-window blocks inside
     `allocate_slots` (the same way our vLLM plugin maps the live window), so `compact` has no call
     of its own there;
-  * to ours through the Python bindings (`foresightkv.KvCacheManager`), when they are installed;
+  * to ours through the Python bindings (`foresightkv.KvCacheManager`), when they are installed, in
+    two modes: `per-op` (one binding call per operation) and `batched` (one `apply_step` call per
+    scheduler step, as an engine drives it: the step's operations as flat columns; a step ends
+    where a sequence would be added to or appended to a second time);
 
-and reports operations per second for each and the ratio (ours / vLLM).
+and reports operations per second for each and the ratios (ours / vLLM). The batched mode is timed
+twice: with each step's columns prepared beforehand (an engine has them as arrays already), and
+with the columns built from the operation list inside the timed loop.
 
 Usage:
   foresightkv replay --export-ops ops.csv --requests 200
@@ -119,21 +124,7 @@ def run_vllm(ops: list[Op], args: argparse.Namespace) -> float:
 
 def run_ours(ops: list[Op], args: argparse.Namespace) -> float:
     """Applies the sequence to our KvCacheManager through the Python bindings; returns the seconds."""
-    import foresightkv
-
-    eviction = (
-        foresightkv.EvictionConfig(budget=args.budget, interval=args.interval, protect_prompt=False)
-        if args.budget
-        else None
-    )
-    manager = foresightkv.KvCacheManager(
-        foresightkv.CacheConfig(
-            block_size=args.block_size,
-            num_blocks=args.num_blocks,
-            enable_prefix_caching=False,
-            eviction=eviction,
-        )
-    )
+    manager = _our_manager(args)
     start = time.perf_counter()
     for op in ops:
         if op.kind == "add":
@@ -149,6 +140,74 @@ def run_ours(ops: list[Op], args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
+#: Operation codes of `KvCacheManager.apply_step` (its `STEP_OPS`).
+OP_CODES = {name: i for i, name in enumerate(KINDS)}
+
+
+def split_steps(ops: list[Op]) -> list[list[Op]]:
+    """The sequence cut into scheduler steps: a step ends before an add or append of a sequence that
+    the step already added or appended to (each running sequence gets one allocation per step)."""
+    steps: list[list[Op]] = []
+    cur: list[Op] = []
+    grown: set[int] = set()
+    for op in ops:
+        if op.kind in ("add", "append") and op.seq in grown:
+            steps.append(cur)
+            cur, grown = [], set()
+        if op.kind in ("add", "append"):
+            grown.add(op.seq)
+        cur.append(op)
+    if cur:
+        steps.append(cur)
+    return steps
+
+
+def step_columns(step: list[Op]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """`(ops, seq_ids, counts, tokens)` of one step for `KvCacheManager.apply_step` (token ids 0)."""
+    codes = [OP_CODES[o.kind] for o in step]
+    seqs = [o.seq for o in step]
+    counts = [o.arg if o.kind in ("add", "append") else 0 for o in step]
+    return codes, seqs, counts, [0] * sum(counts)
+
+
+def _our_manager(args: argparse.Namespace):
+    import foresightkv
+
+    eviction = (
+        foresightkv.EvictionConfig(budget=args.budget, interval=args.interval, protect_prompt=False)
+        if args.budget
+        else None
+    )
+    return foresightkv.KvCacheManager(
+        foresightkv.CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_blocks,
+            enable_prefix_caching=False,
+            eviction=eviction,
+        )
+    )
+
+
+def run_ours_batched(ops: list[Op], args: argparse.Namespace) -> float:
+    """The sequence as one `apply_step` call per scheduler step, columns prepared beforehand."""
+    manager = _our_manager(args)
+    columns = [step_columns(s) for s in split_steps(ops)]
+    start = time.perf_counter()
+    for cols in columns:
+        manager.apply_step(*cols)
+    return time.perf_counter() - start
+
+
+def run_ours_batched_build(ops: list[Op], args: argparse.Namespace) -> float:
+    """As `run_ours_batched`, building each step's columns inside the timed loop."""
+    manager = _our_manager(args)
+    steps = split_steps(ops)
+    start = time.perf_counter()
+    for s in steps:
+        manager.apply_step(*step_columns(s))
+    return time.perf_counter() - start
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (the cache must match the replay run that exported the ops)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -159,6 +218,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=65536)
     p.add_argument("--limit", type=int, default=None, help="apply only the first N operations")
+    p.add_argument(
+        "--mode",
+        choices=("both", "per-op", "batched"),
+        default="both",
+        help="how ours is driven: one call per operation, one call per scheduler step, or both",
+    )
+    p.add_argument("--skip-vllm", action="store_true", help="run ours only")
     a = p.parse_args(argv)
     for name in ("num_blocks", "block_size", "interval", "max_model_len"):
         if getattr(a, name) <= 0:
@@ -174,18 +240,26 @@ def main(argv: list[str] | None = None) -> int:
     """Runs both managers on the sequence and prints operations per second and the ratio."""
     args = parse_args(argv)
     ops = load_ops(args.ops, args.limit)
-    print(f"{len(ops)} operations from {args.ops}")
+    steps = split_steps(ops)
+    print(f"{len(ops)} operations from {args.ops}, {len(steps)} scheduler steps ({len(ops) / len(steps):.1f} ops/step)")
+    runs = [] if args.skip_vllm else [("vllm", run_vllm)]
+    if args.mode in ("both", "per-op"):
+        runs.append(("foresightkv per-op", run_ours))
+    if args.mode in ("both", "batched"):
+        runs += [("foresightkv batched", run_ours_batched), ("foresightkv batched+build", run_ours_batched_build)]
     results: dict[str, float] = {}
-    for name, fn in (("vllm", run_vllm), ("foresightkv", run_ours)):
+    for name, fn in runs:
         try:
             seconds = fn(ops, args)
         except ImportError as e:
-            print(f"{name:12s} not available ({e})")
+            print(f"{name:26s} not available ({e})")
             continue
         results[name] = len(ops) / seconds
-        print(f"{name:12s} {results[name]:>14,.0f} ops/s ({seconds:.3f} s)")
-    if len(results) == 2:
-        print(f"ratio foresightkv / vllm: {results['foresightkv'] / results['vllm']:.2f}x")
+        print(f"{name:26s} {results[name]:>14,.0f} ops/s ({seconds:.3f} s)")
+    if "vllm" in results:
+        for name, rate in results.items():
+            if name != "vllm":
+                print(f"ratio {name} / vllm: {rate / results['vllm']:.2f}x")
     return 0 if results else 1
 
 

@@ -221,15 +221,17 @@ fn check_invariants(h: &Harness, content: bool) -> Result<(), TestCaseError> {
         let len = t.tokens.len();
         prop_assert_eq!(&t.tokens, &model.tokens, "tokens of {}", id);
         prop_assert_eq!(t.blocks.len(), len.div_ceil(bs));
+        prop_assert_eq!(t.window.len, len, "window length of {}", id);
         prop_assert_eq!(
-            t.live_start % bs,
+            t.window.live_start % bs,
             0,
             "live_start of {} not block aligned",
             id
         );
-        prop_assert_eq!(t.protected_len % bs, 0);
-        let base = t.live_start.max(t.protected_len);
-        let released = t.protected_len / bs..(t.live_start / bs).max(t.protected_len / bs);
+        prop_assert_eq!(t.window.protected_len % bs, 0);
+        let base = t.window.live_start.max(t.window.protected_len);
+        let released = t.window.protected_len / bs
+            ..(t.window.live_start / bs).max(t.window.protected_len / bs);
         for (i, b) in t.blocks.iter().enumerate() {
             prop_assert_eq!(
                 b.is_none(),
@@ -252,7 +254,7 @@ fn check_invariants(h: &Harness, content: bool) -> Result<(), TestCaseError> {
         }
         if let Some(ev) = &cfg.eviction {
             let live = len.saturating_sub(base);
-            if !t.compress_pending {
+            if !t.window.compress_pending {
                 prop_assert!(
                     live < ev.budget + ev.interval + MAX_APPEND,
                     "seq {} window {} over budget",
@@ -262,7 +264,7 @@ fn check_invariants(h: &Harness, content: bool) -> Result<(), TestCaseError> {
             }
         }
         // Every attended position reads back its own content.
-        for pos in (0..len.min(t.protected_len))
+        for pos in (0..len.min(t.window.protected_len))
             .chain(base..len)
             .filter(|_| content)
         {
@@ -284,7 +286,7 @@ fn check_invariants(h: &Harness, content: bool) -> Result<(), TestCaseError> {
             .unwrap();
     for (r, (_, t)) in snap.sequences.iter().enumerate() {
         prop_assert_eq!(flat.lens[r] as usize, t.tokens.len());
-        prop_assert_eq!(flat.live_starts[r] as usize, t.live_start);
+        prop_assert_eq!(flat.live_starts[r] as usize, t.window.live_start);
         for c in 0..flat.width {
             let want = t.blocks.get(c).copied().flatten().map_or(-1, |b| b as i32);
             prop_assert_eq!(flat.table[r * flat.width + c], want);
@@ -405,7 +407,7 @@ fn step(h: &mut Harness, op: &Op) -> Result<(), TestCaseError> {
             match (h.m.compact(seq), plan) {
                 (Ok(released), Some(plan)) => {
                     let ev = h.m.config().eviction.clone().unwrap();
-                    let base = t.live_start.max(t.protected_len);
+                    let base = t.window.live_start.max(t.window.protected_len);
                     let expect: Vec<BlockId> = t.blocks[base / bs..plan.live_start_after / bs]
                         .iter()
                         .flatten()
@@ -422,7 +424,7 @@ fn step(h: &mut Harness, op: &Op) -> Result<(), TestCaseError> {
                         "live {} after eviction",
                         live
                     );
-                    let base = t.live_start.max(t.protected_len);
+                    let base = t.window.live_start.max(t.window.protected_len);
                     if len - base == ev.budget + ev.interval {
                         prop_assert_eq!(live, ev.budget, "regular eviction leaves exactly B");
                     }

@@ -22,10 +22,10 @@ const BS: usize = 4;
 fn check_snapshot(s: &ManagerSnapshot, bs: usize) -> Result<(), String> {
     let mut holders = vec![0u32; s.refcounts.len()];
     for (id, t) in &s.sequences {
-        if t.live_start % bs != 0 || t.blocks.len() != t.tokens.len().div_ceil(bs) {
+        if t.window.live_start % bs != 0 || t.blocks.len() != t.tokens.len().div_ceil(bs) {
             return Err(format!(
                 "seq {id}: bad window {} / {} blocks",
-                t.live_start,
+                t.window.live_start,
                 t.blocks.len()
             ));
         }

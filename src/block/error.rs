@@ -51,3 +51,54 @@ pub enum BlockError {
         len: usize,
     },
 }
+
+/// What the batched window planner refuses in the rows of a forward; nothing changed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum WindowError {
+    /// A row adds more tokens than its length.
+    #[error("request {key}: {num_new} new tokens for a length of {seq_len}")]
+    MoreNewThanLength {
+        /// The request.
+        key: u64,
+        /// Tokens the row adds.
+        num_new: usize,
+        /// Its length after the forward.
+        seq_len: usize,
+    },
+    /// A row's new tokens start before its live window (the engine must reset a request it recomputes).
+    #[error(
+        "request {key}: its new tokens start at {start}, before its live window [{live_start}, ...); \
+         the engine must reset a request it recomputes"
+    )]
+    BeforeWindow {
+        /// The request.
+        key: u64,
+        /// Position of the first new token.
+        start: usize,
+        /// The committed live start.
+        live_start: usize,
+    },
+    /// Prompt tokens after an eviction in protect mode.
+    #[error(
+        "request {key}: prompt tokens after an eviction in protect mode; the engine must reset a \
+         request it recomputes"
+    )]
+    PromptAfterEviction {
+        /// The request.
+        key: u64,
+    },
+    /// A request longer than the int32 device tables address.
+    #[error("request {key}: length {len} is more than the int32 device tables address")]
+    TooLong {
+        /// The request.
+        key: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// A forward of more tokens than int32 query offsets address.
+    #[error("a forward of {0} tokens is more than int32 query offsets address")]
+    TooManyTokens(usize),
+    /// A request key of 2^63 or more (keys travel as int64).
+    #[error("request key {0} is 2^63 or more")]
+    KeyTooLarge(u64),
+}

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use parking_lot::Mutex;
 
 use super::pool::BlockPool;
-use super::schedule::{self, align_up, window_base, EvictionPlan};
 use super::table::{block_hash, BlockTable};
+use super::window::{self, align_up, EvictionPlan, LiveWindow, Schedule};
 use super::{BlockError, BlockId, CacheConfig, SeqId};
 
 /// A block copy the engine must perform (whole block, every layer and head) before writing `dst`.
@@ -32,6 +32,57 @@ pub struct FlatBlockTables {
     pub lens: Vec<i32>,
     /// Protected prefix of each row (block-aligned prompt in protect mode, else 0).
     pub protected_lens: Vec<i32>,
+}
+
+/// One operation of a scheduler step, for [`KvCacheManager::apply_step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOp<'a> {
+    /// [`KvCacheManager::add_sequence`].
+    Add {
+        /// The sequence.
+        id: SeqId,
+        /// Its prompt.
+        prompt: &'a [u32],
+    },
+    /// [`KvCacheManager::append`].
+    Append {
+        /// The sequence.
+        id: SeqId,
+        /// The tokens to append.
+        tokens: &'a [u32],
+    },
+    /// [`KvCacheManager::compact`].
+    Compact(SeqId),
+    /// [`KvCacheManager::free`].
+    Free(SeqId),
+    /// [`KvCacheManager::preempt`].
+    Preempt(SeqId),
+}
+
+/// What the operations of one step returned, flat and in operation order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepOutput {
+    /// Slots of every `Add` (its prompt) and `Append` (its tokens).
+    pub slots: Vec<i64>,
+    /// Blocks every `Compact` released.
+    pub released: Vec<BlockId>,
+    /// How many of `released` each `Compact` released.
+    pub released_counts: Vec<u32>,
+    /// Tokens of every `Preempt`.
+    pub preempted: Vec<u32>,
+    /// How many of `preempted` each `Preempt` returned.
+    pub preempted_counts: Vec<u32>,
+}
+
+impl StepOutput {
+    /// Empties every buffer (keeping their capacity).
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.released.clear();
+        self.released_counts.clear();
+        self.preempted.clear();
+        self.preempted_counts.clear();
+    }
 }
 
 /// Consistent copy of the whole manager state, for invariant checks and diagnostics.
@@ -61,6 +112,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct KvCacheManager {
     config: CacheConfig,
+    schedule: Option<Schedule>,
     inner: Mutex<Inner>,
 }
 
@@ -84,8 +136,13 @@ impl KvCacheManager {
             seqs: HashMap::new(),
             copies: Vec::new(),
         };
+        let schedule = config
+            .eviction
+            .as_ref()
+            .map(|ev| Schedule::of(ev, config.block_size));
         Ok(Self {
             config,
+            schedule,
             inner: Mutex::new(inner),
         })
     }
@@ -113,7 +170,7 @@ impl KvCacheManager {
     /// Most blocks a sequence with this prompt growing to `max_len` tokens holds at once, decoding
     /// one token per step and compacting when due (the compressed footprint with eviction).
     pub fn max_blocks_held(&self, prompt_len: usize, max_len: usize) -> usize {
-        schedule::max_blocks_held(&self.config, prompt_len, max_len)
+        window::max_blocks_held(&self.config, prompt_len, max_len)
     }
 
     /// Registers sequence `id` with its prompt and returns the prompt's slot mapping; positions in
@@ -182,12 +239,15 @@ impl KvCacheManager {
             BlockTable {
                 tokens: prompt.to_vec(),
                 prompt_len: p,
-                protected_len: if protect { align_up(p, bs) } else { 0 },
-                live_start: 0,
+                window: LiveWindow {
+                    len: p,
+                    live_start: 0,
+                    protected_len: if protect { align_up(p, bs) } else { 0 },
+                    compress_pending: ev.is_some_and(|e| !e.protect_prompt && p >= e.budget + bs),
+                },
                 blocks,
                 hashes,
                 compactions: 0,
-                compress_pending: ev.is_some_and(|e| !e.protect_prompt && p >= e.budget + bs),
             },
         );
         Ok(slots)
@@ -204,8 +264,8 @@ impl KvCacheManager {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        if let Some(ev) = &self.config.eviction {
-            if schedule::plan(ev, bs, &seq.window()).is_some() {
+        if let Some(s) = &self.schedule {
+            if seq.window.due(s).is_some() {
                 return Err(BlockError::EvictionDue(id));
             }
         }
@@ -238,6 +298,7 @@ impl KvCacheManager {
             let b = seq.blocks[pos / bs].expect("blocks from live_start on are held");
             slots.push(slot(b, bs, pos));
             seq.tokens.push(t);
+            seq.window.len = seq.tokens.len();
             let full = seq.tokens.len() % bs == 0;
             if caching && full && seq.compactions == 0 && seq.hashes.len() == pos / bs {
                 let h = block_hash(seq.hashes.last().copied(), &seq.tokens[pos + 1 - bs..=pos]);
@@ -252,11 +313,7 @@ impl KvCacheManager {
     pub fn eviction_due(&self, id: SeqId) -> Result<Option<EvictionPlan>, BlockError> {
         let g = self.inner.lock();
         let seq = g.seqs.get(&id).ok_or(BlockError::UnknownSequence(id))?;
-        Ok(self
-            .config
-            .eviction
-            .as_ref()
-            .and_then(|ev| schedule::plan(ev, self.config.block_size, &seq.window())))
+        Ok(self.schedule.as_ref().and_then(|s| seq.window.due(s)))
     }
 
     /// Applies the due eviction: advances `live_start`, empties the table entries before it and
@@ -269,15 +326,13 @@ impl KvCacheManager {
         let mut g = self.inner.lock();
         let Inner { pool, seqs, copies } = &mut *g;
         let seq = seqs.get_mut(&id).ok_or(BlockError::UnknownSequence(id))?;
-        let ev = self
-            .config
-            .eviction
+        let s = self
+            .schedule
             .as_ref()
             .ok_or(BlockError::NoEvictionDue(id))?;
-        let st = seq.window();
-        let plan = schedule::plan(ev, bs, &st).ok_or(BlockError::NoEvictionDue(id))?;
-        let (lo, hi) = (window_base(&st) / bs, plan.live_start_after / bs);
-        let write_end = st.len.saturating_sub(ev.interval);
+        let plan = seq.window.due(s).ok_or(BlockError::NoEvictionDue(id))?;
+        let (lo, hi) = (seq.window.base() / bs, plan.live_start_after / bs);
+        let write_end = seq.window.len.saturating_sub(s.interval);
         let write_hi = if write_end > plan.live_start_after {
             write_end.div_ceil(bs)
         } else {
@@ -318,9 +373,8 @@ impl KvCacheManager {
                 }
             }
         }
-        seq.live_start = plan.live_start_after;
+        seq.window.apply(&plan);
         seq.compactions += 1;
-        seq.compress_pending = false;
         seq.hashes.clear();
         Ok(released)
     }
@@ -364,6 +418,37 @@ impl KvCacheManager {
         Ok(table)
     }
 
+    /// Applies the operations of one scheduler step in order, appending what they return to `out`
+    /// (one call per engine step instead of one per operation). Stops at the first refused
+    /// operation and returns its index and error; the operations before it stay applied.
+    pub fn apply_step(
+        &self,
+        ops: &[StepOp<'_>],
+        out: &mut StepOutput,
+    ) -> Result<(), (usize, BlockError)> {
+        for (i, op) in ops.iter().enumerate() {
+            let r = match *op {
+                StepOp::Add { id, prompt } => {
+                    self.add_sequence(id, prompt).map(|s| out.slots.extend(s))
+                }
+                StepOp::Append { id, tokens } => {
+                    self.append(id, tokens).map(|s| out.slots.extend(s))
+                }
+                StepOp::Compact(id) => self.compact(id).map(|b| {
+                    out.released_counts.push(b.len() as u32);
+                    out.released.extend(b);
+                }),
+                StepOp::Free(id) => self.free(id),
+                StepOp::Preempt(id) => self.preempt(id).map(|t| {
+                    out.preempted_counts.push(t.len() as u32);
+                    out.preempted.extend(t);
+                }),
+            };
+            r.map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
     /// Hands out the pending block copies (from copy-on-write) and drops the references that kept
     /// their sources allocated: perform them before the next call that allocates blocks.
     pub fn take_copies(&self) -> Vec<BlockCopy> {
@@ -382,20 +467,17 @@ impl KvCacheManager {
 
     /// Block-aligned start of the live window of sequence `id`.
     pub fn live_start(&self, id: SeqId) -> Result<usize, BlockError> {
-        self.with_seq(id, |s| s.live_start)
+        self.with_seq(id, |s| s.window.live_start)
     }
 
     /// Protected prefix of sequence `id` (block-aligned prompt in protect mode, else 0).
     pub fn protected_len(&self, id: SeqId) -> Result<usize, BlockError> {
-        self.with_seq(id, |s| s.protected_len)
+        self.with_seq(id, |s| s.window.protected_len)
     }
 
     /// KV entries attention reads per (layer, head): `[0, protected) ∪ [max(live_start, protected), len)`.
     pub fn live_tokens(&self, id: SeqId) -> Result<usize, BlockError> {
-        self.with_seq(id, |s| {
-            let len = s.tokens.len();
-            len.min(s.protected_len) + len.saturating_sub(s.live_start.max(s.protected_len))
-        })
+        self.with_seq(id, |s| s.window.live_tokens())
     }
 
     /// Blocks sequence `id` references now.
@@ -433,9 +515,9 @@ impl KvCacheManager {
                     out.table[r * width + c] = *b as i32;
                 }
             }
-            out.live_starts.push(s.live_start as i32);
+            out.live_starts.push(s.window.live_start as i32);
             out.lens.push(s.tokens.len() as i32);
-            out.protected_lens.push(s.protected_len as i32);
+            out.protected_lens.push(s.window.protected_len as i32);
         }
         Ok(out)
     }

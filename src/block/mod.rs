@@ -43,15 +43,20 @@ pub mod config;
 pub mod error;
 pub mod manager;
 pub(crate) mod pool;
-pub mod schedule;
 pub mod table;
+pub mod window;
 
 pub use config::{CacheConfig, EvictionConfig};
-pub use error::BlockError;
-pub use manager::{BlockCopy, FlatBlockTables, KvCacheManager, ManagerSnapshot};
+pub use error::{BlockError, WindowError};
+pub use manager::{
+    BlockCopy, FlatBlockTables, KvCacheManager, ManagerSnapshot, StepOp, StepOutput,
+};
 pub(crate) use pool::BlockPool;
-pub use schedule::EvictionPlan;
 pub use table::BlockTable;
+pub use window::{
+    Advance, EvictionPlan, LiveWindow, RequestWindow, Schedule, StepPlan, StepRequest,
+    WindowPlanner,
+};
 
 /// Identifier of a sequence (a request, or one sample of it).
 pub type SeqId = u64;

@@ -2,7 +2,7 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use super::schedule::WindowState;
+use super::window::LiveWindow;
 use super::BlockId;
 
 /// State of one sequence: tokens, block table (`None` = released before the live window), window.
@@ -12,31 +12,18 @@ pub struct BlockTable {
     pub tokens: Vec<u32>,
     /// Prompt tokens at admission.
     pub prompt_len: usize,
-    /// Block-aligned protected prefix (`align_up(prompt_len)`) in protect mode, else 0.
-    pub protected_len: usize,
-    /// Block-aligned start of the live window (0 before any eviction).
-    pub live_start: usize,
+    /// The live window (`len` = tokens, `live_start`, the protected prefix, a pending prompt
+    /// compression), the same type the engine planner keeps.
+    pub window: LiveWindow,
     /// Physical block of each logical block; `None` once released by an eviction.
     pub blocks: Vec<Option<BlockId>>,
     /// Chained content hash of each full block, kept while no eviction has touched the sequence.
     pub hashes: Vec<u64>,
     /// Evictions applied so far; after the first one new blocks are no longer cacheable.
     pub compactions: usize,
-    /// A prompt longer than the budget awaits its compression right after prefill.
-    pub compress_pending: bool,
 }
 
 impl BlockTable {
-    /// Window state for the eviction schedule.
-    pub fn window(&self) -> WindowState {
-        WindowState {
-            len: self.tokens.len(),
-            live_start: self.live_start,
-            protected_len: self.protected_len,
-            compress_pending: self.compress_pending,
-        }
-    }
-
     /// Blocks this sequence references (excluding released entries).
     pub fn held(&self) -> impl Iterator<Item = BlockId> + '_ {
         self.blocks.iter().flatten().copied()

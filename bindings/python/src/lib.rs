@@ -8,6 +8,7 @@ pub mod errors;
 pub mod evict;
 pub mod kernels;
 pub mod manager;
+pub mod planner;
 pub mod tensor;
 
 use pyo3::prelude::*;
@@ -64,6 +65,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<manager::PyEvictionPlan>()?;
     m.add_class::<manager::PyBlockTables>()?;
     m.add_class::<manager::PyKvCacheManager>()?;
+    m.add_class::<planner::PyWindowPlanner>()?;
     m.add_class::<evict::PyScorerCheckpoint>()?;
     m.add_class::<evict::PyPolicy>()?;
     m.add_class::<evict::PyTrace>()?;

@@ -4,9 +4,10 @@
 use crate::args::{self, seq_id};
 use crate::config::PyCacheConfig;
 use crate::errors::{block_error, error, Kind};
-use foresightkv::block::{EvictionPlan, FlatBlockTables, KvCacheManager};
+use crate::planner::{array, column};
+use foresightkv::block::{EvictionPlan, FlatBlockTables, KvCacheManager, StepOp, StepOutput};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use std::sync::Arc;
 
 /// What the next eviction of a sequence does.
@@ -284,6 +285,147 @@ impl PyKvCacheManager {
         self.run(py, |m| m.compact(id)).map_err(block_error)
     }
 
+    /// Names of the operation codes `apply_step` takes, by code (0 = add, ...).
+    #[classattr]
+    #[allow(non_snake_case)]
+    fn STEP_OPS<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, ["add", "append", "compact", "free", "preempt"])
+    }
+
+    /// Applies one scheduler step's operations in order with one call: `ops` codes (see
+    /// `STEP_OPS`), `seq_ids`, `counts` (tokens of each add / append, ignored otherwise) and `tokens`
+    /// (the token ids of every add and append, concatenated in order). Returns `(slots, released,
+    /// released_counts, preempted, preempted_counts)` as `array.array`: the slots of every add and
+    /// append, the blocks every compact released (and how many per compact), the tokens every
+    /// preempt returned (and how many per preempt). Stops at the first refused operation and raises
+    /// its error; the operations before it stay applied.
+    fn apply_step<'py>(
+        &self,
+        py: Python<'py>,
+        ops: &Bound<'py, PyAny>,
+        seq_ids: &Bound<'py, PyAny>,
+        counts: &Bound<'py, PyAny>,
+        tokens: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let kinds = column("ops", ops, false)?;
+        let ids = column("seq_ids", seq_ids, false)?;
+        let counts = column("counts", counts, false)?;
+        let toks = column("tokens", tokens, false)?;
+        let n = kinds.len();
+        if ids.len() != n || counts.len() != n {
+            return Err(error(
+                Kind::Shape,
+                format!(
+                    "apply_step: {n} ops, {} seq_ids, {} counts",
+                    ids.len(),
+                    counts.len()
+                ),
+            ));
+        }
+        let toks: Vec<u32> = toks
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                u32::try_from(t).map_err(|_| {
+                    error(
+                        Kind::InvalidArgument,
+                        format!("tokens[{i}] = {t} is out of range: must be in [0, 2^32)"),
+                    )
+                })
+            })
+            .collect::<PyResult<_>>()?;
+        let mut step = Vec::with_capacity(n);
+        let mut at = 0usize;
+        for i in 0..n {
+            let id = u64::try_from(ids[i]).map_err(|_| {
+                error(
+                    Kind::InvalidArgument,
+                    format!(
+                        "seq_ids[{i}] = {} is out of range: must be in [0, 2^63)",
+                        ids[i]
+                    ),
+                )
+            })?;
+            let mut take = || -> PyResult<&[u32]> {
+                let c = usize::try_from(counts[i])
+                    .ok()
+                    .filter(|c| at + c <= toks.len())
+                    .ok_or_else(|| {
+                        error(
+                            Kind::Shape,
+                            format!(
+                                "counts[{i}] = {} does not fit the {} tokens left",
+                                counts[i],
+                                toks.len() - at
+                            ),
+                        )
+                    })?;
+                at += c;
+                Ok(&toks[at - c..at])
+            };
+            step.push(match kinds[i] {
+                0 => StepOp::Add {
+                    id,
+                    prompt: take()?,
+                },
+                1 => StepOp::Append {
+                    id,
+                    tokens: take()?,
+                },
+                2 => StepOp::Compact(id),
+                3 => StepOp::Free(id),
+                4 => StepOp::Preempt(id),
+                k => {
+                    return Err(error(
+                        Kind::InvalidArgument,
+                        format!("ops[{i}] = {k} is not an operation code (0 = add .. 4 = preempt)"),
+                    ))
+                }
+            });
+        }
+        if at != toks.len() {
+            return Err(error(
+                Kind::Shape,
+                format!(
+                    "tokens has {} entries, the adds and appends take {at}",
+                    toks.len()
+                ),
+            ));
+        }
+        let mut out = StepOutput::default();
+        let m = self.inner.clone();
+        py.detach(|| m.apply_step(&step, &mut out))
+            .map_err(|(_, e)| block_error(e))?;
+        let bytes = |vals: &mut dyn Iterator<Item = [u8; 8]>| vals.flatten().collect::<Vec<u8>>();
+        let bytes4 = |vals: &mut dyn Iterator<Item = [u8; 4]>| vals.flatten().collect::<Vec<u8>>();
+        let slots = array(
+            py,
+            "q",
+            &bytes(&mut out.slots.iter().map(|v| v.to_ne_bytes())),
+        )?;
+        let released = array(
+            py,
+            "I",
+            &bytes4(&mut out.released.iter().map(|v| v.to_ne_bytes())),
+        )?;
+        let rc = array(
+            py,
+            "I",
+            &bytes4(&mut out.released_counts.iter().map(|v| v.to_ne_bytes())),
+        )?;
+        let pre = array(
+            py,
+            "I",
+            &bytes4(&mut out.preempted.iter().map(|v| v.to_ne_bytes())),
+        )?;
+        let pc = array(
+            py,
+            "I",
+            &bytes4(&mut out.preempted_counts.iter().map(|v| v.to_ne_bytes())),
+        )?;
+        PyTuple::new(py, [slots, released, rc, pre, pc])
+    }
+
     /// Registers `child` sharing all blocks of `parent` (copy-on-write).
     fn fork(
         &self,
@@ -386,8 +528,8 @@ impl PyKvCacheManager {
             let d = PyDict::new(py);
             d.set_item("tokens", t.tokens)?;
             d.set_item("prompt_len", t.prompt_len)?;
-            d.set_item("protected_len", t.protected_len)?;
-            d.set_item("live_start", t.live_start)?;
+            d.set_item("protected_len", t.window.protected_len)?;
+            d.set_item("live_start", t.window.live_start)?;
             d.set_item("blocks", t.blocks)?;
             d.set_item("compactions", t.compactions)?;
             seqs.set_item(id, d)?;

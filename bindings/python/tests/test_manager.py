@@ -207,3 +207,101 @@ def test_random_operation_sequences_keep_the_invariants(seed):
     m.take_copies()
     assert m.num_free_blocks == m.num_blocks
     check_consistent(m)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_apply_step_equals_one_call_per_operation(seed):
+    """A random operation sequence cut into steps through ``apply_step`` leaves the same manager state
+    and returns the same slots, released blocks and preempted tokens as one call per operation."""
+    rng = random.Random(seed)
+    one, batched = (make(block_size=4, num_blocks=96, budget=8, interval=4) for _ in range(2))
+    codes = {name: i for i, name in enumerate(fkv.KvCacheManager.STEP_OPS)}
+    live, nxt = {}, 0
+    for _ in range(40):
+        step, want_slots, want_released, want_counts, want_pre = [], [], [], [], []
+        touched = set()
+        for _ in range(rng.randint(1, 6)):
+            choice = rng.random()
+            if choice < 0.25 or not live:
+                toks = [rng.randrange(50) for _ in range(rng.randint(1, 10))]
+                if one.num_free_blocks < 8:
+                    continue
+                step.append(("add", nxt, toks))
+                want_slots += one.add_sequence(nxt, toks)
+                live[nxt], nxt = len(toks), nxt + 1
+                touched.add(nxt - 1)
+                continue
+            seq = rng.choice(sorted(live))
+            if seq in touched:
+                continue
+            touched.add(seq)
+            if one.eviction_due(seq) is not None:
+                step.append(("compact", seq, []))
+                r = one.compact(seq)
+                want_released += r
+                want_counts.append(len(r))
+            elif choice < 0.85 and one.num_free_blocks > 2:
+                toks = [rng.randrange(50) for _ in range(rng.randint(1, 3))]
+                step.append(("append", seq, toks))
+                want_slots += one.append(seq, toks)
+            elif choice < 0.92:
+                step.append(("free", seq, []))
+                one.free(seq)
+                live.pop(seq)
+            else:
+                step.append(("preempt", seq, []))
+                want_pre += one.preempt(seq)
+                live.pop(seq)
+        slots, released, counts, pre, pre_counts = batched.apply_step(
+            [codes[k] for k, _, _ in step],
+            [s for _, s, _ in step],
+            [len(t) for _, _, t in step],
+            [t for _, _, ts in step for t in ts],
+        )
+        assert list(slots) == want_slots
+        assert list(released) == want_released and list(counts) == want_counts
+        assert list(pre) == want_pre and sum(pre_counts) == len(want_pre)
+        assert batched.num_free_blocks == one.num_free_blocks
+    for s in live:
+        assert batched.live_start(s) == one.live_start(s) and batched.seq_len(s) == one.seq_len(s)
+    check_consistent(batched)
+
+
+def test_apply_step_refuses_bad_columns():
+    m = make()
+    with pytest.raises(fkv.ShapeError, match="counts"):
+        m.apply_step([0], [1], [3], [1, 2])
+    with pytest.raises(fkv.InvalidArgumentError, match="operation code"):
+        m.apply_step([9], [1], [0], [])
+    with pytest.raises(fkv.ShapeError, match="tokens has"):
+        m.apply_step([0], [1], [1], [1, 2])
+    with pytest.raises(fkv.SequenceError):
+        m.apply_step([0, 1], [1, 2], [2, 1], [5, 6, 7])
+    assert m.seq_len(1) == 2  # the add before the refused append stays applied
+
+
+def test_window_planner_buffers_and_errors():
+    """``WindowPlanner.plan``: one call per forward, flat buffers; a decode after a long prompt's
+    compression commits it one step late; refused rows change nothing and name the request."""
+    p = fkv.WindowPlanner(8, 4, 4)
+    fields = fkv.WindowPlanner.FIELDS
+    rows, serials, released, dropped, n = p.plan([5, 6], [14, 3], [14, 3], [True, True], [True, True])
+    t = torch.frombuffer(rows, dtype=torch.int32).view(len(fields), 2)
+    row = dict(zip(fields, t.tolist()))
+    assert row["evict_to"] == [4, -1] and row["query_starts"] == [0, 14] and n == 17
+    assert list(serials) == [0, 1] and len(released) == 0 and len(dropped) == 0
+    assert p.state(5) == (0, 14, 0, 4, 0) and p.state(99) is None
+    with pytest.raises(fkv.ShapeError, match="request 6: 4 new tokens"):
+        p.plan([5, 6], [15, 3], [1, 4], [False, False], [False, False])
+    assert p.state(5) == (0, 14, 0, 4, 0)
+    with pytest.raises(fkv.ShapeError, match="entries"):
+        p.plan([5], [15, 2], [1], [False], [False])
+    with pytest.raises(fkv.InvalidArgumentError, match=r"keys\[0\] = -1"):
+        p.plan([-1], [1], [1], [False], [False])
+    rows, serials, released, dropped, _ = p.plan(torch.tensor([5]), [15], [1], [False], [0])
+    assert list(released) == [5, 0, 4, 0, 0]
+    assert dict(zip(fields, torch.frombuffer(rows, dtype=torch.int32).tolist()))["live_starts"] == 4
+    assert sorted(p.keys()) == [5, 6] and len(p) == 2
+    assert p.release(6) == 1 and p.release(6) is None
+    with pytest.raises(fkv.ConfigError):
+        fkv.WindowPlanner(6, 4, 4)

@@ -13,12 +13,12 @@ from typing import Optional
 import torch
 
 import foresightkv
-from foresightkv.engine import EngineConfig, EvictionEngine, StepPlan, StepRequest
+from foresightkv.engine import EngineConfig, EvictionEngine, StepBatch, StepPlan
 from foresightkv.errors import ConfigError
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 
-from .ledger import free_slots, ledger_for, ledger_key
+from .ledger import free_slots, key_generation, key_row, ledger_for, ledger_key
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +132,11 @@ class ForesightKVAttnBackend(AttentionBackend):
         keys = [ledger_key(pool, r) for r in rows]
         for key in keys:
             self.ledger.track(key)
-        requests = [
-            StepRequest(key=key, seq_len=s, num_new=n, prefill=not decode, reset=(not decode and p == 0))
-            for key, s, n, p in zip(keys, seq_lens, num_new, prefix)
-        ]
-        plan = self.engine.begin_step(requests)
+        prefill = [not decode] * len(rows)
+        reset = [False] * len(rows) if decode else [p == 0 for p in prefix]
+        plan = self.engine.begin_step(StepBatch(keys, seq_lens, num_new, prefill, reset))
         for adv in plan.released:
-            row, _ = adv.key
+            row = key_row(adv.key)
             ranges = self.ledger.take(adv.key, adv.evicted_from, adv.new_live_start)
             self.freed_slots += free_slots(self.allocator, pool.req_to_token, row, ranges)
         width = max(seq_lens) if seq_lens else 0
@@ -151,12 +149,10 @@ class ForesightKVAttnBackend(AttentionBackend):
         pool = self.req_to_token_pool
         gens = pool.req_generation
         for key in self.ledger.keys():
-            row, gen = key
-            if int(gens[row]) != gen:
+            if int(gens[key_row(key)]) != key_generation(key):
                 self.ledger.forget(key)
         for key in self.engine.keys():
-            row, gen = key
-            if int(gens[row]) != gen:
+            if int(gens[key_row(key)]) != key_generation(key):
                 self.engine.release(key)
 
     # ------------------------------------------------------------------ forward

@@ -8,8 +8,9 @@ release hook drops the positions foresightkv already freed, and foresightkv skip
 release path already freed.
 
 There is one ledger per ``ReqToTokenPool`` (``ledger_for``); requests are keyed by ``(row,
-generation)``: SGLang bumps a row's generation on every allocation (``ReqToTokenPool.alloc_rows``),
-so a reused row never matches a stale entry."""
+generation)`` packed into one integer (``ledger_key``; the same key foresightkv's engine state uses):
+SGLang bumps a row's generation on every allocation (``ReqToTokenPool.alloc_rows``), so a reused row
+never matches a stale entry."""
 
 import threading
 import weakref
@@ -18,7 +19,7 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 
-Key = Tuple[int, int]
+Key = int
 Range = Tuple[int, int]
 
 
@@ -126,9 +127,31 @@ def ledger_for(req_to_token_pool) -> SlotLedger:
         return led
 
 
+#: Bits of a key that hold the row (the generation sits above them).
+ROW_BITS = 32
+
+
 def ledger_key(req_to_token_pool, row: int) -> Key:
-    """The key of the request now holding ``row`` of ``req_to_token_pool``."""
-    return (int(row), int(req_to_token_pool.req_generation[row]))
+    """The key of the request now holding ``row`` of ``req_to_token_pool``: ``generation << 32 | row``
+    (a non-negative integer below 2^63, what foresightkv's engine keys its state by)."""
+    return pack_key(int(row), int(req_to_token_pool.req_generation[row]))
+
+
+def pack_key(row: int, generation: int) -> Key:
+    """``generation << 32 | row``; refuses values that do not fit (row below 2^32, generation below 2^31)."""
+    if not (0 <= row < 1 << ROW_BITS and 0 <= generation < 1 << 31):
+        raise ValueError(f"foresightkv: request row {row} / generation {generation} do not fit a 63-bit key")
+    return generation << ROW_BITS | row
+
+
+def key_row(key: Key) -> int:
+    """The ``req_to_token`` row of ``key``."""
+    return key & ((1 << ROW_BITS) - 1)
+
+
+def key_generation(key: Key) -> int:
+    """The row generation of ``key``."""
+    return key >> ROW_BITS
 
 
 def free_kv_row_hook(original, tree_cache, kv, ranges, *args, **kwargs):

@@ -1,5 +1,5 @@
-"""The engine-neutral step (``foresightkv.engine``) on its own: its schedule against the Rust core's
-``KvCacheManager``, the release ledger's arithmetic, and the step over a vLLM-like paged cache
+"""The engine-neutral step (``foresightkv.engine``) on its own: its plans (the core's batched
+``WindowPlanner``) against the Rust core's ``KvCacheManager``, the release ledger's arithmetic, and the step over a vLLM-like paged cache
 (block size 16) against the dense reference, so the next engine plugin can reuse it unchanged."""
 
 import random
@@ -9,14 +9,20 @@ import torch
 from reference import RequestRef
 
 import foresightkv
-from foresightkv.engine import EngineConfig, EvictionEngine, StepRequest, align_up, next_live_start
+from foresightkv.engine import EngineConfig, EvictionEngine, StepRequest
 from foresightkv.errors import ConfigError, ShapeError
 from foresightkv_sglang.ledger import SlotLedger, subtract
+
+
+def align_up(x, bs):
+    return -(-x // bs) * bs
 
 
 @pytest.mark.parametrize("protect", [False, True])
 @pytest.mark.parametrize("seed", range(12))
 def test_schedule_matches_the_core_manager(seed, protect):
+    """The engine's plans (prompt as one prefill, then one token per step) evict exactly when and
+    where the core manager does, one step late."""
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 16])
     interval = bs * rng.randint(1, 4)
@@ -24,22 +30,23 @@ def test_schedule_matches_the_core_manager(seed, protect):
     mgr = foresightkv.KvCacheManager(
         foresightkv.CacheConfig(bs, 4096, eviction=foresightkv.EvictionConfig(budget, interval, protect_prompt=protect))
     )
+    eng = EvictionEngine(
+        EngineConfig(budget=budget, interval=interval, policy="h2o", protect_prompt=protect), block_size=bs
+    )
     prompt = rng.randint(1, 3 * budget)
     mgr.add_sequence(1, list(range(prompt)))
     protected = align_up(prompt, bs) if protect else 0
     assert mgr.protected_len(1) == protected
-    length, live_start, compress = prompt, 0, not protect
+    length, n, first = prompt, prompt, True
     for _ in range(6 * (budget + interval)):
+        step = eng.begin_step([StepRequest(key=7, seq_len=length, num_new=n, prefill=first, reset=first)])
+        assert step.live_starts == [mgr.live_start(1)] and step.protected_lens == [protected]
         plan = mgr.eviction_due(1)
-        ours = next_live_start(budget, interval, bs, length, live_start, protected_len=protected, compress=compress)
-        assert (plan.live_start_after if plan else None) == ours
+        assert step.evict_to == [plan.live_start_after if plan else None]
         if plan:
             mgr.compact(1)
-            live_start = ours
-        assert mgr.live_start(1) == live_start
-        compress = False
         mgr.append(1, [length])
-        length += 1
+        length, n, first = length + 1, 1, False
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -68,7 +75,7 @@ def test_step_plan_matches_the_core_manager_in_protect_mode(seed):
         length += n
         if not prefill:
             mgr.append(1, [length - 1])
-        plan = eng.begin_step([StepRequest(key="r", seq_len=length, num_new=n, prefill=prefill, reset=i == 0)])
+        plan = eng.begin_step([StepRequest(key=0, seq_len=length, num_new=n, prefill=prefill, reset=i == 0)])
         for a in plan.released:
             assert a.protected_len == mgr.protected_len(1) and a.evicted_from >= a.protected_len
             freed += range(a.evicted_from, a.new_live_start)
@@ -77,7 +84,7 @@ def test_step_plan_matches_the_core_manager_in_protect_mode(seed):
         assert plan.evict_to[0] == (due.live_start_after if due else None)
         if due:
             mgr.compact(1)
-        assert eng.protected_len("r") == align_up(min(length, prompt), bs)
+        assert eng.protected_len(0) == align_up(min(length, prompt), bs)
     for a in eng.begin_step([]).released:
         freed += range(a.evicted_from, a.new_live_start)
     assert sorted(freed) == list(range(mgr.protected_len(1), mgr.live_start(1)))
@@ -224,7 +231,7 @@ def test_paged_block16_step_matches_the_dense_reference(policy, seed, protect, t
 
 def test_step_rejects_inconsistent_inputs():
     eng = EvictionEngine(EngineConfig(budget=8, interval=4, policy="h2o"), block_size=1)
-    plan = eng.begin_step([StepRequest(key="a", seq_len=3, num_new=3, prefill=True)])
+    plan = eng.begin_step([StepRequest(key=1, seq_len=3, num_new=3, prefill=True)])
     kc = torch.zeros(16, 1, 2, 64)
     with pytest.raises(ShapeError, match="tokens"):
         eng.attend(
@@ -238,7 +245,7 @@ def test_step_rejects_inconsistent_inputs():
             scale=0.1,
         )
     with pytest.raises(ShapeError):
-        eng.begin_step([StepRequest(key="a", seq_len=2, num_new=3, prefill=True)])
+        eng.begin_step([StepRequest(key=1, seq_len=2, num_new=3, prefill=True)])
 
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "foresight_topl", "foresight_sample"])
@@ -272,7 +279,7 @@ def test_step_keeps_what_the_core_simulation_keeps(policy, prompt, tmp_path):
     table = torch.arange(1, length + 1, dtype=torch.int32).unsqueeze(0)
     pos, advances = 0, 0
     for n in [prompt] + [1] * (length - prompt):
-        plan = eng.begin_step([StepRequest(key="r", seq_len=pos + n, num_new=n, prefill=n > 1)])
+        plan = eng.begin_step([StepRequest(key=0, seq_len=pos + n, num_new=n, prefill=n > 1)])
         advances += len(plan.released)
         for layer in range(layers):
             k = t[f"layers.{layer}.keys"][pos : pos + n]
@@ -286,8 +293,8 @@ def test_step_keeps_what_the_core_simulation_keeps(policy, prompt, tmp_path):
     for rec in sim["records"]:
         victims.setdefault((rec["layer"], rec["kv_head"]), set()).update(rec["victims"])
     for layer in range(layers):
-        kept = eng.kept_positions("r", layer, h)
-        assert kept.shape[1] == length - eng.live_start("r")
+        kept = eng.kept_positions(0, layer, h)
+        assert kept.shape[1] == length - eng.live_start(0)
         for kh in range(h):
             assert set(kept[kh].tolist()) == set(range(length)) - victims.get((layer, kh), set()), (layer, kh)
     assert advances > 0 and len(sim["records"]) == advances * layers * h

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, List, Optional, Tuple
 
 import torch
 
-from foresightkv.engine import EvictionEngine, StepPlan, StepRequest
+from foresightkv.engine import EvictionEngine, StepBatch, StepPlan, StepRequest
 from foresightkv.errors import ConfigError
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -132,10 +132,16 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
                 "vLLM's model runner V2 provides"
             )
         n = cm.num_reqs
-        qsl = cm.query_start_loc_cpu[: n + 1].tolist()
-        seq_lens = cm.seq_lens[:n].cpu().tolist()
-        prefilling = cm.is_prefilling[:n].cpu().tolist() if cm.is_prefilling is not None else None
-        prompt_lens: List[Optional[int]] = [None] * n
+        qsl_t = cm.query_start_loc_cpu[: n + 1]
+        num_new_t = qsl_t[1:] - qsl_t[:-1]
+        seq_lens_t = cm.seq_lens[:n].cpu()
+        keys = [int(k) for k in cm.req_idx[:n].tolist()]
+        seq_lens, num_new = seq_lens_t.tolist(), num_new_t.tolist()
+        if cm.is_prefilling is not None:
+            prefilling = cm.is_prefilling[:n].cpu().tolist()
+        else:
+            prefilling = (num_new_t > 1).tolist()
+        rows: List[int] = []
         if self.settings.engine.protect_prompt:
             if cm.rswa_prefix_lens is None:
                 raise ConfigError(
@@ -144,19 +150,20 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
                     f"config has an R-SWA window (--hf-overrides '{{\"rswa_window\": {self.settings.window}}}')"
                 )
             prompt_lens = [int(p) for p in cm.rswa_prefix_lens[:n].cpu().tolist()]
-        requests, rows = [], []
-        for i in range(n):
-            num_new = qsl[i + 1] - qsl[i]
-            prefill = bool(prefilling[i]) if prefilling is not None else num_new > 1
-            parts = step_requests(int(cm.req_idx[i]), seq_lens[i], num_new, prefill, prompt_lens[i])
-            requests.extend(parts)
-            rows.extend([i] * len(parts))
-        plan = self.engine.begin_step(requests)
+            requests = []
+            for i in range(n):
+                parts = step_requests(keys[i], seq_lens[i], num_new[i], bool(prefilling[i]), prompt_lens[i])
+                requests.extend(parts)
+                rows.extend([i] * len(parts))
+            batch = StepBatch.of(requests)
+        else:
+            batch = StepBatch(keys, seq_lens, num_new, prefilling, (seq_lens_t == num_new_t).tolist())
+        plan = self.engine.begin_step(batch)
         table = cm.block_table_tensor[:n]
-        if len(rows) != n:
+        if rows and len(rows) != n:
             table = table.index_select(0, torch.tensor(rows, dtype=torch.long, device=table.device))
         return ForesightKVMetadata(
-            num_actual_tokens=qsl[n],
+            num_actual_tokens=int(qsl_t[n]),
             plan=plan,
             block_table=table,
             slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],

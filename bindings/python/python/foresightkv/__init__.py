@@ -5,6 +5,7 @@ The Rust core does the work; this package is its Python face:
 - ``CacheConfig`` / ``EvictionConfig``: validated configuration of the paged cache and its live window.
 - ``KvCacheManager``: sequences, slot mappings, live windows, the eviction schedule, compaction,
   prefix sharing and copy-on-write; thread-safe, the GIL is released inside every call.
+- ``WindowPlanner``: the same live window and schedule for engines, planned one forward per call.
 - ``kernels``: the kernels as functions over ``torch.Tensor`` (CPU or CUDA) and ``numpy.ndarray``,
   read in place (no copies) after every argument was validated in Rust.
 - ``evict``: eviction ``Policy`` (ForesightKV scorer and baselines), ``ScorerCheckpoint`` loading,
@@ -24,6 +25,7 @@ from ._native import (
     Policy,
     ScorerCheckpoint,
     Trace,
+    WindowPlanner,
     __version__,
     golden_eviction,
     gpu_available,
@@ -69,6 +71,7 @@ __all__ = [
     "Policy",
     "ScorerCheckpoint",
     "Trace",
+    "WindowPlanner",
     "golden_eviction",
     "scorer_weights",
     "simulate",

@@ -1,10 +1,12 @@
 """The engine-neutral attention + eviction step the serving-engine plugins (SGLang, vLLM) share.
 
 - ``EngineConfig``: the plugin options (budget, interval, policy and its parameters), validated.
-- ``EvictionEngine``: per-request state (recent queries, statistics, ``live_start``) and the step:
-  ``begin_step`` plans a forward and commits the previous step's evictions, ``attend`` runs one
-  layer's attention over the live windows of a paged cache read in place and evicts when due.
-- ``next_live_start``: the core's eviction schedule, for engine code that frees memory.
+- ``EvictionEngine``: per-request state (recent queries, statistics) and the step: ``begin_step``
+  plans a forward with one call of the core's batched planner (``foresightkv.WindowPlanner``, the
+  same live window and schedule as ``KvCacheManager``) and commits the previous step's evictions,
+  ``attend`` runs one layer's attention over the live windows of a paged cache read in place and
+  evicts when due.
+- ``StepBatch`` (columns, what plugins build) or ``StepRequest`` (one request): the input of a step.
 
 With ``protect_prompt`` the prompt (rounded up to a block) is never evicted: attention reads
 ``[0, protected_len) ∪ [max(live_start, protected_len), len)`` and an ``Advance`` frees
@@ -13,8 +15,7 @@ With ``protect_prompt`` the prompt (rounded up to a block) is never evicted: att
 Requires torch."""
 
 from .config import CONFIG_ENV, POLICIES, EngineConfig
-from .schedule import align_down, align_up, next_live_start
-from .step import Advance, EvictionEngine, RequestState, StepPlan, StepRequest
+from .step import Advance, EvictionEngine, StepBatch, StepPlan, StepRequest
 
 __all__ = [
     "CONFIG_ENV",
@@ -22,10 +23,7 @@ __all__ = [
     "Advance",
     "EngineConfig",
     "EvictionEngine",
-    "RequestState",
+    "StepBatch",
     "StepPlan",
     "StepRequest",
-    "align_down",
-    "align_up",
-    "next_live_start",
 ]

@@ -2,10 +2,11 @@
 of a paged cache read in place, the recent-query buffer, and, when the schedule says so, window
 statistics, victim choice and in-place compaction with foresightkv's kernels and policies.
 
-An engine plugin translates its own metadata into ``StepRequest``s, calls ``begin_step`` once per
-forward, ``attend`` once per layer, and frees the memory of the ``Advance``s ``begin_step`` returns
-(the evictions of the previous step, committed one step late so that no engine frees a slot its
-in-flight step may still read).
+An engine plugin translates its own metadata into a ``StepBatch`` (columns: key, length, new tokens,
+prefill, reset), calls ``begin_step`` once per forward (one call of the core's batched planner, whose
+flat answer becomes the plan's tensors), ``attend`` once per layer, and frees the memory of the
+``Advance``s ``begin_step`` returns (the evictions of the previous step, committed one step late so
+that no engine frees a slot its in-flight step may still read).
 
 Protect mode (``protect_prompt``), as in the core's ``KvCacheManager``: the prompt rounded up to a
 block, ``protected_len``, is never evicted nor rewritten. Attention reads ``[0, protected_len) ∪
@@ -14,33 +15,69 @@ protected_len), len)`` alone (its statistics come from the queries of that windo
 and an eviction is due when that window reaches ``budget + interval`` (prompts are never compressed).
 The kernels read the two parts as one window through a block table whose evicted middle is cut out."""
 
-import itertools
 from dataclasses import dataclass, field
-from typing import Any, Dict, Hashable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from .._native import NUM_STATS, ScorerCheckpoint
+from .._native import NUM_STATS, ScorerCheckpoint, WindowPlanner
 from ..errors import ConfigError, ShapeError
 from ..evict import scorer_weights
 from .config import EngineConfig
-from .schedule import align_up, next_live_start
+
+#: Row ``i`` of ``StepPlan.rows`` holds the planner's field ``_FIELDS[i]`` (``WindowPlanner.FIELDS``).
+_FIELDS = WindowPlanner.FIELDS
+_ROW = {name: i for i, name in enumerate(_FIELDS)}
+_RELEASED = len(WindowPlanner.RELEASED_FIELDS)
 
 
 @dataclass(frozen=True)
 class StepRequest:
-    """One request of a forward step: its stable ``key``, its length after the step, the number of
-    new tokens (queries) the step adds, whether they are prompt tokens (in protect mode they extend
-    the protected prompt), and ``reset`` when the engine starts the request over (new request, or
-    recomputation after preemption)."""
+    """One request of a forward step: its stable integer ``key`` (in [0, 2^63); the engine's request
+    identity), its length after the step, the number of new tokens (queries) the step adds, whether
+    they are prompt tokens (in protect mode they extend the protected prompt), ``reset`` when the
+    engine starts the request over (new request, or recomputation after preemption), and optionally
+    the length of its whole prompt (``prompt_len``; in protect mode a prefill chunk then protects
+    ``align_up(min(seq_len, prompt_len))``)."""
 
-    key: Hashable
+    key: int
     seq_len: int
     num_new: int
     prefill: bool
     reset: bool = False
+    prompt_len: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """The requests of one forward as columns (one entry per request row, batch order), what engine
+    plugins build from their own per-batch arrays without a Python object per request. ``prompt_lens``
+    is optional (-1 = unknown)."""
+
+    keys: Sequence[int]
+    seq_lens: Sequence[int]
+    num_new: Sequence[int]
+    prefill: Sequence[bool]
+    reset: Sequence[bool]
+    prompt_lens: Optional[Sequence[int]] = None
+
+    @staticmethod
+    def of(requests: Sequence[StepRequest]) -> "StepBatch":
+        """The columns of ``requests``."""
+        prompts = [-1 if r.prompt_len is None else r.prompt_len for r in requests]
+        return StepBatch(
+            [r.key for r in requests],
+            [r.seq_len for r in requests],
+            [r.num_new for r in requests],
+            [r.prefill for r in requests],
+            [r.reset for r in requests],
+            prompts if any(p >= 0 for p in prompts) else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 @dataclass(frozen=True)
@@ -50,7 +87,7 @@ class Advance:
     ``old_live_start`` unless the protected prompt ``[0, protected_len)`` lies beyond it (protect
     mode), which stays."""
 
-    key: Hashable
+    key: int
     old_live_start: int
     new_live_start: int
     protected_len: int = 0
@@ -72,52 +109,110 @@ class _LayerState:
     evictions: int = 0
 
 
-@dataclass
-class RequestState:
-    """Per request: its serial number (the request part of the victim RNG key), the committed
-    ``live_start``, the one this step's eviction moves it to, the per-layer state and the protected
-    prefix (protect mode, else 0)."""
-
-    serial: int
-    length: int = 0
-    live_start: int = 0
-    pending: Optional[int] = None
-    layers: Dict[int, _LayerState] = field(default_factory=dict)
-    protected_len: int = 0
-
-
-@dataclass
 class StepPlan:
-    """What ``begin_step`` decided for one forward: per request (in batch order) its state, window and
-    eviction target, the offsets of its queries, the evictions committed from the last step, and its
-    protected prefix (all 0 outside protect mode)."""
+    """What ``begin_step`` decided for one forward, as the core's planner returned it: ``rows``, an
+    int32 CPU tensor ``[len(WindowPlanner.FIELDS) * n]`` (row major: per request row, batch order: length,
+    new tokens, query offset, committed live start, protected prefix, evictable start, eviction
+    target or -1, and the window length / attention start / evictable start in the kernels'
+    coordinates), the rows' state ``serials`` (the request part of the victim RNG key), the
+    evictions committed from the last step (``released``), and the forward's token count. The
+    per-field lists (``seq_lens``, ``live_starts``, ``evict_to`` with None for no eviction, ...)
+    are derived once on first use; device copies once per device."""
 
-    requests: List[StepRequest]
-    states: List[RequestState]
-    seq_lens: List[int]
-    live_starts: List[int]
-    query_starts: List[int]
-    evict_to: List[Optional[int]]
-    released: List[Advance]
-    protected_lens: List[int] = field(default_factory=list)
-    _windows: Optional["_Windows"] = field(default=None, repr=False, compare=False)
+    def __init__(self, keys: Sequence[int], rows: torch.Tensor, serials: Sequence[int], released, num_tokens: int):
+        self.keys = keys
+        self.rows = rows
+        self.serials = serials
+        self.released: List[Advance] = released
+        self.num_tokens = num_tokens
+        self._n = len(serials)
+        self._lists: Optional[List[int]] = None
+        self._device: Dict[Any, torch.Tensor] = {}
+        self._windows: Optional["_Windows"] = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def field(self, name: str) -> List[int]:
+        """The planner's row ``name`` (one of ``WindowPlanner.FIELDS``) as a list."""
+        if self._lists is None:
+            self._lists = self.rows.tolist()
+        i = _ROW[name] * self._n
+        return self._lists[i : i + self._n]
+
+    def row(self, name: str, device=None) -> torch.Tensor:
+        """The planner's row ``name`` as an int32 tensor ``[n]`` on ``device`` (CPU by default; the
+        plan is copied once per device)."""
+        t = self.rows
+        if device is not None and torch.device(device).type != "cpu":
+            device = torch.device(device)
+            t = self._device.get(device)
+            if t is None:
+                t = self._device[device] = self.rows.to(device)
+        i = _ROW[name] * self._n
+        return t[i : i + self._n]
+
+    @property
+    def seq_lens(self) -> List[int]:
+        """Length of each request after the step."""
+        return self.field("seq_lens")
+
+    @property
+    def num_new(self) -> List[int]:
+        """New tokens of each request."""
+        return self.field("num_new")
+
+    @property
+    def query_starts(self) -> List[int]:
+        """Offset of each request's first query in the step's token array."""
+        return self.field("query_starts")
+
+    @property
+    def live_starts(self) -> List[int]:
+        """Committed ``live_start`` of each request."""
+        return self.field("live_starts")
+
+    @property
+    def protected_lens(self) -> List[int]:
+        """Protected prefix of each request (0 outside protect mode)."""
+        return self.field("protected_lens")
+
+    @property
+    def evict_to(self) -> List[Optional[int]]:
+        """``live_start`` each request's eviction at the end of this step moves to, None when none is due."""
+        return [None if t < 0 else t for t in self.field("evict_to")]
+
+    @property
+    def requests(self) -> List[StepRequest]:
+        """The rows as ``StepRequest`` (without the prefill / reset flags, which the plan does not keep)."""
+        return [StepRequest(k, n, q, False) for k, n, q in zip(self.keys, self.seq_lens, self.num_new)]
 
 
 @dataclass
 class _Windows:
     """The windows of a plan as the kernels read them through ``tables`` (a block table per request,
-    its evicted middle cut out in protect mode): length, attention start and evictable start per
-    request, in those cut coordinates (the plan's own outside protect mode)."""
+    its evicted middle cut out in protect mode), on the tables' device: length, attention start and
+    evictable start per request, in those cut coordinates (the plan's own outside protect mode), and the
+    row selections every layer reuses."""
 
     source: torch.Tensor
     tables: torch.Tensor
-    seq_lens: List[int]
-    attn_starts: List[int]
-    evict_starts: List[int]
+    seq_lens: torch.Tensor
+    attn_starts: torch.Tensor
+    evict_starts: torch.Tensor
+    #: Rows with one new token (decode), as a long tensor on the tables' device.
+    decode: torch.Tensor
+    #: Rows with more than one new token (prefill chunks).
+    multi: List[int]
+    #: Rows whose eviction is due at the end of this step.
+    due: List[int]
 
 
 class EvictionEngine:
-    """Owns the per-request eviction state of one model (all layers) and runs the step.
+    """Owns the per-request eviction state of one model (all layers) and runs the step. The live
+    windows live in the core's batched planner (``foresightkv.WindowPlanner``); this class keeps
+    only what the kernels' inputs need per request and layer (recent queries, kept positions),
+    keyed by the planner's state serial.
 
     ``block_size`` is the engine's page size (SGLang: 1); ``checkpoint`` overrides the one the
     configuration names. The scorer's shape is checked against each layer's cache at its first
@@ -136,8 +231,10 @@ class EvictionEngine:
         self._checkpoint = checkpoint if checkpoint is not None else config.load_checkpoint()
         self.policy = config.build_policy(self._checkpoint)
         self._use_kernels = config.policy == "foresight" and not config.sample
-        self._states: Dict[Hashable, RequestState] = {}
-        self._serials = itertools.count()
+        self._planner = WindowPlanner(
+            config.budget, config.interval, block_size, config.protect_prompt, self.policy.evicts
+        )
+        self._layers: Dict[int, Dict[int, _LayerState]] = {}
         self._stats: Dict[int, torch.Tensor] = {}
         self._weights: Dict[int, Any] = {}
 
@@ -148,95 +245,74 @@ class EvictionEngine:
 
     # ------------------------------------------------------------------ per-request bookkeeping
 
-    def keys(self) -> List[Hashable]:
+    def keys(self) -> List[int]:
         """Keys of the requests with state."""
-        return list(self._states)
+        return self._planner.keys()
 
-    def live_start(self, key: Hashable) -> int:
+    def live_start(self, key: int) -> int:
         """Committed ``live_start`` of ``key`` (0 for an unknown request)."""
-        st = self._states.get(key)
-        return 0 if st is None else st.live_start
+        st = self._planner.state(key)
+        return 0 if st is None else st[2]
 
-    def protected_len(self, key: Hashable) -> int:
+    def protected_len(self, key: int) -> int:
         """Protected prefix of ``key``: its prompt rounded up to a block in protect mode, else 0."""
-        st = self._states.get(key)
-        return 0 if st is None else st.protected_len
+        st = self._planner.state(key)
+        return 0 if st is None else st[4]
 
-    def pending_live_start(self, key: Hashable) -> Optional[int]:
+    def pending_live_start(self, key: int) -> Optional[int]:
         """``live_start`` the last step's eviction moves ``key`` to at the next ``begin_step``, if any."""
-        st = self._states.get(key)
-        return None if st is None else st.pending
+        st = self._planner.state(key)
+        return None if st is None else st[3]
 
-    def kept_positions(self, key: Hashable, layer: int, num_kv_heads: int) -> torch.Tensor:
+    def kept_positions(self, key: int, layer: int, num_kv_heads: int) -> torch.Tensor:
         """Original positions ``[num_kv_heads, live]`` (int64, ascending per head) of the entries each KV
         head of ``layer`` holds after the last step, i.e. that attention reads: the protected prompt
         (protect mode) then the live window (for checks and debugging)."""
-        st = self._states[key]
-        start = st.live_start if st.pending is None else st.pending
-        ls = st.layers.get(layer, _LayerState())
-        window_start = min(max(start, st.protected_len), st.length)
-        window = self._positions(ls, window_start, st.length, num_kv_heads)
-        if not st.protected_len:
+        st = self._planner.state(key)
+        if st is None:
+            raise KeyError(key)
+        serial, length, live_start, pending, protected_len = st
+        start = live_start if pending is None else pending
+        ls = self._layers.get(serial, {}).get(layer, _LayerState())
+        window_start = min(max(start, protected_len), length)
+        window = self._positions(ls, window_start, length, num_kv_heads)
+        if not protected_len:
             return window
-        prompt = torch.arange(min(st.protected_len, st.length), dtype=torch.int64).expand(num_kv_heads, -1)
+        prompt = torch.arange(min(protected_len, length), dtype=torch.int64).expand(num_kv_heads, -1)
         return torch.cat([prompt, window], dim=1)
 
-    def release(self, key: Hashable) -> None:
+    def release(self, key: int) -> None:
         """Forgets ``key`` (finished, aborted or preempted request); its pending eviction is dropped."""
-        self._states.pop(key, None)
+        serial = self._planner.release(key)
+        if serial is not None:
+            self._layers.pop(serial, None)
 
-    def begin_step(self, requests: Sequence[StepRequest]) -> StepPlan:
-        """Commits the previous step's evictions (returned as ``released``), then plans this step:
-        each request's live window and whether an eviction is due at its end."""
+    def begin_step(self, requests: Union[StepBatch, Sequence[StepRequest]]) -> StepPlan:
+        """Commits the previous step's evictions (returned as ``released``), then plans this step with
+        one call of the core's planner: each request's live window and whether an eviction is due at
+        its end. ``requests``: a ``StepBatch`` (columns, what plugins pass) or ``StepRequest``s."""
+        b = requests if isinstance(requests, StepBatch) else StepBatch.of(requests)
+        rows, serials, rel, dropped, num_tokens = self._planner.plan(
+            b.keys, b.seq_lens, b.num_new, b.prefill, b.reset, b.prompt_lens
+        )
+        for serial in dropped:
+            self._layers.pop(serial, None)
+        table = torch.frombuffer(rows, dtype=torch.int32) if serials else torch.zeros(0, dtype=torch.int32)
         released = []
-        for key, st in self._states.items():
-            if st.pending is not None:
-                released.append(Advance(key, st.live_start, st.pending, st.protected_len))
-                st.live_start, st.pending = st.pending, None
-        cfg = self.config
-        protect = cfg.protect_prompt
-        states, lens, starts, qstarts, evict_to, protected = [], [], [], [], [], []
-        offset = 0
-        for r in requests:
-            if r.num_new < 0 or r.seq_len < r.num_new:
-                raise ShapeError(f"request {r.key!r}: {r.num_new} new tokens for a length of {r.seq_len}")
-            st = None if r.reset else self._states.get(r.key)
-            if st is None:
-                st = RequestState(serial=next(self._serials))
-                self._states[r.key] = st
-            if r.seq_len - r.num_new < st.live_start:
-                raise ShapeError(
-                    f"request {r.key!r}: its new tokens start at {r.seq_len - r.num_new}, before its live window "
-                    f"[{st.live_start}, ...); the engine must reset a request it recomputes"
-                )
-            if protect and r.prefill and r.num_new:
-                if st.live_start:
-                    raise ShapeError(
-                        f"request {r.key!r}: prompt tokens after an eviction in protect mode; the engine must "
-                        "reset a request it recomputes"
-                    )
-                st.protected_len = max(st.protected_len, align_up(r.seq_len, self.block_size))
-            target = None
-            if self.policy.evicts:
-                target = next_live_start(
-                    cfg.budget,
-                    cfg.interval,
-                    self.block_size,
-                    r.seq_len,
-                    st.live_start,
-                    protected_len=st.protected_len,
-                    compress=not protect and r.prefill and r.num_new > 1,
-                )
-            st.pending = target
-            st.length = r.seq_len
-            states.append(st)
-            lens.append(r.seq_len)
-            starts.append(st.live_start)
-            qstarts.append(offset)
-            evict_to.append(target)
-            protected.append(st.protected_len)
-            offset += r.num_new
-        return StepPlan(list(requests), states, lens, starts, qstarts, evict_to, released, protected)
+        if rel:
+            r = rel.tolist()
+            released = [Advance(r[i], r[i + 1], r[i + 2], r[i + 3]) for i in range(0, len(r), _RELEASED)]
+        return StepPlan(b.keys, table, serials, released, num_tokens)
+
+    def _layer_state(self, serial: int, layer: int) -> _LayerState:
+        """The state of (request ``serial``, ``layer``), created on first use."""
+        per = self._layers.get(serial)
+        if per is None:
+            per = self._layers[serial] = {}
+        ls = per.get(layer)
+        if ls is None:
+            ls = per[layer] = _LayerState()
+        return ls
 
     # ------------------------------------------------------------------ the per-layer step
 
@@ -267,52 +343,61 @@ class EvictionEngine:
             raise ShapeError(
                 f"query [{num_tokens}, {hq}, {d}] does not fit a cache of {h} KV heads x {tuple(key_cache.shape[3:])}"
             )
-        expected = sum(r.num_new for r in plan.requests)
-        if num_tokens != expected:
-            raise ShapeError(f"query holds {num_tokens} tokens, the plan's requests add {expected}")
-        if block_tables.shape[0] != len(plan.requests):
-            raise ShapeError(f"block_tables has {block_tables.shape[0]} rows for {len(plan.requests)} requests")
+        if num_tokens != plan.num_tokens:
+            raise ShapeError(f"query holds {num_tokens} tokens, the plan's requests add {plan.num_tokens}")
+        if block_tables.shape[0] != len(plan):
+            raise ShapeError(f"block_tables has {block_tables.shape[0]} rows for {len(plan)} requests")
         win = self._windows(plan, block_tables)
         self._attention(plan, win, query, key_cache, value_cache, out, scale)
         if not self.policy.evicts:
             return out
-        for i, r in enumerate(plan.requests):
-            skip = min(max(plan.protected_lens[i] - (r.seq_len - r.num_new), 0), r.num_new)
-            if r.num_new > skip:
-                qs = plan.query_starts[i]
-                ls = plan.states[i].layers.setdefault(layer, _LayerState())
-                ls.queries.append(query[qs + skip : qs + r.num_new].detach().clone())
-        due = [i for i, t in enumerate(plan.evict_to) if t is not None]
-        if due:
+        seq_lens, num_new, qstarts = plan.seq_lens, plan.num_new, plan.query_starts
+        for i, (p, serial) in enumerate(zip(plan.protected_lens, plan.serials)):
+            n = num_new[i]
+            skip = min(max(p - (seq_lens[i] - n), 0), n)
+            if n > skip:
+                qs = qstarts[i]
+                self._layer_state(serial, layer).queries.append(query[qs + skip : qs + n].detach().clone())
+        if win.due:
             if stats is None:
                 stats = self._layer_stats(layer, key_cache, hq // h)
-            self._evict(plan, win, due, layer, key_cache, value_cache, stats, scale)
+            self._evict(plan, win, win.due, layer, key_cache, value_cache, stats, scale)
         return out
 
     def _windows(self, plan: StepPlan, block_tables: torch.Tensor) -> _Windows:
-        """The plan's windows in the coordinates the kernels read (computed once per plan and table).
-        In protect mode, a request whose ``live_start`` passed its protected prefix ``P`` reads a table
-        row whose blocks ``[P, live_start)`` are cut out: its window ``[0, P + len - live_start)``
-        is the prompt then the live entries, and its evictable part starts at ``P``."""
+        """The plan's windows in the coordinates the kernels read (computed once per plan and table,
+        on the table's device). In protect mode, a request whose ``live_start`` passed its protected
+        prefix ``P`` reads a table row whose blocks ``[P, live_start)`` are cut out (one gather): its
+        window ``[0, P + len - live_start)`` is the prompt then the live entries, and its evictable
+        part starts at ``P``."""
         win = plan._windows
         if win is not None and win.source is block_tables:
             return win
-        lens, starts = list(plan.seq_lens), list(plan.live_starts)
-        if not self.config.protect_prompt:
-            win = _Windows(block_tables, block_tables, lens, starts, starts)
-        else:
+        dev = block_tables.device
+        tables = block_tables
+        if self.config.protect_prompt and bool((plan.row("live_starts") > plan.row("protected_lens")).any()):
             bs = self.block_size
-            tables = block_tables
-            evict_starts = list(plan.protected_lens)
-            for i, (p, ls, n) in enumerate(zip(plan.protected_lens, starts, lens)):
-                if ls <= p:
-                    continue
-                if tables is block_tables:
-                    tables = block_tables.clone()
-                row = torch.cat([block_tables[i, : p // bs], block_tables[i, ls // bs : -(-n // bs)]])
-                tables[i, : row.numel()] = row
-                lens[i] = p + n - ls
-            win = _Windows(block_tables, tables, lens, [0] * len(lens), evict_starts)
+            protected, live = plan.row("protected_lens", dev), plan.row("live_starts", dev)
+            prompt_blocks = (protected // bs).long().unsqueeze(1)
+            shift = ((live - protected).clamp(min=0) // bs).long().unsqueeze(1)
+            width = block_tables.shape[1]
+            cols = torch.arange(width, device=dev).unsqueeze(0)
+            idx = (cols + shift * (cols >= prompt_blocks)).clamp(max=max(width - 1, 0))
+            tables = torch.gather(block_tables, 1, idx)
+        num_new = plan.row("num_new")
+        dec = torch.nonzero(num_new == 1).flatten()
+        multi = torch.nonzero(num_new > 1).flatten().tolist()
+        due = torch.nonzero(plan.row("evict_to") >= 0).flatten().tolist()
+        win = _Windows(
+            block_tables,
+            tables,
+            plan.row("window_lens", dev),
+            plan.row("attn_starts", dev),
+            plan.row("evict_starts", dev),
+            dec.to(dev),
+            multi,
+            due,
+        )
         plan._windows = win
         return win
 
@@ -353,30 +438,29 @@ class EvictionEngine:
         gathered window ``win`` (query ``j`` of ``n`` sees window slots ``0 ..= live - n + j``)."""
         device = query.device
         block_tables = win.tables
-        dec = [i for i, r in enumerate(plan.requests) if r.num_new == 1]
-        if dec:
-            rows = torch.tensor([plan.query_starts[i] for i in dec], dtype=torch.long, device=device)
-            sel = torch.tensor(dec, dtype=torch.long, device=device)
+        if win.decode.numel():
+            sel = win.decode.to(device)
+            rows = plan.row("query_starts", device).index_select(0, sel).long()
             o = kernels.paged_attention_decode(
                 query.index_select(0, rows).contiguous(),
                 key_cache,
                 value_cache,
                 block_tables.index_select(0, sel).contiguous(),
-                torch.tensor([win.seq_lens[i] for i in dec], dtype=torch.int32, device=device),
-                torch.tensor([win.attn_starts[i] for i in dec], dtype=torch.int32, device=device),
+                win.seq_lens.index_select(0, sel).contiguous(),
+                win.attn_starts.index_select(0, sel).contiguous(),
                 scale=scale,
             )
             out.index_copy_(0, rows, o.to(out.dtype))
         hq, h = query.shape[1], key_cache.shape[2]
-        for i, r in enumerate(plan.requests):
-            n = r.num_new
-            if n <= 1:
-                continue
-            start, end = win.attn_starts[i], win.seq_lens[i]
+        num_new, qstarts = plan.num_new, plan.query_starts
+        attn_starts, window_lens = plan.field("attn_starts"), plan.field("window_lens")
+        for i in win.multi:
+            n = num_new[i]
+            start, end = attn_starts[i], window_lens[i]
             blocks, offs = self._slots(block_tables[i], start, end)
             k = key_cache[blocks, offs].transpose(0, 1).unsqueeze(0)
             v = value_cache[blocks, offs].transpose(0, 1).unsqueeze(0)
-            qs = plan.query_starts[i]
+            qs = qstarts[i]
             q = query[qs : qs + n].transpose(0, 1).unsqueeze(0)
             live = end - start
             if n == live:
@@ -402,15 +486,17 @@ class EvictionEngine:
         cfg = self.config
         sel = torch.tensor(due, dtype=torch.long, device=device)
         bt = win.tables.index_select(0, sel).contiguous()
-        lens = [win.seq_lens[i] for i in due]
-        starts = [win.evict_starts[i] for i in due]
+        window_lens, evict_starts = plan.field("window_lens"), plan.field("evict_starts")
+        bases_all, targets = plan.field("bases"), plan.field("evict_to")
+        lens = [window_lens[i] for i in due]
+        starts = [evict_starts[i] for i in due]
         ends = [plan.seq_lens[i] for i in due]
-        bases = [max(plan.live_starts[i], plan.protected_lens[i]) for i in due]
-        sl = torch.tensor(lens, dtype=torch.int32, device=device)
-        ls = torch.tensor(starts, dtype=torch.int32, device=device)
-        num_evict = [plan.evict_to[i] - b for i, b in zip(due, bases)]
+        bases = [bases_all[i] for i in due]
+        sl = win.seq_lens.index_select(0, sel).contiguous()
+        ls = win.evict_starts.index_select(0, sel).contiguous()
+        num_evict = [targets[i] - b for i, b in zip(due, bases)]
         ne = torch.tensor(num_evict, dtype=torch.int32, device=device)
-        layer_states = [plan.states[i].layers.setdefault(layer, _LayerState()) for i in due]
+        layer_states = [self._layer_state(plan.serials[i], layer) for i in due]
         qbufs = [torch.cat(s.queries) for s in layer_states]
         maxq = max(q.shape[0] for q in qbufs)
         hq = qbufs[0].shape[1]
@@ -431,7 +517,7 @@ class EvictionEngine:
         else:
             for j, i in enumerate(due):
                 survivors[j] = self._choose(
-                    plan.states[i],
+                    plan.serials[i],
                     layer_states[j],
                     layer,
                     bt[j],
@@ -466,7 +552,7 @@ class EvictionEngine:
 
     def _choose(
         self,
-        st,
+        serial,
         ls,
         layer,
         table_row,
@@ -507,7 +593,7 @@ class EvictionEngine:
                 layer=layer,
                 kv_head=kh,
                 eviction=ls.evictions,
-                request=st.serial,
+                request=serial,
                 scale=scale,
             )
             gone = torch.zeros(live, dtype=torch.bool)

@@ -1,0 +1,346 @@
+//! `WindowPlanner` for Python: the core's batched eviction planner (`block::WindowPlanner`), one call
+//! per engine forward over columns of the batch, answering with flat int32 / int64 buffers
+//! (`array.array`, ready for `torch.frombuffer`) so the engine step builds its tensors once.
+
+use crate::args::{self, type_name};
+use crate::errors::{block_error, error, Kind};
+use crate::tensor::{ElemType, Tensor};
+use foresightkv::block::{
+    EvictionConfig, Schedule, StepPlan, StepRequest, WindowError, WindowPlanner,
+};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+
+/// The int32 rows of a plan, in the order `plan` returns them (see `WindowPlanner.FIELDS`).
+const FIELDS: [&str; 10] = [
+    "seq_lens",
+    "num_new",
+    "query_starts",
+    "live_starts",
+    "protected_lens",
+    "bases",
+    "evict_to",
+    "window_lens",
+    "attn_starts",
+    "evict_starts",
+];
+
+/// The int64 columns of the committed evictions, in the order `plan` returns them.
+const RELEASED_FIELDS: [&str; 5] = [
+    "key",
+    "old_live_start",
+    "new_live_start",
+    "protected_len",
+    "evicted_from",
+];
+
+/// Python exception of a planner error: every refusal is about the rows' sizes (`ShapeError`),
+/// except a key that does not fit int64 (`InvalidArgumentError`).
+fn window_error(e: WindowError) -> PyErr {
+    let kind = match e {
+        WindowError::KeyTooLarge(_) => Kind::InvalidArgument,
+        _ => Kind::Shape,
+    };
+    error(kind, format!("WindowPlanner.plan: {e}"))
+}
+
+/// `array.array(code, data)` over the native-endian bytes of `data`.
+pub(crate) fn array<'py>(py: Python<'py>, code: &str, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    static ARRAY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let cls = ARRAY.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("array")?.getattr("array")?.unbind())
+    })?;
+    cls.bind(py).call1((code, PyBytes::new(py, data)))
+}
+
+/// The native-endian bytes of `vals` (a plain integer slice: no padding, every byte initialised).
+pub(crate) fn as_bytes<T: Copy + Into<i64>>(vals: &[T]) -> &[u8] {
+    // SAFETY: `T` is a primitive integer (the `Into<i64>` bound admits no other type with padding);
+    // the slice covers exactly the memory of `vals`, borrowed for the same lifetime.
+    unsafe { std::slice::from_raw_parts(vals.as_ptr().cast::<u8>(), std::mem::size_of_val(vals)) }
+}
+
+fn bytes_i32<'a>(out: &mut Vec<u8>, cols: impl IntoIterator<Item = &'a [i32]>) {
+    for c in cols {
+        out.extend_from_slice(as_bytes(c));
+    }
+}
+
+fn bytes_i64(out: &mut Vec<u8>, vals: impl IntoIterator<Item = i64>) {
+    for v in vals {
+        out.extend_from_slice(&v.to_ne_bytes());
+    }
+}
+
+/// One column of the batch as int64: a 1-D CPU int32/int64 tensor or ndarray (read in place), or a
+/// sequence of integers (`bools`: of Python bools or integers, nonzero = true).
+pub(crate) fn column(name: &str, obj: &Bound<'_, PyAny>, bools: bool) -> PyResult<Vec<i64>> {
+    if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
+        return Err(error(
+            Kind::ArgumentType,
+            format!(
+                "{name} must be a sequence of integers, got {}",
+                type_name(obj)
+            ),
+        ));
+    }
+    if let Some(t) = Tensor::try_extract(name, obj)? {
+        t.expect_cpu()?;
+        t.expect_ndim(1)?;
+        t.expect_dtype(&[ElemType::I32, ElemType::I64])?;
+        // SAFETY: dtype, device (CPU) and extent were checked; reads only.
+        return Ok(match t.dtype {
+            ElemType::I32 => unsafe { t.read_strided::<i32>() }
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+            _ => unsafe { t.read_strided::<i64>() },
+        });
+    }
+    if let Ok(v) = obj.extract::<Vec<i64>>() {
+        return Ok(v);
+    }
+    if bools {
+        if let Ok(v) = obj.extract::<Vec<bool>>() {
+            return Ok(v.into_iter().map(i64::from).collect());
+        }
+    }
+    // Slow path only to name the offending element.
+    let iter = obj.try_iter().map_err(|_| {
+        error(
+            Kind::ArgumentType,
+            format!(
+                "{name} must be a sequence of integers, got {}",
+                type_name(obj)
+            ),
+        )
+    })?;
+    let mut out = Vec::new();
+    for (i, item) in iter.enumerate() {
+        let item = item?;
+        let v = if bools {
+            args::flag(&format!("{name}[{i}]"), &item).map(i64::from)
+        } else {
+            args::int::<i64>(&format!("{name}[{i}]"), &item, "[-2^63, 2^63)")
+        }?;
+        out.push(v);
+    }
+    Ok(out)
+}
+
+fn nonneg(name: &str, i: usize, v: i64) -> PyResult<usize> {
+    usize::try_from(v).map_err(|_| {
+        error(
+            Kind::InvalidArgument,
+            format!("{name}[{i}] = {v} is out of range: must be in [0, 2^63)"),
+        )
+    })
+}
+
+/// The batched eviction planner of an engine (one per model): every request's live window keyed by
+/// a stable integer key, planned one forward at a time (`plan`), the previous forward's evictions
+/// committed one step late.
+#[pyclass(module = "foresightkv", name = "WindowPlanner")]
+pub struct PyWindowPlanner {
+    inner: WindowPlanner,
+    out: StepPlan,
+    rows: Vec<StepRequest>,
+}
+
+#[pymethods]
+impl PyWindowPlanner {
+    /// A planner for budget `B`, interval `L` and `block_size` (checked by the cache configuration's
+    /// rules), in protect mode or not; `evicts=False` for a policy that never evicts.
+    #[new]
+    #[pyo3(signature = (budget, interval, block_size, protect_prompt = false, evicts = true))]
+    fn new(
+        budget: &Bound<'_, PyAny>,
+        interval: &Bound<'_, PyAny>,
+        block_size: &Bound<'_, PyAny>,
+        protect_prompt: bool,
+        evicts: bool,
+    ) -> PyResult<Self> {
+        let ev = EvictionConfig {
+            budget: args::size_or(Kind::Config, "budget", budget)?,
+            interval: args::size_or(Kind::Config, "interval", interval)?,
+            protect_prompt,
+        };
+        let bs = args::size_or(Kind::Config, "block_size", block_size)?;
+        let schedule = Schedule::new(&ev, bs).map_err(block_error)?;
+        Ok(Self {
+            inner: WindowPlanner::new(schedule, evicts),
+            out: StepPlan::default(),
+            rows: Vec::new(),
+        })
+    }
+
+    /// Names of the int32 rows `plan` returns, in order.
+    #[classattr]
+    #[allow(non_snake_case)]
+    fn FIELDS<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, FIELDS)
+    }
+
+    /// Names of the int64 columns of the committed evictions `plan` returns, in order.
+    #[classattr]
+    #[allow(non_snake_case)]
+    fn RELEASED_FIELDS<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, RELEASED_FIELDS)
+    }
+
+    /// Plans one forward. Columns (one entry per request row, batch order): `keys` (integers in
+    /// [0, 2^63)), `seq_lens` (length after the forward), `num_new` (tokens it adds), `prefill`
+    /// (prompt tokens), `reset` (the request starts over), optional `prompt_lens` (the request's
+    /// whole prompt, -1 = unknown). Returns `(rows, serials, released, dropped, num_tokens)`:
+    /// `rows` int32 `[len(FIELDS), n]` row major, `serials` int64 `[n]`, `released` int64
+    /// `[m, len(RELEASED_FIELDS)]` row major (the previous forward's evictions, committed now),
+    /// `dropped` int64 (serials of states replaced by resets), all `array.array`. Atomic: on error
+    /// nothing changed.
+    #[pyo3(signature = (keys, seq_lens, num_new, prefill, reset, prompt_lens = None))]
+    #[allow(clippy::too_many_arguments)] // the columns of the Python-facing call
+    fn plan<'py>(
+        &mut self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        seq_lens: &Bound<'py, PyAny>,
+        num_new: &Bound<'py, PyAny>,
+        prefill: &Bound<'py, PyAny>,
+        reset: &Bound<'py, PyAny>,
+        prompt_lens: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let k = column("keys", keys, false)?;
+        let n = k.len();
+        let cols = [
+            ("seq_lens", column("seq_lens", seq_lens, false)?),
+            ("num_new", column("num_new", num_new, false)?),
+            ("prefill", column("prefill", prefill, true)?),
+            ("reset", column("reset", reset, true)?),
+        ];
+        let prompts = match prompt_lens.filter(|p| !p.is_none()) {
+            Some(p) => Some(column("prompt_lens", p, false)?),
+            None => None,
+        };
+        for (name, c) in cols
+            .iter()
+            .map(|(n, c)| (*n, c))
+            .chain(prompts.iter().map(|c| ("prompt_lens", c)))
+        {
+            if c.len() != n {
+                return Err(error(
+                    Kind::Shape,
+                    format!("{name} has {} entries for {n} keys", c.len()),
+                ));
+            }
+        }
+        let [(_, lens), (_, new), (_, pre), (_, res)] = &cols;
+        self.rows.clear();
+        self.rows.reserve(n);
+        for i in 0..n {
+            self.rows.push(StepRequest {
+                key: nonneg("keys", i, k[i])? as u64,
+                seq_len: nonneg("seq_lens", i, lens[i])?,
+                num_new: nonneg("num_new", i, new[i])?,
+                prefill: pre[i] != 0,
+                reset: res[i] != 0,
+                prompt_len: match &prompts {
+                    Some(p) if p[i] >= 0 => Some(p[i] as usize),
+                    _ => None,
+                },
+            });
+        }
+        let (inner, out, rows) = (&mut self.inner, &mut self.out, &self.rows);
+        py.detach(|| inner.plan(rows, out)).map_err(window_error)?;
+        let out = &self.out;
+        let mut buf = Vec::with_capacity(FIELDS.len() * n * 4);
+        bytes_i32(
+            &mut buf,
+            [
+                &out.seq_lens[..],
+                &out.num_new,
+                &out.query_starts,
+                &out.live_starts,
+                &out.protected_lens,
+                &out.bases,
+                &out.evict_to,
+                &out.window_lens,
+                &out.attn_starts,
+                &out.evict_starts,
+            ],
+        );
+        let rows = array(py, "i", &buf)?;
+        let serials = array(py, "q", as_bytes(&out.serials))?;
+        buf.clear();
+        bytes_i64(
+            &mut buf,
+            out.released.iter().flat_map(|a| {
+                [
+                    a.key as i64,
+                    a.old_live_start as i64,
+                    a.new_live_start as i64,
+                    a.protected_len as i64,
+                    a.evicted_from() as i64,
+                ]
+            }),
+        );
+        let released = array(py, "q", &buf)?;
+        buf.clear();
+        bytes_i64(&mut buf, out.dropped.iter().map(|s| *s as i64));
+        let dropped = array(py, "q", &buf)?;
+        PyTuple::new(
+            py,
+            [
+                rows,
+                serials,
+                released,
+                dropped,
+                out.num_tokens.into_pyobject(py)?.into_any(),
+            ],
+        )
+    }
+
+    /// `(serial, length, live_start, pending, protected_len)` of request `key` (`pending` is the
+    /// `live_start` the last forward's eviction moves it to, or None), or None for an unknown key.
+    fn state<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let key = args::seq_id("key", key)?;
+        let Some(s) = self.inner.state(key) else {
+            return Ok(None);
+        };
+        let w = s.window;
+        let t = (s.serial, w.len, w.live_start, s.pending, w.protected_len);
+        Ok(Some(t.into_pyobject(py)?))
+    }
+
+    /// Keys of the requests with state (any order).
+    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.inner.keys())
+    }
+
+    /// Forgets request `key` (finished, aborted, preempted): its pending eviction is dropped.
+    /// Returns the serial its state had, or None for an unknown key.
+    fn release(&mut self, key: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+        let key = args::seq_id("key", key)?;
+        Ok(self.inner.release(key))
+    }
+
+    /// Requests with state.
+    fn __len__(&self) -> usize {
+        self.inner.num_requests()
+    }
+
+    fn __repr__(&self) -> String {
+        let s = self.inner.schedule();
+        format!(
+            "WindowPlanner(budget={}, interval={}, block_size={}, protect_prompt={}, requests={})",
+            s.budget,
+            s.interval,
+            s.block_size,
+            if s.protect_prompt { "True" } else { "False" },
+            self.inner.num_requests()
+        )
+    }
+}
