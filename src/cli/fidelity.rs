@@ -4,6 +4,7 @@ use crate::evict::fidelity::{fidelity_table, format_table, FidelityOptions, Poli
 use crate::evict::{
     synthetic_trace, EvictError, ScorerCheckpoint, SyntheticConfig, Trace, TraceShape, VictimMode,
 };
+use crate::kernels::StatsMode;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -32,6 +33,10 @@ pub struct FidelityArgs {
     /// Scorer checkpoint directory for the foresight policy.
     #[arg(long)]
     pub scorer: Option<PathBuf>,
+    /// Statistics definition to compute (default: the scorer's own, else `paper`); a scorer
+    /// trained on the other mode is refused.
+    #[arg(long, value_enum)]
+    pub stats_mode: Option<StatsMode>,
     /// Choose ForesightKV victims deterministically (top-L) instead of sampling.
     #[arg(long)]
     pub top_l: bool,
@@ -66,10 +71,15 @@ pub struct FidelityArgs {
 
 /// Runs `foresightkv fidelity` and prints the table.
 pub fn run(args: &FidelityArgs) -> Result<(), EvictError> {
-    let scorer = match &args.scorer {
-        Some(dir) => Some(Arc::new(ScorerCheckpoint::load(dir)?)),
-        None => None,
+    let scorer = match (&args.scorer, args.stats_mode) {
+        (Some(dir), Some(mode)) => Some(Arc::new(ScorerCheckpoint::load_with_mode(dir, mode)?)),
+        (Some(dir), None) => Some(Arc::new(ScorerCheckpoint::load(dir)?)),
+        (None, _) => None,
     };
+    let stats_mode = args
+        .stats_mode
+        .or(scorer.as_ref().map(|c| c.config.stats_mode))
+        .unwrap_or_default();
     let opts = FidelityOptions {
         budgets: args.budgets.clone(),
         interval: args.interval,
@@ -85,6 +95,7 @@ pub fn run(args: &FidelityArgs) -> Result<(), EvictError> {
             }
         },
         seed: args.seed,
+        stats_mode,
     };
     let mut traces: Vec<(String, Trace)> = Vec::new();
     if args.traces.is_empty() {
@@ -112,8 +123,8 @@ pub fn run(args: &FidelityArgs) -> Result<(), EvictError> {
     for (label, trace) in &traces {
         let s = trace.shape();
         println!(
-            "# {label}: {} tokens, {} layers, {} query heads, {} KV heads, head_dim {}",
-            s.len, s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim
+            "# {label}: {} tokens, {} layers, {} query heads, {} KV heads, head_dim {}; statistics mode {}",
+            s.len, s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim, opts.stats_mode
         );
         let rows = fidelity_table(label, trace, &opts)?;
         print!("{}", format_table(&rows));

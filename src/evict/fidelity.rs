@@ -11,6 +11,7 @@ use super::select::VictimMode;
 use super::simulate::{simulate, Fidelity, SimOptions};
 use super::trace::{Trace, TraceShape};
 use super::EvictError;
+use crate::kernels::StatsMode;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,6 +58,8 @@ pub struct FidelityOptions {
     pub foresight_mode: VictimMode,
     /// Seed of the random policy.
     pub seed: u64,
+    /// Statistics definition computed (a scorer must have been trained on it).
+    pub stats_mode: StatsMode,
 }
 
 /// One row of the fidelity table.
@@ -70,6 +73,8 @@ pub struct FidelityRow {
     pub interval: usize,
     /// Policy name.
     pub policy: String,
+    /// Statistics definition computed.
+    pub stats_mode: StatsMode,
     /// Sums behind the means.
     pub fidelity: Fidelity,
     /// Mean attention mass kept.
@@ -152,9 +157,8 @@ pub fn fidelity_table(
                 trace,
                 policy.as_ref(),
                 &SimOptions {
-                    schedule,
-                    request: 0,
-                    record: false,
+                    stats_mode: opts.stats_mode,
+                    ..SimOptions::new(schedule)
                 },
             )?;
             rows.push(FidelityRow {
@@ -162,6 +166,7 @@ pub fn fidelity_table(
                 budget,
                 interval: opts.interval,
                 policy: policy.name(),
+                stats_mode: opts.stats_mode,
                 fidelity: res.fidelity,
                 mass_kept: res.fidelity.mass(),
                 rel_err: res.fidelity.rel_err(),

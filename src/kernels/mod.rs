@@ -13,7 +13,8 @@
 //!   the order of [`window_stats::STAT_MAX`] .. [`window_stats::STAT_DECAYED`]. Compaction moves a
 //!   survivor's row with its K and V, so statistics always sit beside their entry.
 //! - Per-slot matrices (scores f32, survivors int32): dense `[num_seqs, kv_heads, max_live]`.
-//! - An eviction step: [`window_stats()`] (queries since the last eviction, causal) ->
+//! - An eviction step: [`window_stats()`] (queries since the last eviction, causal; window the
+//!   last `L` of them, in a [`StatsMode`]) ->
 //!   [`scorer_mlp`] -> [`select_survivors`] (or a policy's own choice) -> [`compact()`], then the
 //!   block manager advances `live_start` by the eviction count and frees the blocks before it.
 
@@ -39,4 +40,4 @@ pub use reshape_and_cache::reshape_and_cache;
 pub use sample_survivors::{sample_survivors, SampleArgs};
 pub use scorer_mlp::{gelu, scorer_mlp, ScorerWeights};
 pub use select_survivors::{score_key, select_survivors, SelectArgs};
-pub use window_stats::{window_stats, WindowStatsArgs};
+pub use window_stats::{window_stats, StatsMode, WindowStatsArgs};
