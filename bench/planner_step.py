@@ -245,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         t_after = measure(after, batches_in)
         planner = WindowPlanner(BUDGET, INTERVAL, BLOCK)
-        t_bare = measure(lambda cols: planner.plan(*cols), steps)
+        t_bare = measure(lambda cols, p=planner: p.plan(*cols), steps)
         # the plans agree (same targets and committed windows), so the figures compare like with like
         check_b, check_e = BeforeEngine(cfg, BLOCK), EvictionEngine(cfg, block_size=BLOCK)
         for cols, r in zip(steps, reqs):
@@ -262,7 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         t_before_b = measure(old_plugin, tens)
         engine_b = EvictionEngine(cfg, block_size=BLOCK)
-        t_after_b = measure(lambda t: engine_b.begin_step(StepBatch(*t)), tens)
+        t_after_b = measure(lambda t, e=engine_b: e.begin_step(StepBatch(*t)), tens)
         med = [statistics.median(t) for t in (t_before, t_after, t_bare, t_before_b, t_after_b)]
         mins = [min(t) for t in (t_before, t_after, t_bare, t_before_b, t_after_b)]
         cells = [f"{m:>8.1f} /{lo:>7.1f}" for m, lo in zip(med, mins)]
