@@ -18,6 +18,15 @@ from foresightkv.testbed.model import ModelShape, full_forward_logits, token_los
 sim = importlib.import_module("foresightkv.testbed.simulate")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: tiny matrices on a busy machine are far faster without OpenMP barriers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llama(seed: int = 0, layers: int = 2):
     """A random Llama: 2 layers, 4 query / 2 KV heads, head_dim 16, vocab 300."""
     from foresightkv.testbed.model import _register

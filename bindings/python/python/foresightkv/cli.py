@@ -48,8 +48,8 @@ def add_traces(sub) -> None:
     p.add_argument("--tokens", type=int, default=1536, help="prompt length in tokens")
     p.add_argument(
         "--tasks",
-        default="kv_retrieval,needle,var_track",
-        help="comma-separated task names",
+        default="needle",
+        help="comma-separated task names (kv_retrieval, needle, var_track; default: the one the 135M model solves)",
     )
     p.add_argument("--max-new", type=int, default=12, help="answer tokens at most")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -149,6 +149,7 @@ def add_eval(sub) -> None:
         help="a few short sequences, one budget (the test command)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--follow", action="store_true", help="keep evaluating what a running `traces` adds (until --minutes)")
 
 
 def cmd_eval(args) -> int:
@@ -191,6 +192,7 @@ def cmd_eval(args) -> int:
         deadline=deadline,
         text=text,
         text_limit=args.text_limit,
+        follow=(lambda: load_split(os.path.join(args.traces, "heldout.safetensors"))) if args.follow else None,
     )
     res["command"] = "python -m foresightkv " + " ".join(sys.argv[1:])
     res["model"] = model_dir

@@ -76,15 +76,21 @@ def run_eval(
     deadline: Optional[float] = None,
     text: Optional[TraceSet] = None,
     text_limit: int = 0,
+    follow: Optional[Any] = None,
 ) -> Dict[str, Any]:
     """Evaluates ``policies`` x ``budgets`` on the first ``limit`` sequences of ``traces`` (loss
     ratio), the first ``accuracy_limit`` (accuracy) and the first ``mass_limit`` (attention mass);
     the first ``text_limit`` windows of ``text`` get the loss ratio too. Stops starting new
-    sequences after ``deadline`` (a ``time.time()``), recording how many were done."""
+    sequences after ``deadline`` (a ``time.time()``), recording how many were done. ``follow``: a
+    function reloading the held-out split, to evaluate a split that a trace run is still writing
+    (up to ``limit`` sequences, or until the deadline)."""
     from tqdm import tqdm
 
     policies = [p for p in policies if p != "full"]
-    n = len(traces) if limit is None else min(limit, len(traces))
+    if follow is None:
+        n = len(traces) if limit is None else min(limit, len(traces))
+    else:
+        n = limit if limit is not None else 1 << 30
     n_acc = n if accuracy_limit is None else min(accuracy_limit, n)
     stops = stop_token_ids(tokenizer)
     started = time.time()
@@ -97,11 +103,26 @@ def run_eval(
         b: {p: [] for p in policies} for b in budgets
     }
     done = {"heldout": 0, "text": 0, "accuracy": 0, "mass": 0}
+    per_budget: Dict[str, int] = {}
     per_seq: List[Dict[str, Any]] = []
-    jobs = [("heldout", traces, i) for i in range(n)]
-    if text is not None:
-        jobs += [("text", text, i) for i in range(min(text_limit, len(text)))]
-    bar = tqdm(jobs, desc="eval", disable=not progress)
+    def jobs():
+        nonlocal traces
+        i = 0
+        while i < n:
+            if i >= len(traces) and follow is not None:
+                # a trace run still writing the split: wait for its next sequence
+                while i >= len(traces) and (deadline is None or time.time() < deadline):
+                    time.sleep(20)
+                    traces = follow()
+            if i >= len(traces):
+                break
+            yield "heldout", traces, i
+            i += 1
+        if text is not None:
+            for j in range(min(text_limit, len(text))):
+                yield "text", text, j
+
+    bar = tqdm(jobs(), desc="eval", disable=not progress)
     for split, ts, i in bar:
         if deadline is not None and time.time() > deadline:
             break
@@ -116,6 +137,9 @@ def run_eval(
         }
         row["full_vs_stored_max_abs_ce"] = float((full.ce - seq.ce[1:]).abs().max())
         for b in budgets:
+            if deadline is not None and time.time() > deadline:
+                break
+            per_budget[f"{split}/{b}"] = per_budget.get(f"{split}/{b}", 0) + 1
             golden = GoldenRun(trace, b, interval) if "golden" in policies else None
             sel = torch.arange(full.ce.numel()) >= b
             if not bool(sel.any()):
@@ -168,16 +192,25 @@ def run_eval(
                         )
         if split == "heldout" and i < mass_limit:
             done["mass"] += 1
-        if split == "heldout" and i < n_acc and seq.prompt_len:
+        in_time = deadline is None or time.time() < deadline
+        if split == "heldout" and i < n_acc and seq.prompt_len and in_time:
             expected = seq.meta["expected"]
             pre = prefill(model, ids[: seq.prompt_len])
+            full_ok = None
             for b in budgets:
+                if deadline is not None and time.time() > deadline:
+                    break
                 g = (
                     GoldenRun(trace, b, interval, prompt_len=seq.prompt_len)
                     if "golden" in policies
                     else None
                 )
                 for p in ["full"] + policies:
+                    if p == "full" and full_ok is not None:
+                        # the full cache does not depend on the budget
+                        acc[b][p].append(full_ok)
+                        row[f"acc_{b}_{p}"] = full_ok
+                        continue
                     out = generate(
                         model,
                         pre,
@@ -191,6 +224,8 @@ def run_eval(
                         golden=g,
                     )
                     ok = grade(expected, tokenizer.decode(out))
+                    if p == "full":
+                        full_ok = int(ok)
                     acc[b][p].append(int(ok))
                     row[f"acc_{b}_{p}"] = int(ok)
             done["accuracy"] += 1
@@ -203,6 +238,7 @@ def run_eval(
         "budgets": list(budgets),
         "policies": ["full"] + policies,
         "done": done,
+        "sequences_per_budget": per_budget,
         "asked": {
             "heldout": n,
             "accuracy": n_acc,

@@ -200,18 +200,20 @@ def build_task_traces(
     max_new: int = 12,
     progress: bool = True,
     start: int = 0,
+    on_sequence: Optional[Any] = None,
+    done: Optional[List[TraceSeq]] = None,
 ) -> List[TraceSeq]:
     """``count`` task sequences of ``split`` (seeds per the module docstring; tasks in rotation):
-    prompt, the model's full-cache greedy answer, its full-cache per-token CE and entropy, graded."""
+    prompt, the model's full-cache greedy answer, its full-cache per-token CE and entropy, graded.
+    ``done``: sequences already built (resumed: only the rest are built); ``on_sequence(out)`` is
+    called after each new one."""
     from tqdm import tqdm
 
     base = HELDOUT_SEED if split == "heldout" else 0
     stops = stop_token_ids(tokenizer)
     text = natural_text()
-    out = []
-    for i in tqdm(
-        range(start, start + count), desc=f"traces {split}", disable=not progress
-    ):
+    out = list(done) if done else []
+    for i in tqdm(range(start + len(out), start + count), desc=f"traces {split}", disable=not progress):
         task = tasks[i % len(tasks)]
         ex = make_example(task, base + i, target_tokens, tokenizer, text=text)
         prompt = torch.tensor(tokenizer(ex.prompt)["input_ids"], dtype=torch.long)
@@ -222,9 +224,9 @@ def build_task_traces(
         ce, ent = _aligned(ce, ent)
         gen = tokenizer.decode(answer.tolist())
         meta = {"task": task, "seed": base + i, "expected": ex.answer, "generated": gen}
-        out.append(
-            TraceSeq(ids, int(prompt.numel()), ce, ent, grade(ex.answer, gen), meta)
-        )
+        out.append(TraceSeq(ids, int(prompt.numel()), ce, ent, grade(ex.answer, gen), meta))
+        if on_sequence is not None:
+            on_sequence(out)
     return out
 
 
@@ -273,6 +275,13 @@ def write_traces(
     for split, count in (("heldout", heldout), ("train", train)):
         if count <= 0:
             continue
+        path = os.path.join(out_dir, f"{split}.safetensors")
+        done = None
+        if os.path.isfile(path):
+            old = load_split(path)
+            if old.examples and all(e.get("task") in tasks for e in old.examples):
+                # resume a run that stopped part way (the same seeds give the same sequences)
+                done = [old.sequence(i) for i in range(min(len(old), count))]
         seqs = build_task_traces(
             model,
             tokenizer,
@@ -282,6 +291,9 @@ def write_traces(
             tasks=tasks,
             max_new=max_new,
             progress=progress,
+            # rewritten after every sequence: a long run can be read (and stopped) part way
+            on_sequence=lambda out, path=path, split=split: save_split(path, split, model_dir, out),
+            done=done,
         )
         save_split(
             os.path.join(out_dir, f"{split}.safetensors"), split, model_dir, seqs
