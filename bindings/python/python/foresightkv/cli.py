@@ -149,6 +149,7 @@ def add_eval(sub) -> None:
         help="a few short sequences, one budget (the test command)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-loss", action="store_true", help="accuracy only (no loss ratio, no attention mass)")
     p.add_argument("--follow", action="store_true", help="keep evaluating what a running `traces` adds (until --minutes)")
 
 
@@ -192,6 +193,8 @@ def cmd_eval(args) -> int:
         deadline=deadline,
         text=text,
         text_limit=args.text_limit,
+        with_loss=not args.no_loss,
+        on_sequence=(lambda r: _write_json(args.json, r)) if args.json else None,
         follow=(lambda: load_split(os.path.join(args.traces, "heldout.safetensors"))) if args.follow else None,
     )
     res["command"] = "python -m foresightkv " + " ".join(sys.argv[1:])
@@ -202,12 +205,18 @@ def cmd_eval(args) -> int:
     print(format_table(res))
     print(f"done: {res['done']} of asked {res['asked']} in {res['seconds']} s")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+        _write_json(args.json, res)
     if args.plot:
         plot(res, args.plot)
     return 0
+
+
+def _write_json(path: str, res) -> None:
+    """Writes ``res`` to ``path`` atomically (directories created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".partial", path)
 
 
 #: Subcommands: name -> (add arguments, run). Other modules append theirs (e.g. ``train``).

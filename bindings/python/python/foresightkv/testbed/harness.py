@@ -69,6 +69,7 @@ def run_eval(
     limit: Optional[int] = None,
     accuracy_limit: Optional[int] = None,
     mass_limit: int = 0,
+    with_loss: bool = True,
     scorer: Any = None,
     seed: int = 0,
     max_new: int = 12,
@@ -77,13 +78,16 @@ def run_eval(
     text: Optional[TraceSet] = None,
     text_limit: int = 0,
     follow: Optional[Any] = None,
+    on_sequence: Optional[Any] = None,
 ) -> Dict[str, Any]:
     """Evaluates ``policies`` x ``budgets`` on the first ``limit`` sequences of ``traces`` (loss
     ratio), the first ``accuracy_limit`` (accuracy) and the first ``mass_limit`` (attention mass);
     the first ``text_limit`` windows of ``text`` get the loss ratio too. Stops starting new
     sequences after ``deadline`` (a ``time.time()``), recording how many were done. ``follow``: a
     function reloading the held-out split, to evaluate a split that a trace run is still writing
-    (up to ``limit`` sequences, or until the deadline)."""
+    (up to ``limit`` sequences, or until the deadline). ``with_loss=False`` skips the loss ratio and the
+    attention mass (accuracy only). ``on_sequence(result)`` gets the result so far after each
+    sequence (the CLI writes it, so a stopped run leaves its numbers)."""
     from tqdm import tqdm
 
     policies = [p for p in policies if p != "full"]
@@ -122,6 +126,11 @@ def run_eval(
             for j in range(min(text_limit, len(text))):
                 yield "text", text, j
 
+    def summary() -> Dict[str, Any]:
+        """The result so far (JSON-able)."""
+        return _summary(loss, acc, mass, done, per_budget, per_seq, policies, budgets, interval, n, n_acc,
+                        mass_limit, text_limit if text is not None else 0, started)
+
     bar = tqdm(jobs(), desc="eval", disable=not progress)
     for split, ts, i in bar:
         if deadline is not None and time.time() > deadline:
@@ -136,7 +145,7 @@ def run_eval(
             "prompt_len": seq.prompt_len,
         }
         row["full_vs_stored_max_abs_ce"] = float((full.ce - seq.ce[1:]).abs().max())
-        for b in budgets:
+        for b in budgets if with_loss else []:
             if deadline is not None and time.time() > deadline:
                 break
             per_budget[f"{split}/{b}"] = per_budget.get(f"{split}/{b}", 0) + 1
@@ -232,6 +241,14 @@ def run_eval(
         done[split] += 1
         per_seq.append(row)
         del trace
+        if on_sequence is not None:
+            on_sequence(summary())
+    return summary()
+
+
+def _summary(loss, acc, mass, done, per_budget, per_seq, policies, budgets, interval, n, n_acc, mass_limit,
+             text_limit, started) -> Dict[str, Any]:
+    """Assembles the result dict of ``run_eval`` from its running sums."""
     return {
         "metric": "loss ratio = pooled mean CE under eviction / pooled mean CE with the full cache",
         "interval": interval,
@@ -243,7 +260,7 @@ def run_eval(
             "heldout": n,
             "accuracy": n_acc,
             "mass": mass_limit,
-            "text": text_limit if text is not None else 0,
+            "text": text_limit,
         },
         "seconds": round(time.time() - started, 1),
         "loss_ratio": {
