@@ -87,7 +87,7 @@ def run_eval(
     function reloading the held-out split, to evaluate a split that a trace run is still writing
     (up to ``limit`` sequences, or until the deadline). ``with_loss=False`` skips the loss ratio and the
     attention mass (accuracy only). ``on_sequence(result)`` gets the result so far after each
-    sequence (the CLI writes it, so a stopped run leaves its numbers)."""
+    sequence and each budget (the CLI writes it, so a stopped run leaves its numbers)."""
     from tqdm import tqdm
 
     policies = [p for p in policies if p != "full"]
@@ -199,6 +199,8 @@ def run_eval(
                                 ]
                             )
                         )
+            if on_sequence is not None:
+                on_sequence(summary())  # after every budget too: a long sequence leaves its numbers
         if split == "heldout" and i < mass_limit:
             done["mass"] += 1
         in_time = deadline is None or time.time() < deadline
@@ -368,7 +370,7 @@ def plot(result: Dict[str, Any], path: str) -> None:
         1, len(panels), figsize=(5 * len(panels), 4), squeeze=False
     )
     for ax, (split, bys) in zip(axes[0], panels):
-        budgets = [int(b) for b in bys]
+        budgets = sorted(int(b) for b in bys)
         for p in result["policies"]:
             if p == "full":
                 continue

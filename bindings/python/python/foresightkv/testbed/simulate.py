@@ -125,6 +125,7 @@ class GoldenRun:
     ) -> None:
         res = golden_eviction(trace, budget, interval, prompt_len=prompt_len)
         self.budget, self.interval, self.prompt_len = budget, interval, prompt_len
+        self.length = int(trace.shape["len"])
         self.fidelity = res["fidelity"]
         self._recs: Dict[
             Tuple[int, int, int], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -166,6 +167,11 @@ class GoldenRun:
         out = []
         for kh in range(event.num_kv_heads):
             rec = self._recs.get((event.layer, kh, event.seq_len))
+            if rec is None and event.seq_len == self.length:
+                # Golden makes no eviction at the end of the sequence (no query follows it, so
+                # nothing depends on it); the serving schedule still does one: drop the oldest.
+                out.append(list(range(event.num_evict)))
+                continue
             if rec is None:
                 raise InvalidArgumentError(
                     f"no Golden record for layer {event.layer} head {kh} at length {event.seq_len} "
