@@ -66,39 +66,80 @@ pub fn select_victims(
     match *mode {
         VictimMode::TopL => top_by_score(scores, req.num_protected, req.num_evict),
         VictimMode::Sample { seed, temperature } => {
-            if !(temperature.is_finite() && temperature > 0.0) {
-                return Err(EvictError::arg(
-                    "temperature",
-                    format!("{temperature} is not a positive finite number"),
-                ));
-            }
-            if req.key.layer > 0xFFFF || req.key.head > 0xFFFF {
-                return Err(EvictError::arg(
-                    "key",
-                    format!(
-                        "layer {} / head {} exceed the 16-bit Philox counter fields",
-                        req.key.layer, req.key.head
-                    ),
-                ));
-            }
-            let key = SampleKey { seed, ..req.key };
-            let pool = (2 * req.num_evict).min(unprotected);
-            let candidates = top_by_score(scores, req.num_protected, pool)?;
-            let mut keyed: Vec<(f64, usize)> = candidates
-                .into_iter()
-                .map(|c| {
-                    (
-                        scores[c] as f64 / temperature as f64 + key.gumbel(c as u32),
-                        c,
-                    )
-                })
-                .collect();
-            keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            let mut victims: Vec<usize> = keyed[..req.num_evict].iter().map(|&(_, c)| c).collect();
+            let mut victims = sample_victims(scores, req, seed, temperature)?.victims;
             victims.sort_unstable();
             Ok(victims)
         }
     }
+}
+
+/// One sampled victim choice in draw order: the candidate pool (the top `min(2 n, unprotected)`
+/// slots by score, ascending) and the victims in the order of their Gumbel keys (largest first),
+/// which is the order of a sequential softmax draw without replacement over the pool (the
+/// Plackett-Luce order whose probability a trainer needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampledVictims {
+    /// Candidate slots, ascending.
+    pub pool: Vec<usize>,
+    /// Victim slots, first drawn first.
+    pub victims: Vec<usize>,
+}
+
+/// The draw of [`VictimMode::Sample`] with seed `seed` and temperature `temperature` for `req`,
+/// keeping the pool and the draw order; [`select_victims`] returns the same victims sorted.
+pub fn sample_victims(
+    scores: &[f32],
+    req: &VictimRequest,
+    seed: u64,
+    temperature: f32,
+) -> Result<SampledVictims, EvictError> {
+    let live = scores.len();
+    let unprotected = live.saturating_sub(req.num_protected);
+    if req.num_evict > unprotected {
+        return Err(EvictError::arg(
+            "num_evict",
+            format!(
+                "{} victims, only {unprotected} unprotected of {live} live entries",
+                req.num_evict
+            ),
+        ));
+    }
+    if live > i32::MAX as usize {
+        return Err(EvictError::arg(
+            "scores",
+            format!("{live} live entries exceed i32 slot indices"),
+        ));
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(EvictError::arg(
+            "temperature",
+            format!("{temperature} is not a positive finite number"),
+        ));
+    }
+    if req.key.layer > 0xFFFF || req.key.head > 0xFFFF {
+        return Err(EvictError::arg(
+            "key",
+            format!(
+                "layer {} / head {} exceed the 16-bit Philox counter fields",
+                req.key.layer, req.key.head
+            ),
+        ));
+    }
+    let key = SampleKey { seed, ..req.key };
+    let pool_len = (2 * req.num_evict).min(unprotected);
+    let pool = top_by_score(scores, req.num_protected, pool_len)?;
+    let mut keyed: Vec<(f64, usize)> = pool
+        .iter()
+        .map(|&c| {
+            (
+                scores[c] as f64 / temperature as f64 + key.gumbel(c as u32),
+                c,
+            )
+        })
+        .collect();
+    keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let victims = keyed[..req.num_evict].iter().map(|&(_, c)| c).collect();
+    Ok(SampledVictims { pool, victims })
 }
 
 /// A batch of per-(sequence, KV head) selections of one layer, in the layout of the kernels'
@@ -338,6 +379,26 @@ mod tests {
                 if !v.contains(&i) {
                     prop_assert!(s <= min_victim);
                 }
+            }
+        }
+
+        #[test]
+        fn sample_victims_keeps_the_pool_and_the_gumbel_order(scores in proptest::collection::vec(-5f32..5.0, 2..80), n in 1usize..30, seed in 0u64..1000) {
+            let live = scores.len();
+            let prot = live / 4;
+            let n = n.min(live - prot);
+            let req = VictimRequest { num_protected: prot, num_evict: n, key: key() };
+            let drawn = sample_victims(&scores, &req, seed, 0.7).unwrap();
+            let mut sorted = drawn.victims.clone();
+            sorted.sort_unstable();
+            let mode = VictimMode::Sample { seed, temperature: 0.7 };
+            prop_assert_eq!(&sorted, &select_victims(&scores, &req, &mode).unwrap());
+            prop_assert_eq!(&drawn.pool, &top_by_score(&scores, prot, (2 * n).min(live - prot)).unwrap());
+            let k = SampleKey { seed, ..key() };
+            let keys: Vec<f64> = drawn.victims.iter().map(|&c| scores[c] as f64 / 0.7f32 as f64 + k.gumbel(c as u32)).collect();
+            prop_assert!(keys.windows(2).all(|w| w[0] >= w[1]));
+            for &c in drawn.pool.iter().filter(|c| !drawn.victims.contains(c)) {
+                prop_assert!(scores[c] as f64 / 0.7f32 as f64 + k.gumbel(c as u32) <= keys[n - 1]);
             }
         }
     }
