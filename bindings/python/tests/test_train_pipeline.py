@@ -108,7 +108,7 @@ def test_train_command_end_to_end_and_resume(tmp_path):
     for kh in range(ev.num_kv_heads):
         core = pol.score(
             ev.keys[kh].contiguous(), ev.values[kh].contiguous(), ev.stats[kh].contiguous(),
-            ev.queries[:, kh * 2:(kh + 1) * 2].contiguous(), ev.positions[kh].tolist(), ev.seq_len,
+            ev.queries[-ev.keys.shape[1]:, kh * 2:(kh + 1) * 2].contiguous(), ev.positions[kh].tolist(), ev.seq_len,
             layer=ev.layer, kv_head=kh,
         )
         assert torch.allclose(ours[kh], torch.tensor(core), atol=1e-4, rtol=1e-4)

@@ -1,5 +1,6 @@
-"""The ``train`` subcommand: ``register(subparsers)`` adds it to a command line (``foresightkv``'s
-``cli.py``); ``python -m foresightkv.train`` runs it alone."""
+"""The ``train`` subcommand: ``add_train(subparsers)`` (its arguments) and ``cmd_train(args)`` (its
+work), the pair ``foresightkv.cli.COMMANDS`` holds; ``register(subparsers)`` for any other
+``argparse`` command line; ``python -m foresightkv.train`` runs it alone."""
 
 import argparse
 from typing import Any, List, Optional
@@ -7,7 +8,7 @@ from typing import Any, List, Optional
 from .pipeline import add_arguments, main
 
 
-def register(subparsers: Any) -> Any:
+def add_train(subparsers: Any) -> Any:
     """Adds ``train`` to an ``argparse`` subparsers object; returns its parser."""
     p = subparsers.add_parser(
         "train",
@@ -18,7 +19,18 @@ def register(subparsers: Any) -> Any:
         ),
     )
     add_arguments(p)
-    p.set_defaults(func=main)
+    return p
+
+
+def cmd_train(args: Any) -> int:
+    """Runs the pipeline; returns the exit status."""
+    return main(args)
+
+
+def register(subparsers: Any) -> Any:
+    """``add_train`` with ``func`` set to ``cmd_train`` (for command lines that dispatch on it)."""
+    p = add_train(subparsers)
+    p.set_defaults(func=cmd_train)
     return p
 
 

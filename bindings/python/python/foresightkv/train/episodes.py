@@ -116,7 +116,13 @@ def sampled_rollout(
     decisions: List[Decision] = []
 
     def override(ev) -> Sequence[Sequence[int]]:
-        x = features(ev.keys, ev.values, ev.stats)
+        # The simulator runs under inference_mode; the stored features must be ordinary tensors
+        # that the RL update can differentiate through.
+        with torch.inference_mode(False):
+            return choose(ev)
+
+    def choose(ev) -> Sequence[Sequence[int]]:
+        x = features(ev.keys.clone(), ev.values.clone(), ev.stats.clone())
         with torch.no_grad():
             s = scorer.score_layer(ev.layer, x.to(dev)).float().cpu()
         victims, pools, orders = [], [], []
