@@ -1,0 +1,470 @@
+"""The eviction simulator: the paper's teacher-forced chunked forward, run through the serving step.
+
+``simulate(model, input_ids, *, prompt_len, policy, budget, interval, scorer=None, seed=0,
+capture=None, victims_override=None) -> SimResult``
+
+The first ``budget`` tokens go through the model in one forward with full attention; the rest in
+chunks of ``interval`` queries, each attending to the compressed cache plus itself (causal). The
+cache is compressed after each chunk whenever the live window reaches ``budget + interval``, back
+to ``budget`` entries per (layer, KV head), the newest ``interval`` protected. Every attention and
+every eviction is the serving step's own code: ``foresightkv.engine.EvictionEngine.attend`` over a
+paged cache (block size 1), i.e. ``window_stats`` for the statistics, the policy's ``score`` /
+``choose_victims`` (or ``scorer_mlp`` + ``select_survivors``) for the victims, ``compact`` for the
+in-place compaction, per KV head, with keys cached after RoPE at their original position (positions
+stay logical). The features a scorer sees here are therefore bit for bit those it sees when
+serving.
+
+Policies (``POLICIES``): ``full`` (no eviction), ``golden`` (Golden Eviction: the victims the Rust
+``golden_eviction`` chose from the same sequence's full-cache attention), ``foresight`` (the learned
+scorer: ``scorer`` = checkpoint directory or ``ScorerCheckpoint``; deterministic top-L), ``h2o``,
+``snapkv``, ``tova``, ``rkv``, ``streaming`` (StreamingLLM), ``random`` (seeded by ``seed``).
+
+Hooks, for training:
+
+- ``capture(event)`` is called at every eviction of every layer with an ``EvictionEvent``: the
+  layer, the eviction index, the KV head count, the candidates' (the unprotected live entries)
+  keys and values ``[H, N, D]``, their statistics ``[H, N, G, 8]`` exactly as the serving step feeds
+  ``scorer_mlp``, their original positions ``[H, N]``, and, when available (policy ``golden``, or a
+  ``golden`` run whose trajectory these candidates are on), their Golden future scores ``[H, N]``.
+- ``victims_override(event)`` returns the victims of each KV head (``H`` sequences of
+  ``event.num_evict`` distinct indices into the candidates); the policy is then not consulted.
+
+``ce[t]`` / ``entropy[t]`` (``[T - 1]``) are the cross-entropy of token ``t + 1`` and the entropy of
+the model's prediction at position ``t``. ``record_full`` runs the full-cache pass once and returns
+the ``foresightkv.Trace`` of its queries, keys and values (for Golden Eviction and the attention-mass
+fidelity); ``GoldenRun`` holds one Golden Eviction of a sequence for reuse across runs."""
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from .. import kernels
+from .._native import ScorerCheckpoint, Trace, golden_eviction
+from ..engine import EngineConfig, EvictionEngine, StepRequest
+from ..errors import ConfigError, InvalidArgumentError, ShapeError
+from .model import ModelShape, layer_index, routed_attention
+
+#: Policy names the simulator accepts.
+POLICIES = (
+    "full",
+    "golden",
+    "foresight",
+    "h2o",
+    "snapkv",
+    "tova",
+    "rkv",
+    "streaming",
+    "random",
+)
+
+# The engine policy behind each name. Golden's victims always come from the Golden run, so its
+# engine policy ("random") only supplies the schedule and is never asked for victims.
+_ENGINE_POLICY = {
+    "full": "full_cache",
+    "golden": "random",
+    "foresight": "foresight",
+    "h2o": "h2o",
+    "snapkv": "snapkv",
+    "tova": "tova",
+    "rkv": "rkv",
+    "streaming": "streaming_llm",
+    "random": "random",
+}
+
+
+@dataclass
+class EvictionEvent:
+    """One eviction of one layer (all KV heads), as the serving step sees it. ``N`` candidates =
+    the live window minus the ``num_protected`` newest entries; ``keys``/``values`` ``[H, N, D]``
+    float32, ``stats`` ``[H, N, G, 8]`` float32, ``positions`` ``[H, N]`` int64 (original positions,
+    ascending per head), ``future`` ``[H, N]`` Golden future scores or None, ``queries`` ``[M, Hq,
+    D]`` the queries since the previous eviction (what ``window_stats`` read)."""
+
+    layer: int
+    eviction: int
+    num_kv_heads: int
+    seq_len: int
+    num_evict: int
+    num_protected: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    stats: torch.Tensor
+    positions: torch.Tensor
+    queries: torch.Tensor
+    future: Optional[torch.Tensor] = None
+
+
+@dataclass
+class SimResult:
+    """Per-token cross-entropy and entropy under eviction (``[T - 1]`` float32 each), the schedule,
+    the number of evictions per layer, and the final kept positions of each layer ``[H, live]``."""
+
+    ce: torch.Tensor
+    entropy: torch.Tensor
+    prompt_len: int
+    policy: str
+    budget: int
+    interval: int
+    evictions: int
+    kept: List[torch.Tensor] = field(default_factory=list)
+
+
+class GoldenRun:
+    """Golden Eviction of one sequence at one (budget, interval), from the Rust ``golden_eviction``
+    over the sequence's full-cache trace: per (layer, KV head, sequence length) the candidates'
+    positions, their future scores and the victims' positions. ``prompt_len`` > ``budget``: the
+    serving schedule, the prompt compressed right after prefill (``generate``); 0: the simulator's
+    chunked schedule."""
+
+    def __init__(
+        self, trace: Trace, budget: int, interval: int, *, prompt_len: int = 0
+    ) -> None:
+        res = golden_eviction(trace, budget, interval, prompt_len=prompt_len)
+        self.budget, self.interval, self.prompt_len = budget, interval, prompt_len
+        self.fidelity = res["fidelity"]
+        self._recs: Dict[
+            Tuple[int, int, int], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}
+        for r in res["records"]:
+            key = (int(r["layer"]), int(r["kv_head"]), int(r["seq_len"]))
+            cand = torch.tensor(r["candidates"], dtype=torch.int64)
+            future = -torch.tensor(r["scores"], dtype=torch.float32)
+            self._recs[key] = (
+                cand,
+                future,
+                torch.tensor(r["victims"], dtype=torch.int64),
+            )
+
+    @property
+    def num_records(self) -> int:
+        """Evictions recorded (layers x KV heads x evictions)."""
+        return len(self._recs)
+
+    def future(
+        self, layer: int, seq_len: int, positions: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """Future scores ``[H, N]`` of candidates ``positions`` ``[H, N]`` at the eviction at
+        ``seq_len``, or None when they are not exactly the Golden trajectory's candidates."""
+        rows = []
+        for kh in range(positions.shape[0]):
+            rec = self._recs.get((layer, kh, seq_len))
+            if (
+                rec is None
+                or rec[0].numel() != positions.shape[1]
+                or not torch.equal(rec[0], positions[kh])
+            ):
+                return None
+            rows.append(rec[1])
+        return torch.stack(rows)
+
+    def victims(self, event: EvictionEvent) -> List[List[int]]:
+        """The Golden victims of ``event`` as indices into its candidates."""
+        out = []
+        for kh in range(event.num_kv_heads):
+            rec = self._recs.get((event.layer, kh, event.seq_len))
+            if rec is None:
+                raise InvalidArgumentError(
+                    f"no Golden record for layer {event.layer} head {kh} at length {event.seq_len} "
+                    f"(budget {self.budget}, interval {self.interval})"
+                )
+            cand, _, vic = rec
+            if not torch.equal(cand, event.positions[kh]):
+                raise InvalidArgumentError(
+                    f"layer {event.layer} head {kh} at length {event.seq_len}: the candidates are not the Golden "
+                    "trajectory's (was the run driven by another policy?)"
+                )
+            out.append(torch.searchsorted(cand, vic).tolist())
+        return out
+
+
+class _SimEngine(EvictionEngine):
+    """The serving step plus the two training hooks; with neither hook it is the serving step."""
+
+    def __init__(self, config, *, checkpoint, capture, override, golden) -> None:
+        super().__init__(config, block_size=1, checkpoint=checkpoint)
+        self._capture, self._override, self._golden = capture, override, golden
+        if capture is not None or override is not None:
+            # The per-head path (Policy.choose_victims): the hooks see the same statistics buffer
+            # the kernel path would read.
+            self._use_kernels = False
+
+    def _choose(
+        self,
+        st,
+        ls,
+        layer,
+        table_row,
+        start,
+        end,
+        seq_len,
+        num_evict,
+        key_cache,
+        value_cache,
+        stats,
+        queries,
+        positions,
+        max_live,
+        scale,
+    ) -> torch.Tensor:
+        args = (
+            st,
+            ls,
+            layer,
+            table_row,
+            start,
+            end,
+            seq_len,
+            num_evict,
+            key_cache,
+            value_cache,
+            stats,
+            queries,
+        )
+        if self._capture is None and self._override is None:
+            return super()._choose(*args, positions, max_live, scale)
+        blocks, offs = self._slots(table_row, start, end)
+        live = end - start
+        n = live - self.config.interval
+        h = key_cache.shape[2]
+        cand_pos = positions[:, :n].contiguous()
+        event = EvictionEvent(
+            layer=layer,
+            eviction=ls.evictions,
+            num_kv_heads=h,
+            seq_len=seq_len,
+            num_evict=num_evict,
+            num_protected=self.config.interval,
+            keys=key_cache[blocks[:n], offs[:n]].float().transpose(0, 1).contiguous(),
+            values=value_cache[blocks[:n], offs[:n]]
+            .float()
+            .transpose(0, 1)
+            .contiguous(),
+            stats=stats[blocks[:n], offs[:n]].float().transpose(0, 1).contiguous(),
+            positions=cand_pos,
+            queries=queries.float(),
+            future=None
+            if self._golden is None
+            else self._golden.future(layer, seq_len, cand_pos),
+        )
+        if self._capture is not None:
+            self._capture(event)
+        if self._override is None:
+            return super()._choose(*args, positions, max_live, scale)
+        victims = self._override(event)
+        out = torch.zeros((h, max_live), dtype=torch.int32)
+        if len(victims) != h:
+            raise ShapeError(
+                f"victims_override returned {len(victims)} heads, the layer has {h}"
+            )
+        for kh, vs in enumerate(victims):
+            v = torch.as_tensor(vs, dtype=torch.long).flatten()
+            if v.numel() != num_evict or (
+                v.numel() and (int(v.min()) < 0 or int(v.max()) >= n)
+            ):
+                raise InvalidArgumentError(
+                    f"victims_override head {kh}: need {num_evict} indices in [0, {n}), got {v.tolist()}"
+                )
+            gone = torch.zeros(live, dtype=torch.bool)
+            gone[v] = True
+            if int(gone.sum()) != num_evict:
+                raise InvalidArgumentError(
+                    f"victims_override head {kh}: repeated indices {v.tolist()}"
+                )
+            keep = torch.nonzero(~gone).flatten().to(torch.int32)
+            out[kh, : keep.numel()] = keep
+        return out
+
+
+def _engine_config(
+    policy: str, budget: int, interval: int, scorer: Any, seed: int
+) -> Tuple[EngineConfig, Any]:
+    """The engine configuration and the checkpoint object behind a simulator policy name."""
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
+    checkpoint = None
+    ck_path = None
+    if policy == "foresight":
+        if scorer is None:
+            raise ConfigError(
+                "policy 'foresight' needs scorer= (a checkpoint directory or ScorerCheckpoint)"
+            )
+        if isinstance(scorer, ScorerCheckpoint):
+            checkpoint, ck_path = scorer, "<in memory>"
+        else:
+            ck_path = os.fspath(scorer)
+            checkpoint = ScorerCheckpoint.load(ck_path)
+    cfg = EngineConfig(
+        budget=budget,
+        interval=interval,
+        policy=_ENGINE_POLICY[policy],
+        checkpoint=ck_path,
+        sample=False,
+        seed=seed,
+    )
+    cfg.validate(1)
+    return cfg, checkpoint
+
+
+def chunks(length: int, budget: int, interval: int) -> List[Tuple[int, int]]:
+    """The forward chunks ``[start, end)``: ``[0, budget)`` then ``interval`` at a time."""
+    out = [(0, min(budget, length))]
+    s = out[0][1]
+    while s < length:
+        out.append((s, min(s + interval, length)))
+        s = out[-1][1]
+    return out
+
+
+def simulate(
+    model: Any,
+    input_ids: Union[torch.Tensor, Sequence[int]],
+    *,
+    prompt_len: int,
+    policy: str,
+    budget: int,
+    interval: int,
+    scorer: Any = None,
+    seed: int = 0,
+    capture: Optional[Callable[[EvictionEvent], None]] = None,
+    victims_override: Optional[
+        Callable[[EvictionEvent], Sequence[Sequence[int]]]
+    ] = None,
+    golden: Optional[GoldenRun] = None,
+    record: Optional[
+        List[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+    ] = None,
+) -> SimResult:
+    """Teacher-forced chunked forward of ``input_ids`` ``[T]`` under ``policy`` (see the module
+    docstring). ``golden``: a precomputed ``GoldenRun`` for this sequence and schedule (policy
+    ``golden`` computes one when None; other policies use it for the events' future scores).
+    ``record``: a list that receives, per layer, the (q, k, v) of every chunk (full-cache trace)."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
+    t = ids.numel()
+    if t < 2:
+        raise ShapeError(f"a sequence of {t} tokens has no next-token loss")
+    if not 0 <= prompt_len <= t:
+        raise InvalidArgumentError(f"prompt_len {prompt_len} outside [0, {t}]")
+    cfg, checkpoint = _engine_config(policy, budget, interval, scorer, seed)
+    override = victims_override
+    if policy == "golden":
+        if golden is None:
+            golden = GoldenRun(record_full(model, ids)[0], budget, interval)
+        if override is None:
+            override = golden.victims
+    engine = _SimEngine(
+        cfg, checkpoint=checkpoint, capture=capture, override=override, golden=golden
+    )
+    ce, ent = run_chunked(model, ids, engine, budget, interval, record=record)
+    shape = ModelShape.of(model)
+    evictions = 0
+    kept = []
+    if engine.keys():
+        st = engine._states[0]
+        evictions = max((ls.evictions for ls in st.layers.values()), default=0)
+        kept = [
+            engine.kept_positions(0, layer, shape.num_kv_heads)
+            for layer in range(shape.num_layers)
+        ]
+    return SimResult(ce, ent, prompt_len, policy, budget, interval, evictions, kept)
+
+
+def run_chunked(
+    model: Any,
+    ids: torch.Tensor,
+    engine: EvictionEngine,
+    budget: int,
+    interval: int,
+    *,
+    record: Optional[
+        List[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+    ] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The chunked forward of ``ids`` with every attention through ``engine.attend`` over a paged
+    cache of block size 1 (request key 0); returns per-token ``(ce, entropy)``, ``[T - 1]`` each."""
+    t = ids.numel()
+    shape = ModelShape.of(model)
+    dtype = next(model.parameters()).dtype
+    caches = [
+        (
+            torch.zeros((t, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
+            torch.zeros((t, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
+        )
+        for _ in range(shape.num_layers)
+    ]
+    if record is not None:
+        record.clear()
+        record.extend([] for _ in range(shape.num_layers))
+    table = torch.arange(t, dtype=torch.int32).view(1, t)
+    ce = torch.zeros(t - 1, dtype=torch.float32)
+    ent = torch.zeros(t - 1, dtype=torch.float32)
+    for s, e in chunks(t, budget, interval):
+        plan = engine.begin_step(
+            [StepRequest(key=0, seq_len=e, num_new=e - s, prefill=s == 0)]
+        )
+        slots = torch.arange(s, e, dtype=torch.int64)
+
+        def attend(module, q, k, v, scale, plan=plan, slots=slots):
+            layer = layer_index(module)
+            kc, vc = caches[layer]
+            kernels.reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, slots)
+            q = q.contiguous()
+            out = torch.empty_like(q)
+            engine.attend(plan, layer, q, kc, vc, table, out, scale=scale)
+            if record is not None:
+                record[layer].append((q.clone(), k.clone(), v.clone()))
+            return out
+
+        with routed_attention(model, attend), torch.inference_mode():
+            logits = model(
+                input_ids=ids[s:e].view(1, -1),
+                position_ids=torch.arange(s, e).view(1, -1),
+                use_cache=False,
+            ).logits[0]
+        hi = min(e, t - 1)
+        if hi > s:
+            lp = torch.log_softmax(logits[: hi - s].float(), dim=-1)
+            ce[s:hi] = -lp.gather(1, ids[s + 1 : hi + 1].view(-1, 1)).squeeze(1)
+            ent[s:hi] = -(lp.exp() * lp).sum(-1)
+    return ce, ent
+
+
+def record_full(
+    model: Any, input_ids: Any, *, budget: Optional[int] = None, interval: int = 1
+) -> Tuple[Trace, SimResult]:
+    """The full-cache pass of ``input_ids`` (one forward, or chunked like ``simulate`` when
+    ``budget`` is given, which changes full attention only by float rounding) and the ``foresightkv.Trace`` of its post-RoPE queries,
+    keys and values, for Golden Eviction and the fidelity replay."""
+    from safetensors.torch import save_file
+
+    ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
+    rec: List[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+    b = ids.numel() if budget is None else max(budget, 1)
+    res = simulate(
+        model,
+        ids,
+        prompt_len=0,
+        policy="full",
+        budget=b,
+        interval=max(interval, 1),
+        record=rec,
+    )
+    tensors = {}
+    for layer, parts in enumerate(rec):
+        for i, name in enumerate(("queries", "keys", "values")):
+            tensors[f"layers.{layer}.{name}"] = (
+                torch.cat([p[i] for p in parts]).float().contiguous()
+            )
+    rec.clear()
+    fd, path = tempfile.mkstemp(prefix="fkv-trace-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, path)
+        del tensors
+        trace = Trace.load(path)
+    finally:
+        os.unlink(path)
+    return trace, res
