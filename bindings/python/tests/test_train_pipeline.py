@@ -74,10 +74,12 @@ def test_train_command_end_to_end_and_resume(tmp_path):
     ck = fkv.ScorerCheckpoint.load(out)
     ck.check_model(2, 2, 2, 8)
     info = json.loads((out / "training.json").read_text())
-    assert info["stage"] == "rl" and set(info["eval"]) == {"foresight-sl", "foresight-sl+rl", "h2o"}
-    for name in info["eval"]:
-        for b in ("32", "48"):
-            assert info["eval"][name][b]["loss_ratio"] > 0
+    assert info["stage"] == "rl"
+    ratios = info["eval"]["loss_ratio"]["heldout/all"]
+    assert set(ratios) == {"32", "48"}
+    for b in ("32", "48"):
+        assert set(ratios[b]) == {"full", "foresight-sl", "foresight-sl+rl", "h2o"}
+        assert ratios[b]["full"] == 1.0 and all(v > 0 for v in ratios[b].values())
     sl = json.loads((work / "sl" / "history.json").read_text())["log"]
     assert 0.0 <= sl[-1]["held_out_top_l_overlap"] <= 1.0
     rl = json.loads((work / "rl" / "history.json").read_text())["log"]

@@ -216,9 +216,8 @@ class Pipeline:
         )
 
     def evaluate(self, heldout: Optional[Path]) -> Optional[Dict]:
-        """Loss ratio (mean CE under eviction / full cache, over the tokens after the first eviction
-        and on the 20% lowest-entropy ones) of the supervised and final scorers and Golden on up to
-        ``--eval-traces-count`` held-out sequences, at every budget."""
+        """The harness's loss ratio of the supervised and final scorers (and H2O) on up to
+        ``--eval-count`` held-out sequences, at every budget."""
         from ..testbed.traces import load_split
 
         from .evaluate import loss_ratios
@@ -234,8 +233,10 @@ class Pipeline:
         scorers = {"foresight-sl": self.work / "sl" / "scorer"}
         if (self.work / "rl" / "scorer").exists():
             scorers["foresight-sl+rl"] = self.work / "rl" / "scorer"
+        self.model()
         res = loss_ratios(
-            self.model(), load_split(str(heldout)), scorers, self.budgets, a.interval, limit=a.eval_count, progress=not a.quiet
+            self._model, self._tok, load_split(str(heldout)), scorers, self.budgets, a.interval, limit=a.eval_count,
+            progress=not a.quiet,
         )
         out.write_text(json.dumps(res, indent=2))
         self._timed("eval", time.time() - t0)
