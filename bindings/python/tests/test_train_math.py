@@ -6,10 +6,9 @@ hand-computed values, and the reward against its definition."""
 import itertools
 import math
 
+import foresightkv as fkv
 import pytest
 import torch
-
-import foresightkv as fkv
 from foresightkv.train import losses
 from foresightkv.train.scorer import TorchScorer, features, mlp_rows
 

@@ -91,7 +91,7 @@ def low_entropy_reward(
     if not (ce.shape == ce_full.shape == entropy.shape) or ce.dim() != 1:
         raise ValueError(f"ce {tuple(ce.shape)}, ce_full {tuple(ce_full.shape)}, entropy {tuple(entropy.shape)}")
     n = ce.numel()
-    keep = int(round(n * keep_fraction))
+    keep = round(n * keep_fraction)
     if keep == 0:
         return ce.new_zeros(())
     low = torch.argsort(entropy.double(), stable=True)[:keep]

@@ -18,16 +18,17 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .labels import LabelSet, read_meta, write_labels
-from .rl import RlConfig, save_history as save_rl, train_rl
+from .rl import RlConfig, train_rl
+from .rl import save_history as save_rl
 from .scorer import TorchScorer
-from .supervised import SupervisedConfig, save_history as save_sl, train_supervised
+from .supervised import SupervisedConfig, train_supervised
+from .supervised import save_history as save_sl
 
 
 def _log(msg: str) -> None:
@@ -80,6 +81,17 @@ class Pipeline:
 
         return ModelShape.of(self.model())
 
+    def sequence(self, traces, i: int):
+        """Train sequence ``i``, cut to its first ``--max-len`` tokens when set (a prefix of a
+        teacher-forced sequence is one too; the answer may be cut off, which the training losses do
+        not need)."""
+        seq = traces.sequence(i)
+        n = self.args.max_len
+        if n and len(seq) > n:
+            seq.input_ids, seq.ce, seq.entropy = seq.input_ids[:n], seq.ce[:n], seq.entropy[:n]
+            seq.prompt_len = min(seq.prompt_len, n)
+        return seq
+
     # ----------------------------------------------------------------- stages
     def traces(self):
         """The train split (``--traces``, or built into the work directory) and the held-out split
@@ -122,7 +134,7 @@ class Pipeline:
         if todo:
             t0 = time.time()
             for (i, b), p in tqdm(todo, desc="labels", disable=a.quiet):
-                seq = train.sequence(i)
+                seq = self.sequence(train, i)
                 ev = golden_labels(
                     self.model(), seq.input_ids, seq.prompt_len, budget=b, interval=a.interval, keep=a.label_evictions,
                     seed=a.seed * 1_000_003 + i * 31 + b,
@@ -135,7 +147,7 @@ class Pipeline:
         """Train / validation label sets: the validation traces are the last ``--val-fraction`` of
         the train split's traces (by index), never the held-out split."""
         traces = sorted({read_meta(p)["trace"] for p in paths}, key=int)
-        nval = max(1, int(round(len(traces) * self.args.val_fraction))) if len(traces) > 1 else 0
+        nval = max(1, round(len(traces) * self.args.val_fraction)) if len(traces) > 1 else 0
         val = set(traces[len(traces) - nval :])
         tr = [p for p in paths if read_meta(p)["trace"] not in val]
         va = [p for p in paths if read_meta(p)["trace"] in val]
@@ -179,8 +191,8 @@ class Pipeline:
         rdir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         n = min(len(train), a.max_traces) if a.max_traces else len(train)
-        nval = max(1, int(round(n * a.val_fraction))) if n > 1 else 0
-        usable = [i for i in range(n - nval) if len(train.sequence(i)) > min(self.budgets) + a.interval]
+        nval = max(1, round(n * a.val_fraction)) if n > 1 else 0
+        usable = [i for i in range(n - nval) if len(self.sequence(train, i)) > min(self.budgets) + a.interval]
         if not usable:
             raise ValueError("no training trace is longer than budget + interval; nothing to evict")
         model = self.model()
@@ -188,7 +200,7 @@ class Pipeline:
 
         def rollout(scorer, k, request, seed):
             i = usable[k]
-            seq = train.sequence(i)
+            seq = self.sequence(train, i)
             fits = [b for b in budgets if len(seq) > b + a.interval] or [min(budgets)]
             b = fits[(request // a.group) % len(fits)]
             return sampled_rollout(
@@ -219,7 +231,6 @@ class Pipeline:
         """The harness's loss ratio of the supervised and final scorers (and H2O) on up to
         ``--eval-count`` held-out sequences, at every budget."""
         from ..testbed.traces import load_split
-
         from .evaluate import loss_ratios
 
         a = self.args
@@ -299,6 +310,7 @@ def add_arguments(p) -> None:
     p.add_argument("--num-heldout", type=int, default=8, help="held-out traces to build when --traces is omitted")
     p.add_argument("--trace-tokens", type=int, default=1536, help="prompt length of built traces")
     p.add_argument("--max-traces", type=int, default=None, help="use only the first N train traces")
+    p.add_argument("--max-len", type=int, default=None, help="cut train sequences to their first N tokens (labels and RL)")
     p.add_argument("--label-evictions", type=int, default=6, help="evictions kept per (trace, budget) for SL (all: 0)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="train traces held back to validate SL")
     p.add_argument("--sl-steps", type=int, default=300)

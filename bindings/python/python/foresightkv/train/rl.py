@@ -14,6 +14,7 @@ how often an update moves a row's top-2L pool is logged (``pool_change``)."""
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .losses import grpo_objective, group_advantages, kl_schedule, plackett_luce_logprobs, warmup_cosine
+from .losses import (
+    group_advantages,
+    grpo_objective,
+    kl_schedule,
+    plackett_luce_logprobs,
+    warmup_cosine,
+)
 from .scorer import TorchScorer
 
 
@@ -161,7 +168,7 @@ def train_rl(
         sched.step()
         n = max(stats.pop("n"), 1)
         changes = [pool_change(scorer, d) for trajs, *_ in groups for t in trajs for d in t.decisions[:: max(1, len(t.decisions) // 8)]]
-        changes = [c for c in changes if c == c]
+        changes = [c for c in changes if not math.isnan(c)]
         entry = {
             "step": step + 1,
             "kl_weight": kl_w,
