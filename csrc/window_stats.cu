@@ -3,7 +3,10 @@
 // query x slot probability matrix. Three launches over tiles of WS_TILE live slots:
 //   partial: per (query row, tile) max and sum of exp of the visible logits -> workspace
 //   lse:     per query row, log-sum-exp over its tiles -> workspace
-//   reduce:  per slot and query head, the statistics from p = exp(logit - lse), written in place.
+//   reduce:  per slot and query head, the statistics from p = exp(logit - lse), written in place:
+//            the last min(n, window) rows are the statistics window, earlier rows are folded into
+//            the cumulative ones; decayed = 0.9 * (old + folded) + window sum (once per interval);
+//            mode 1 (official) sets sum8/16/32 to the window sum.
 // Contract and CPU reference: src/kernels/window_stats.rs.
 #include "fkv_common.cuh"
 
@@ -132,25 +135,31 @@ __device__ void ws_reduce(const fkv_window_stats_params &p, WsShared &sh) {
   const int64_t rows_total = p.win.num_seqs * p.num_q_heads * p.max_queries;
   const float *lse = p.workspace + 2 * rows_total * p.num_tiles;
   const int64_t slot = start + lane;
+  const int64_t w = (p.window > 0 && p.window < n) ? p.window : n;
+  const int64_t first_window = n - w;  // rows before it are folded into the cumulative statistics
   for (int64_t g = warp; g < G; g += WS_WARPS) {
     const int64_t h = kvh * G + g;
-    float mx = -INFINITY, mn = INFINITY, sum = 0.f, s8 = 0.f, s16 = 0.f, s32 = 0.f, dec = 0.f;
+    float mx = -INFINITY, mn = INFINITY, sum = 0.f, s8 = 0.f, s16 = 0.f, s32 = 0.f, fold = 0.f;
     for (int64_t j = 0; j < n; ++j) {
       load_query<T>(p, s, j, h, HD, lane, qs[warp]);
       const bool vis = valid[lane] && slot <= base + j;
       const float x = tile_logit<HD>(ks, qs[warp], lane, p.scale);
       const float pr = vis ? expf(x - lse[(s * p.num_q_heads + h) * p.max_queries + j]) : 0.f;
-      if (vis) {
-        mx = fmaxf(mx, pr);
-        mn = fminf(mn, pr);
+      if (j < first_window) {
+        fold += pr;
+      } else {
+        if (vis) {
+          mx = fmaxf(mx, pr);
+          mn = fminf(mn, pr);
+        }
+        sum += pr;
+        if (j + 8 >= n) s8 += pr;
+        if (j + 16 >= n) s16 += pr;
+        if (j + 32 >= n) s32 += pr;
       }
-      sum += pr;
-      if (j + 8 >= n) s8 += pr;
-      if (j + 16 >= n) s16 += pr;
-      if (j + 32 >= n) s32 += pr;
-      dec = WS_DECAY * dec + pr;
       __syncwarp();
     }
+    if (p.mode == 1) s8 = s16 = s32 = sum;
     if (valid[lane]) {
       int64_t off;
       const int64_t b = fkv::live_block(p.win, p.kv.num_blocks, p.kv.block_size, s, slot, &off);
@@ -166,8 +175,8 @@ __device__ void ws_reduce(const fkv_window_stats_params &p, WsShared &sh) {
       row[3] = s8;
       row[4] = s16;
       row[5] = s32;
-      row[6] = old_cum + sum;
-      row[7] = old_dec * powf(WS_DECAY, (float)n) + dec;
+      row[6] = old_cum + fold + sum;
+      row[7] = WS_DECAY * (old_dec + fold) + sum;
     }
   }
 }

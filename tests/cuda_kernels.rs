@@ -12,7 +12,8 @@ use foresightkv::cuda::{
 };
 use foresightkv::kernels::{
     compact, paged_attention_decode, scorer_mlp, select_survivors, window_stats, DecodeArgs,
-    KernelError, KvCacheMut, ScorerWeights, SelectArgs, WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
+    KernelError, KvCacheMut, ScorerWeights, SelectArgs, StatsMode, WindowStatsArgs, NUM_STATS,
+    SCORER_HIDDEN,
 };
 use foresightkv::Element;
 use half::{bf16, f16};
@@ -174,7 +175,15 @@ fn window_stats_case<T: Element + bytemuck::Pod>(shape: Shape, max_queries: usiz
         .iter()
         .map(|&l| sc.rng.random_range(0..=l.min(max_queries)) as i32)
         .collect();
-    let args = WindowStatsArgs::contiguous(hq as i64, max_queries as i64, hd as i64);
+    // Random statistics window (0 = every row) and mode: the fold and the official sums too.
+    let window = sc.rng.random_range(0..=max_queries) as i64;
+    let mode = if sc.rng.random_range(0..2) == 0 {
+        StatsMode::Paper
+    } else {
+        StatsMode::Official
+    };
+    let args = WindowStatsArgs::contiguous(hq as i64, max_queries as i64, hd as i64)
+        .with_stats(window, mode);
     let queries = sc.random_t(n * max_queries * hq * hd, 2.0);
     let (layout, stats) = sc.random_stats();
     let mut want = stats.clone();

@@ -7,7 +7,7 @@ use foresightkv::evict::convert::{
 use foresightkv::evict::tensors::{serialize, OwnedTensor};
 use foresightkv::evict::{
     EvictError, EvictionPolicy, EvictionView, ForesightPolicy, ModelShape, SampleKey,
-    ScorerCheckpoint, ScorerConfig, VictimMode,
+    ScorerCheckpoint, ScorerConfig, StatsMode, VictimMode,
 };
 use foresightkv::kernels::{gelu, NUM_STATS, SCORER_HIDDEN};
 use proptest::prelude::*;
@@ -125,11 +125,11 @@ fn bad_configs_are_refused() {
     let (json, w) = checkpoint(6).to_bytes().unwrap();
     let mut cfg: serde_json::Value = serde_json::from_slice(&json).unwrap();
     cfg["hidden"] = 32.into();
-    cfg["stats_version"] = 2.into();
+    cfg["stats_version"] = 1.into();
     let r = ScorerCheckpoint::from_bytes(&serde_json::to_vec(&cfg).unwrap(), &w, "ck");
     match r {
         Err(EvictError::BadCheckpoint { why, .. }) => assert!(
-            why.contains("hidden is 32") && why.contains("stats_version is 2"),
+            why.contains("hidden is 32") && why.contains("stats_version is 1"),
             "{why}"
         ),
         other => panic!("expected BadCheckpoint, got {other:?}"),
@@ -175,7 +175,15 @@ fn converter_round_trip() {
     let mut off = OfficialTensors::default();
     off.add_shard("shard", &official_bytes(&ck)).unwrap();
     let back = convert_official(&off, shape(), 256, 32).unwrap();
-    assert_eq!(back, ck);
+    assert_eq!(back, stamped_official(ck));
+}
+
+/// What the converter makes of `ck`'s weights: the same checkpoint stamped official.
+fn stamped_official(ck: ScorerCheckpoint) -> ScorerCheckpoint {
+    ScorerCheckpoint {
+        config: ck.config.clone().with_stats_mode(StatsMode::Official),
+        ..ck
+    }
 }
 
 #[test]
@@ -190,7 +198,10 @@ fn converter_reads_split_shards_and_names_missing_tensors() {
         matches!(missing, Err(EvictError::BadCheckpoint { why, .. }) if why.contains("layers.1") && why.contains("fc1.weight"))
     );
     off.add_shard("b", &serialize(&b, "b").unwrap()).unwrap();
-    assert_eq!(convert_official(&off, shape(), 256, 32).unwrap(), ck);
+    assert_eq!(
+        convert_official(&off, shape(), 256, 32).unwrap(),
+        stamped_official(ck)
+    );
 }
 
 #[test]
@@ -355,6 +366,73 @@ fn convert_scorer_command_end_to_end() {
         interval: 32,
     };
     foresightkv::evict::convert::run_convert(&args).unwrap();
-    assert_eq!(ScorerCheckpoint::load_for(&out, &shape()).unwrap(), ck);
+    assert_eq!(
+        ScorerCheckpoint::load_for(&out, &shape()).unwrap(),
+        stamped_official(ck)
+    );
+    // The JSON says which features the scorer was trained on; paper-mode consumers refuse it.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["stats_mode"], "official");
+    assert!(ScorerCheckpoint::load_with_mode(&out, StatsMode::Official).is_ok());
+    let err = ScorerCheckpoint::load_with_mode(&out, StatsMode::Paper).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EvictError::StatsModeMismatch {
+                checkpoint: StatsMode::Official,
+                computed: StatsMode::Paper
+            }
+        ),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Our own checkpoints record their mode (paper by default) and keep it through save and load;
+/// a config without the field, or with an unknown mode, is refused.
+#[test]
+fn checkpoints_record_their_stats_mode() {
+    let dir = std::env::temp_dir().join(format!("fkv-ck-mode-{}", std::process::id()));
+    for mode in [StatsMode::Paper, StatsMode::Official] {
+        let cfg = ScorerConfig::new(shape(), 256, 32).with_stats_mode(mode);
+        let ck = ScorerCheckpoint::random(cfg, 3, 0.5).unwrap();
+        ck.save(&dir).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(json["stats_mode"], mode.name());
+        assert_eq!(ScorerCheckpoint::load_with_mode(&dir, mode).unwrap(), ck);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (json, w) = checkpoint(4).to_bytes().unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    cfg["stats_mode"] = "daily".into();
+    assert!(matches!(
+        ScorerCheckpoint::from_bytes(&serde_json::to_vec(&cfg).unwrap(), &w, "ck"),
+        Err(EvictError::Json { .. })
+    ));
+    cfg.as_object_mut().unwrap().remove("stats_mode");
+    let err =
+        ScorerCheckpoint::from_bytes(&serde_json::to_vec(&cfg).unwrap(), &w, "ck").unwrap_err();
+    assert!(err.to_string().contains("stats_mode"), "{err}");
+}
+
+/// The official feature code only builds its features for G <= 8: the converter refuses larger
+/// groups instead of stamping features no official scorer was trained on.
+#[test]
+fn converter_refuses_groups_the_official_code_cannot_run() {
+    let big = ModelShape {
+        num_layers: 1,
+        num_kv_heads: 1,
+        group_size: 16,
+        head_dim: 4,
+    };
+    let ck = ScorerCheckpoint::random(ScorerConfig::new(big, 64, 16), 1, 0.5).unwrap();
+    let mut off = OfficialTensors::default();
+    off.add_shard("s", &official_bytes(&ck)).unwrap();
+    let r = convert_official(&off, big, 64, 16);
+    assert!(
+        matches!(&r, Err(EvictError::BadCheckpoint { why, .. }) if why.contains("G <= 8")),
+        "{r:?}"
+    );
 }

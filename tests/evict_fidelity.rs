@@ -4,7 +4,7 @@
 use foresightkv::evict::fidelity::{fidelity_table, FidelityOptions, PolicyName};
 use foresightkv::evict::{
     simulate, synthetic_trace, EvictError, ForesightPolicy, FullCache, H2o, ModelShape,
-    RandomEviction, Schedule, ScorerCheckpoint, ScorerConfig, SimOptions, StreamingLlm,
+    RandomEviction, Schedule, ScorerCheckpoint, ScorerConfig, SimOptions, StatsMode, StreamingLlm,
     SyntheticConfig, Trace, TraceShape, VictimMode,
 };
 use proptest::prelude::*;
@@ -26,9 +26,9 @@ fn trace(len: usize, seed: u64) -> Trace {
 
 fn opts(budget: usize, interval: usize, record: bool) -> SimOptions {
     SimOptions {
-        schedule: Schedule::new(budget, interval),
         request: 3,
         record,
+        ..SimOptions::new(Schedule::new(budget, interval))
     }
 }
 
@@ -53,8 +53,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(10))]
 
     /// Every eviction brings the live set back to B, choosing among all but the newest L; the first
-    /// eviction comes right after a prompt longer than B, then every L tokens; the mass kept is a
-    /// fraction.
+    /// eviction comes right after a prompt longer than B, then every L tokens, never at the end of
+    /// the trace (nothing later to measure); the mass kept is a fraction.
     #[test]
     fn replay_respects_the_schedule(
         seed in any::<u64>(),
@@ -66,10 +66,10 @@ proptest! {
         let budget = budget.max(interval);
         let t = trace(len, seed);
         let schedule = Schedule { budget, interval, prompt_len };
-        let o = SimOptions { schedule, request: 3, record: true };
+        let o = SimOptions { request: 3, record: true, ..SimOptions::new(schedule) };
         let r = simulate(&t, &RandomEviction { seed }, &o).unwrap();
         let first = if prompt_len > budget { prompt_len } else { budget + interval };
-        let per_head: Vec<usize> = (first..=len).step_by(interval).collect();
+        let per_head: Vec<usize> = (first..len).step_by(interval).collect();
         prop_assert_eq!(r.records.len(), 4 * per_head.len());
         for rec in &r.records {
             prop_assert!(per_head.contains(&rec.seq_len));
@@ -156,6 +156,7 @@ fn foresight_without_scorer_is_a_typed_error() {
         scorer: None,
         foresight_mode: VictimMode::TopL,
         seed: 0,
+        stats_mode: StatsMode::Paper,
     };
     assert!(matches!(
         fidelity_table("t", &t, &o),
@@ -184,6 +185,7 @@ fn golden_leads_the_synthetic_table() {
         scorer: None,
         foresight_mode: VictimMode::TopL,
         seed: 0,
+        stats_mode: StatsMode::Paper,
     };
     let rows = fidelity_table("synthetic", &t, &o).unwrap();
     for &b in &o.budgets {
@@ -230,6 +232,7 @@ fn fidelity_command_writes_trace_and_rows() {
         prompt_len: 20,
         policies: vec![PolicyName::Full, PolicyName::H2o, PolicyName::Golden],
         scorer: None,
+        stats_mode: None,
         top_l: false,
         seed: 0,
         syn_len: 96,
@@ -266,4 +269,42 @@ fn fidelity_command_writes_trace_and_rows() {
         assert_eq!(a["fidelity"], b["fidelity"]);
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A scorer trained on official statistics is refused by a paper-mode replay, with both modes named;
+/// in its own mode it runs.
+#[test]
+fn replay_refuses_a_scorer_of_another_stats_mode() {
+    let t = trace(96, 9);
+    let s = t.shape();
+    let shape = ModelShape {
+        num_layers: 2,
+        num_kv_heads: 2,
+        group_size: s.group_size(),
+        head_dim: s.head_dim,
+    };
+    let cfg = ScorerConfig::new(shape, 32, 8).with_stats_mode(StatsMode::Official);
+    let ck = Arc::new(ScorerCheckpoint::random(cfg, 1, 0.3).unwrap());
+    let p = ForesightPolicy::new(ck, VictimMode::TopL);
+    let err = simulate(&t, &p, &opts(32, 8, false)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EvictError::StatsModeMismatch {
+                checkpoint: StatsMode::Official,
+                computed: StatsMode::Paper
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("'official'") && msg.contains("'paper'"),
+        "{msg}"
+    );
+    let o = SimOptions {
+        stats_mode: StatsMode::Official,
+        ..opts(32, 8, false)
+    };
+    assert!(simulate(&t, &p, &o).unwrap().fidelity.evictions > 0);
 }

@@ -57,7 +57,8 @@ proptest! {
         let trace = small_trace(seed, len, 4, 2, 8);
         let schedule = Schedule::new(16, 4);
         let (scores, run) = golden_eviction(&trace, schedule).unwrap();
-        let evictions_per_head = len.saturating_sub(schedule.anchor() - 1).div_ceil(schedule.interval);
+        // Evictions at anchor + e L strictly before the end of the trace.
+        let evictions_per_head = len.saturating_sub(schedule.anchor()).div_ceil(schedule.interval);
         prop_assert_eq!(run.records.len(), 2 * 2 * evictions_per_head);
         for r in &run.records {
             prop_assert_eq!(r.victims.len(), schedule.interval);
@@ -91,4 +92,63 @@ fn records_stay_far_below_a_full_matrix() {
         "{} bytes of records",
         g.record_bytes()
     );
+}
+
+/// The partial last query block is divided by `L * G` (the official code pads it with zero rows),
+/// computed here from the softmax directly; and no eviction happens at the trace's end.
+#[test]
+fn partial_last_block_divides_by_l_and_no_eviction_at_the_end() {
+    let (b, l) = (8usize, 4usize);
+    let len = b + l + 2 * l + 2; // anchor 12, full blocks [12, 16) and [16, 20), partial [20, 22)
+    let trace = small_trace(5, len, 4, 2, 8);
+    let s = trace.shape();
+    let g = s.group_size();
+    let schedule = Schedule::new(b, l);
+    let golden = GoldenScores::compute(&trace, schedule).unwrap();
+    for layer in 0..2 {
+        let lt = trace.layer(layer).unwrap();
+        for kh in 0..2 {
+            let mut block = [0f64; 20];
+            for j in 20..22 {
+                for gi in 0..g {
+                    let q = lt.query(&s, j, kh * g + gi);
+                    let logits: Vec<f64> = (0..=j)
+                        .map(|i| {
+                            let k = lt.key(&s, i, kh);
+                            q.iter()
+                                .zip(k)
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
+                                * s.scale() as f64
+                        })
+                        .collect();
+                    let mx = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = logits.iter().map(|x| (x - mx).exp()).sum();
+                    for (o, x) in block.iter_mut().zip(&logits) {
+                        *o += (x - mx).exp() / z;
+                    }
+                }
+            }
+            for (i, sum) in block.iter().enumerate() {
+                let want = sum / (l * g) as f64;
+                let got = golden.future(layer, kh, i, 20) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.max(1e-3),
+                    "l{layer} h{kh} token {i}: {got} vs {want} (a mean over 2 queries would be {})",
+                    sum / (2 * g) as f64
+                );
+            }
+        }
+    }
+    // A trace ending exactly on an eviction: the evictions are at 12 and 16, none at 20.
+    let even = small_trace(6, b + 3 * l, 4, 2, 8);
+    let (_, run) = golden_eviction(&even, schedule).unwrap();
+    let mut lens: Vec<usize> = run.records.iter().map(|r| r.seq_len).collect();
+    lens.sort_unstable();
+    lens.dedup();
+    assert_eq!(lens, vec![12, 16]);
+    assert!(run
+        .records
+        .iter()
+        .all(|r| r.scores.iter().any(|&x| x != 0.0)));
 }

@@ -4,10 +4,13 @@
 
 mod kernels_support;
 
-use foresightkv::kernels::window_stats::{DECAY, STAT_CUMULATIVE, STAT_DECAYED};
+use foresightkv::kernels::window_stats::{
+    DECAY, STAT_CUMULATIVE, STAT_DECAYED, STAT_MAX, STAT_MIN, STAT_SUM, STAT_SUM16, STAT_SUM32,
+    STAT_SUM8,
+};
 use foresightkv::kernels::{
     compact, paged_attention_decode, scorer_mlp, select_survivors, window_stats, DecodeArgs,
-    KvCacheMut, ScorerWeights, SelectArgs, WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
+    KvCacheMut, ScorerWeights, SelectArgs, StatsMode, WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
 };
 use foresightkv::Element;
 use half::{bf16, f16};
@@ -100,26 +103,35 @@ fn naive_erf(x: f64) -> f64 {
     sum * 2.0 / std::f64::consts::PI.sqrt()
 }
 
-/// Naive stats of one (s, query head): the full masked probability matrix, then closed forms.
-fn naive_stats(probs: &[Vec<f64>], base: usize, old: Option<(f32, f32)>, i: usize) -> [f64; 8] {
+/// Naive stats of one (s, query head) from the definition: the full masked probability matrix,
+/// rows before the last `w` folded, then closed forms (`official`: sum8/16/32 = the window sum).
+fn naive_stats(
+    probs: &[Vec<f64>],
+    base: usize,
+    old: Option<(f32, f32)>,
+    i: usize,
+    w: usize,
+    official: bool,
+) -> [f64; 8] {
     let n = probs.len();
-    let col: Vec<(usize, f64)> = (0..n).map(|j| (j, probs[j][i])).collect();
-    let seen: Vec<f64> = col
+    let first = n - w;
+    let win: Vec<(usize, f64)> = (first..n).map(|j| (j, probs[j][i])).collect();
+    let folded: f64 = (0..first).map(|j| probs[j][i]).sum();
+    let seen: Vec<f64> = win
         .iter()
         .filter(|(j, _)| base + j >= i)
         .map(|c| c.1)
         .collect();
-    let sum_last = |w: usize| {
-        col.iter()
-            .filter(|(j, _)| *j + w >= n)
+    let total: f64 = win.iter().map(|c| c.1).sum();
+    let sum_last = |k: usize| {
+        if official {
+            return total;
+        }
+        win.iter()
+            .filter(|(j, _)| *j + k >= n)
             .map(|c| c.1)
             .sum::<f64>()
     };
-    let total: f64 = col.iter().map(|c| c.1).sum();
-    let decayed: f64 = col
-        .iter()
-        .map(|(j, p)| p * (DECAY as f64).powi((n - 1 - j) as i32))
-        .sum();
     let (oc, od) = old.map(|(c, d)| (c as f64, d as f64)).unwrap_or((0.0, 0.0));
     [
         seen.iter().copied().fold(f64::NEG_INFINITY, f64::max),
@@ -128,8 +140,8 @@ fn naive_stats(probs: &[Vec<f64>], base: usize, old: Option<(f32, f32)>, i: usiz
         sum_last(8),
         sum_last(16),
         sum_last(32),
-        oc + total,
-        od * (DECAY as f64).powi(n as i32) + decayed,
+        oc + folded + total,
+        DECAY as f64 * (od + folded) + total,
     ]
 }
 
@@ -149,7 +161,14 @@ fn check_window_stats<T: Element>(shape: Shape, max_queries: usize) {
         .iter()
         .map(|&l| sc.rng.random_range(0..=l.min(max_queries)) as i32)
         .collect();
-    let args = WindowStatsArgs::contiguous(hq as i64, max_queries as i64, hd as i64);
+    let window = sc.rng.random_range(0..=max_queries);
+    let mode = if sc.rng.random_range(0..2) == 0 {
+        StatsMode::Paper
+    } else {
+        StatsMode::Official
+    };
+    let args = WindowStatsArgs::contiguous(hq as i64, max_queries as i64, hd as i64)
+        .with_stats(window as i64, mode);
     let queries = sc.random_t(n * max_queries * hq * hd, 2.0);
     let (layout, mut stats) = sc.random_stats();
     let before = stats.clone();
@@ -200,7 +219,9 @@ fn check_window_stats<T: Element>(shape: Shape, max_queries: usize) {
                     }
                     let base = live - nq;
                     let old = (i < base).then(|| (old_row[STAT_CUMULATIVE], old_row[STAT_DECAYED]));
-                    let want: Vec<f32> = naive_stats(&probs, base, old, i)
+                    let w = if window == 0 { nq } else { nq.min(window) };
+                    let official = mode == StatsMode::Official;
+                    let want: Vec<f32> = naive_stats(&probs, base, old, i, w, official)
                         .iter()
                         .map(|&x| x as f32)
                         .collect();
@@ -685,4 +706,137 @@ proptest! {
     fn eviction_step_keeps_attention_exact_over_survivors(shape in shapes(vec![16, 64], 64, 0), protected in 0usize..20) {
         check_evict_then_decode(shape, protected)
     }
+}
+
+/// `window_stats` of one sequence with `live` zero keys (every visible slot gets the same
+/// probability, so each value is a hand-computable fraction), one query head, head_dim 4; `old`
+/// seeds the statistics of every slot.
+fn uniform_stats(
+    live: usize,
+    n: usize,
+    window: i64,
+    mode: StatsMode,
+    old: [f32; 8],
+) -> Vec<[f32; 8]> {
+    use foresightkv::kernels::{LiveWindows, PagedKvLayout, StatsLayout};
+    let d = 4;
+    let kv = PagedKvLayout::contiguous(live as i64, 1, 1, d as i64);
+    let layout = StatsLayout::contiguous(live as i64, 1, 1, 1);
+    let table: Vec<i32> = (0..live as i32).collect();
+    let windows = LiveWindows {
+        block_tables: &table,
+        block_table_stride: live as i64,
+        seq_lens: &[live as i32],
+        live_starts: &[0],
+    };
+    let args = WindowStatsArgs::contiguous(1, n as i64, d as i64).with_stats(window, mode);
+    let keys = vec![0f32; live * d];
+    let queries = vec![0.5f32; n * d];
+    let mut stats: Vec<f32> = (0..live).flat_map(|_| old).collect();
+    window_stats(
+        &kv,
+        &windows,
+        &args,
+        &queries,
+        &[n as i32],
+        &keys,
+        &layout,
+        &mut stats,
+    )
+    .unwrap();
+    stats
+        .chunks_exact(8)
+        .map(|c| c.try_into().unwrap())
+        .collect()
+}
+
+/// Defect: the 0.9 decay was applied once per query (a carried 100 became 100 * 0.9^n); it is
+/// applied once per eviction interval: decayed = 0.9 * old + sum.
+#[test]
+fn decayed_statistic_decays_once_per_interval() {
+    let old = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 50.0, 100.0];
+    // live 4, 2 queries since the last eviction: row 0 sees slots 0..=2, row 1 sees 0..=3.
+    let st = uniform_stats(4, 2, 2, StatsMode::Paper, old);
+    let sum = 1.0 / 3.0 + 1.0 / 4.0;
+    assert!(
+        (st[0][STAT_DECAYED] - (0.9 * 100.0 + sum)).abs() < 1e-4,
+        "{:?}",
+        st[0]
+    );
+    assert!((st[0][STAT_CUMULATIVE] - (50.0 + sum)).abs() < 1e-4);
+    // L = 128 queries over 200 live slots: the carried 100 keeps 90, not 100 * 0.9^128.
+    let st = uniform_stats(200, 128, 128, StatsMode::Paper, old);
+    let sum: f32 = (0..128).map(|j| 1.0 / (72 + j + 1) as f32).sum();
+    assert!(
+        (st[0][STAT_DECAYED] - (90.0 + sum)).abs() < 1e-3,
+        "{:?}",
+        st[0]
+    );
+    // A slot that entered since the last eviction starts from 0 (its old values are not read).
+    assert!((st[199][STAT_DECAYED] - 1.0 / 200.0).abs() < 1e-6);
+}
+
+/// Defect: the first eviction took max/min/sum over every query since token 0. With window `L`
+/// they cover the last `L` queries; the earlier ones only enter the cumulative statistics
+/// (cumulative = F + S, decayed = 0.9 F + S).
+#[test]
+fn first_eviction_windows_the_last_l_queries_and_folds_the_rest() {
+    // 6 live slots, 6 queries (from token 0), window 2: slot 0 gets 1/(j+1) from row j.
+    let st = uniform_stats(6, 6, 2, StatsMode::Paper, [0.0; 8]);
+    let (fold, win) = (
+        1.0 + 1.0 / 2.0 + 1.0 / 3.0 + 1.0 / 4.0,
+        1.0 / 5.0 + 1.0 / 6.0,
+    );
+    let s0 = st[0];
+    assert!((s0[STAT_MAX] - 1.0 / 5.0).abs() < 1e-6, "{s0:?}");
+    assert!((s0[STAT_MIN] - 1.0 / 6.0).abs() < 1e-6);
+    assert!((s0[STAT_SUM] - win).abs() < 1e-6);
+    assert!(
+        (s0[STAT_SUM8] - win).abs() < 1e-6,
+        "short sums see only the window"
+    );
+    assert!((s0[STAT_CUMULATIVE] - (fold + win)).abs() < 1e-5);
+    assert!((s0[STAT_DECAYED] - (0.9 * fold + win)).abs() < 1e-5);
+    // Slot 5 is seen by the last row only.
+    assert!(
+        (st[5][STAT_MAX] - 1.0 / 6.0).abs() < 1e-6 && (st[5][STAT_MIN] - 1.0 / 6.0).abs() < 1e-6
+    );
+    // window 0 = every row is in the window.
+    let all = uniform_stats(6, 6, 0, StatsMode::Paper, [0.0; 8]);
+    assert!(
+        (all[0][STAT_SUM] - (fold + win)).abs() < 1e-5 && (all[0][STAT_MAX] - 1.0).abs() < 1e-6
+    );
+}
+
+/// The official training features: sum8 = sum16 = sum32 = the window sum; the paper's are sums
+/// over the last 8, 16 and 32 queries. Everything else agrees.
+#[test]
+fn official_mode_short_sums_equal_the_window_sum() {
+    let old = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 7.0];
+    // 100 live slots, 40 queries, window 40: slot 0 gets 1/(61 + j) from row j.
+    let p = |j: usize| 1.0 / (61 + j) as f64;
+    let last = |k: usize| (40 - k..40).map(p).sum::<f64>() as f32;
+    let paper = uniform_stats(100, 40, 40, StatsMode::Paper, old)[0];
+    let official = uniform_stats(100, 40, 40, StatsMode::Official, old)[0];
+    let sum = last(40);
+    for (k, want) in [
+        (STAT_SUM8, last(8)),
+        (STAT_SUM16, last(16)),
+        (STAT_SUM32, last(32)),
+    ] {
+        assert!(
+            (paper[k] - want).abs() < 1e-6,
+            "paper stat {k}: {} vs {want}",
+            paper[k]
+        );
+        assert!(
+            (official[k] - sum).abs() < 1e-6,
+            "official stat {k}: {} vs {sum}",
+            official[k]
+        );
+    }
+    for k in [STAT_MAX, STAT_MIN, STAT_SUM, STAT_CUMULATIVE, STAT_DECAYED] {
+        assert_eq!(paper[k], official[k], "stat {k}");
+    }
+    assert!((paper[STAT_DECAYED] - (0.9 * 7.0 + sum)).abs() < 1e-5);
 }

@@ -117,6 +117,8 @@ typedef struct fkv_window_stats_params {
   int64_t num_q_heads;
   int64_t max_queries;
   int64_t num_tiles;
+  int64_t window; /* rows of the statistics window (last min(n, window) rows; 0 = all), earlier rows folded */
+  int64_t mode;   /* statistics definition: 0 paper (sum8/16/32 over the last rows), 1 official (= sum) */
   float scale;
 } fkv_window_stats_params;
 

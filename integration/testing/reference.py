@@ -117,6 +117,8 @@ class RequestRef:
             torch.tensor([0], dtype=torch.int32),
             stats,
             scale=self.scale,
+            window=self.interval,
+            mode=self.policy.stats_mode,
         )
         lr.stats = stats.squeeze(1).permute(1, 0, 2, 3).contiguous()
         q = queries[0].float()

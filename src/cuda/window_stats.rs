@@ -110,6 +110,8 @@ pub unsafe fn launch_window_stats(
         num_q_heads: args.num_q_heads,
         max_queries: args.max_queries,
         num_tiles: tiles as i64,
+        window: args.window,
+        mode: args.mode.raw(),
         scale: args.scale,
     };
     let grid = (

@@ -5,13 +5,20 @@
 //! Shared deviation: every method here runs as a decode-time policy that evicts `L` entries per
 //! (layer, KV head) each time the cache reaches `B + L`, with the newest `L` protected. Where a paper
 //! compresses only the prompt (SnapKV) or keeps its own recent window (H2O, TOVA), the protected
-//! window plays that role, so all policies are compared on the same schedule.
+//! window plays that role, so all policies are compared on the same schedule (as the R-KV code
+//! runs SnapKV and R-KV: compress every `L` decoded tokens).
+//!
+//! Reference implementations followed: SnapKV and R-KV as `rkv/` of Zefan-Cai/R-KV (vendored in
+//! RUCAIBox/ForesightKV `evaluation/rkv`, the paper's baselines): window 8, GQA reduction = max of
+//! the logits over the group, softmax, *mean* over the window's queries. Only H2O reads the
+//! statistics (the cumulative one, identical in both `StatsMode`s), so no baseline depends on the
+//! statistics mode. Named deviations: TOVA averages over the GQA group, not the layer ([`Tova`]).
 
 use super::philox::SampleKey;
 use super::policy::{check_scores, EvictionPolicy};
 use super::view::EvictionView;
 use super::EvictError;
-use crate::kernels::window_stats::{STAT_CUMULATIVE, STAT_SUM32, STAT_SUM8};
+use crate::kernels::window_stats::STAT_CUMULATIVE;
 
 /// The full cache: never evicts (the reference every fidelity figure is measured against).
 #[derive(Debug, Clone, Copy, Default)]
@@ -83,7 +90,7 @@ impl EvictionPolicy for H2o {
 }
 
 /// 1-D max pooling over live slots with an odd `kernel` (same-size output, edges clipped), as
-/// SnapKV's and R-KV's pooling of attention along the key axis.
+/// SnapKV's and R-KV's `max_pool1d(kernel, padding = kernel / 2, stride 1)` along the key axis.
 pub fn max_pool(x: &[f32], kernel: usize) -> Vec<f32> {
     let r = kernel / 2;
     (0..x.len())
@@ -96,21 +103,75 @@ pub fn max_pool(x: &[f32], kernel: usize) -> Vec<f32> {
         .collect()
 }
 
-/// SnapKV (Li et al., 2024): attention of an observation window of recent queries, summed over the
-/// window and the GQA group, max-pooled along the key axis. Deviations: the window is the last 32
-/// queries since the previous eviction (the `window_stats` 32-query sum, so `min(32, L)` queries
-/// after the first eviction; SnapKV's default window is 32) and the policy runs at
-/// every eviction instead of once after the prompt; pooling runs over live slots, which after
-/// compaction are neighbours in position order among the survivors.
+/// The observation-window importance SnapKV and R-KV share, as the R-KV code computes it
+/// (`rkv/utils.py::compute_attention_scores` with `pooling="max"`, then
+/// `softmax(attn[:, :, -w:, :-w]).mean(-2)` and `max_pool1d`): for each of the last
+/// `w = min(window, m)` queries, the logits `scale * q . k` reduced over the GQA group's heads by
+/// their max, softmax over the `n - w` entries before the window's own; the mean over the `w`
+/// queries, max-pooled with `kernel`. Returns `n - w` values (the window's own entries get none).
+pub fn observation_importance(
+    view: &EvictionView<'_>,
+    window: usize,
+    kernel: usize,
+) -> Result<Vec<f32>, EvictError> {
+    let (n, m, d, g) = (
+        view.live(),
+        view.num_queries(),
+        view.head_dim,
+        view.group_size,
+    );
+    if m == 0 || window == 0 {
+        return Err(EvictError::arg(
+            "queries",
+            "an observation window needs at least one recent query",
+        ));
+    }
+    let w = window.min(m);
+    let keys = n - w;
+    let mut imp = vec![0f32; keys];
+    let mut logits = vec![0f32; keys];
+    for j in m - w..m {
+        logits.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+        for gi in 0..g {
+            let q = &view.queries[(j * g + gi) * d..(j * g + gi + 1) * d];
+            for (i, lg) in logits.iter_mut().enumerate() {
+                let x = q
+                    .iter()
+                    .zip(view.key_row(i))
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>()
+                    * view.scale;
+                *lg = lg.max(x);
+            }
+        }
+        let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let denom: f32 = logits.iter().map(|x| (x - mx).exp()).sum();
+        for (o, x) in imp.iter_mut().zip(&logits) {
+            *o += (x - mx).exp() / denom / w as f32;
+        }
+    }
+    Ok(max_pool(&imp, kernel))
+}
+
+/// SnapKV (Li et al., 2024) as the R-KV code runs it at decode time (the ForesightKV paper's
+/// baseline): [`observation_importance`] of the last `window` = 8 queries, pooled with kernel 7;
+/// evicts the least important. The window's own entries are never evicted (score -inf), as SnapKV
+/// always keeps them. Deviation: none beyond the shared schedule (module doc); SnapKV's original
+/// prompt-only variant with a 32-query window is not what the paper compares against.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapKv {
     /// Pooling kernel (odd).
     pub kernel: usize,
+    /// Observation window: the last queries whose attention is averaged (paper baselines: 8).
+    pub window: usize,
 }
 
 impl Default for SnapKv {
     fn default() -> Self {
-        Self { kernel: 7 }
+        Self {
+            kernel: 7,
+            window: 8,
+        }
     }
 }
 
@@ -120,18 +181,22 @@ impl EvictionPolicy for SnapKv {
     }
     fn score(&self, view: &EvictionView<'_>, scores: &mut [f32]) -> Result<(), EvictError> {
         check_scores(view, scores)?;
-        let att: Vec<f32> = (0..view.live())
-            .map(|i| view.group_stat(i, STAT_SUM32))
-            .collect();
-        for (s, a) in scores.iter_mut().zip(max_pool(&att, self.kernel)) {
+        let imp = observation_importance(view, self.window, self.kernel)?;
+        scores[..view.live()]
+            .iter_mut()
+            .for_each(|s| *s = f32::NEG_INFINITY);
+        for (s, a) in scores.iter_mut().zip(&imp) {
             *s = -a;
         }
         Ok(())
     }
 }
 
-/// TOVA (Oren et al., 2024): evict the entries the last query attends to least, attention averaged
-/// over the heads of the GQA group (TOVA averages over heads).
+/// TOVA (Oren et al., 2024): evict the entries the last query attends to least. Deviation (named):
+/// TOVA averages the last query's attention over all heads of the layer and evicts one token set
+/// per layer; here every (layer, KV head) chooses its own victims (as every policy of this crate
+/// does), so the average runs over the heads of the GQA group: a decision sees only its own
+/// group's queries.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tova;
 
@@ -160,17 +225,60 @@ impl EvictionPolicy for Tova {
     }
 }
 
-/// R-KV (Cai et al., 2025): `Z = lambda * I - (1 - lambda) * R`, with importance `I` the attention of
-/// the last 8 queries summed over the group (the 8-query statistic) and max-pooled, and redundancy
-/// `R = softmax_i(mean_{j != i} cos(k_i, k_j))` over the live keys; evicts the lowest `Z`.
-/// Deviation: R-KV additionally spares the most recent of highly similar key pairs (threshold
-/// rule); that refinement is omitted, the mean-similarity redundancy is kept.
+/// R-KV's redundancy of every live key (`rkv/utils.py::cal_similarity`, `retain_direction="last"`):
+/// cosine similarities `s_ij` of the unit keys (`k / (|k| + 1e-8)`) with the diagonal zeroed; in
+/// each row `i` the entry of the last `j` with `s_ij > threshold` is zeroed too (the most recent of
+/// a highly similar pair is spared; with no such `j`, R-KV's code zeroes `s_i0`); then
+/// `r_j = softmax_j(mean_i s_ij)` over all `n` keys.
+pub fn rkv_redundancy(view: &EvictionView<'_>, threshold: f32) -> Vec<f32> {
+    let n = view.live();
+    let unit: Vec<Vec<f32>> = (0..n)
+        .map(|i| {
+            let k = view.key_row(i);
+            let norm = k.iter().map(|x| x * x).sum::<f32>().sqrt() + 1e-8;
+            k.iter().map(|x| x / norm).collect()
+        })
+        .collect();
+    let mut col = vec![0f32; n];
+    let mut row = vec![0f32; n];
+    for i in 0..n {
+        for (j, r) in row.iter_mut().enumerate() {
+            *r = if i == j {
+                0.0
+            } else {
+                unit[i]
+                    .iter()
+                    .zip(&unit[j])
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>()
+            };
+        }
+        let retain = (0..n).rev().find(|&j| row[j] > threshold).unwrap_or(0);
+        row[retain] = 0.0;
+        col.iter_mut().zip(&row).for_each(|(c, r)| *c += r);
+    }
+    let mean: Vec<f32> = col.iter().map(|c| c / n.max(1) as f32).collect();
+    let mx = mean.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let denom: f32 = mean.iter().map(|x| (x - mx).exp()).sum();
+    mean.iter().map(|x| (x - mx).exp() / denom).collect()
+}
+
+/// R-KV (Cai et al., 2025) as its official code (`rkv/compression/r1_kv.py`): keep the highest
+/// `Z = lambda * I - (1 - lambda) * R`, with importance `I` = [`observation_importance`] of the
+/// last `window` = 8 queries (max over the GQA group's logits, softmax, mean over the queries,
+/// max-pooled) and redundancy `R` = [`rkv_redundancy`]; evicts the lowest `Z`. The window's own
+/// entries are never evicted (score -inf). `lambda` = 0.1 as in the R-KV paper (its code's
+/// default is 0.07).
 #[derive(Debug, Clone, Copy)]
 pub struct Rkv {
     /// Mixing weight of importance (paper: 0.1).
     pub lambda: f32,
     /// Pooling kernel (odd).
     pub kernel: usize,
+    /// Observation window (R-KV: 8).
+    pub window: usize,
+    /// Similarity above which the most recent similar key is spared (R-KV: 0.5).
+    pub threshold: f32,
 }
 
 impl Default for Rkv {
@@ -178,6 +286,8 @@ impl Default for Rkv {
         Self {
             lambda: 0.1,
             kernel: 7,
+            window: 8,
+            threshold: 0.5,
         }
     }
 }
@@ -188,36 +298,13 @@ impl EvictionPolicy for Rkv {
     }
     fn score(&self, view: &EvictionView<'_>, scores: &mut [f32]) -> Result<(), EvictError> {
         check_scores(view, scores)?;
-        let n = view.live();
-        let att: Vec<f32> = (0..n).map(|i| view.group_stat(i, STAT_SUM8)).collect();
-        let imp = max_pool(&att, self.kernel);
-        let unit: Vec<Vec<f32>> = (0..n)
-            .map(|i| {
-                let k = view.key_row(i);
-                let norm = k.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                k.iter().map(|x| x / norm).collect()
-            })
-            .collect();
-        let mean_sim: Vec<f32> = (0..n)
-            .map(|i| {
-                let s: f32 = (0..n)
-                    .filter(|&j| j != i)
-                    .map(|j| {
-                        unit[i]
-                            .iter()
-                            .zip(&unit[j])
-                            .map(|(a, b)| a * b)
-                            .sum::<f32>()
-                    })
-                    .sum();
-                s / (n.max(2) - 1) as f32
-            })
-            .collect();
-        let mx = mean_sim.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let denom: f32 = mean_sim.iter().map(|x| (x - mx).exp()).sum();
-        for i in 0..n {
-            let red = (mean_sim[i] - mx).exp() / denom;
-            scores[i] = -(self.lambda * imp[i] - (1.0 - self.lambda) * red);
+        let imp = observation_importance(view, self.window, self.kernel)?;
+        let red = rkv_redundancy(view, self.threshold);
+        scores[..view.live()]
+            .iter_mut()
+            .for_each(|s| *s = f32::NEG_INFINITY);
+        for (i, (s, a)) in scores.iter_mut().zip(&imp).enumerate() {
+            *s = -(self.lambda * a - (1.0 - self.lambda) * red[i]);
         }
         Ok(())
     }

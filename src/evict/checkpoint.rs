@@ -7,19 +7,27 @@
 //! `[kv_heads, 16]`, `layers.{l}.b2` `[kv_heads]` (f32; f16/bf16 accepted on load), with
 //! `in_dim = 2 * head_dim + 8 * group_size` and input features ordered as `kernels::scorer_mlp`
 //! reads them: key, value, then statistics query head major (`g * 8 + k`).
+//!
+//! The config records which statistics the scorer was trained on: `stats_version` (the definition
+//! of `kernels::window_stats`) and `stats_mode` (`paper`, our own trained scorers by default, or
+//! `official`, stamped by `convert-scorer` on converted official checkpoints). A scorer fed
+//! statistics of another mode sees inputs it was never trained on, so every consumer that states
+//! the mode it computes refuses a mismatch ([`EvictError::StatsModeMismatch`]).
 
 use super::tensors::{read_file, serialize, to_f32, write_file, OwnedTensor};
 use super::EvictError;
 use crate::kernels::scorer::scorer_in_dim;
-use crate::kernels::{ScorerWeights, SCORER_HIDDEN};
+use crate::kernels::{ScorerWeights, StatsMode, SCORER_HIDDEN};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Value of [`ScorerConfig::format`].
 pub const SCORER_FORMAT: &str = "foresightkv-scorer";
-/// Version of the statistics definition the scorer expects: 1 = the paper's definitions as computed
-/// by `kernels::window_stats` (windows over queries, decayed sum carried across evictions).
-pub const STATS_VERSION: u32 = 1;
+/// Version of the statistics definition the scorer expects, as computed by `kernels::window_stats`:
+/// 2 = windows over the last `L` queries (earlier queries of the first eviction folded into the
+/// cumulative statistics only), the 0.9 decay applied once per eviction interval. (Version 1
+/// decayed once per query and windowed the first eviction over every query; it is refused.)
+pub const STATS_VERSION: u32 = 2;
 /// File name of the config inside a checkpoint directory.
 pub const CONFIG_FILE: &str = "config.json";
 /// File name of the weights inside a checkpoint directory.
@@ -46,6 +54,8 @@ pub struct ScorerConfig {
     pub interval: usize,
     /// Statistics definition version (must be [`STATS_VERSION`]).
     pub stats_version: u32,
+    /// Which statistics the scorer was trained on (`paper` or `official`).
+    pub stats_mode: StatsMode,
 }
 
 /// The attention shape of the model a scorer is used with.
@@ -62,7 +72,8 @@ pub struct ModelShape {
 }
 
 impl ScorerConfig {
-    /// A config for `shape` trained with budget `budget` and interval `interval`.
+    /// A config for `shape` trained with budget `budget` and interval `interval` on the paper's
+    /// statistics ([`StatsMode::Paper`]; see [`ScorerConfig::with_stats_mode`]).
     pub fn new(shape: ModelShape, budget: usize, interval: usize) -> Self {
         Self {
             format: SCORER_FORMAT.into(),
@@ -74,7 +85,14 @@ impl ScorerConfig {
             budget,
             interval,
             stats_version: STATS_VERSION,
+            stats_mode: StatsMode::Paper,
         }
+    }
+
+    /// The same config trained on statistics of `mode`.
+    pub fn with_stats_mode(mut self, mode: StatsMode) -> Self {
+        self.stats_mode = mode;
+        self
     }
 
     /// The model shape this scorer fits.
@@ -323,6 +341,26 @@ impl ScorerCheckpoint {
         let ck = Self::load(dir)?;
         ck.check_model(model)?;
         Ok(ck)
+    }
+
+    /// Loads a checkpoint and checks it was trained on statistics of `mode` (the mode the caller
+    /// computes); a mismatch is [`EvictError::StatsModeMismatch`] naming both.
+    pub fn load_with_mode(dir: &Path, mode: StatsMode) -> Result<Self, EvictError> {
+        let ck = Self::load(dir)?;
+        ck.check_stats_mode(mode)?;
+        Ok(ck)
+    }
+
+    /// Checks the checkpoint was trained on statistics of `mode`.
+    pub fn check_stats_mode(&self, mode: StatsMode) -> Result<(), EvictError> {
+        if self.config.stats_mode == mode {
+            Ok(())
+        } else {
+            Err(EvictError::StatsModeMismatch {
+                checkpoint: self.config.stats_mode,
+                computed: mode,
+            })
+        }
     }
 
     /// Checks the checkpoint fits `model`.

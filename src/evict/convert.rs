@@ -16,15 +16,21 @@
 //! sum32, cumulative, decayed]` each over the G query heads (`evaluation/rkv/compression/
 //! foresightkv.py`: `attn_weights_sum2` = last 16 comes before `attn_weights_sum1` = last 8); ours
 //! is query head major `g * 8 + k` with `k` in `[max, min, sum, sum8, sum16, sum32, cumulative,
-//! decayed]`. The converter permutes the fc1 input columns accordingly. Caveat: the official
-//! inference code computes its 8/16/32 sums over the wrong axis and overwrites the decayed feature
-//! (DESIGN.md section 1); a scorer trained on those features sees different inputs here
-//! (statistics version 1 follows the paper).
+//! decayed]`. The converter permutes the fc1 input columns accordingly.
+//!
+//! Features: the official training code (`supervised_training/cache.py` and
+//! `reinforcment_learning/cache.py`, `KVCluster.update_kv`) slices `[:, :, -8:]` (and -16, -32) on
+//! the GQA axis of its `[bsz, kv_heads, G, q, k]` attention, so for `G <= 8` its sum8, sum16 and
+//! sum32 are the plain sum over the `L`-query chunk; it decays the 0.9 statistic once per eviction
+//! interval. Converted checkpoints are therefore stamped [`StatsMode::Official`], which
+//! `kernels::window_stats` reproduces exactly; loading them for paper-mode statistics is refused.
+//! With `G > 8` the official code cannot build its `8 G` features (the slices keep 8, 16 and 32
+//! heads), so no official checkpoint exists for such a model and the converter refuses it.
 
 use super::checkpoint::{LayerWeights, ModelShape, ScorerCheckpoint, ScorerConfig};
 use super::tensors::{read_file, to_f32, OwnedTensor};
 use super::EvictError;
-use crate::kernels::{NUM_STATS, SCORER_HIDDEN};
+use crate::kernels::{StatsMode, NUM_STATS, SCORER_HIDDEN};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -109,21 +115,31 @@ impl OfficialTensors {
     }
 }
 
+/// Largest GQA group the official feature code supports (its `-8:` slice of the group axis).
+pub const OFFICIAL_MAX_GROUP: usize = 8;
+
 /// Converts the gathered official judge-model tensors to our checkpoint for a
-/// model of `shape` trained with `budget` and `interval`. Every missing or misshapen tensor is an
-/// error naming it and the expected shape.
+/// model of `shape` trained with `budget` and `interval`, stamped [`StatsMode::Official`]. Every
+/// missing or misshapen tensor is an error naming it and the expected shape.
 pub fn convert_official(
     official: &OfficialTensors,
     shape: ModelShape,
     budget: usize,
     interval: usize,
 ) -> Result<ScorerCheckpoint, EvictError> {
-    let config = ScorerConfig::new(shape, budget, interval);
+    let config = ScorerConfig::new(shape, budget, interval).with_stats_mode(StatsMode::Official);
     let label = official.sources.join(", ");
     let bad = |why: String| EvictError::BadCheckpoint {
         path: label.clone(),
         why,
     };
+    if shape.group_size > OFFICIAL_MAX_GROUP {
+        return Err(bad(format!(
+            "the model has {} query heads per KV head; the official feature code slices the GQA \
+             axis to 8/16/32 heads and only builds its 8 * G features for G <= {OFFICIAL_MAX_GROUP}",
+            shape.group_size
+        )));
+    }
     let found = &official.layers;
     if let Some((&l, _)) = found.iter().find(|(&l, _)| l >= shape.num_layers) {
         return Err(bad(format!(

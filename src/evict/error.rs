@@ -1,6 +1,6 @@
 //! Typed errors of the eviction layer: bad policy inputs, bad checkpoints, bad traces.
 
-use crate::kernels::KernelError;
+use crate::kernels::{KernelError, StatsMode};
 use thiserror::Error;
 
 /// Why an eviction-layer operation was refused.
@@ -23,6 +23,16 @@ pub enum EvictError {
     /// A scorer checkpoint does not fit the model it is used with (every mismatch listed).
     #[error("scorer checkpoint does not match the model: {}", .0.join("; "))]
     CheckpointMismatch(Vec<String>),
+    /// A scorer checkpoint was trained on statistics of another mode than the caller computes.
+    #[error(
+        "scorer checkpoint was trained on '{checkpoint}' statistics but they are computed in '{computed}' mode: a scorer only sees the inputs it was trained on in its own mode (use stats mode '{checkpoint}', or a checkpoint trained in '{computed}' mode)"
+    )]
+    StatsModeMismatch {
+        /// The mode recorded in the checkpoint.
+        checkpoint: StatsMode,
+        /// The mode the caller computes the statistics in.
+        computed: StatsMode,
+    },
     /// A scorer checkpoint is malformed: missing or misshapen tensor, bad config.
     #[error("bad scorer checkpoint {path}: {why}")]
     BadCheckpoint {

@@ -11,6 +11,7 @@ use super::select::VictimMode;
 use super::simulate::{simulate, Fidelity, SimOptions};
 use super::trace::{synthetic_trace, SyntheticConfig, Trace, TraceShape};
 use super::EvictError;
+use crate::kernels::StatsMode;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,6 +58,8 @@ pub struct FidelityOptions {
     pub foresight_mode: VictimMode,
     /// Seed of the random policy.
     pub seed: u64,
+    /// Statistics definition computed (a scorer must have been trained on it).
+    pub stats_mode: StatsMode,
 }
 
 /// One row of the fidelity table.
@@ -70,6 +73,8 @@ pub struct FidelityRow {
     pub interval: usize,
     /// Policy name.
     pub policy: String,
+    /// Statistics definition computed.
+    pub stats_mode: StatsMode,
     /// Sums behind the means.
     pub fidelity: Fidelity,
     /// Mean attention mass kept.
@@ -152,9 +157,8 @@ pub fn fidelity_table(
                 trace,
                 policy.as_ref(),
                 &SimOptions {
-                    schedule,
-                    request: 0,
-                    record: false,
+                    stats_mode: opts.stats_mode,
+                    ..SimOptions::new(schedule)
                 },
             )?;
             rows.push(FidelityRow {
@@ -162,6 +166,7 @@ pub fn fidelity_table(
                 budget,
                 interval: opts.interval,
                 policy: policy.name(),
+                stats_mode: opts.stats_mode,
                 fidelity: res.fidelity,
                 mass_kept: res.fidelity.mass(),
                 rel_err: res.fidelity.rel_err(),
@@ -228,6 +233,10 @@ pub struct FidelityArgs {
     /// Scorer checkpoint directory for the foresight policy.
     #[arg(long)]
     pub scorer: Option<PathBuf>,
+    /// Statistics definition to compute (default: the scorer's own, else `paper`); a scorer
+    /// trained on the other mode is refused.
+    #[arg(long, value_enum)]
+    pub stats_mode: Option<StatsMode>,
     /// Choose ForesightKV victims deterministically (top-L) instead of sampling.
     #[arg(long)]
     pub top_l: bool,
@@ -262,10 +271,15 @@ pub struct FidelityArgs {
 
 /// Runs `foresightkv fidelity` and prints the table.
 pub fn run_fidelity(args: &FidelityArgs) -> Result<(), EvictError> {
-    let scorer = match &args.scorer {
-        Some(dir) => Some(Arc::new(ScorerCheckpoint::load(dir)?)),
-        None => None,
+    let scorer = match (&args.scorer, args.stats_mode) {
+        (Some(dir), Some(mode)) => Some(Arc::new(ScorerCheckpoint::load_with_mode(dir, mode)?)),
+        (Some(dir), None) => Some(Arc::new(ScorerCheckpoint::load(dir)?)),
+        (None, _) => None,
     };
+    let stats_mode = args
+        .stats_mode
+        .or(scorer.as_ref().map(|c| c.config.stats_mode))
+        .unwrap_or_default();
     let opts = FidelityOptions {
         budgets: args.budgets.clone(),
         interval: args.interval,
@@ -281,6 +295,7 @@ pub fn run_fidelity(args: &FidelityArgs) -> Result<(), EvictError> {
             }
         },
         seed: args.seed,
+        stats_mode,
     };
     let mut traces: Vec<(String, Trace)> = Vec::new();
     if args.traces.is_empty() {
@@ -308,8 +323,8 @@ pub fn run_fidelity(args: &FidelityArgs) -> Result<(), EvictError> {
     for (label, trace) in &traces {
         let s = trace.shape();
         println!(
-            "# {label}: {} tokens, {} layers, {} query heads, {} KV heads, head_dim {}",
-            s.len, s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim
+            "# {label}: {} tokens, {} layers, {} query heads, {} KV heads, head_dim {}; statistics mode {}",
+            s.len, s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim, opts.stats_mode
         );
         let rows = fidelity_table(label, trace, &opts)?;
         print!("{}", format_table(&rows));

@@ -6,7 +6,7 @@ use super::policy::{check_scores, EvictionPolicy};
 use super::select::VictimMode;
 use super::view::EvictionView;
 use super::EvictError;
-use crate::kernels::{scorer_mlp, LiveWindows, PagedKvLayout, StatsLayout};
+use crate::kernels::{scorer_mlp, LiveWindows, PagedKvLayout, StatsLayout, StatsMode};
 use std::sync::Arc;
 
 /// ForesightKV: scores = the checkpoint's MLP output (eviction propensity) on `concat(k, v, stats)`.
@@ -35,6 +35,10 @@ impl EvictionPolicy for ForesightPolicy {
 
     fn victim_mode(&self) -> VictimMode {
         self.mode
+    }
+
+    fn stats_mode(&self) -> Option<StatsMode> {
+        Some(self.checkpoint.config.stats_mode)
     }
 
     fn score(&self, view: &EvictionView<'_>, scores: &mut [f32]) -> Result<(), EvictError> {

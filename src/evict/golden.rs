@@ -7,6 +7,16 @@
 //! never a `T x T` matrix) from the last block to the first, and each token keeps only the blocks
 //! where its suffix maximum changes (its record values), enough to answer "max over blocks `>= e`"
 //! for every eviction `e`. Blocks are computed in parallel with rayon.
+//!
+//! Decisions (matching the official `build_oracle_targets` / `collect_eviction_schedule` of
+//! RUCAIBox/ForesightKV `supervised_training/train.py`):
+//! - A block's score is the attention summed over its queries and the group's heads divided by
+//!   `L * G`, also for a partial last block: the official code pads the query axis with zero rows
+//!   to a multiple of `L` and takes the mean, so a block with `q < L` queries weighs `q / L` of a
+//!   full one (a token needed by one last query is not as important as one needed by `L`).
+//! - No eviction happens at sequence length `T` (the end of the trace): the official schedule stops
+//!   while the cache still has a future block, and an eviction with no later query has nothing to
+//!   score by (every future would be 0). `simulate` skips it for every policy.
 
 use super::policy::{check_scores, EvictionPolicy};
 use super::trace::{LayerTrace, Trace, TraceShape};
@@ -108,8 +118,9 @@ impl HeadRecords {
     }
 }
 
-/// Block scores of query block `k` of one KV head: `out[i]` = mean over the block's queries `j`
-/// and the group's heads of the full-cache causal softmax `p_j(i)`, for `i` below the block's end.
+/// Block scores of query block `k` of one KV head: `out[i]` = the full-cache causal softmax
+/// `p_j(i)` summed over the block's queries `j` and the group's heads, divided by `L * G` (a
+/// partial last block is divided by `L` too), for `i` below the block's end.
 pub fn block_scores(
     shape: &TraceShape,
     layer: &LayerTrace,
@@ -130,7 +141,7 @@ pub fn block_scores(
             out[..j + 1].iter_mut().zip(&p).for_each(|(o, x)| *o += x);
         }
     }
-    let norm = ((end - start) * g) as f32;
+    let norm = (schedule.interval * g) as f32;
     out.iter_mut().for_each(|o| *o /= norm);
     out
 }
@@ -213,9 +224,9 @@ impl GoldenScores {
 }
 
 /// Brute-force reference of [`GoldenScores::future`] for small traces: materialises the full
-/// `[G, T, T]` attention of one (layer, KV head) and takes the block max directly. Returns
-/// `out[e][i]`, the future score of token `i` at eviction `e` (sequence length `anchor + e L`),
-/// for every eviction before the end of the trace.
+/// `[G, T, T]` attention of one (layer, KV head) and takes the block max directly (blocks divided
+/// by `L * G`, partial or not). Returns `out[e][i]`, the future score of token `i` at eviction `e`
+/// (sequence length `anchor + e L`), for every eviction before the end of the trace.
 pub fn brute_force_future(
     trace: &Trace,
     schedule: Schedule,
@@ -254,7 +265,7 @@ pub fn brute_force_future(
                         sum += row[i];
                     }
                 }
-                *fi = fi.max(sum / ((end - start) * g) as f32);
+                *fi = fi.max(sum / (l * g) as f32);
             }
             start = end;
         }

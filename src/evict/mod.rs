@@ -23,6 +23,7 @@ pub mod tensors;
 pub mod trace;
 pub mod view;
 
+pub use crate::kernels::StatsMode;
 pub use baselines::{FullCache, H2o, RandomEviction, Rkv, SnapKv, StreamingLlm, Tova};
 pub use checkpoint::{LayerWeights, ModelShape, ScorerCheckpoint, ScorerConfig, STATS_VERSION};
 pub use error::EvictError;

@@ -4,6 +4,7 @@
 use super::select::{select_victims, VictimMode, VictimRequest};
 use super::view::EvictionView;
 use super::EvictError;
+use crate::kernels::StatsMode;
 
 /// An eviction policy: scores live entries (higher = evicted first) and names its victim mode.
 pub trait EvictionPolicy: Send + Sync {
@@ -13,6 +14,12 @@ pub trait EvictionPolicy: Send + Sync {
     /// Whether the policy evicts at all (false only for the full cache).
     fn evicts(&self) -> bool {
         true
+    }
+
+    /// The statistics mode the policy's scores need (`Some` for a scorer trained on one mode;
+    /// `None` when any mode will do: every baseline, whose statistics agree in both modes).
+    fn stats_mode(&self) -> Option<StatsMode> {
+        None
     }
 
     /// How victims are chosen from the scores.

@@ -10,7 +10,7 @@ use super::trace::{LayerTrace, Trace, TraceShape};
 use super::view::EvictionView;
 use super::EvictError;
 use crate::kernels::{
-    window_stats, LiveWindows, PagedKvLayout, StatsLayout, WindowStatsArgs, NUM_STATS,
+    window_stats, LiveWindows, PagedKvLayout, StatsLayout, StatsMode, WindowStatsArgs, NUM_STATS,
 };
 use rayon::prelude::*;
 use serde::Serialize;
@@ -92,19 +92,45 @@ pub struct SimOptions {
     pub request: u32,
     /// Keep an [`EvictionRecord`] of every eviction.
     pub record: bool,
+    /// Statistics definition computed for the policy (must match a scorer's checkpoint).
+    pub stats_mode: StatsMode,
+}
+
+impl SimOptions {
+    /// Options for `schedule`: request 0, no records, the paper's statistics.
+    pub fn new(schedule: Schedule) -> Self {
+        Self {
+            schedule,
+            request: 0,
+            record: false,
+            stats_mode: StatsMode::Paper,
+        }
+    }
 }
 
 /// Replays `trace` through `policy`: tokens arrive one by one (the prompt's queries are only
 /// used once prefill is over); at every eviction of the schedule each (layer, KV head) updates its
-/// statistics with the queries since the last eviction, the policy scores it and the entries
-/// above the budget go, chosen outside the newest `L`. Every query from the first eviction on is
-/// measured against the full cache. Layers one at a time, KV heads in parallel.
+/// statistics with the queries since the last eviction (window = the last `L` of them, in
+/// `opts.stats_mode`), the policy scores it and the entries above the budget go, chosen outside the
+/// newest `L`. An eviction due when the trace ends (sequence length `T`) is skipped: no later query
+/// could measure it, and Golden Eviction has no future to score it by. Every query from the first
+/// eviction on is measured against the full cache. Layers one at a time, KV heads in parallel.
+/// A policy needing another statistics mode (a scorer trained on it) is
+/// [`EvictError::StatsModeMismatch`].
 pub fn simulate(
     trace: &Trace,
     policy: &dyn EvictionPolicy,
     opts: &SimOptions,
 ) -> Result<SimResult, EvictError> {
     opts.schedule.validate()?;
+    if let Some(need) = policy.stats_mode() {
+        if need != opts.stats_mode {
+            return Err(EvictError::StatsModeMismatch {
+                checkpoint: need,
+                computed: opts.stats_mode,
+            });
+        }
+    }
     let shape = trace.shape();
     let mut out = SimResult::default();
     for l in 0..shape.num_layers {
@@ -173,7 +199,7 @@ fn simulate_head(
             }
         }
         let n = live.positions.len();
-        if !policy.evicts() || !opts.schedule.evicts_at(t + 1) {
+        if !policy.evicts() || !opts.schedule.evicts_at(t + 1) || t + 1 == shape.len {
             continue;
         }
         let m = t + 1 - since;
@@ -191,7 +217,8 @@ fn simulate_head(
             seq_lens: &[n as i32],
             live_starts: &[0],
         };
-        let mut args = WindowStatsArgs::contiguous(g as i64, m as i64, d as i64);
+        let mut args = WindowStatsArgs::contiguous(g as i64, m as i64, d as i64)
+            .with_stats(interval as i64, opts.stats_mode);
         args.scale = scale;
         window_stats::<f32>(
             &kv,
@@ -324,7 +351,8 @@ fn measure(
 }
 
 /// Golden Eviction of a whole trace: the future scores and the record of every greedy eviction
-/// (candidates' positions and scores, victims) of every (layer, KV head), for distillation.
+/// (candidates' positions and scores, victims) of every (layer, KV head), for distillation. The
+/// trajectory does not depend on the statistics (Golden Eviction never reads them).
 pub fn golden_eviction(
     trace: &Trace,
     schedule: Schedule,
@@ -337,9 +365,8 @@ pub fn golden_eviction(
         trace,
         &policy,
         &SimOptions {
-            schedule,
-            request: 0,
             record: true,
+            ..SimOptions::new(schedule)
         },
     )?;
     Ok((scores, run))

@@ -35,4 +35,4 @@ pub use paged::{LiveWindows, PagedKvLayout, StatsLayout, NUM_STATS, SCORER_HIDDE
 pub use reshape_and_cache::reshape_and_cache;
 pub use scorer::{gelu, scorer_mlp, ScorerWeights};
 pub use select::{score_key, select_survivors, SelectArgs};
-pub use window_stats::{window_stats, WindowStatsArgs};
+pub use window_stats::{window_stats, StatsMode, WindowStatsArgs};

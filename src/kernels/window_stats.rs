@@ -1,5 +1,29 @@
 //! CPU reference of `window_stats`: the causal softmax of the queries since the last eviction
 //! against the live window, reduced per live entry and query head to the 8 ForesightKV statistics.
+//!
+//! # The statistics definition (recorded in every scorer checkpoint as its [`StatsMode`])
+//!
+//! One call is one eviction interval. Of its `n` query rows, the last `w = min(n, window)` form the
+//! statistics *window* (`window` = the eviction interval `L`; 0 = every row); the earlier `n - w`
+//! rows exist only at the first eviction (the prompt, or the first `B` tokens) and are *folded*:
+//! they count toward the cumulative statistics as if seen before the last eviction, never toward
+//! the windowed ones. With `p_j(i)` the causal softmax of row `j` at slot `i`, `F` = the sum over
+//! the folded rows and `S` = the sum over the window rows:
+//!
+//! - max, min, sum: over the window rows (min over the rows that see the entry; every entry is
+//!   seen by the last row);
+//! - sum8, sum16, sum32: [`StatsMode::Paper`] sums over the last 8, 16 and 32 window rows (all of
+//!   them if the window is shorter); [`StatsMode::Official`] all three equal `S` (the official
+//!   training code, `KVCluster.update_kv`, slices `[:, :, -8:]` on the GQA axis of a
+//!   `[bsz, kv_heads, G, q, k]` tensor, so for `G <= 8` it sums every query of the chunk);
+//! - cumulative: `old + F + S`, carried across evictions;
+//! - decayed: `0.9 * (old + F) + S`, decayed once per eviction interval (the official
+//!   `cumsum_attn_decay * 0.9 + attn_weights_sum`), carried across evictions.
+//!
+//! Both modes share everything but the three short sums: at the first eviction over `B + L`
+//! queries, the official `init_kv` sums the first `B` queries into `cumsum_attn` and
+//! `cumsum_attn_decay` and `update_kv` takes max/min/sum over the `L`-query chunk, which is exactly
+//! the fold above.
 
 use super::paged::{
     check_strides, extent, fits, group_size, LiveWindows, PagedKvLayout, StatsLayout,
@@ -22,10 +46,58 @@ pub const STAT_SUM16: usize = 4;
 pub const STAT_SUM32: usize = 5;
 /// Index of the cumulative sum since the entry entered the cache (carried across evictions).
 pub const STAT_CUMULATIVE: usize = 6;
-/// Index of the 0.9-decayed cumulative sum (decayed once per query, carried across evictions).
+/// Index of the 0.9-decayed cumulative sum (decayed once per eviction interval, carried across
+/// evictions).
 pub const STAT_DECAYED: usize = 7;
-/// Per-query decay of [`STAT_DECAYED`].
+/// Per-interval decay of [`STAT_DECAYED`].
 pub const DECAY: f32 = 0.9;
+
+/// Which definition of the statistics is computed; a scorer only sees the inputs it was trained on
+/// when the mode matches its checkpoint's.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum StatsMode {
+    /// The paper's definitions: sum8/16/32 over the last 8/16/32 queries (the default).
+    #[default]
+    Paper,
+    /// The official training code's features: sum8, sum16 and sum32 all equal the window sum.
+    Official,
+}
+
+impl StatsMode {
+    /// Name as in checkpoints and on the command line (`paper`, `official`).
+    pub fn name(self) -> &'static str {
+        match self {
+            StatsMode::Paper => "paper",
+            StatsMode::Official => "official",
+        }
+    }
+
+    /// The mode of a name, if it is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "paper" => Some(StatsMode::Paper),
+            "official" => Some(StatsMode::Official),
+            _ => None,
+        }
+    }
+
+    /// The `mode` value of the CUDA parameter struct (0 paper, 1 official).
+    pub fn raw(self) -> i64 {
+        match self {
+            StatsMode::Paper => 0,
+            StatsMode::Official => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for StatsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Query buffer shape and strides of a `window_stats` call.
 ///
@@ -43,6 +115,11 @@ pub struct WindowStatsArgs {
     pub query_strides: [i64; 3],
     /// Softmax scale (usually 1/sqrt(head_dim)).
     pub scale: f32,
+    /// Rows of the statistics window: the last `min(n, window)` rows; earlier rows are folded into
+    /// the cumulative statistics only (module doc). Pass the eviction interval `L`; 0 = every row.
+    pub window: i64,
+    /// Definition of sum8/16/32.
+    pub mode: StatsMode,
 }
 
 impl WindowStatsArgs {
@@ -58,6 +135,24 @@ impl WindowStatsArgs {
             max_queries,
             query_strides: s,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            window: 0,
+            mode: StatsMode::Paper,
+        }
+    }
+
+    /// The same arguments with statistics window `window` (the eviction interval) and `mode`.
+    pub fn with_stats(mut self, window: i64, mode: StatsMode) -> Self {
+        self.window = window;
+        self.mode = mode;
+        self
+    }
+
+    /// Rows in the statistics window of a call with `n` query rows.
+    pub fn window_rows(&self, n: usize) -> usize {
+        if self.window > 0 {
+            n.min(self.window as usize)
+        } else {
+            n
         }
     }
 
@@ -75,6 +170,12 @@ impl WindowStatsArgs {
     ) -> Result<i64, KernelError> {
         let g = group_size(self.num_q_heads, kv.num_kv_heads)?;
         super::paged::positive("max_queries", self.max_queries)?;
+        if self.window < 0 {
+            return Err(KernelError::InvalidArgument {
+                name: "window",
+                why: format!("{} is negative (0 = every query row)", self.window),
+            });
+        }
         if !self.scale.is_finite() {
             return Err(KernelError::InvalidArgument {
                 name: "scale",
@@ -115,11 +216,13 @@ impl WindowStatsArgs {
 /// Updates the statistics of every live entry of every sequence with `num_queries[s] > 0`.
 ///
 /// With `n = num_queries[s]`, `live` live slots and `base = live - n`, query row `j` sees slots
-/// `0..=base + j` (causal) and `p_j(i)` is its softmax over them (0 for slots it cannot see). For
-/// each slot `i`, KV head `kh` and query head `g` of its group, the row `g * 8 ..` of the stats is
-/// overwritten with: max and min of `p_j(i)` over the queries that see `i`; `sum_j p_j(i)`; the sums
-/// over the last 8, 16 and 32 rows; `cumulative = old + sum`; `decayed = old * 0.9^n + d` with
-/// `d` the recurrence `d <- 0.9 d + p_j(i)` over `j = 0..n`. Slots `i >= base` entered since the
+/// `0..=base + j` (causal) and `p_j(i)` is its softmax over them (0 for slots it cannot see). Rows
+/// `n - w..n` (`w = args.window_rows(n)`) are the window, earlier rows are folded. For each slot
+/// `i`, KV head `kh` and query head `g` of its group, the row `g * 8 ..` of the stats is
+/// overwritten with the statistics of the module doc: max, min and sum of `p_j(i)` over the window
+/// rows (max and min over those that see `i`); the sums over the last 8, 16 and 32 window rows
+/// ([`StatsMode::Paper`]) or the window sum three times ([`StatsMode::Official`]);
+/// `cumulative = old + F + S`; `decayed = 0.9 * (old + F) + S`. Slots `i >= base` entered since the
 /// last eviction: their old values are taken as 0 (never read). Sequences with `n = 0` are left
 /// untouched. Same contract as `fkv_window_stats_*` (csrc/window_stats.cu).
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
@@ -182,14 +285,21 @@ pub fn window_stats<T: Element>(
                     logits.iter().map(|l| (l - m).exp() / denom).collect()
                 })
                 .collect();
+            let w = args.window_rows(n);
+            let first_window = n - w;
+            let official = args.mode == StatsMode::Official;
             for i in 0..live {
                 let first = i.saturating_sub(base);
                 let mut st = [0f32; 8];
                 st[STAT_MAX] = f32::NEG_INFINITY;
                 st[STAT_MIN] = f32::INFINITY;
-                let mut decayed = 0f32;
+                let mut folded = 0f32;
                 for (j, row) in probs.iter().enumerate() {
                     let p = if j >= first { row[i] } else { 0.0 };
+                    if j < first_window {
+                        folded += p;
+                        continue;
+                    }
                     if j >= first {
                         st[STAT_MAX] = st[STAT_MAX].max(p);
                         st[STAT_MIN] = st[STAT_MIN].min(p);
@@ -204,7 +314,11 @@ pub fn window_stats<T: Element>(
                     if j + 32 >= n {
                         st[STAT_SUM32] += p;
                     }
-                    decayed = DECAY * decayed + p;
+                }
+                if official {
+                    st[STAT_SUM8] = st[STAT_SUM];
+                    st[STAT_SUM16] = st[STAT_SUM];
+                    st[STAT_SUM32] = st[STAT_SUM];
                 }
                 let (b, t) = windows.slot(s, i, kv.block_size);
                 let o = stats_layout.offset(b, t, kh as i64) + gi * super::paged::NUM_STATS;
@@ -213,8 +327,8 @@ pub fn window_stats<T: Element>(
                 } else {
                     (0.0, 0.0)
                 };
-                st[STAT_CUMULATIVE] = old_cum + st[STAT_SUM];
-                st[STAT_DECAYED] = old_dec * DECAY.powi(n as i32) + decayed;
+                st[STAT_CUMULATIVE] = old_cum + folded + st[STAT_SUM];
+                st[STAT_DECAYED] = DECAY * (old_dec + folded) + st[STAT_SUM];
                 stats[o..o + 8].copy_from_slice(&st);
             }
         }

@@ -163,3 +163,28 @@ pub fn flag(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
         )
     })
 }
+
+/// An optional statistics mode by name (`"paper"` or `"official"`; None = the paper's default).
+pub fn stats_mode(
+    name: &str,
+    obj: Option<&Bound<'_, PyAny>>,
+) -> PyResult<foresightkv::kernels::StatsMode> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(foresightkv::kernels::StatsMode::default());
+    };
+    let s: String = obj.extract().map_err(|_| {
+        error(
+            Kind::ArgumentType,
+            format!(
+                "{name} must be 'paper' or 'official', got {}",
+                type_name(obj)
+            ),
+        )
+    })?;
+    foresightkv::kernels::StatsMode::parse(&s).ok_or_else(|| {
+        error(
+            Kind::InvalidArgument,
+            format!("{name} = {s:?} is not a statistics mode: must be 'paper' or 'official'"),
+        )
+    })
+}

@@ -146,7 +146,7 @@ pub fn evict_error(func: &str, e: EvictError) -> PyErr {
         EvictError::Kernel(k) => return kernel_error(func, k),
         EvictError::Shape(_) => Kind::Shape,
         EvictError::InvalidArgument { .. } => Kind::InvalidArgument,
-        EvictError::CheckpointMismatch(_) => Kind::Config,
+        EvictError::CheckpointMismatch(_) | EvictError::StatsModeMismatch { .. } => Kind::Config,
         EvictError::BadCheckpoint { .. }
         | EvictError::BadTrace { .. }
         | EvictError::SafeTensors { .. }

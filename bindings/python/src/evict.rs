@@ -51,21 +51,36 @@ pub struct PyScorerCheckpoint {
 
 #[pymethods]
 impl PyScorerCheckpoint {
-    /// Loads and validates `dir/config.json` and `dir/scorer.safetensors`.
+    /// Loads and validates `dir/config.json` and `dir/scorer.safetensors`; with `stats_mode`
+    /// (`"paper"` / `"official"`, the mode the caller computes statistics in) a checkpoint trained
+    /// on the other mode is refused (ConfigError naming both).
     #[staticmethod]
-    fn load(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Self> {
+    #[pyo3(signature = (path, stats_mode = None))]
+    fn load(
+        py: Python<'_>,
+        path: &Bound<'_, PyAny>,
+        stats_mode: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let dir = path_arg("path", path)?;
+        let mode = match stats_mode.filter(|m| !m.is_none()) {
+            Some(m) => Some(args::stats_mode("stats_mode", Some(m))?),
+            None => None,
+        };
         let ck = py
-            .detach(|| ScorerCheckpoint::load(&dir))
+            .detach(|| match mode {
+                Some(m) => ScorerCheckpoint::load_with_mode(&dir, m),
+                None => ScorerCheckpoint::load(&dir),
+            })
             .map_err(|e| evict_error("ScorerCheckpoint.load", e))?;
         Ok(Self {
             inner: Arc::new(ck),
         })
     }
 
-    /// An untrained checkpoint with seeded normal(0, std) weights (tests and demos).
+    /// An untrained checkpoint with seeded normal(0, std) weights (tests and demos), recorded as
+    /// trained on `stats_mode` statistics (default `"paper"`).
     #[staticmethod]
-    #[pyo3(signature = (num_layers, num_kv_heads, group_size, head_dim, budget, interval, *, seed = None, std = None))]
+    #[pyo3(signature = (num_layers, num_kv_heads, group_size, head_dim, budget, interval, *, seed = None, std = None, stats_mode = None))]
     #[allow(clippy::too_many_arguments)]
     fn random(
         num_layers: &Bound<'_, PyAny>,
@@ -76,6 +91,7 @@ impl PyScorerCheckpoint {
         interval: &Bound<'_, PyAny>,
         seed: Option<&Bound<'_, PyAny>>,
         std: Option<&Bound<'_, PyAny>>,
+        stats_mode: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let shape = ModelShape {
             num_layers: bounded("num_layers", num_layers, 1 << 16)?,
@@ -90,7 +106,9 @@ impl PyScorerCheckpoint {
             .transpose()?
             .unwrap_or(0);
         let std = opt_float("std", std)?.unwrap_or(0.1) as f32;
-        let ck = ScorerCheckpoint::random(ScorerConfig::new(shape, budget, interval), seed, std)
+        let mode = args::stats_mode("stats_mode", stats_mode)?;
+        let config = ScorerConfig::new(shape, budget, interval).with_stats_mode(mode);
+        let ck = ScorerCheckpoint::random(config, seed, std)
             .map_err(|e| evict_error("ScorerCheckpoint.random", e))?;
         Ok(Self {
             inner: Arc::new(ck),
@@ -167,6 +185,13 @@ impl PyScorerCheckpoint {
         json_to_py(py, &self.inner.config)
     }
 
+    /// The statistics mode the scorer was trained on: `"paper"` or `"official"` (converted official
+    /// checkpoints); compute the statistics in this mode (`window_stats(..., mode=...)`).
+    #[getter]
+    fn stats_mode(&self) -> &'static str {
+        self.inner.config.stats_mode.name()
+    }
+
     /// Input width of each MLP: `2 * head_dim + 8 * group_size`.
     #[getter]
     fn in_dim(&self) -> usize {
@@ -222,8 +247,8 @@ impl PyScorerCheckpoint {
     fn __repr__(&self) -> String {
         let c = &self.inner.config;
         format!(
-            "ScorerCheckpoint(num_layers={}, num_kv_heads={}, group_size={}, head_dim={}, budget={}, interval={})",
-            c.num_layers, c.num_kv_heads, c.group_size, c.head_dim, c.budget, c.interval
+            "ScorerCheckpoint(num_layers={}, num_kv_heads={}, group_size={}, head_dim={}, budget={}, interval={}, stats_mode={:?})",
+            c.num_layers, c.num_kv_heads, c.group_size, c.head_dim, c.budget, c.interval, c.stats_mode.name()
         )
     }
 }
@@ -388,6 +413,13 @@ unsafe fn with_view<T>(v: &ViewMeta, raws: [Raw; 4], f: impl FnOnce(&EvictionVie
 
 #[pymethods]
 impl PyPolicy {
+    /// The statistics mode the policy's scores need: `"paper"` / `"official"` for a scorer (its
+    /// checkpoint's), None for the baselines (any mode; pass it as `window_stats(..., mode=...)`).
+    #[getter]
+    fn stats_mode(&self) -> Option<&'static str> {
+        self.inner.stats_mode().map(|m| m.name())
+    }
+
     /// The full cache: never evicts.
     #[staticmethod]
     fn full_cache() -> Self {
@@ -411,21 +443,26 @@ impl PyPolicy {
         Self::new(evict::H2o)
     }
 
-    /// SnapKV: evict the lowest recent-window attention, max-pooled with an odd `kernel`.
+    /// SnapKV (as the R-KV code runs it): evict the lowest attention of the last 8 queries (max
+    /// over the GQA group's logits, softmax, mean), max-pooled with an odd `kernel`.
     #[staticmethod]
     #[pyo3(signature = (kernel = None))]
     fn snapkv(kernel: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
         let kernel = odd_kernel(kernel)?;
-        Ok(Self::new(evict::SnapKv { kernel }))
+        Ok(Self::new(evict::SnapKv {
+            kernel,
+            ..Default::default()
+        }))
     }
 
-    /// TOVA: evict what the last query attends to least.
+    /// TOVA: evict what the last query attends to least (averaged over the GQA group).
     #[staticmethod]
     fn tova() -> Self {
         Self::new(evict::Tova)
     }
 
-    /// R-KV: importance mixed with key redundancy (`lam` weighs importance).
+    /// R-KV (its official normalisation): importance of the last 8 queries mixed with key
+    /// redundancy (`lam` weighs importance).
     #[staticmethod]
     #[pyo3(signature = (lam = None, kernel = None))]
     fn rkv(lam: Option<&Bound<'_, PyAny>>, kernel: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
@@ -439,6 +476,7 @@ impl PyPolicy {
         Ok(Self::new(evict::Rkv {
             lambda,
             kernel: odd_kernel(kernel)?,
+            ..Default::default()
         }))
     }
 
@@ -738,8 +776,11 @@ fn schedule_arg(
 
 /// Replays `trace` through `policy` with budget and interval; returns the fidelity (attention mass
 /// kept, relative output error, queries, evictions) and, with `record`, every eviction.
+/// `stats_mode` (`"paper"` / `"official"`) is the statistics definition computed; None = the
+/// policy's scorer's mode (paper for the baselines); a scorer of another mode is a ConfigError.
 #[pyfunction]
-#[pyo3(signature = (trace, policy, budget, interval, *, request = None, record = None, prompt_len = None))]
+#[pyo3(signature = (trace, policy, budget, interval, *, request = None, record = None, prompt_len = None, stats_mode = None))]
+#[allow(clippy::too_many_arguments)]
 pub fn simulate<'py>(
     py: Python<'py>,
     trace: &Bound<'py, PyAny>,
@@ -749,6 +790,7 @@ pub fn simulate<'py>(
     request: Option<&Bound<'py, PyAny>>,
     record: Option<&Bound<'py, PyAny>>,
     prompt_len: Option<&Bound<'py, PyAny>>,
+    stats_mode: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let t = trace_arg(trace)?;
     let p = policy
@@ -769,10 +811,15 @@ pub fn simulate<'py>(
         .map(|r| args::flag("record", r))
         .transpose()?
         .unwrap_or(false);
+    let stats_mode = match stats_mode.filter(|m| !m.is_none()) {
+        Some(m) => args::stats_mode("stats_mode", Some(m))?,
+        None => p.stats_mode().unwrap_or_default(),
+    };
     let opts = SimOptions {
         schedule,
         request,
         record,
+        stats_mode,
     };
     let result = py
         .detach(|| evict::simulate(&t, p.as_ref(), &opts))

@@ -449,8 +449,11 @@ pub fn paged_attention_decode<'py>(
 ///
 /// `queries`: `[num_seqs, max_queries, num_q_heads, head_dim]`; `num_queries`: int32 `[num_seqs]`;
 /// `stats`: float32 `[num_blocks, block_size, num_kv_heads, group_size, 8]` (written in place).
+/// `window`: the eviction interval L (the last `min(n, L)` rows are the statistics window, earlier
+/// rows are folded into the cumulative statistics; None or 0 = every row); `mode`: `"paper"`
+/// (default) or `"official"` (the official training features: sum8/16/32 = sum).
 #[pyfunction]
-#[pyo3(signature = (queries, num_queries, key_cache, block_tables, seq_lens, live_starts, stats, scale = None))]
+#[pyo3(signature = (queries, num_queries, key_cache, block_tables, seq_lens, live_starts, stats, scale = None, window = None, mode = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn window_stats<'py>(
     py: Python<'py>,
@@ -462,8 +465,15 @@ pub fn window_stats<'py>(
     live_starts: &Bound<'py, PyAny>,
     stats: &Bound<'py, PyAny>,
     scale: Option<&Bound<'py, PyAny>>,
+    window: Option<&Bound<'py, PyAny>>,
+    mode: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     const F: &str = "window_stats";
+    let window = match window.filter(|w| !w.is_none()) {
+        Some(w) => args::size("window", w)? as i64,
+        None => 0,
+    };
+    let mode = args::stats_mode("mode", mode)?;
     let q = Tensor::extract("queries", queries)?;
     q.expect_dtype(FLOATS)?;
     q.expect_ndim(4)?;
@@ -488,6 +498,8 @@ pub fn window_stats<'py>(
         max_queries: q.shape[1],
         query_strides: [q.stride(0), q.stride(1), q.stride(2)],
         scale: scale_or_default(args::opt_float("scale", scale)?, q.shape[3]),
+        window,
+        mode,
     };
     if let Target::Cuda { ordinal, stream } = tgt {
         let (lens, starts, counts) = (host_i32(sl)?, host_i32(ls)?, host_i32(&nq)?);

@@ -64,8 +64,13 @@ def ref_decode(query, key_cache, value_cache, block_tables, seq_lens, live_start
     return out
 
 
-def ref_window_stats(queries, num_queries, key_cache, block_tables, seq_lens, live_starts, stats, scale=None):
-    """Naive window statistics (the 8 ForesightKV statistics), updating a float64 copy of ``stats``."""
+def ref_window_stats(
+    queries, num_queries, key_cache, block_tables, seq_lens, live_starts, stats, scale=None, window=None, mode="paper"
+):
+    """Naive window statistics (the 8 ForesightKV statistics), updating a float64 copy of ``stats``:
+    the last ``min(n, window)`` query rows are the window, earlier rows are folded into the
+    cumulative ones; decayed = 0.9 * (old + folded) + window sum; ``mode="official"`` sets
+    sum8/16/32 to the window sum."""
     out = stats.double().clone()
     num_seqs, _, hq, d = queries.shape
     hkv, bs = key_cache.shape[2], key_cache.shape[1]
@@ -75,6 +80,8 @@ def ref_window_stats(queries, num_queries, key_cache, block_tables, seq_lens, li
         n = int(num_queries[s])
         if n == 0:
             continue
+        w = n if not window else min(n, window)
+        f = n - w
         start, end = int(live_starts[s]), int(seq_lens[s])
         live = end - start
         base = live - n
@@ -87,23 +94,21 @@ def ref_window_stats(queries, num_queries, key_cache, block_tables, seq_lens, li
                 logits = (k[: base + j + 1] @ queries[s, j, h].double()) * scale
                 probs[j, : base + j + 1] = torch.softmax(logits, dim=0)
             for i in range(live):
-                first = max(0, i - base)
+                first = max(f, i - base)
                 seen = probs[first:, i]
-                col = probs[:, i]
+                col = probs[f:, i]
+                folded = float(probs[:f, i].sum())
                 pos = start + i
                 row = out[table[pos // bs], pos % bs, kh, gi]
                 old_cum, old_dec = (float(row[6]), float(row[7])) if i < base else (0.0, 0.0)
-                dec = 0.0
-                for j in range(n):
-                    dec = 0.9 * dec + float(col[j])
+                total = col.sum()
                 row[0] = seen.max()
                 row[1] = seen.min()
-                row[2] = col.sum()
-                row[3] = col[max(0, n - 8):].sum()
-                row[4] = col[max(0, n - 16):].sum()
-                row[5] = col[max(0, n - 32):].sum()
-                row[6] = old_cum + col.sum()
-                row[7] = old_dec * 0.9**n + dec
+                row[2] = total
+                for slot, last in ((3, 8), (4, 16), (5, 32)):
+                    row[slot] = total if mode == "official" else col[max(0, w - last) :].sum()
+                row[6] = old_cum + folded + total
+                row[7] = 0.9 * (old_dec + folded) + total
     return out
 
 

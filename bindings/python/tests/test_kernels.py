@@ -112,7 +112,8 @@ def test_paged_attention_decode_on_numpy():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_window_stats_match_the_paper_definitions(dtype):
+@pytest.mark.parametrize("window,mode", [(None, None), (4, "paper"), (4, "official"), (2, "official")])
+def test_window_stats_match_the_paper_definitions(dtype, window, mode):
     gen = torch.Generator().manual_seed(7)
     d, bs, nb, hq, hkv = 8, 4, 20, 4, 2
     lens, starts = [14, 9, 6], [4, 0, 4]
@@ -122,11 +123,21 @@ def test_window_stats_match_the_paper_definitions(dtype):
     queries = torch.randn(3, 10, hq, d, generator=gen).to(dtype)
     stats = torch.rand(nb, bs, hkv, hq // hkv, 8, generator=gen)
     before = stats.clone()
-    fkv.window_stats(queries, nq, kc, bt, sl, ls, stats)
-    expect = ref_window_stats(queries, nq, kc, bt, sl, ls, before)
+    fkv.window_stats(queries, nq, kc, bt, sl, ls, stats, window=window, mode=mode)
+    expect = ref_window_stats(queries, nq, kc, bt, sl, ls, before, window=window, mode=mode or "paper")
     tol = 1e-5 if dtype == torch.float32 else 1e-4
     assert torch.allclose(stats.double(), expect, atol=tol, rtol=1e-4)
     assert not torch.equal(stats, before)
+
+
+def test_window_stats_rejects_an_unknown_mode():
+    gen = torch.Generator().manual_seed(9)
+    kc = torch.randn(4, 4, 1, 8, generator=gen)
+    bt, sl, ls = windows([6], [0], 4, 4, gen)
+    q = torch.randn(1, 2, 2, 8, generator=gen)
+    stats = torch.zeros(4, 4, 1, 2, 8)
+    with pytest.raises(fkv.InvalidArgumentError, match="daily"):
+        fkv.window_stats(q, torch.tensor([2], dtype=torch.int32), kc, bt, sl, ls, stats, mode="daily")
 
 
 def test_scorer_mlp_matches_the_torch_mlp():

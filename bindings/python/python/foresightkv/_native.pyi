@@ -110,7 +110,7 @@ class ScorerCheckpoint:
     """A validated ForesightKV scorer checkpoint (config.json + scorer.safetensors)."""
 
     @staticmethod
-    def load(path: PathLike) -> "ScorerCheckpoint": ...
+    def load(path: PathLike, stats_mode: Optional[str] = None) -> "ScorerCheckpoint": ...
     @staticmethod
     def random(
         num_layers: int,
@@ -122,6 +122,7 @@ class ScorerCheckpoint:
         *,
         seed: Optional[int] = None,
         std: Optional[float] = None,
+        stats_mode: Optional[str] = None,
     ) -> "ScorerCheckpoint": ...
     @staticmethod
     def from_official(model_dir: PathLike, budget: int, interval: int) -> "ScorerCheckpoint": ...
@@ -129,6 +130,8 @@ class ScorerCheckpoint:
     def save_official(self, path: PathLike) -> None: ...
     @property
     def config(self) -> Dict[str, Any]: ...
+    @property
+    def stats_mode(self) -> str: ...
     @property
     def in_dim(self) -> int: ...
     def check_model(self, num_layers: int, num_kv_heads: int, group_size: int, head_dim: int) -> None: ...
@@ -163,6 +166,8 @@ class Policy:
     def name(self) -> str: ...
     @property
     def evicts(self) -> bool: ...
+    @property
+    def stats_mode(self) -> Optional[str]: ...
     def score(
         self,
         keys: TensorLike,
@@ -218,6 +223,7 @@ def simulate(
     request: Optional[int] = None,
     record: Optional[bool] = None,
     prompt_len: Optional[int] = None,
+    stats_mode: Optional[str] = None,
 ) -> Dict[str, Any]: ...
 def golden_eviction(trace: Trace, budget: int, interval: int, *, prompt_len: Optional[int] = None) -> Dict[str, Any]: ...
 def sample_victims(
@@ -257,6 +263,8 @@ def window_stats(
     live_starts: TensorLike,
     stats: TensorLike,
     scale: Optional[float] = None,
+    window: Optional[int] = None,
+    mode: Optional[str] = None,
 ) -> None: ...
 def scorer_mlp(
     key_cache: TensorLike,

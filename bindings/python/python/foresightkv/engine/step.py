@@ -419,7 +419,11 @@ class EvictionEngine:
         for j, q in enumerate(qbufs):
             queries[j, : q.shape[0]] = q.to(key_cache.dtype)
         nq = torch.tensor([q.shape[0] for q in qbufs], dtype=torch.int32, device=device)
-        kernels.window_stats(queries, nq, key_cache, bt, sl, ls, stats, scale=scale)
+        # The statistics window is the interval L (earlier queries of the first eviction only enter
+        # the cumulative statistics), in the mode the scorer was trained on (None: baselines).
+        kernels.window_stats(
+            queries, nq, key_cache, bt, sl, ls, stats, scale=scale, window=cfg.interval, mode=self.policy.stats_mode
+        )
         max_live = max(e - s for s, e in zip(starts, lens))
         survivors = torch.zeros((len(due), h, max_live), dtype=torch.int32, device=device)
         positions = [self._positions(s, base, end, h) for s, base, end in zip(layer_states, bases, ends)]
