@@ -34,8 +34,8 @@ def pick_evictions(total: int, keep: Optional[int], seed: int) -> List[int]:
 
 def num_evictions(length: int, budget: int, interval: int) -> int:
     """Evictions of a sequence of ``length`` tokens in the simulator's schedule (the first at
-    ``budget + interval``, then every ``interval``)."""
-    return 0 if length < budget + interval else (length - budget) // interval
+    ``budget + interval``, then every ``interval``, none at ``length`` itself)."""
+    return 0 if length <= budget + interval else (length - 1 - budget) // interval
 
 
 def golden_labels(
@@ -45,6 +45,11 @@ def golden_labels(
     trajectory (seeded choice), all layers' candidates, future scores and Golden's victims."""
     from ..testbed.simulate import GoldenRun, record_full, simulate
 
+    t = int(input_ids.numel())
+    if t >= budget + interval and (t - budget) % interval == 0:
+        # The schedule would evict at the very last token, after which nothing is predicted: Golden
+        # has no record there (the core skips that eviction), so the sequence stops one token short.
+        input_ids = input_ids[:-1]
     chosen = set(pick_evictions(num_evictions(int(input_ids.numel()), budget, interval), keep, seed))
     if not chosen:
         return []
