@@ -50,6 +50,7 @@ def golden_labels(
         # The schedule would evict at the very last token, after which nothing is predicted: Golden
         # has no record there (the core skips that eviction), so the sequence stops one token short.
         input_ids = input_ids[:-1]
+        prompt_len = min(prompt_len, int(input_ids.numel()))
     chosen = set(pick_evictions(num_evictions(int(input_ids.numel()), budget, interval), keep, seed))
     if not chosen:
         return []
