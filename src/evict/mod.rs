@@ -31,7 +31,10 @@ pub use foresight::ForesightPolicy;
 pub use golden::{brute_force_future, GoldenPolicy, GoldenScores, Schedule};
 pub use philox::{philox4x32_10, SampleKey};
 pub use policy::{choose_victims, EvictionPolicy};
-pub use select::{select_survivors_batch, select_victims, BatchSelect, VictimMode, VictimRequest};
+pub use select::{
+    sample_victims, select_survivors_batch, select_victims, BatchSelect, SampledVictims,
+    VictimMode, VictimRequest,
+};
 pub use simulate::{golden_eviction, simulate, EvictionRecord, Fidelity, SimOptions, SimResult};
 pub use trace::{synthetic_trace, LayerTrace, SyntheticConfig, Trace, TraceShape};
 pub use view::EvictionView;

@@ -3,7 +3,9 @@
 
 use super::philox::SampleKey;
 use super::EvictError;
-use crate::kernels::sample_survivors::{sample_row_victims, sample_survivors, SampleArgs};
+use crate::kernels::sample_survivors::{
+    sample_row_draw, sample_row_victims, sample_survivors, SampleArgs,
+};
 use crate::kernels::select_survivors::top_victims;
 use crate::kernels::{select_survivors, SelectArgs};
 use serde::{Deserialize, Serialize};
@@ -93,6 +95,64 @@ pub fn select_victims(
             )?)
         }
     }
+}
+
+/// One sampled victim choice in draw order: the candidate pool (the top `min(2 n, unprotected)`
+/// slots by score, ascending) and the victims in the order of their Gumbel keys (largest first),
+/// which is the order of a sequential softmax draw without replacement over the pool (the
+/// Plackett-Luce order whose probability a trainer needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampledVictims {
+    /// Candidate slots, ascending.
+    pub pool: Vec<usize>,
+    /// Victim slots, first drawn first.
+    pub victims: Vec<usize>,
+}
+
+/// The draw of [`VictimMode::Sample`] with seed `seed` and temperature `temperature` for `req`,
+/// keeping the pool and the draw order; [`select_victims`] returns the same victims sorted.
+pub fn sample_victims(
+    scores: &[f32],
+    req: &VictimRequest,
+    seed: u64,
+    temperature: f32,
+) -> Result<SampledVictims, EvictError> {
+    let live = scores.len();
+    let unprotected = live.saturating_sub(req.num_protected);
+    if req.num_evict > unprotected {
+        return Err(EvictError::arg(
+            "num_evict",
+            format!(
+                "{} victims, only {unprotected} unprotected of {live} live entries",
+                req.num_evict
+            ),
+        ));
+    }
+    if live > i32::MAX as usize {
+        return Err(EvictError::arg(
+            "scores",
+            format!("{live} live entries exceed i32 slot indices"),
+        ));
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(EvictError::arg(
+            "temperature",
+            format!("{temperature} is not a positive finite number"),
+        ));
+    }
+    if req.key.layer > 0xFFFF || req.key.head > 0xFFFF {
+        return Err(EvictError::arg(
+            "key",
+            format!(
+                "layer {} / head {} exceed the 16-bit Philox counter fields",
+                req.key.layer, req.key.head
+            ),
+        ));
+    }
+    let key = SampleKey { seed, ..req.key };
+    let (pool, victims) =
+        sample_row_draw(scores, req.num_protected, req.num_evict, &key, temperature)?;
+    Ok(SampledVictims { pool, victims })
 }
 
 /// A batch of per-(sequence, KV head) selections of one layer, in the layout of the kernels'
@@ -286,6 +346,26 @@ mod tests {
                 if !v.contains(&i) {
                     prop_assert!(s <= min_victim);
                 }
+            }
+        }
+
+        #[test]
+        fn sample_victims_keeps_the_pool_and_the_gumbel_order(scores in proptest::collection::vec(-5f32..5.0, 2..80), n in 1usize..30, seed in 0u64..1000) {
+            let live = scores.len();
+            let prot = live / 4;
+            let n = n.min(live - prot);
+            let req = VictimRequest { num_protected: prot, num_evict: n, key: key() };
+            let drawn = sample_victims(&scores, &req, seed, 0.7).unwrap();
+            let mut sorted = drawn.victims.clone();
+            sorted.sort_unstable();
+            let mode = VictimMode::Sample { seed, temperature: 0.7 };
+            prop_assert_eq!(&sorted, &select_victims(&scores, &req, &mode).unwrap());
+            prop_assert_eq!(&drawn.pool, &top_victims(&scores, prot, (2 * n).min(live - prot)).unwrap());
+            let k = SampleKey { seed, ..key() };
+            let keys: Vec<f64> = drawn.victims.iter().map(|&c| scores[c] as f64 / 0.7f32 as f64 + k.gumbel(c as u32)).collect();
+            prop_assert!(keys.windows(2).all(|w| w[0] >= w[1]));
+            for &c in drawn.pool.iter().filter(|c| !drawn.victims.contains(c)) {
+                prop_assert!(scores[c] as f64 / 0.7f32 as f64 + k.gumbel(c as u32) <= keys[n - 1]);
             }
         }
     }

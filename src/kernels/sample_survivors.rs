@@ -99,12 +99,28 @@ pub fn sample_row_victims(
     key: &SampleKey,
     temperature: f32,
 ) -> Result<Vec<usize>, KernelError> {
+    let (_, mut victims) = sample_row_draw(scores, num_protected, num_evict, key, temperature)?;
+    victims.sort_unstable();
+    Ok(victims)
+}
+
+/// The draw behind [`sample_row_victims`], kept in order: the candidate pool (the top
+/// `min(2 num_evict, unprotected)` slots by score, ascending) and the victims by Gumbel key,
+/// largest first (the order of a sequential softmax draw without replacement, which a trainer's
+/// Plackett-Luce log-probability needs).
+pub fn sample_row_draw(
+    scores: &[f32],
+    num_protected: usize,
+    num_evict: usize,
+    key: &SampleKey,
+    temperature: f32,
+) -> Result<(Vec<usize>, Vec<usize>), KernelError> {
     let unprotected = scores.len().saturating_sub(num_protected);
-    let pool = (2 * num_evict).min(unprotected);
-    let candidates = top_victims(scores, num_protected, pool)?;
-    let mut keyed: Vec<(f64, usize)> = candidates
-        .into_iter()
-        .map(|c| {
+    let pool_len = (2 * num_evict).min(unprotected);
+    let pool = top_victims(scores, num_protected, pool_len)?;
+    let mut keyed: Vec<(f64, usize)> = pool
+        .iter()
+        .map(|&c| {
             (
                 scores[c] as f64 / temperature as f64 + key.gumbel(c as u32),
                 c,
@@ -112,9 +128,8 @@ pub fn sample_row_victims(
         })
         .collect();
     keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut victims: Vec<usize> = keyed[..num_evict].iter().map(|&(_, c)| c).collect();
-    victims.sort_unstable();
-    Ok(victims)
+    let victims = keyed[..num_evict].iter().map(|&(_, c)| c).collect();
+    Ok((pool, victims))
 }
 
 /// Writes, per (sequence `s`, KV head `kh`), the `live - num_evict[s]` survivors, ascending, to the

@@ -805,6 +805,67 @@ pub fn simulate<'py>(
     sim_to_py(py, &result)
 }
 
+/// ForesightKV's victim draw of one (layer, KV head) with its pool and order: the top
+/// `min(2 num_evict, unprotected)` slots of `scores` (the newest `num_protected` excluded), then
+/// `num_evict` of them by Gumbel top-k with the Philox key (seed, request, layer, head, eviction),
+/// exactly the draw of `Policy.foresight(sample=True)`. Returns `(pool ascending, victims in draw
+/// order)`, the draw order being that of a sequential softmax without replacement.
+#[pyfunction]
+#[pyo3(signature = (scores, *, num_protected, num_evict, seed = None, request = None, layer = None, head = None, eviction = None, temperature = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn sample_victims(
+    py: Python<'_>,
+    scores: Vec<f32>,
+    num_protected: &Bound<'_, PyAny>,
+    num_evict: &Bound<'_, PyAny>,
+    seed: Option<&Bound<'_, PyAny>>,
+    request: Option<&Bound<'_, PyAny>>,
+    layer: Option<&Bound<'_, PyAny>>,
+    head: Option<&Bound<'_, PyAny>>,
+    eviction: Option<&Bound<'_, PyAny>>,
+    temperature: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(Vec<usize>, Vec<usize>)> {
+    let num_protected = args::size("num_protected", num_protected)?;
+    let num_evict = args::size("num_evict", num_evict)?;
+    let seed = seed
+        .map(|s| args::seq_id("seed", s))
+        .transpose()?
+        .unwrap_or(0);
+    let mut ids = [0u32; 4];
+    for (slot, (name, obj)) in ids.iter_mut().zip([
+        ("request", request),
+        ("layer", layer),
+        ("head", head),
+        ("eviction", eviction),
+    ]) {
+        if let Some(o) = obj {
+            *slot = args::int::<u32>(name, o, "[0, 2^32)")?;
+        }
+    }
+    if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
+        return Err(error(
+            Kind::InvalidArgument,
+            format!("scores[{i}] = {} is not finite", scores[i]),
+        ));
+    }
+    let temperature = opt_float("temperature", temperature)?.unwrap_or(1.0) as f32;
+    let req = evict::VictimRequest {
+        num_protected,
+        num_evict,
+        key: SampleKey {
+            seed,
+            request: ids[0],
+            layer: ids[1],
+            head: ids[2],
+            eviction: ids[3],
+        },
+    };
+    let drawn = py
+        .detach(|| evict::sample_victims(&scores, &req, seed, temperature))
+        .map_err(|e| evict_error("sample_victims", e))?;
+    Ok((drawn.pool, drawn.victims))
+}
+
 fn sim_to_py<'py>(py: Python<'py>, r: &evict::SimResult) -> PyResult<Bound<'py, PyAny>> {
     let out = json_to_py(py, r)?;
     let fid = out.get_item("fidelity")?;

@@ -71,6 +71,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<evict::PyTrace>()?;
     m.add_function(wrap_pyfunction!(evict::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(evict::golden_eviction, m)?)?;
+    m.add_function(wrap_pyfunction!(evict::sample_victims, m)?)?;
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_available, m)?)?;
     m.add_function(wrap_pyfunction!(kernels_compiled, m)?)?;

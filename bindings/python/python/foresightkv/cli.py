@@ -1,7 +1,8 @@
 """The Python command line, ``python -m foresightkv <command>``:
 
 - ``traces``: builds a trace set (held-out, train and natural-text splits) with a model;
-- ``eval``: the quality harness (loss ratio, accuracy, attention mass) of every policy and budget.
+- ``eval``: the quality harness (loss ratio, accuracy, attention mass) of every policy and budget;
+- ``train``: a ForesightKV scorer from traces (``foresightkv.train``).
 
 Each command is ``add_<name>(subparsers)`` (its arguments) plus ``cmd_<name>(args)`` (its work);
 other modules add commands the same way through ``COMMANDS``."""
@@ -219,10 +220,25 @@ def _write_json(path: str, res) -> None:
     os.replace(path + ".partial", path)
 
 
+def add_train(sub) -> None:
+    """Arguments of ``train`` (``foresightkv.train.cli``)."""
+    from .train.cli import add_train as add
+
+    add(sub)
+
+
+def cmd_train(args) -> int:
+    """Traces -> Golden labels -> supervised -> GRPO -> scorer checkpoint -> eval (``foresightkv.train``)."""
+    from .train.cli import cmd_train as run
+
+    return run(args)
+
+
 #: Subcommands: name -> (add arguments, run). Other modules append theirs (e.g. ``train``).
 COMMANDS: Dict[str, Tuple[Callable, Callable]] = {
     "traces": (add_traces, cmd_traces),
     "eval": (add_eval, cmd_eval),
+    "train": (add_train, cmd_train),
 }
 
 

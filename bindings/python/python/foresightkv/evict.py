@@ -1,12 +1,12 @@
 """Eviction policies, scorer checkpoints, traces and Golden Eviction (``Policy``, ``ScorerCheckpoint``,
-``Trace``, ``simulate``, ``golden_eviction`` from the native module), plus ``scorer_weights``, which
+``Trace``, ``simulate``, ``golden_eviction``, ``sample_victims`` from the native module), plus ``scorer_weights``, which
 turns one layer of a checkpoint into the tensors ``kernels.scorer_mlp`` takes."""
 
 from typing import Any, Optional, Tuple
 
-from ._native import Policy, ScorerCheckpoint, Trace, golden_eviction, simulate
+from ._native import Policy, ScorerCheckpoint, Trace, golden_eviction, sample_victims, simulate
 
-__all__ = ["Policy", "ScorerCheckpoint", "Trace", "golden_eviction", "scorer_weights", "simulate"]
+__all__ = ["Policy", "ScorerCheckpoint", "Trace", "golden_eviction", "sample_victims", "scorer_weights", "simulate"]
 
 
 def scorer_weights(checkpoint: ScorerCheckpoint, layer: int, device: Optional[Any] = None) -> Tuple[Any, Any, Any, Any]:
