@@ -134,17 +134,17 @@ class RecordingPolicy:
 def test_features_equal_serving_step():
     m = tiny_llama()
     x = ids(160)
-    b, l = 32, 16
+    b, interval = 32, 16
     # the plain serving step (EvictionEngine) driven through the same chunked forward
     engine = EvictionEngine(
-        EngineConfig(budget=b, interval=l, policy="h2o"), block_size=1
+        EngineConfig(budget=b, interval=interval, policy="h2o"), block_size=1
     )
     rec = RecordingPolicy(engine.policy)
     engine.policy = rec
-    ce_engine, _ = sim.run_chunked(m, x, engine, b, l)
+    ce_engine, _ = sim.run_chunked(m, x, engine, b, interval)
     events = []
     r = sim.simulate(
-        m, x, prompt_len=0, policy="h2o", budget=b, interval=l, capture=events.append
+        m, x, prompt_len=0, policy="h2o", budget=b, interval=interval, capture=events.append
     )
     # capturing does not change the run
     assert torch.equal(r.ce, ce_engine)
@@ -154,8 +154,8 @@ def test_features_equal_serving_step():
         n = ev.keys.shape[1]
         assert (
             ev.num_kv_heads == 2
-            and ev.num_protected == l
-            and ev.num_evict == l
+            and ev.num_protected == interval
+            and ev.num_evict == interval
             and n == b
         )
         for kh in range(ev.num_kv_heads):

@@ -258,7 +258,7 @@ def make_example(
         cuts = sorted(rng.uniform(0.35, 0.95) for _ in rest)
         pieces = [first] + words[: int(len(words) * 0.1)]
         prev = int(len(words) * 0.1)
-        order = [s for s in rest if not s.split()[1] in chain] + [
+        order = [s for s in rest if s.split()[1] not in chain] + [
             f"Let {chain[i + 1]} = {chain[i]}." for i in range(hops)
         ]
         for c, s in zip(cuts, order):
