@@ -62,10 +62,14 @@ section "the library without its command line (no clap, indicatif, plotters)"
 # The wheel (scripts/test_python.sh) builds the library this way, so this checks only what it pulls.
 tree="$(cargo tree -p foresightkv --no-default-features --features cuda -e normal --prefix none 2>&1)"
 cli_deps="$(echo "$tree" | grep -oE '^(clap|indicatif|plotters|tracing-subscriber) ' | sort -u | tr '\n' ' ' || true)"
-if [ -z "$cli_deps" ] && echo "$tree" | grep -q '^foresightkv '; then
+# ... and that it compiles so (the wheel's build), with warnings as errors.
+if [ -z "$cli_deps" ] && echo "$tree" | grep -q '^foresightkv ' \
+   && RUSTFLAGS="${RUSTFLAGS:-} -D warnings" cargo check -q -p foresightkv --no-default-features --features cuda --lib \
+        --target-dir "$CARGO_TARGET_DIR/nocli" > "$LOG/nocli.txt" 2>&1; then
   echo "ok: the library without the cli feature pulls none of clap, indicatif, plotters"; passed=$((passed + 1))
 else
-  echo "$tree" | head -n 20; fail "the library without the cli feature depends on: ${cli_deps:-?}"
+  echo "$tree" | head -n 20; tail -n 30 "$LOG/nocli.txt" 2>/dev/null || true
+  fail "the library without the cli feature depends on: ${cli_deps:-none}, or does not compile without it"
 fi
 
 section "Rust tests (GPU tests are ignored here: scripts/gpu_check.sh)"
