@@ -255,7 +255,10 @@ def test_step_keeps_what_the_core_simulation_keeps(policy, prompt, tmp_path):
     per (layer, KV head), exactly the tokens the Rust core's ``simulate`` keeps on the same trace."""
     from safetensors.torch import load_file
 
-    layers, hq, h, d, length, budget, interval = 2, 4, 2, 64, 120, 24, 8
+    # 121 tokens: the last eviction is due at length 120, so both sides make it. At a length where an
+    # eviction falls due on the very last token the core's simulate skips it (nothing later could
+    # measure it), while a serving step, which does not know the request ends there, makes it.
+    layers, hq, h, d, length, budget, interval = 2, 4, 2, 64, 121, 24, 8
     trace = foresightkv.Trace.synthetic(layers, hq, h, d, length, seed=5)
     trace.save(tmp_path / "trace.safetensors")
     t = load_file(str(tmp_path / "trace.safetensors"))

@@ -281,6 +281,13 @@ class EvictionEngine:
         prompt = torch.arange(min(protected_len, length), dtype=torch.int64).expand(num_kv_heads, -1)
         return torch.cat([prompt, window], dim=1)
 
+    def evictions(self, key: int) -> int:
+        """Evictions ``key`` has had so far (the most of any layer; 0 for an unknown request)."""
+        st = self._planner.state(key)
+        if st is None:
+            return 0
+        return max((ls.evictions for ls in self._layers.get(st[0], {}).values()), default=0)
+
     def release(self, key: int) -> None:
         """Forgets ``key`` (finished, aborted or preempted request); its pending eviction is dropped."""
         serial = self._planner.release(key)

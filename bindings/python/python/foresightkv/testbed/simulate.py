@@ -369,8 +369,7 @@ def simulate(
     evictions = 0
     kept = []
     if engine.keys():
-        st = engine._states[0]
-        evictions = max((ls.evictions for ls in st.layers.values()), default=0)
+        evictions = engine.evictions(0)
         kept = [
             engine.kept_positions(0, layer, shape.num_kv_heads)
             for layer in range(shape.num_layers)
