@@ -9,11 +9,13 @@
 
 pub mod bench_kernels;
 pub mod block;
+pub mod config_keys;
 pub mod cuda;
 pub mod dtype;
 pub mod evict;
 pub mod info;
 pub mod kernels;
+pub mod limits;
 pub mod replay;
 
 pub use dtype::{DType, Element};

@@ -124,10 +124,21 @@ pub fn convert_official(
         path: label.clone(),
         why,
     };
+    // Sizes (from the model's config.json) are bounded before anything is allocated for them.
+    let problems = config.validate();
+    if !problems.is_empty() {
+        return Err(bad(problems.join("; ")));
+    }
     let found = &official.layers;
     if let Some((&l, _)) = found.iter().find(|(&l, _)| l >= shape.num_layers) {
         return Err(bad(format!(
             "judge_model tensors for layer {l}, the model has {} layers",
+            shape.num_layers
+        )));
+    }
+    if let Some(l) = (0..shape.num_layers).find(|l| !found.contains_key(l)) {
+        return Err(bad(format!(
+            "missing tensor layers.{l}...judge_model.fc1.weight (no judge_model tensors for layer {l} of {})",
             shape.num_layers
         )));
     }

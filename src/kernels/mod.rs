@@ -32,7 +32,7 @@ pub use decode::{paged_attention_decode, DecodeArgs};
 pub use error::KernelError;
 pub use layout::CacheWriteLayout;
 pub use paged::{LiveWindows, PagedKvLayout, StatsLayout, NUM_STATS, SCORER_HIDDEN};
-pub use reshape_and_cache::reshape_and_cache;
+pub use reshape_and_cache::{reshape_and_cache, reshape_and_cache_into};
 pub use scorer::{gelu, scorer_mlp, ScorerWeights};
 pub use select::{score_key, select_survivors, SelectArgs};
 pub use window_stats::{window_stats, WindowStatsArgs};

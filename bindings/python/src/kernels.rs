@@ -5,7 +5,8 @@
 use crate::args;
 use crate::errors::{cuda_error, error, kernel_error, Kind};
 use crate::tensor::{
-    check_outputs, same_device, torch_stream, Device, ElemType, Raw, Tensor, FLOATS,
+    check_outputs, kv_relation, same_device, torch_stream, Device, ElemType, KvRelation, Raw,
+    Tensor, FLOATS,
 };
 use foresightkv::cuda::reshape_and_cache::{
     launch_reshape_and_cache, CacheWriteLens, CacheWritePtrs,
@@ -114,21 +115,28 @@ fn require_kernels(func: &str, t: &Tensor<'_>) -> PyResult<()> {
     }
 }
 
-/// Extracts a K/V cache pair `[num_blocks, block_size, num_kv_heads, head_dim]` (any strides,
-/// head_dim contiguous) of one float dtype.
+/// Extracts one paged cache `[num_blocks, block_size, num_kv_heads, head_dim]` (any strides,
+/// head_dim contiguous) of a float dtype.
+fn cache_tensor<'py>(name: &str, obj: &Bound<'py, PyAny>) -> PyResult<Tensor<'py>> {
+    let t = Tensor::extract(name, obj)?;
+    t.expect_dtype(FLOATS)?;
+    t.expect_ndim(4)?;
+    t.expect_inner_contiguous(1)?;
+    Ok(t)
+}
+
+/// Extracts a K/V cache pair (see [`cache_tensor`]) of one dtype and shape: separate tensors or the
+/// K and V views of one fused `[..., 2 * head_dim]` tensor, the same contract for every kernel
+/// ([`kv_relation`]; anything else sharing memory is refused).
 fn cache_pair<'py>(
     key: &Bound<'py, PyAny>,
     value: &Bound<'py, PyAny>,
-) -> PyResult<(Tensor<'py>, Tensor<'py>, PagedKvLayout)> {
-    let k = Tensor::extract("key_cache", key)?;
-    let v = Tensor::extract("value_cache", value)?;
-    for t in [&k, &v] {
-        t.expect_dtype(FLOATS)?;
-        t.expect_ndim(4)?;
-        t.expect_inner_contiguous(1)?;
-    }
+) -> PyResult<(Tensor<'py>, Tensor<'py>, PagedKvLayout, KvRelation)> {
+    let k = cache_tensor("key_cache", key)?;
+    let v = cache_tensor("value_cache", value)?;
     v.expect_same_dtype(&k)?;
     v.expect_shape(&k.shape, "the shape of key_cache")?;
+    let relation = kv_relation(&k, &v, k.shape[3])?;
     let layout = PagedKvLayout {
         num_blocks: k.shape[0],
         block_size: k.shape[1],
@@ -137,7 +145,50 @@ fn cache_pair<'py>(
         key_strides: [k.stride(0), k.stride(1), k.stride(2)],
         value_strides: [v.stride(0), v.stride(1), v.stride(2)],
     };
-    Ok((k, v, layout))
+    Ok((k, v, layout, relation))
+}
+
+/// The pair [`check_outputs`] lets interleave: the K/V views of a fused cache.
+fn fused_pair<'a, 'py>(
+    k: &'a Tensor<'py>,
+    v: &'a Tensor<'py>,
+    relation: KvRelation,
+) -> Option<(&'a Tensor<'py>, &'a Tensor<'py>)> {
+    (relation == KvRelation::Fused).then_some((k, v))
+}
+
+/// The host memory a cache pair's kernels write: two buffers, or one covering both fused views.
+#[derive(Clone, Copy)]
+struct RawCache {
+    key: Raw,
+    value: Raw,
+    fused: Option<Raw>,
+}
+
+impl RawCache {
+    fn new(k: &Tensor<'_>, v: &Tensor<'_>, relation: KvRelation, head_dim: i64) -> Self {
+        let fused = (relation == KvRelation::Fused).then(|| Raw {
+            ptr: k.ptr,
+            len: k.extent.max(v.extent + head_dim as usize),
+        });
+        Self {
+            key: k.raw(),
+            value: v.raw(),
+            fused,
+        }
+    }
+
+    /// # Safety
+    /// The tensors must be alive, on the host, of element type `T`, and overlap no other slice.
+    unsafe fn get<'a, T>(self) -> KvCacheMut<'a, T> {
+        match self.fused {
+            Some(all) => KvCacheMut::Fused(all.slice_mut::<T>()),
+            None => KvCacheMut::Split {
+                key: self.key.slice_mut::<T>(),
+                value: self.value.slice_mut::<T>(),
+            },
+        }
+    }
 }
 
 /// Block tables `[num_seqs, width]`, `seq_lens` and `live_starts` `[num_seqs]`, int32, contiguous.
@@ -274,7 +325,7 @@ pub fn reshape_and_cache<'py>(
     }
     v.expect_same_dtype(&k)?;
     v.expect_shape(&k.shape, "the shape of key")?;
-    let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
+    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
     kc.expect_same_dtype(&k)?;
     kc.expect_dim(2, k.shape[1], "num_kv_heads of key")?;
     kc.expect_dim(3, k.shape[2], "head_dim of key")?;
@@ -285,6 +336,7 @@ pub fn reshape_and_cache<'py>(
     sm.expect_dim(0, k.shape[0], "one slot per token")?;
     let all = [&k, &v, &kc, &vc, &sm];
     let device = same_device(&all)?;
+    check_outputs(&[&kc, &vc], &all, fused_pair(&kc, &vc, relation))?;
     let layout = CacheWriteLayout {
         num_tokens: k.shape[0],
         num_kv_heads: k.shape[1],
@@ -298,19 +350,19 @@ pub fn reshape_and_cache<'py>(
     };
     match device {
         Device::Cpu => {
-            check_outputs(&[&kc, &vc], &all)?;
-            let (rk, rv, rkc, rvc, rs) = (k.raw(), v.raw(), kc.raw(), vc.raw(), sm.raw());
+            let (rk, rv, rs) = (k.raw(), v.raw(), sm.raw());
+            let rc = RawCache::new(&kc, &vc, relation, kv.head_dim);
             with_float!(k.dtype, T => py
                 .detach(move || {
-                    // SAFETY: host tensors of dtype T (checked), alive for this call; the two caches
-                    // are disjoint from each other and from every input (check_outputs).
+                    // SAFETY: host tensors of dtype T (checked), alive for this call; the caches are
+                    // disjoint from every input and from each other, or one fused buffer
+                    // (check_outputs, kv_relation).
                     unsafe {
-                        kernels::reshape_and_cache::<T>(
+                        kernels::reshape_and_cache_into::<T>(
                             &layout,
                             rk.slice(),
                             rv.slice(),
-                            rkc.slice_mut(),
-                            rvc.slice_mut(),
+                            rc.get::<T>(),
                             rs.slice(),
                         )
                     }
@@ -318,8 +370,6 @@ pub fn reshape_and_cache<'py>(
                 .map_err(|e| kernel_error(F, e)))
         }
         Device::Cuda(ordinal) => {
-            kc.expect_writable()?;
-            vc.expect_writable()?;
             require_kernels(F, &kc)?;
             let dtype = k
                 .dtype
@@ -373,7 +423,7 @@ pub fn paged_attention_decode<'py>(
     q.expect_dtype(FLOATS)?;
     q.expect_ndim(3)?;
     q.expect_inner_contiguous(1)?;
-    let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
+    let (kc, vc, kv, _) = cache_pair(key_cache, value_cache)?;
     kc.expect_same_dtype(&q)?;
     kc.expect_dim(3, q.shape[2], "head_dim of query")?;
     let w = Windows::extract(block_tables, seq_lens, live_starts, q.shape[0])?;
@@ -384,7 +434,7 @@ pub fn paged_attention_decode<'py>(
     let [bt, sl, ls] = w.tensors();
     let all = [&q, &kc, &vc, bt, sl, ls, &o];
     let tgt = target(py, F, &all)?;
-    check_outputs(&[&o], &all)?;
+    check_outputs(&[&o], &all, None)?;
     let args = DecodeArgs {
         num_q_heads: q.shape[1],
         query_strides: [q.stride(0), q.stride(1)],
@@ -474,7 +524,15 @@ pub fn window_stats<'py>(
         q.shape[0],
         "one count per sequence",
     )?;
-    let (kc, _, kv) = cache_pair(key_cache, key_cache)?;
+    let kc = cache_tensor("key_cache", key_cache)?;
+    let kv = PagedKvLayout {
+        num_blocks: kc.shape[0],
+        block_size: kc.shape[1],
+        num_kv_heads: kc.shape[2],
+        head_dim: kc.shape[3],
+        key_strides: [kc.stride(0), kc.stride(1), kc.stride(2)],
+        value_strides: [kc.stride(0), kc.stride(1), kc.stride(2)],
+    };
     kc.expect_same_dtype(&q)?;
     kc.expect_dim(3, q.shape[3], "head_dim of queries")?;
     let w = Windows::extract(block_tables, seq_lens, live_starts, q.shape[0])?;
@@ -482,7 +540,7 @@ pub fn window_stats<'py>(
     let [bt, sl, ls] = w.tensors();
     let all = [&q, &nq, &kc, bt, sl, ls, &st];
     let tgt = target(py, F, &all)?;
-    check_outputs(&[&st], &all)?;
+    check_outputs(&[&st], &all, None)?;
     let args = WindowStatsArgs {
         num_q_heads: q.shape[2],
         max_queries: q.shape[1],
@@ -579,7 +637,7 @@ pub fn scorer_mlp<'py>(
     scores: &Bound<'py, PyAny>,
 ) -> PyResult<()> {
     const F: &str = "scorer_mlp";
-    let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
+    let (kc, vc, kv, _) = cache_pair(key_cache, value_cache)?;
     let sc = Tensor::extract("scores", scores)?;
     sc.expect_dtype(&[ElemType::F32])?;
     sc.expect_ndim(3)?;
@@ -607,7 +665,7 @@ pub fn scorer_mlp<'py>(
     let mut all = vec![&kc, &vc, bt, sl, ls, &st, &sc];
     all.extend(weights.iter());
     let tgt = target(py, F, &all)?;
-    check_outputs(&[&sc], &all)?;
+    check_outputs(&[&sc], &all, None)?;
     let max_live = sc.shape[2];
     if let Target::Cuda { ordinal, stream } = tgt {
         let (lens, starts) = (host_i32(sl)?, host_i32(ls)?);
@@ -705,7 +763,7 @@ pub fn select_survivors<'py>(
     };
     let all = [&sc, &sl, &ls, &ne, &sv];
     let tgt = target(py, F, &all)?;
-    check_outputs(&[&sv], &all)?;
+    check_outputs(&[&sv], &all, None)?;
     let sargs = SelectArgs {
         num_kv_heads: sc.shape[1],
         max_live: sc.shape[2],
@@ -770,7 +828,7 @@ pub fn compact<'py>(
     stats: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     const F: &str = "compact";
-    let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
+    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
     let sv = Tensor::extract("survivors", survivors)?;
     sv.expect_dtype(&[ElemType::I32])?;
     sv.expect_ndim(3)?;
@@ -786,25 +844,11 @@ pub fn compact<'py>(
         all.push(s);
     }
     let tgt = target(py, F, &all)?;
-    let esize = kc.dtype.size();
-    let fused =
-        vc.ptr == kc.ptr + kv.head_dim as usize * esize && kv.key_strides == kv.value_strides;
-    let mut outputs = vec![&kc];
-    if !fused {
-        outputs.push(&vc);
-    }
+    let mut outputs = vec![&kc, &vc];
     if let Some((s, _)) = &st {
         outputs.push(s);
     }
-    let others: Vec<&Tensor<'_>> = all
-        .iter()
-        .copied()
-        .filter(|t| !(fused && std::ptr::eq(*t, &vc)))
-        .collect();
-    check_outputs(&outputs, &others)?;
-    if fused {
-        vc.expect_writable()?;
-    }
+    check_outputs(&outputs, &all, fused_pair(&kc, &vc, relation))?;
     let max_live = sv.shape[2];
     if let Target::Cuda { ordinal, stream } = tgt {
         let (lens, starts, evict) = (host_i32(sl)?, host_i32(ls)?, host_i32(&ne)?);
@@ -841,22 +885,15 @@ pub fn compact<'py>(
             })
             .map_err(|e| cuda_error(F, e));
     }
-    let fused_raw = Raw {
-        ptr: kc.ptr,
-        len: kc.extent.max(vc.extent + kv.head_dim as usize),
-    };
-    let (rk, rv, rne, rsv, rw) = (kc.raw(), vc.raw(), ne.raw(), sv.raw(), w.raw());
+    let rc = RawCache::new(&kc, &vc, relation, kv.head_dim);
+    let (rne, rsv, rw) = (ne.raw(), sv.raw(), w.raw());
     let rst = st.as_ref().map(|(s, l)| (*l, s.raw()));
     with_float!(kc.dtype, T => py
         .detach(move || {
             // SAFETY: host tensors of the checked dtypes, alive for this call; the written buffers
             // overlap no input, and a fused cache is passed as one slice covering both views.
             unsafe {
-                let cache = if fused {
-                    KvCacheMut::Fused(fused_raw.slice_mut::<T>())
-                } else {
-                    KvCacheMut::Split { key: rk.slice_mut::<T>(), value: rv.slice_mut::<T>() }
-                };
+                let cache = rc.get::<T>();
                 let stats = rst.as_ref().map(|(l, r)| (l, r.slice_mut::<f32>()));
                 kernels::compact::<T>(&kv, &rw.get(), max_live, rne.slice(), rsv.slice(), cache, stats)
             }
