@@ -248,3 +248,56 @@ fn attention_trace_with_a_layer_larger_than_memory_is_refused() {
     .unwrap();
     assert!(AttnTrace::from_bytes(bytes, "hostile").is_err());
 }
+
+#[test]
+fn replay_scenarios_with_hostile_sizes_are_refused_before_running() {
+    use foresightkv::replay::{OutputLengths, ScenarioKind, ScenarioSpec};
+    let trace = Trace::bundled(foresightkv::replay::BundledTrace::Conversation).unwrap();
+    let spec = |kind, requests, output: OutputLengths, paper_output| ScenarioSpec {
+        kind,
+        requests,
+        rate_scale: 1.0,
+        output,
+        paper_prompt: 128,
+        paper_output,
+        seed: 0,
+    };
+    let long = OutputLengths {
+        min: 3_000_000_000,
+        max: 4_000_000_000,
+        ..OutputLengths::default()
+    };
+    for (s, why) in [
+        (
+            spec(
+                ScenarioKind::Paper,
+                2,
+                OutputLengths::default(),
+                4_000_000_000,
+            ),
+            "per request",
+        ),
+        (
+            spec(
+                ScenarioKind::Paper,
+                100_000_000_000,
+                OutputLengths::default(),
+                128,
+            ),
+            "2^24",
+        ),
+        (
+            spec(
+                ScenarioKind::Paper,
+                1 << 20,
+                OutputLengths::default(),
+                1 << 20,
+            ),
+            "in all",
+        ),
+        (spec(ScenarioKind::Reasoning, 2, long, 1), "per request"),
+    ] {
+        let msg = s.build(&trace).unwrap_err().to_string();
+        assert!(msg.contains(why), "{s:?}: {msg}");
+    }
+}

@@ -232,14 +232,19 @@ pub fn export_official(ck: &ScorerCheckpoint) -> Vec<(String, OwnedTensor)> {
 /// Reads the attention shape from a Hugging Face `config.json` (`num_hidden_layers`,
 /// `num_attention_heads`, `num_key_value_heads`, `head_dim` or `hidden_size / num_attention_heads`).
 pub fn model_shape_from_hf_config(path: &Path) -> Result<ModelShape, EvictError> {
-    let bytes = read_file(path)?;
+    model_shape_from_hf_json(&read_file(path)?, &path.display().to_string())
+}
+
+/// [`model_shape_from_hf_config`] of the file's bytes (`label` names it in errors). Other keys of
+/// the model's config are the model's business and are not checked.
+pub fn model_shape_from_hf_json(bytes: &[u8], label: &str) -> Result<ModelShape, EvictError> {
     let v: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|source| EvictError::Json {
-            path: path.display().to_string(),
+        serde_json::from_slice(bytes).map_err(|source| EvictError::Json {
+            path: label.to_string(),
             source,
         })?;
     let bad = |why: String| EvictError::BadCheckpoint {
-        path: path.display().to_string(),
+        path: label.to_string(),
         why,
     };
     let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
