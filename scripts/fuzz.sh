@@ -6,7 +6,8 @@
 # toolchain is stable, so the nightly flags cargo-fuzz needs are enabled with RUSTC_BOOTSTRAP=1.
 #
 #   scripts/fuzz.sh                       short pass, FUZZ_SECONDS (default 15) per target (test.sh)
-#   scripts/fuzz.sh --runs 1000000 --record bench/results/fuzz.txt    the long run, figures recorded
+#   scripts/fuzz.sh --runs 1000000 --seconds 3600 --record bench/results/fuzz.txt
+#                                         the long run (stops at 1M executions or the time cap)
 #   scripts/fuzz.sh --seconds 600 --targets "trace_csv attention_trace"
 #
 # Seeds are fuzz/seeds/<target> (committed, small); the growing corpus lives in the cache. Prints one
@@ -62,7 +63,8 @@ for t in $TARGETS; do
   bin="$CARGO_TARGET_DIR/$TRIPLE/release/$t"
   corpus="$WORK/corpus/$t"
   mkdir -p "$corpus"
-  if [ -n "$RUNS" ]; then budget=(-runs="$RUNS"); else budget=(-max_total_time="$SECONDS_PER_TARGET"); fi
+  budget=(-max_total_time="$SECONDS_PER_TARGET")
+  [ -z "$RUNS" ] || budget+=(-runs="$RUNS")
   log="$WORK/$t.log"
   start=$(date +%s.%N)
   if nice "$bin" "$corpus" "fuzz/seeds/$t" "${budget[@]}" -timeout=10 -rss_limit_mb=2048 \
@@ -89,7 +91,7 @@ done
 
 if [ -n "$RECORD" ]; then
   {
-    echo "# Fuzz figures: scripts/fuzz.sh ${RUNS:+--runs $RUNS}${RUNS:---seconds $SECONDS_PER_TARGET} (libFuzzer via cargo-fuzz $(cargo-fuzz --version | awk '{print $2}'), AddressSanitizer, debug assertions)"
+    echo "# Fuzz figures: scripts/fuzz.sh ${RUNS:+--runs $RUNS }--seconds $SECONDS_PER_TARGET (libFuzzer via cargo-fuzz $(cargo-fuzz --version | awk '{print $2}'), AddressSanitizer, debug assertions)"
     echo "# machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), shared with other jobs), $(awk '/MemTotal/ { printf "%d GiB", $2 / 1048576 }' /proc/meminfo); $(rustc --version); date $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "# commit $(git -C "$ROOT" rev-parse --short HEAD); seeds fuzz/seeds/<target>, corpus grown from them in the cache"
     printf '%-20s %12s %8s %8s %8s\n' target executions crashes seconds corpus

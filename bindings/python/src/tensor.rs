@@ -808,10 +808,10 @@ pub fn kv_relation(key: &Tensor<'_>, value: &Tensor<'_>, head_dim: i64) -> PyRes
     Err(error(
         Kind::InvalidArgument,
         format!(
-            "{} and {} share memory but are not the fused K|V layout (value view = key view + \
-             head_dim {head_dim} elements, same strides, no element in both): key at {:#x} strides \
-             {ks:?}, value at {:#x} strides {vs:?}",
-            key.name, value.name, key.ptr, value.ptr
+            "{} shares memory with {} but they are not the fused K|V layout (value view = key \
+             view + head_dim {head_dim} elements, same strides, no element in both): key at {:#x} \
+             strides {ks:?}, value at {:#x} strides {vs:?}",
+            value.name, key.name, key.ptr, value.ptr
         ),
     ))
 }

@@ -165,6 +165,7 @@ def snapshot(values):
 
 
 def run(kernel, examples):
+    counts = {"accepted": 0, "refused": 0}
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(st.data())
@@ -189,6 +190,7 @@ def run(kernel, examples):
             refused = False
         except fkv.Error:
             refused = True
+        counts["refused" if refused else "accepted"] += 1
         if refused:
             for b, was in zip(bufs, before):
                 assert torch.equal(b, was), f"{kernel} wrote before refusing (mutated {sorted(mutated)})"
@@ -199,7 +201,8 @@ def run(kernel, examples):
                 f"{kernel} wrote outside {o} (mutated {sorted(mutated)})"
 
     prop()
-    print(f"fuzz {kernel}: {examples} examples ok")
+    print(f"fuzz {kernel}: {examples} examples ok ({counts['accepted']} calls accepted, "
+          f"{counts['refused']} refused, shrinking included)")
 
 
 if __name__ == "__main__":
