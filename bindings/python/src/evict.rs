@@ -740,6 +740,7 @@ fn schedule_arg(
 /// kept, relative output error, queries, evictions) and, with `record`, every eviction.
 #[pyfunction]
 #[pyo3(signature = (trace, policy, budget, interval, *, request = None, record = None, prompt_len = None))]
+#[allow(clippy::too_many_arguments)]
 pub fn simulate<'py>(
     py: Python<'py>,
     trace: &Bound<'py, PyAny>,
