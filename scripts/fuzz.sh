@@ -9,6 +9,7 @@
 #   scripts/fuzz.sh --runs 1000000 --seconds 3600 --record bench/results/fuzz.txt
 #                                         the long run (stops at 1M executions or the time cap)
 #   scripts/fuzz.sh --seconds 600 --targets "trace_csv attention_trace"
+#   FUZZ_PARALLEL=1 scripts/fuzz.sh ...  runs the targets at once (one process each)
 #
 # Seeds are fuzz/seeds/<target> (committed, small); the growing corpus lives in the cache. Prints one
 # line per target and "fuzz tests: P passed, F failed, 0 skipped" (a crash, timeout or build failure
@@ -56,42 +57,54 @@ if ! (cd fuzz && nice cargo fuzz build -a) > "$WORK/build.log" 2>&1; then
   exit 1
 fi
 
-passed=0; failed=0
-rows=()
 export FORESIGHTKV_MAX_ALLOC_BYTES=$((512 << 20))
-for t in $TARGETS; do
-  bin="$CARGO_TARGET_DIR/$TRIPLE/release/$t"
-  corpus="$WORK/corpus/$t"
+# Runs one target; writes its figures to $WORK/<target>.row ("verdict executions crashes seconds corpus").
+run_target() {
+  local t="$1" bin="$CARGO_TARGET_DIR/$TRIPLE/release/$1" corpus="$WORK/corpus/$1" log="$WORK/$1.log"
   mkdir -p "$corpus"
-  budget=(-max_total_time="$SECONDS_PER_TARGET")
+  local budget=(-max_total_time="$SECONDS_PER_TARGET")
   [ -z "$RUNS" ] || budget+=(-runs="$RUNS")
-  log="$WORK/$t.log"
+  local start rc=0
   start=$(date +%s.%N)
-  if nice "$bin" "$corpus" "fuzz/seeds/$t" "${budget[@]}" -timeout=10 -rss_limit_mb=2048 \
-       -malloc_limit_mb=1024 -max_len=65536 -print_final_stats=1 \
-       -artifact_prefix="$WORK/artifacts/$t-" > "$log" 2>&1; then
-    rc=0
-  else
-    rc=$?
-  fi
+  nice "$bin" "$corpus" "fuzz/seeds/$t" "${budget[@]}" -timeout=10 -rss_limit_mb=2048 \
+    -malloc_limit_mb=1024 -max_len=65536 -print_final_stats=1 \
+    -artifact_prefix="$WORK/artifacts/$t-" > "$log" 2>&1 || rc=$?
+  local secs execs crashes verdict=ok
   secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.0f", e - s }')
   execs=$(awk '/stat::number_of_executed_units:/ { n = $2 } END { print n + 0 }' "$log")
-  crashes=$(grep -c -E '^==[0-9]+== ?ERROR|^SUMMARY: (libFuzzer|AddressSanitizer)|panicked at' "$log" || true)
-  if [ "$rc" -eq 0 ] && [ "$crashes" -eq 0 ]; then
-    passed=$((passed + 1)); verdict=ok
-  else
-    failed=$((failed + 1)); verdict=FAIL
+  crashes=$(grep -c 'Test unit written to' "$log" || true)
+  if [ "$rc" -ne 0 ] || [ "$crashes" -ne 0 ]; then
+    verdict=FAIL
     [ "$crashes" -gt 0 ] || crashes=1
-    grep -E 'ERROR|panicked|SUMMARY|Test unit written' "$log" | head -n 8 || tail -n 8 "$log"
   fi
-  corpus_n=$(find "$corpus" -type f | wc -l)
+  echo "$verdict $execs $crashes $secs $(find "$corpus" -type f | wc -l)" > "$WORK/$t.row"
+}
+
+for t in $TARGETS; do rm -f "$WORK/$t.row"; done
+if [ -n "${FUZZ_PARALLEL:-}" ]; then
+  for t in $TARGETS; do run_target "$t" & done
+  wait
+else
+  for t in $TARGETS; do run_target "$t"; done
+fi
+
+passed=0; failed=0
+rows=()
+for t in $TARGETS; do
+  read -r verdict execs crashes secs corpus_n < "$WORK/$t.row" || { verdict=FAIL; execs=0; crashes=1; secs=0; corpus_n=0; }
+  if [ "$verdict" = ok ]; then
+    passed=$((passed + 1))
+  else
+    failed=$((failed + 1))
+    grep -E 'ERROR|panicked|SUMMARY|Test unit written' "$WORK/$t.log" | head -n 8 || tail -n 8 "$WORK/$t.log"
+  fi
   printf 'fuzz %-20s %s: %d executions in %d s, %d crashes, corpus %d\n' "$t" "$verdict" "$execs" "$secs" "$crashes" "$corpus_n"
   rows+=("$(printf '%-20s %12d %8d %8d %8d' "$t" "$execs" "$crashes" "$secs" "$corpus_n")")
 done
 
 if [ -n "$RECORD" ]; then
   {
-    echo "# Fuzz figures: scripts/fuzz.sh ${RUNS:+--runs $RUNS }--seconds $SECONDS_PER_TARGET (libFuzzer via cargo-fuzz $(cargo-fuzz --version | awk '{print $2}'), AddressSanitizer, debug assertions)"
+    echo "# Fuzz figures: ${FUZZ_PARALLEL:+FUZZ_PARALLEL=1 }scripts/fuzz.sh ${RUNS:+--runs $RUNS }--seconds $SECONDS_PER_TARGET (libFuzzer via cargo-fuzz $(cargo-fuzz --version | awk '{print $2}'), AddressSanitizer, debug assertions)"
     echo "# machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), shared with other jobs), $(awk '/MemTotal/ { printf "%d GiB", $2 / 1048576 }' /proc/meminfo); $(rustc --version); date $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "# commit $(git -C "$ROOT" rev-parse --short HEAD); seeds fuzz/seeds/<target>, corpus grown from them in the cache"
     printf '%-20s %12s %8s %8s %8s\n' target executions crashes seconds corpus

@@ -51,7 +51,9 @@ fuzz_target!(|data: &[u8]| {
             value_cache_strides: vcs,
         };
         let (kl, vl, kcl, vcl) = (b.len(), b.len(), b.len(), b.len());
-        let slots: Vec<i64> = (0..b.u8() % 8).map(|_| b.dim() * 3 - 10).collect();
+        let slots: Vec<i64> = (0..b.u8() % 8)
+            .map(|_| b.dim().wrapping_mul(3) - 10)
+            .collect();
         let (key, value) = (vec![1f32; kl], vec![2f32; vl]);
         let (mut kc, mut vc) = (vec![0f32; kcl], vec![0f32; vcl]);
         let _ = kernels::reshape_and_cache(&layout, &key, &value, &mut kc, &mut vc, &slots);
@@ -75,9 +77,15 @@ fuzz_target!(|data: &[u8]| {
     let seqs = (b.u8() % 4) as usize;
     let width = (b.u8() % 6) as i64;
     let block_tables: Vec<i32> = (0..seqs * width as usize).map(|_| b.dim() as i32).collect();
-    let seq_lens: Vec<i32> = (0..seqs).map(|_| b.dim() as i32 * 4).collect();
-    let live_starts: Vec<i32> = (0..seqs).map(|_| b.dim() as i32 * 4).collect();
-    let num_evict: Vec<i32> = (0..seqs).map(|_| b.dim() as i32 * 2).collect();
+    let seq_lens: Vec<i32> = (0..seqs)
+        .map(|_| (b.dim() as i32).wrapping_mul(4))
+        .collect();
+    let live_starts: Vec<i32> = (0..seqs)
+        .map(|_| (b.dim() as i32).wrapping_mul(4))
+        .collect();
+    let num_evict: Vec<i32> = (0..seqs)
+        .map(|_| (b.dim() as i32).wrapping_mul(2))
+        .collect();
     let max_live = b.dim();
     let survivors: Vec<i32> = (0..b.len() % 512).map(|_| b.dim() as i32).collect();
     let windows = LiveWindows {

@@ -25,7 +25,9 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(ck) = convert_official(&official, shape, budget, interval) {
             let bytes = serialize(&export_official(&ck), "fuzz").expect("export serialises");
             let mut again = OfficialTensors::default();
-            again.add_shard("re-import", &bytes).expect("export re-imports");
+            again
+                .add_shard("re-import", &bytes)
+                .expect("export re-imports");
             let back = convert_official(&again, shape, budget, interval).expect("re-converts");
             assert_eq!(back, ck);
         }
