@@ -2,7 +2,7 @@
 zero, overlapping, huge), aliasing between arguments and memory owners (torch, numpy, numpy over a
 bytearray or an mmap, DLPack-only objects, non-tensors). Each kernel runs in its own interpreter
 (fuzz_tensors_driver.py), so a crash is a counted failure; FORESIGHTKV_FUZZ_EXAMPLES sets the number
-of examples per kernel (default 150, about a minute in all on 2 cores)."""
+of examples per kernel (default 60, one to two minutes in all on 2 idle cores)."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 
 KERNELS = ["compact", "paged_attention_decode", "reshape_and_cache", "scorer_mlp", "select_survivors",
            "window_stats"]
-EXAMPLES = int(os.environ.get("FORESIGHTKV_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("FORESIGHTKV_FUZZ_EXAMPLES", "60"))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
