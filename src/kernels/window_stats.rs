@@ -54,9 +54,8 @@ pub const DECAY: f32 = 0.9;
 
 /// Which definition of the statistics is computed; a scorer only sees the inputs it was trained on
 /// when the mode matches its checkpoint's.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum StatsMode {
     /// The paper's definitions: sum8/16/32 over the last 8/16/32 queries (the default).
