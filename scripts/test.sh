@@ -78,6 +78,11 @@ grep -E '^(test |test result:|running |failures:|---- |thread .* panicked)' "$LO
 count_cargo "$LOG/cargo.txt"
 [ "$status" -eq 0 ] || tail -n 80 "$LOG/cargo.txt"
 
+section "fuzz: every parser of outside data, short pass (scripts/fuzz.sh, libFuzzer + AddressSanitizer)"
+if scripts/fuzz.sh 2>&1 | tee "$LOG/fuzz.txt"; then :; else status=1; fi
+read -r p f s < <(awk '/^fuzz tests:/ { p = $3; f = $5; s = $7 } END { print p + 0, (f == "" ? 1 : f), s + 0 }' "$LOG/fuzz.txt")
+passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+
 section "build without nvcc: warns, builds, and CUDA calls fail with a typed error"
 NOCUDA_PATH="$(echo "$PATH" | tr ':' '\n' | grep -v -e '/cuda' -e 'nvidia' | paste -sd: -)"
 # Forget the cached build-script run so its warning is printed again.

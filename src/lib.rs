@@ -11,11 +11,13 @@
 pub mod block;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod config_keys;
 pub mod cuda;
 pub mod dtype;
 pub mod evict;
 pub mod info;
 pub mod kernels;
+pub mod limits;
 pub mod ops;
 pub mod replay;
 

@@ -219,6 +219,7 @@ fn bufs(case: &Case, addrs: [u64; 5]) -> (Cache, Buf, Buf, Buf) {
     let cache = Cache {
         key: Buf::new(addrs[2], case.cache_len),
         value: Buf::new(addrs[3], case.cache_len),
+        fused: false,
     };
     (
         cache,

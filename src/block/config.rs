@@ -6,6 +6,7 @@ use super::{BlockError, BlockPool};
 
 /// Eviction schedule of every sequence: keep `budget` live entries, evict `interval` at a time.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct EvictionConfig {
     /// Budget `B`: live KV entries per (layer, KV head) left after an eviction; a multiple of the block size.
     pub budget: usize,
@@ -17,6 +18,7 @@ pub struct EvictionConfig {
 
 /// Shape of the paged KV cache managed by [`super::KvCacheManager`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Tokens per block.
     pub block_size: usize,

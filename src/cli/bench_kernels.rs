@@ -385,6 +385,7 @@ mod imp {
         let c = Cache {
             key: Buf::new(k.ptr(), elems),
             value: Buf::new(v.ptr(), elems),
+            fused: false,
         };
         Ok((k, v, c))
     }

@@ -18,6 +18,7 @@ use super::tensors::{read_file, serialize, to_f32, write_file, OwnedTensor};
 use super::EvictError;
 use crate::kernels::scorer_mlp::scorer_in_dim;
 use crate::kernels::{ScorerWeights, StatsMode, SCORER_HIDDEN};
+use crate::limits;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -35,6 +36,7 @@ pub const WEIGHTS_FILE: &str = "scorer.safetensors";
 
 /// The model shape and eviction schedule a scorer was trained for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ScorerConfig {
     /// Always [`SCORER_FORMAT`].
     pub format: String,
@@ -143,7 +145,29 @@ impl ScorerConfig {
                 bad.push(format!("{name} is 0"));
             }
         }
+        if self.interval > self.budget {
+            bad.push(format!(
+                "interval {} exceeds budget {}: the L newest entries are protected, so L <= B",
+                self.interval, self.budget
+            ));
+        }
+        if let Err(e) = self.weight_count() {
+            bad.push(e.to_string());
+        }
         bad
+    }
+
+    /// Number of f32 weights of the whole scorer (`num_layers * num_kv_heads * (16 * in_dim + 33)`),
+    /// checked against this machine's memory before anything is allocated.
+    pub fn weight_count(&self) -> Result<usize, limits::LimitError> {
+        let what = format!(
+            "the scorer weights of num_layers {} x num_kv_heads {} (group_size {}, head_dim {})",
+            self.num_layers, self.num_kv_heads, self.group_size, self.head_dim
+        );
+        let in_dim = 2 * self.head_dim as u128 + 8 * self.group_size as u128;
+        let per_head = SCORER_HIDDEN as u128 * in_dim + 2 * SCORER_HIDDEN as u128 + 1;
+        let per_head = usize::try_from(per_head).unwrap_or(usize::MAX);
+        limits::check_elems(&what, &[self.num_layers, self.num_kv_heads, per_head], 4)
     }
 
     /// Every difference between this config's model shape and `model`, one message each.
@@ -249,17 +273,33 @@ impl ScorerCheckpoint {
                     });
                 }
             }
+            for (name, values) in [("w1", &w.w1), ("b1", &w.b1), ("w2", &w.w2), ("b2", &w.b2)] {
+                if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+                    return Err(EvictError::BadCheckpoint {
+                        path: "<memory>".into(),
+                        why: format!("layers.{l}.{name} has a non-finite value at flat index {i}"),
+                    });
+                }
+            }
         }
         Ok(Self { config, layers })
     }
 
     /// Parses a checkpoint from its config JSON and safetensors bytes (`label` names it in errors).
     pub fn from_bytes(config_json: &[u8], weights: &[u8], label: &str) -> Result<Self, EvictError> {
-        let config: ScorerConfig =
-            serde_json::from_slice(config_json).map_err(|source| EvictError::Json {
-                path: label.to_string(),
-                source,
-            })?;
+        let config: ScorerConfig = serde_json::from_slice(config_json).map_err(|source| {
+            if crate::config_keys::is_unknown_field(&source) {
+                EvictError::BadCheckpoint {
+                    path: format!("{label} ({CONFIG_FILE})"),
+                    why: crate::config_keys::explain(&source),
+                }
+            } else {
+                EvictError::Json {
+                    path: label.to_string(),
+                    source,
+                }
+            }
+        })?;
         let bad = config.validate();
         if !bad.is_empty() {
             return Err(EvictError::BadCheckpoint {
@@ -277,7 +317,18 @@ impl ScorerCheckpoint {
             path: label.to_string(),
             why,
         };
-        let mut layers = Vec::with_capacity(config.num_layers);
+        // Every weight takes at least 2 bytes (f16/bf16): a config claiming more than the file
+        // holds is refused before anything is allocated for it.
+        let floats = config.weight_count().map_err(|e| bad(e.to_string()))?;
+        if floats as u128 * 2 > weights.len() as u128 {
+            return Err(bad(format!(
+                "config.json describes {floats} weights but {WEIGHTS_FILE} has only {} bytes",
+                weights.len()
+            )));
+        }
+        let mut layers =
+            limits::try_vec(&format!("{} layers", config.num_layers), config.num_layers)
+                .map_err(|e| bad(e.to_string()))?;
         let mut used = 0usize;
         for l in 0..config.num_layers {
             let mut got: Vec<Vec<f32>> = Vec::with_capacity(4);
@@ -401,6 +452,23 @@ impl ScorerCheckpoint {
     /// untrained scorer).
     pub fn random(config: ScorerConfig, seed: u64, std: f32) -> Result<Self, EvictError> {
         use rand::{RngExt, SeedableRng};
+        let bad = config.validate();
+        if !bad.is_empty() {
+            return Err(EvictError::BadCheckpoint {
+                path: "<memory>".into(),
+                why: bad.join("; "),
+            });
+        }
+        // Box-Muller draws reach |z| <= sqrt(-2 ln 1e-7) < 5.7: every weight stays finite.
+        if !(std.is_finite() && std >= 0.0 && (std * 6.0).is_finite()) {
+            return Err(EvictError::InvalidArgument {
+                name: "std",
+                why: format!(
+                    "std = {std} must be finite, non-negative and at most {:e} (f32 weights)",
+                    f32::MAX / 6.0
+                ),
+            });
+        }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut normal = |n: usize| -> Vec<f32> {
             (0..n)

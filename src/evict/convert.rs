@@ -140,10 +140,21 @@ pub fn convert_official(
             shape.group_size
         )));
     }
+    // Sizes (from the model's config.json) are bounded before anything is allocated for them.
+    let problems = config.validate();
+    if !problems.is_empty() {
+        return Err(bad(problems.join("; ")));
+    }
     let found = &official.layers;
     if let Some((&l, _)) = found.iter().find(|(&l, _)| l >= shape.num_layers) {
         return Err(bad(format!(
             "judge_model tensors for layer {l}, the model has {} layers",
+            shape.num_layers
+        )));
+    }
+    if let Some(l) = (0..shape.num_layers).find(|l| !found.contains_key(l)) {
+        return Err(bad(format!(
+            "missing tensor layers.{l}...judge_model.fc1.weight (no judge_model tensors for layer {l} of {})",
             shape.num_layers
         )));
     }
@@ -237,14 +248,19 @@ pub fn export_official(ck: &ScorerCheckpoint) -> Vec<(String, OwnedTensor)> {
 /// Reads the attention shape from a Hugging Face `config.json` (`num_hidden_layers`,
 /// `num_attention_heads`, `num_key_value_heads`, `head_dim` or `hidden_size / num_attention_heads`).
 pub fn model_shape_from_hf_config(path: &Path) -> Result<ModelShape, EvictError> {
-    let bytes = read_file(path)?;
+    model_shape_from_hf_json(&read_file(path)?, &path.display().to_string())
+}
+
+/// [`model_shape_from_hf_config`] of the file's bytes (`label` names it in errors). Other keys of
+/// the model's config are the model's business and are not checked.
+pub fn model_shape_from_hf_json(bytes: &[u8], label: &str) -> Result<ModelShape, EvictError> {
     let v: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|source| EvictError::Json {
-            path: path.display().to_string(),
+        serde_json::from_slice(bytes).map_err(|source| EvictError::Json {
+            path: label.to_string(),
             source,
         })?;
     let bad = |why: String| EvictError::BadCheckpoint {
-        path: path.display().to_string(),
+        path: label.to_string(),
         why,
     };
     let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);

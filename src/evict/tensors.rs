@@ -9,6 +9,16 @@ use std::path::Path;
 
 /// Reads a whole file (typed error on failure).
 pub fn read_file(path: &Path) -> Result<Vec<u8>, EvictError> {
+    // A file larger than this machine's memory is refused before it is read.
+    let len = std::fs::metadata(path)
+        .map_err(|e| EvictError::io(path, e))?
+        .len();
+    crate::limits::check_bytes(&format!("reading {}", path.display()), len as u128, 1).map_err(
+        |e| EvictError::BadCheckpoint {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        },
+    )?;
     std::fs::read(path).map_err(|e| EvictError::io(path, e))
 }
 

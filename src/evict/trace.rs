@@ -316,6 +316,16 @@ fn check_shape(s: &TraceShape, label: &str) -> Result<(), EvictError> {
     if s.len > u32::MAX as usize / 2 {
         return Err(bad(format!("{} tokens is too long", s.len)));
     }
+    // One layer converted to f32 must fit in memory (queries, keys and values of every token).
+    let heads = s
+        .num_q_heads
+        .saturating_add(s.num_kv_heads.saturating_mul(2));
+    crate::limits::check_elems(
+        "one layer of the trace as f32",
+        &[s.len, heads, s.head_dim],
+        4,
+    )
+    .map_err(|e| bad(e.to_string()))?;
     Ok(())
 }
 

@@ -36,7 +36,7 @@ pub use paged::{
     LiveWindows, PagedKvLayout, StatsLayout, CUDA_HEAD_DIMS, NUM_STATS, SCORER_HIDDEN,
 };
 pub use paged_attention_decode::{paged_attention_decode, DecodeArgs};
-pub use reshape_and_cache::reshape_and_cache;
+pub use reshape_and_cache::{reshape_and_cache, reshape_and_cache_into};
 pub use sample_survivors::{sample_survivors, SampleArgs};
 pub use scorer_mlp::{gelu, scorer_mlp, ScorerWeights};
 pub use select_survivors::{score_key, select_survivors, SelectArgs};

@@ -6,15 +6,8 @@ use crate::cuda::launch_compact;
 use crate::kernels::{self, KvCacheMut, PagedKvLayout, StatsLayout};
 use crate::DType;
 
-/// Whether `cache` is the two halves of one fused `[..., 2 * head_dim]` tensor: the value view
-/// starts `head_dim` elements of `dtype` after the key view, with the same strides.
-pub fn is_fused(kv: &PagedKvLayout, cache: &Cache, dtype: DType) -> bool {
-    let offset = (kv.value_offset() * dtype.size()) as u64;
-    cache.value.addr == cache.key.addr.wrapping_add(offset) && kv.key_strides == kv.value_strides
-}
-
 /// Compacts in place, contract of [`kernels::compact()`]; the cache in `dtype` (split or fused, see
-/// [`is_fused`]), `survivors` int32 `[num_seqs, num_kv_heads, max_live]`, `num_evict` int32
+/// [`Cache::fused`]), `survivors` int32 `[num_seqs, num_kv_heads, max_live]`, `num_evict` int32
 /// `[num_seqs]` with its host copy, `stats` the optional f32 statistics buffer moved along.
 ///
 /// # Safety
@@ -35,11 +28,8 @@ pub unsafe fn compact(
 ) -> Result<(), OpError> {
     match place {
         Place::Host => {
-            let fused = is_fused(kv, &cache, dtype);
-            let whole = Buf::new(
-                cache.key.addr,
-                cache.key.len.max(cache.value.len + kv.value_offset()),
-            );
+            let fused = cache.fused;
+            let whole = cache.whole(dtype);
             with_elem!(dtype, T => {
                 let c = if fused {
                     KvCacheMut::Fused(whole.host_mut::<T>())

@@ -92,9 +92,22 @@ pub struct Cache {
     pub key: Buf,
     /// Value view.
     pub value: Buf,
+    /// The two views are one fused K|V tensor: the value view starts `head_dim` elements after the
+    /// key view, with the same strides, and no element is in both (the caller proves it, e.g. the
+    /// bindings' `kv_relation`); the CPU references then take them as one buffer. When false, an op
+    /// that writes the cache needs the views not to overlap (read-only ops accept any).
+    pub fused: bool,
 }
 
 impl Cache {
+    /// The one buffer of `dtype` elements a fused cache spans: from the key view's start to the end
+    /// of the value view (or of the key view, if that ends later).
+    fn whole(self, dtype: crate::DType) -> Buf {
+        let shift = self.value.addr.saturating_sub(self.key.addr) / dtype.size() as u64;
+        let value_end = (shift as usize).saturating_add(self.value.len);
+        Buf::new(self.key.addr, self.key.len.max(value_end))
+    }
+
     fn device(self) -> DeviceCache {
         DeviceCache {
             key: self.key.device(),

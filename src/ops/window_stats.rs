@@ -55,6 +55,7 @@ pub unsafe fn window_stats(
             let cache = Cache {
                 key: key_cache,
                 value: key_cache,
+                fused: false,
             };
             Ok(launch_window_stats(
                 &paged((ordinal, stream), dtype, kv, cache, &windows.on_device()),

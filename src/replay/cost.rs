@@ -78,25 +78,33 @@ impl MeasuredTimings {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks `bench-kernels` JSON text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<MeasuredTimings, ReplayError> {
         let bad = |message: String| ReplayError::Timings {
             path: path.to_path_buf(),
             message,
         };
-        let t: MeasuredTimings = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let t: MeasuredTimings = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         if t.decode.iter().all(|d| d.time_us.is_none()) && t.evict.is_empty() {
             return Err(bad("neither decode nor eviction timings".into()));
         }
-        let decode_ok = t
-            .decode
-            .iter()
-            .all(|d| d.time_us.is_none_or(|us| us > 0.0) && d.kv_bytes > 0.0);
+        let decode_ok = t.decode.iter().all(|d| {
+            d.time_us.is_none_or(|us| us > 0.0 && us.is_finite())
+                && d.kv_bytes > 0.0
+                && d.kv_bytes.is_finite()
+        });
         let evict_ok = t
             .evict
             .iter()
-            .all(|e| e.total_us > 0.0 && e.batch > 0 && e.budget > 0);
+            .all(|e| e.total_us > 0.0 && e.total_us.is_finite() && e.batch > 0 && e.budget > 0);
         let heads_ok = t.heads.is_none_or(|(q, kv, d, _)| q > 0 && kv > 0 && d > 0);
         if !(decode_ok && evict_ok && heads_ok) {
-            return Err(bad("timings, sizes and heads must be positive".into()));
+            return Err(bad(
+                "timings, sizes and heads must be positive and finite".into()
+            ));
         }
         Ok(t)
     }

@@ -12,6 +12,14 @@ const CONV_CSV: &str = include_str!("../../data/traces/azure_llm_2023_conv.csv")
 /// The Azure 2023 code-completion trace (8,819 requests), embedded in the binary.
 const CODE_CSV: &str = include_str!("../../data/traces/azure_llm_2023_code.csv");
 
+/// Most tokens one request may have, prompt and output each (2^22 = 4,194,304, beyond any model's
+/// context): a row asking for billions of tokens is refused at parse time, not hours into a replay.
+pub const MAX_REQUEST_TOKENS: u32 = 1 << 22;
+/// Most requests a trace may have (2^24).
+pub const MAX_TRACE_REQUESTS: usize = 1 << 24;
+/// Most generated tokens a whole trace may ask for (2^32), bounding the replay's running time.
+pub const MAX_TRACE_OUTPUT_TOKENS: u64 = 1 << 32;
+
 /// One request of a trace: when it arrives and how many tokens go in and come out.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct TraceRequest {
@@ -103,6 +111,7 @@ impl Trace {
             column("GeneratedTokens")?,
         );
         let mut raw: Vec<(f64, u32, u32)> = Vec::new();
+        let mut total_output: u64 = 0;
         let mut record = csv::StringRecord::new();
         loop {
             let line_hint = csv.position().line();
@@ -133,15 +142,33 @@ impl Trace {
                     Ok(0) => Err(bad(format!(
                         "{what} is 0; a request needs at least one token"
                     ))),
+                    Ok(v) if v > MAX_REQUEST_TOKENS => Err(bad(format!(
+                        "{what} {v} is more than {MAX_REQUEST_TOKENS} tokens (2^22) per request"
+                    ))),
                     Ok(v) => Ok(v),
                     Err(_) => Err(bad(format!("{what} {s:?} is not a positive integer"))),
                 }
             };
-            raw.push((
+            let row = (
                 t,
                 count(ctx_col, "ContextTokens")?,
                 count(gen_col, "GeneratedTokens")?,
-            ));
+            );
+            total_output += u64::from(row.2);
+            if total_output > MAX_TRACE_OUTPUT_TOKENS {
+                return Err(bad(format!(
+                    "the trace asks for more than {MAX_TRACE_OUTPUT_TOKENS} generated tokens (2^32) in all"
+                )));
+            }
+            if raw.len() >= MAX_TRACE_REQUESTS {
+                return Err(bad(format!(
+                    "the trace has more than {MAX_TRACE_REQUESTS} requests (2^24)"
+                )));
+            }
+            if raw.try_reserve(1).is_err() {
+                return Err(bad("out of memory holding the trace's rows".into()));
+            }
+            raw.push(row);
         }
         if raw.is_empty() {
             return Err(ReplayError::EmptyTrace(name.into()));

@@ -4,7 +4,9 @@
 //! batch is limited by KV memory alone).
 
 use super::error::ReplayError;
-use super::request_trace::{Trace, TraceRequest};
+use super::request_trace::{
+    Trace, TraceRequest, MAX_REQUEST_TOKENS, MAX_TRACE_OUTPUT_TOKENS, MAX_TRACE_REQUESTS,
+};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -66,6 +68,12 @@ impl OutputLengths {
                 self.min, self.max
             )));
         }
+        if self.max > MAX_REQUEST_TOKENS {
+            return Err(ReplayError::Config(format!(
+                "longest output {} is more than {MAX_REQUEST_TOKENS} tokens (2^22) per request",
+                self.max
+            )));
+        }
         Ok(())
     }
 
@@ -106,6 +114,12 @@ impl ScenarioSpec {
                 "a scenario needs at least one request".into(),
             ));
         }
+        if self.requests > MAX_TRACE_REQUESTS {
+            return Err(ReplayError::Config(format!(
+                "{} requests is more than {MAX_TRACE_REQUESTS} (2^24)",
+                self.requests
+            )));
+        }
         if !(self.rate_scale > 0.0 && self.rate_scale.is_finite()) {
             return Err(ReplayError::Config(format!(
                 "rate scale {} must be positive",
@@ -134,6 +148,16 @@ impl ScenarioSpec {
                     return Err(ReplayError::Config(
                         "paper prompt and output lengths must be positive".into(),
                     ));
+                }
+                let total = self.requests as u64 * u64::from(self.paper_output);
+                if self.paper_prompt.max(self.paper_output) > MAX_REQUEST_TOKENS
+                    || total > MAX_TRACE_OUTPUT_TOKENS
+                {
+                    return Err(ReplayError::Config(format!(
+                        "paper prompt {} / output {} x {} requests: at most {MAX_REQUEST_TOKENS} \
+                         tokens (2^22) per request and {MAX_TRACE_OUTPUT_TOKENS} (2^32) generated in all",
+                        self.paper_prompt, self.paper_output, self.requests
+                    )));
                 }
                 let r = TraceRequest {
                     arrival_s: 0.0,

@@ -97,9 +97,22 @@ pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// Most token ids one call takes: a sequence's length is an int32 on the device (2^31 - 1).
+pub const MAX_TOKENS: usize = i32::MAX as usize;
+
 /// Token ids: a 1-D CPU integer tensor / ndarray (read in place), or any iterable of integers, each
-/// in [0, 2^32).
+/// in [0, 2^32); at most [`MAX_TOKENS`] of them (checked on `len()` before iterating, so
+/// `range(10**12)` is refused at once, and while iterating a generator), bounded before allocation.
 pub fn tokens(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    let too_many = |n: String| {
+        error(
+            Kind::InvalidArgument,
+            format!(
+                "{name} has {n} token ids, more than {MAX_TOKENS} (a sequence length is an int32)"
+            ),
+        )
+    };
+
     if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
         return Err(error(
             Kind::ArgumentType,
@@ -112,6 +125,18 @@ pub fn tokens(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     if let Some(t) = Tensor::try_extract(name, obj)? {
         return tensor_tokens(name, &t);
     }
+    match obj.len() {
+        Ok(n) if n > MAX_TOKENS => return Err(too_many(n.to_string())),
+        Ok(n) => {
+            foresightkv::limits::check_bytes(name, n as u128, 4)
+                .map_err(|e| error(Kind::InvalidArgument, e.to_string()))?;
+        }
+        // __len__ overflowed a Py_ssize_t (e.g. range(2**70)).
+        Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
+            return Err(too_many("more than 2^63".into()))
+        }
+        Err(_) => {}
+    }
     let iter = obj.try_iter().map_err(|_| {
         error(
             Kind::ArgumentType,
@@ -123,6 +148,15 @@ pub fn tokens(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     })?;
     let mut out = Vec::new();
     for (i, item) in iter.enumerate() {
+        if i >= MAX_TOKENS {
+            return Err(too_many(format!("more than {MAX_TOKENS}")));
+        }
+        if out.len() == out.capacity() && out.try_reserve(out.len().max(16)).is_err() {
+            return Err(error(
+                Kind::InvalidArgument,
+                format!("{name}: out of memory after {i} token ids"),
+            ));
+        }
         let item = item?;
         out.push(int::<u32>(&format!("{name}[{i}]"), &item, "[0, 2^32)")?);
     }

@@ -130,7 +130,10 @@ impl PyCacheConfig {
         let inner: CoreCache = serde_json::from_str(text).map_err(|e| {
             error(
                 Kind::Config,
-                format!("cache configuration JSON is invalid: {e}"),
+                format!(
+                    "cache configuration JSON is invalid: {}",
+                    foresightkv::config_keys::explain(&e)
+                ),
             )
         })?;
         inner.validate().map_err(block_error)?;

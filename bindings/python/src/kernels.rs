@@ -6,7 +6,10 @@
 
 use crate::args;
 use crate::errors::{cuda_error, error, op_error, Kind};
-use crate::tensor::{check_outputs, same_device, torch_stream, Device, ElemType, Tensor, FLOATS};
+use crate::tensor::{
+    check_outputs, kv_relation, same_device, torch_stream, Device, ElemType, KvRelation, Tensor,
+    FLOATS,
+};
 use foresightkv::cuda::CudaError;
 use foresightkv::kernels::{
     CacheWriteLayout, DecodeArgs, PagedKvLayout, SampleArgs, SelectArgs, StatsLayout,
@@ -91,21 +94,28 @@ fn workspace<'py>(
     Ok((Some(t), Buf::new(ptr, len)))
 }
 
-/// Extracts a K/V cache pair `[num_blocks, block_size, num_kv_heads, head_dim]` (any strides,
-/// head_dim contiguous) of one float dtype.
+/// Extracts one paged cache `[num_blocks, block_size, num_kv_heads, head_dim]` (any strides,
+/// head_dim contiguous) of a float dtype.
+fn cache_tensor<'py>(name: &str, obj: &Bound<'py, PyAny>) -> PyResult<Tensor<'py>> {
+    let t = Tensor::extract(name, obj)?;
+    t.expect_dtype(FLOATS)?;
+    t.expect_ndim(4)?;
+    t.expect_inner_contiguous(1)?;
+    Ok(t)
+}
+
+/// Extracts a K/V cache pair (see [`cache_tensor`]) of one dtype and shape: separate tensors or the
+/// K and V views of one fused `[..., 2 * head_dim]` tensor, the same contract for every kernel
+/// ([`kv_relation`]; anything else sharing memory is refused).
 fn cache_pair<'py>(
     key: &Bound<'py, PyAny>,
     value: &Bound<'py, PyAny>,
-) -> PyResult<(Tensor<'py>, Tensor<'py>, PagedKvLayout)> {
-    let k = Tensor::extract("key_cache", key)?;
-    let v = Tensor::extract("value_cache", value)?;
-    for t in [&k, &v] {
-        t.expect_dtype(FLOATS)?;
-        t.expect_ndim(4)?;
-        t.expect_inner_contiguous(1)?;
-    }
+) -> PyResult<(Tensor<'py>, Tensor<'py>, PagedKvLayout, KvRelation)> {
+    let k = cache_tensor("key_cache", key)?;
+    let v = cache_tensor("value_cache", value)?;
     v.expect_same_dtype(&k)?;
     v.expect_shape(&k.shape, "the shape of key_cache")?;
+    let relation = kv_relation(&k, &v, k.shape[3])?;
     let layout = PagedKvLayout {
         num_blocks: k.shape[0],
         block_size: k.shape[1],
@@ -114,14 +124,25 @@ fn cache_pair<'py>(
         key_strides: [k.stride(0), k.stride(1), k.stride(2)],
         value_strides: [v.stride(0), v.stride(1), v.stride(2)],
     };
-    Ok((k, v, layout))
+    Ok((k, v, layout, relation))
 }
 
-/// The op view of a cache pair.
-fn cache(k: &Tensor<'_>, v: &Tensor<'_>) -> Cache {
+/// The pair [`check_outputs`] lets interleave: the K/V views of a fused cache.
+fn fused_pair<'a, 'py>(
+    k: &'a Tensor<'py>,
+    v: &'a Tensor<'py>,
+    relation: KvRelation,
+) -> Option<(&'a Tensor<'py>, &'a Tensor<'py>)> {
+    (relation == KvRelation::Fused).then_some((k, v))
+}
+
+/// The op view of a cache pair; `relation` (from [`kv_relation`], the one K/V contract) says
+/// whether the op may take the two views as one fused K|V tensor.
+fn cache(k: &Tensor<'_>, v: &Tensor<'_>, relation: KvRelation) -> Cache {
     Cache {
         key: buf(k),
         value: buf(v),
+        fused: relation == KvRelation::Fused,
     }
 }
 
@@ -278,7 +299,7 @@ pub fn reshape_and_cache<'py>(
     }
     v.expect_same_dtype(&k)?;
     v.expect_shape(&k.shape, "the shape of key")?;
-    let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
+    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
     kc.expect_same_dtype(&k)?;
     kc.expect_dim(2, k.shape[1], "num_kv_heads of key")?;
     kc.expect_dim(3, k.shape[2], "head_dim of key")?;
@@ -289,7 +310,7 @@ pub fn reshape_and_cache<'py>(
     sm.expect_dim(0, k.shape[0], "one slot per token")?;
     let all = [&k, &v, &kc, &vc, &sm];
     let at = place(py, F, &all)?;
-    check_outputs(&[&kc, &vc], &all)?;
+    check_outputs(&[&kc, &vc], &all, fused_pair(&kc, &vc, relation))?;
     let layout = CacheWriteLayout {
         cache: kv,
         num_tokens: k.shape[0],
@@ -298,15 +319,16 @@ pub fn reshape_and_cache<'py>(
     };
     let (dtype, c, kb, vb, sb) = (
         cache_dtype(&k)?,
-        cache(&kc, &vc),
+        cache(&kc, &vc, relation),
         buf(&k),
         buf(&v),
         buf(&sm),
     );
     py.detach(move || {
         // SAFETY: every buffer is a tensor of `at` with the dtype and extent checked above, kept
-        // alive by the caller's references; the caches overlap no input (check_outputs); on CUDA the
-        // stream is PyTorch's current one, so its caching allocator orders reuse after the kernel.
+        // alive by the caller's references; the caches overlap no input (check_outputs) and each
+        // other only as the fused K|V layout (kv_relation), which the op takes as one buffer; on
+        // CUDA the stream is PyTorch's current one, so its caching allocator orders reuse after it.
         unsafe { ops::reshape_and_cache::reshape_and_cache(at, dtype, &layout, c, kb, vb, sb) }
     })
     .map_err(|e| op_error(F, e))
@@ -335,7 +357,7 @@ pub fn paged_attention_decode<'py>(
     q.expect_dtype(FLOATS)?;
     q.expect_ndim(3)?;
     q.expect_inner_contiguous(1)?;
-    let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
+    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
     kc.expect_same_dtype(&q)?;
     kc.expect_dim(3, q.shape[2], "head_dim of query")?;
     let w = Windows::extract(Some(block_tables), seq_lens, live_starts, q.shape[0])?;
@@ -346,7 +368,7 @@ pub fn paged_attention_decode<'py>(
     let mut all = vec![&q, &kc, &vc, &o];
     all.extend(w.tensors());
     let at = place(py, F, &all)?;
-    check_outputs(&[&o], &all)?;
+    check_outputs(&[&o], &all, None)?;
     let args = DecodeArgs {
         num_q_heads: q.shape[1],
         query_strides: [q.stride(0), q.stride(1)],
@@ -357,7 +379,12 @@ pub fn paged_attention_decode<'py>(
     let ws_len = ops::paged_attention_decode::workspace_len(at, &kv, args.num_q_heads, &hw.get())
         .map_err(|e| op_error(F, e))?;
     let (_ws_keep, ws) = workspace(py, at, ws_len)?;
-    let (dtype, c, qb, ob) = (cache_dtype(&q)?, cache(&kc, &vc), buf(&q), buf(&o));
+    let (dtype, c, qb, ob) = (
+        cache_dtype(&q)?,
+        cache(&kc, &vc, relation),
+        buf(&q),
+        buf(&o),
+    );
     py.detach(move || {
         // SAFETY: as in reshape_and_cache; the host copies of the windows were read from the
         // window tensors; `out` overlaps nothing; the workspace tensor lives until this returns.
@@ -413,7 +440,15 @@ pub fn window_stats<'py>(
     q.expect_inner_contiguous(1)?;
     let what = "one count per sequence";
     let nq = int32_vector("num_queries", num_queries, q.shape[0], what)?;
-    let (kc, _, kv) = cache_pair(key_cache, key_cache)?;
+    let kc = cache_tensor("key_cache", key_cache)?;
+    let kv = PagedKvLayout {
+        num_blocks: kc.shape[0],
+        block_size: kc.shape[1],
+        num_kv_heads: kc.shape[2],
+        head_dim: kc.shape[3],
+        key_strides: [kc.stride(0), kc.stride(1), kc.stride(2)],
+        value_strides: [kc.stride(0), kc.stride(1), kc.stride(2)],
+    };
     kc.expect_same_dtype(&q)?;
     kc.expect_dim(3, q.shape[3], "head_dim of queries")?;
     let w = Windows::extract(Some(block_tables), seq_lens, live_starts, q.shape[0])?;
@@ -421,7 +456,7 @@ pub fn window_stats<'py>(
     let mut all = vec![&q, &nq, &kc, &st];
     all.extend(w.tensors());
     let at = place(py, F, &all)?;
-    check_outputs(&[&st], &all)?;
+    check_outputs(&[&st], &all, None)?;
     let args = WindowStatsArgs {
         num_q_heads: q.shape[2],
         max_queries: q.shape[1],
@@ -481,7 +516,7 @@ pub fn scorer_mlp<'py>(
     scores: &Bound<'py, PyAny>,
 ) -> PyResult<()> {
     const F: &str = "scorer_mlp";
-    let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
+    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
     let sc = slot_matrix("scores", scores, ElemType::F32)?;
     sc.expect_dim(1, kv.num_kv_heads, "num_kv_heads of the cache")?;
     let w = Windows::extract(Some(block_tables), seq_lens, live_starts, sc.shape[0])?;
@@ -506,7 +541,7 @@ pub fn scorer_mlp<'py>(
     all.extend(w.tensors());
     all.extend(weights.iter());
     let at = place(py, F, &all)?;
-    check_outputs(&[&sc], &all)?;
+    check_outputs(&[&sc], &all, None)?;
     let wb = ScorerBufs {
         w1: buf(&weights[0]),
         b1: buf(&weights[1]),
@@ -514,7 +549,12 @@ pub fn scorer_mlp<'py>(
         b2: buf(&weights[3]),
     };
     let (hw, max_live) = (w.host()?, sc.shape[2]);
-    let (dtype, c, stb, scb) = (cache_dtype(&kc)?, cache(&kc, &vc), buf(&st), buf(&sc));
+    let (dtype, c, stb, scb) = (
+        cache_dtype(&kc)?,
+        cache(&kc, &vc, relation),
+        buf(&st),
+        buf(&sc),
+    );
     py.detach(move || {
         // SAFETY: as in paged_attention_decode; `scores` overlaps nothing.
         unsafe {
@@ -612,7 +652,7 @@ pub fn select_survivors<'py>(
     )?;
     let all = s.tensors();
     let at = place(py, F, &all)?;
-    check_outputs(&[&s.survivors], &all)?;
+    check_outputs(&[&s.survivors], &all, None)?;
     let (hw, evict) = (s.windows.host()?, host_i32(&s.num_evict)?);
     let (args, scb, neb, svb) = (s.args, buf(&s.scores), buf(&s.num_evict), buf(&s.survivors));
     py.detach(move || {
@@ -670,7 +710,7 @@ pub fn sample_survivors<'py>(
     let mut all = s.tensors();
     all.extend([&rq, &ev]);
     let at = place(py, F, &all)?;
-    check_outputs(&[&s.survivors], &all)?;
+    check_outputs(&[&s.survivors], &all, None)?;
     let (hw, evict) = (s.windows.host()?, host_i32(&s.num_evict)?);
     let (scb, neb, svb, rqb, evb) = (
         buf(&s.scores),
@@ -720,7 +760,7 @@ pub fn compact<'py>(
     stats: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     const F: &str = "compact";
-    let (kc, vc, kv) = cache_pair(key_cache, value_cache)?;
+    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
     let sv = slot_matrix("survivors", survivors, ElemType::I32)?;
     sv.expect_dim(1, kv.num_kv_heads, "num_kv_heads of the cache")?;
     let n = sv.shape[0];
@@ -731,24 +771,10 @@ pub fn compact<'py>(
     all.extend(w.tensors());
     all.extend(st.as_ref().map(|(s, _)| s));
     let at = place(py, F, &all)?;
-    let (dtype, c) = (cache_dtype(&kc)?, cache(&kc, &vc));
-    // A fused cache's two views overlap each other by design: only the key view is checked as an
-    // output, and against everything but the value view.
-    let fused = ops::compact::is_fused(&kv, &c, dtype);
-    let mut outputs = vec![&kc];
-    if !fused {
-        outputs.push(&vc);
-    }
+    let (dtype, c) = (cache_dtype(&kc)?, cache(&kc, &vc, relation));
+    let mut outputs = vec![&kc, &vc];
     outputs.extend(st.as_ref().map(|(s, _)| s));
-    let others: Vec<&Tensor<'_>> = all
-        .iter()
-        .copied()
-        .filter(|t| !(fused && std::ptr::eq(*t, &vc)))
-        .collect();
-    check_outputs(&outputs, &others)?;
-    if fused {
-        vc.expect_writable()?;
-    }
+    check_outputs(&outputs, &all, fused_pair(&kc, &vc, relation))?;
     let (hw, evict, max_live) = (w.host()?, host_i32(&ne)?, sv.shape[2]);
     let (neb, svb) = (buf(&ne), buf(&sv));
     let stb = st.as_ref().map(|(s, l)| (*l, buf(s)));

@@ -325,14 +325,8 @@ impl<'py> Tensor<'py> {
             readonly,
         )?;
         if t.extent > 0 {
-            if let Some(owner) = numpy_owner(obj)? {
-                let data = owner
-                    .getattr(intern!(obj.py(), "__array_interface__"))?
-                    .get_item("data")?;
-                let base: usize = data.get_item(0)?.extract()?;
-                let len: usize = owner.getattr(intern!(obj.py(), "nbytes"))?.extract()?;
-                t.check_within(base, len, "the array that owns its memory")?;
-            }
+            let (base, len, what) = numpy_memory(obj)?;
+            t.check_within(base, len, what)?;
         }
         Ok(t)
     }
@@ -595,27 +589,114 @@ impl<'py> Tensor<'py> {
     }
 }
 
-/// The ndarray that owns the memory `arr` views (following `.base` through views and wrappers such
-/// as `as_strided`'s), or None when the owner is not an ndarray (bytes, mmap, foreign buffers).
-fn numpy_owner<'py>(arr: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+/// The memory `arr` may address, `(address, bytes, what it is)`, found by following `.base` through
+/// views and wrappers such as `as_strided`'s: the ndarray that owns its data; else the buffer the
+/// chain ends in (bytes, bytearray, mmap, ...: read through the buffer protocol); else, for a
+/// foreign owner that exports no contiguous buffer (DLPack capsules, C-API arrays), the range the
+/// root-most ndarray of the chain was created with by its provider. Every numpy array is checked:
+/// an `as_strided` view over a `bytearray` is bounded by the `bytearray`.
+fn numpy_memory(arr: &Bound<'_, PyAny>) -> PyResult<(usize, usize, &'static str)> {
     let py = arr.py();
-    let ndarray = PyModule::import(py, "numpy")?.getattr(intern!(py, "ndarray"))?;
+    let numpy = PyModule::import(py, "numpy")?;
+    let ndarray = numpy.getattr(intern!(py, "ndarray"))?;
     let mut cur = arr.clone();
+    let mut root = arr.clone();
     for _ in 0..256 {
-        if cur.is_instance(&ndarray)?
-            && cur
+        if cur.is_instance(&ndarray)? {
+            if cur
                 .getattr(intern!(py, "flags"))?
                 .get_item("OWNDATA")?
                 .is_truthy()?
-        {
-            return Ok(Some(cur));
+            {
+                let (base, len) = ndarray_range(&cur)?;
+                return Ok((base, len, "the array that owns its memory"));
+            }
+            root = cur.clone();
         }
         match cur.getattr(intern!(py, "base")) {
             Ok(next) if !next.is_none() => cur = next,
-            _ => return Ok(None),
+            _ => break,
         }
     }
-    Ok(None)
+    if !cur.is_instance(&ndarray)? {
+        // The buffer the chain ends in, viewed as bytes (contiguous buffers only).
+        let u8 = numpy.getattr(intern!(py, "uint8"))?;
+        if let Ok(bytes) = numpy.call_method1(intern!(py, "frombuffer"), (&cur, u8)) {
+            let data = bytes
+                .getattr(intern!(py, "__array_interface__"))?
+                .get_item("data")?;
+            let base: usize = data.get_item(0)?.extract()?;
+            let len: usize = bytes.getattr(intern!(py, "nbytes"))?.extract()?;
+            return Ok((base, len, "the buffer that owns its memory"));
+        }
+        if let Some(e) = PyErr::take(py) {
+            drop(e);
+        }
+    }
+    let (base, len) = ndarray_range(&root)?;
+    Ok((
+        base,
+        len,
+        "the memory its provider gave the root array of its .base chain",
+    ))
+}
+
+/// The bytes an ndarray addresses by its own shape and strides, `(lowest address, length)`.
+fn ndarray_range(a: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+    let py = a.py();
+    let ai = a.getattr(intern!(py, "__array_interface__"))?;
+    let ptr: usize = ai.get_item("data")?.get_item(0)?.extract()?;
+    let shape: Vec<i64> = ai.get_item("shape")?.extract()?;
+    let item: i128 = a.getattr(intern!(py, "itemsize"))?.extract::<i64>()?.max(1) as i128;
+    let strides: Vec<i64> = match ai.get_item("strides")?.extract::<Option<Vec<i64>>>()? {
+        Some(s) => s,
+        None => contiguous_strides(&shape)
+            .iter()
+            .map(|s| s.saturating_mul(item as i64))
+            .collect(),
+    };
+    if shape.contains(&0) {
+        return Ok((ptr, 0));
+    }
+    let (mut lo, mut hi) = (0i128, 0i128);
+    for (&d, &st) in shape.iter().zip(&strides) {
+        let span = (d.max(1) as i128 - 1) * st as i128;
+        if span < 0 {
+            lo += span;
+        } else {
+            hi += span;
+        }
+    }
+    let start = ptr as i128 + lo;
+    let len = hi - lo + item;
+    if start < 0 || len < 0 || start + len > usize::MAX as i128 {
+        return Err(shape_err(
+            "array",
+            format!("with shape {shape:?} and byte strides {strides:?} addresses no valid memory"),
+        ));
+    }
+    Ok((start as usize, len as usize))
+}
+
+/// Whether two different indices of a view (`shape`, `strides` in elements) may address the same
+/// element: sorted by stride, each axis longer than 1 must step over everything the smaller axes
+/// span (a stride 0 never does). Conservative: `false` proves the elements are distinct.
+pub fn may_self_overlap(shape: &[i64], strides: &[i64]) -> bool {
+    let mut dims: Vec<(i128, i128)> = shape
+        .iter()
+        .zip(strides)
+        .filter(|(&d, _)| d > 1)
+        .map(|(&d, &s)| ((s as i128).abs(), d as i128))
+        .collect();
+    dims.sort_unstable();
+    let mut span: i128 = 1;
+    for (s, d) in dims {
+        if s < span {
+            return true;
+        }
+        span += (d - 1) * s;
+    }
+    false
 }
 
 /// Row-major strides of `shape`.
@@ -644,14 +725,41 @@ pub fn same_device(tensors: &[&Tensor<'_>]) -> PyResult<Device> {
     Ok(first.device)
 }
 
-/// Requires each written tensor to be writable and to share no memory with any other argument.
-pub fn check_outputs(outputs: &[&Tensor<'_>], all: &[&Tensor<'_>]) -> PyResult<()> {
+/// Requires each written tensor to be writable, to address each of its elements once (no stride 0,
+/// no self-overlapping strides: writing one element must not overwrite another), and to share no
+/// memory with any other argument. `fused` names a K/V cache pair already checked to be the fused
+/// K|V layout ([`kv_relation`]), whose two views interleave in one tensor without sharing elements.
+/// The one check every writer uses.
+pub fn check_outputs(
+    outputs: &[&Tensor<'_>],
+    all: &[&Tensor<'_>],
+    fused: Option<(&Tensor<'_>, &Tensor<'_>)>,
+) -> PyResult<()> {
     for out in outputs {
         out.expect_writable()?;
+        if out.extent > 0 && may_self_overlap(&out.shape, &out.strides) {
+            return Err(shape_err(
+                &out.name,
+                format!(
+                    "with shape {:?} and strides {:?} addresses some elements more than once (a \
+                     broadcast or stride-0 view): a tensor this call writes needs one element per index",
+                    out.shape, out.strides
+                ),
+            ));
+        }
         let (a0, a1) = out.byte_range();
         for other in all {
             if std::ptr::eq(*out, *other) {
                 continue;
+            }
+            if let Some((k, v)) = fused {
+                let pair = |x: &Tensor<'_>, y: &Tensor<'_>| {
+                    std::ptr::eq(x, k) && std::ptr::eq(y, v)
+                        || std::ptr::eq(x, v) && std::ptr::eq(y, k)
+                };
+                if pair(out, other) {
+                    continue;
+                }
             }
             let (b0, b1) = other.byte_range();
             if a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1 {
@@ -663,6 +771,49 @@ pub fn check_outputs(outputs: &[&Tensor<'_>], all: &[&Tensor<'_>]) -> PyResult<(
         }
     }
     Ok(())
+}
+
+/// How a key cache and a value cache share memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvRelation {
+    /// Separate memory (their byte ranges do not meet).
+    Split,
+    /// One fused K|V tensor: the value view starts `head_dim` elements after the key view, with the
+    /// same strides, and no element belongs to both (the kernels take it as one buffer).
+    Fused,
+}
+
+/// The relation of `key` and `value` (same dtype and shape, last axis `head_dim` contiguous): split,
+/// the fused K|V layout, or an error when they share memory any other way (overlapping views,
+/// the same tensor twice, a value view shifted into the next head). One contract for every kernel
+/// that takes a K/V cache pair.
+pub fn kv_relation(key: &Tensor<'_>, value: &Tensor<'_>, head_dim: i64) -> PyResult<KvRelation> {
+    let ((a0, a1), (b0, b1)) = (key.byte_range(), value.byte_range());
+    if a0 >= a1 || b0 >= b1 || a1 <= b0 || b1 <= a0 {
+        return Ok(KvRelation::Split);
+    }
+    let ndim = key.ndim();
+    let strides = |t: &Tensor<'_>| (0..ndim).map(|i| t.stride(i)).collect::<Vec<_>>();
+    let (ks, vs) = (strides(key), strides(value));
+    let offset = head_dim as i128 * key.dtype.size() as i128;
+    let fused_offset = value.ptr as i128 - key.ptr as i128 == offset;
+    // Both views as one with a leading K/V axis of stride head_dim: no element may repeat.
+    let mut shape = vec![2];
+    shape.extend_from_slice(&key.shape);
+    let mut both = vec![head_dim];
+    both.extend_from_slice(&ks);
+    if fused_offset && ks == vs && key.shape == value.shape && !may_self_overlap(&shape, &both) {
+        return Ok(KvRelation::Fused);
+    }
+    Err(error(
+        Kind::InvalidArgument,
+        format!(
+            "{} shares memory with {} but they are not the fused K|V layout (value view = key \
+             view + head_dim {head_dim} elements, same strides, no element in both): key at {:#x} \
+             strides {ks:?}, value at {:#x} strides {vs:?}",
+            value.name, key.name, key.ptr, value.ptr
+        ),
+    ))
 }
 
 /// PyTorch's current CUDA stream of device `ordinal`, as a raw `CUstream`.

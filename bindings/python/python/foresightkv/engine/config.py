@@ -1,7 +1,9 @@
 """The plugin configuration shared by every engine integration: the eviction schedule, the policy and
 its parameters, parsed from a dict or a JSON file and validated before any memory is touched."""
 
+import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
@@ -29,11 +31,16 @@ _KEYS = {
     "protect_prompt": bool,
 }
 
+#: Options that only some policies read; given to another policy they are refused, not ignored.
+_POLICY_OPTIONS = {"sinks": ("streaming_llm",), "kernel": ("snapkv", "rkv"), "lam": ("rkv",)}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Validated plugin configuration: ``budget`` B and ``interval`` L of the live window, the policy
-    and its options (same schema for every engine)."""
+    and its options (same schema for every engine). Every field is checked when the object is built
+    (types, NaN/Inf, ranges, options the policy does not read), so a bad value fails here, not when
+    the policy is built."""
 
     budget: int
     interval: int
@@ -47,15 +54,34 @@ class EngineConfig:
     lam: Optional[float] = None
     protect_prompt: bool = False
 
+    def __post_init__(self) -> None:
+        for key, want in _KEYS.items():
+            value = getattr(self, key)
+            if value is None and EngineConfig.__dataclass_fields__[key].default is None:
+                continue
+            if isinstance(value, bool) and want is not bool:
+                raise ConfigError(f"foresightkv option '{key}' must be {_type_name(want)}, got a boolean")
+            if not isinstance(value, want):
+                raise ConfigError(f"foresightkv option '{key}' must be {_type_name(want)}, got {value!r}")
+        for key in ("temperature", "lam"):
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"foresightkv option '{key}' must be finite, got {value!r}")
+        self.validate(1)
+
     @staticmethod
     def from_dict(raw: Mapping[str, Any], *, block_size: int = 1) -> "EngineConfig":
         """Parses and validates ``raw`` (unknown keys, wrong types, a schedule the core refuses for
         ``block_size``, a foresight policy without checkpoint: ``ConfigError`` naming the key)."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"foresightkv configuration must be a JSON object, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(_KEYS))
+        unknown = sorted(set(raw) - set(_KEYS), key=str)
         if unknown:
-            raise ConfigError(f"unknown foresightkv option(s) {unknown}; known: {sorted(_KEYS)}")
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), list(_KEYS), n=1, cutoff=0.0)
+                hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            raise ConfigError(f"unknown foresightkv option(s) {', '.join(hints)}; known: {sorted(_KEYS)}")
         for key in ("budget", "interval"):
             if key not in raw:
                 raise ConfigError(f"foresightkv option '{key}' is required")
@@ -124,10 +150,22 @@ class EngineConfig:
             raise ConfigError(
                 f"foresightkv option 'checkpoint' only applies to policy 'foresight', not '{self.policy}'"
             )
-        if self.temperature <= 0:
-            raise ConfigError(f"foresightkv option 'temperature' must be positive, got {self.temperature}")
-        if self.seed < 0:
-            raise ConfigError(f"foresightkv option 'seed' must be non-negative, got {self.seed}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"foresightkv option 'temperature' must be positive and finite, got {self.temperature}")
+        if not 0 <= self.seed < 2**64:
+            raise ConfigError(f"foresightkv option 'seed' must be in [0, 2^64), got {self.seed}")
+        for key, users in _POLICY_OPTIONS.items():
+            if getattr(self, key) is not None and self.policy not in users:
+                raise ConfigError(
+                    f"foresightkv option '{key}' only applies to policy {' or '.join(map(repr, users))}, "
+                    f"not '{self.policy}'"
+                )
+        if self.sinks is not None and not 0 <= self.sinks < 2**32:
+            raise ConfigError(f"foresightkv option 'sinks' must be in [0, 2^32), got {self.sinks}")
+        if self.kernel is not None and not (self.kernel % 2 == 1 and 0 < self.kernel <= 65536):
+            raise ConfigError(f"foresightkv option 'kernel' must be odd and in [1, 65536], got {self.kernel}")
+        if self.lam is not None and not (math.isfinite(self.lam) and 0.0 <= self.lam <= 1.0):
+            raise ConfigError(f"foresightkv option 'lam' must be in [0, 1], got {self.lam}")
 
     def to_dict(self) -> Dict[str, Any]:
         """The options that differ from their defaults plus the schedule (round-trips ``from_dict``)."""
