@@ -33,7 +33,8 @@ def test_env_fallback_reads_a_json_file(make_vllm_config, tmp_path):
 
 
 def test_unknown_option_is_named(make_vllm_config):
-    with pytest.raises(ConfigError, match=r"unknown foresightkv option\(s\) \['budgett'\]"):
+    # named, with the closest valid option suggested (EngineConfig's rule for unknown keys)
+    with pytest.raises(ConfigError, match=r"unknown foresightkv option\(s\) 'budgett' \(did you mean 'budget'\?\)"):
         load_settings(make_vllm_config({"budgett": 64, "budget": 64, "interval": 16, "policy": "h2o"}))
 
 
