@@ -3,9 +3,7 @@
 
 use super::philox::SampleKey;
 use super::EvictError;
-use crate::kernels::sample_survivors::{
-    sample_row_draw, sample_row_victims, sample_survivors, SampleArgs,
-};
+use crate::kernels::sample_survivors::{sample_row_draw, sample_survivors, SampleArgs};
 use crate::kernels::select_survivors::top_victims;
 use crate::kernels::{select_survivors, SelectArgs};
 use serde::{Deserialize, Serialize};
@@ -70,29 +68,9 @@ pub fn select_victims(
     match *mode {
         VictimMode::TopL => Ok(top_victims(scores, req.num_protected, req.num_evict)?),
         VictimMode::Sample { seed, temperature } => {
-            if !(temperature.is_finite() && temperature > 0.0) {
-                return Err(EvictError::arg(
-                    "temperature",
-                    format!("{temperature} is not a positive finite number"),
-                ));
-            }
-            if req.key.layer > 0xFFFF || req.key.head > 0xFFFF {
-                return Err(EvictError::arg(
-                    "key",
-                    format!(
-                        "layer {} / head {} exceed the 16-bit Philox counter fields",
-                        req.key.layer, req.key.head
-                    ),
-                ));
-            }
-            let key = SampleKey { seed, ..req.key };
-            Ok(sample_row_victims(
-                scores,
-                req.num_protected,
-                req.num_evict,
-                &key,
-                temperature,
-            )?)
+            let mut victims = sample_victims(scores, req, seed, temperature)?.victims;
+            victims.sort_unstable();
+            Ok(victims)
         }
     }
 }
