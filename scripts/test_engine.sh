@@ -23,6 +23,10 @@ trap 'rm -rf "$WORK"' EXIT
 fail() { fkv_fail_summary "$ENGINE" "$*"; }
 
 echo "--- $ENGINE environment"
+# One run at a time per engine venv (the wheel is force-reinstalled into it): worktrees of one machine queue here.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/venv-$ENGINE.lock"
+flock 9
 PY="$(scripts/engine_env.sh "$ENGINE" 2>"$WORK/env.err")" || { cat "$WORK/env.err"; fail "scripts/engine_env.sh $ENGINE failed"; }
 "$PY" -m pip show --quiet maturin >/dev/null 2>&1 || "$PY" -m pip install --quiet --disable-pip-version-check "maturin>=1.9.4,<2"
 

@@ -15,7 +15,7 @@ With ``protect_prompt`` the prompt (rounded up to a block) is never evicted: att
 Requires torch."""
 
 from .config import CONFIG_ENV, POLICIES, EngineConfig
-from .step import Advance, EvictionEngine, StepBatch, StepPlan, StepRequest
+from .step import Advance, EvictionEngine, StepBatch, StepPlan, StepRequest, request_rng_key
 
 __all__ = [
     "CONFIG_ENV",
@@ -26,4 +26,5 @@ __all__ = [
     "StepBatch",
     "StepPlan",
     "StepRequest",
+    "request_rng_key",
 ]

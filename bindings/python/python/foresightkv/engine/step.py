@@ -15,6 +15,7 @@ protected_len), len)`` alone (its statistics come from the queries of that windo
 and an eviction is due when that window reaches ``budget + interval`` (prompts are never compressed).
 The kernels read the two parts as one window through a block table whose evicted middle is cut out."""
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -33,6 +34,19 @@ _ROW = {name: i for i, name in enumerate(_FIELDS)}
 _RELEASED = len(WindowPlanner.RELEASED_FIELDS)
 
 
+def request_rng_key(request_id: Union[str, bytes, int], seed: Optional[int] = None) -> int:
+    """The request part of the victim RNG key, in [0, 2^32): a hash (BLAKE2b) of the engine's request
+    id and, when the user gave one, the request's own sampling seed, so the victims sampled for a
+    request do not depend on what the process served before it (a per-process counter would)."""
+    if isinstance(request_id, int):
+        request_id = str(request_id)
+    data = request_id.encode() if isinstance(request_id, str) else bytes(request_id)
+    h = hashlib.blake2b(data, digest_size=8, person=b"fkv-rng")
+    if seed is not None:
+        h.update(b"\x00seed" + int(seed).to_bytes(16, "little", signed=True))
+    return int.from_bytes(h.digest()[:4], "little")
+
+
 @dataclass(frozen=True)
 class StepRequest:
     """One request of a forward step: its stable integer ``key`` (in [0, 2^63); the engine's request
@@ -40,7 +54,8 @@ class StepRequest:
     they are prompt tokens (in protect mode they extend the protected prompt), ``reset`` when the
     engine starts the request over (new request, or recomputation after preemption), and optionally
     the length of its whole prompt (``prompt_len``; in protect mode a prefill chunk then protects
-    ``align_up(min(seq_len, prompt_len))``)."""
+    ``align_up(min(seq_len, prompt_len))``), and the request part of its victim RNG key
+    (``rng_key``, e.g. ``request_rng_key(request_id, seed)``; default: the planner's state serial)."""
 
     key: int
     seq_len: int
@@ -48,13 +63,16 @@ class StepRequest:
     prefill: bool
     reset: bool = False
     prompt_len: Optional[int] = None
+    rng_key: Optional[int] = None
 
 
 @dataclass(frozen=True)
 class StepBatch:
     """The requests of one forward as columns (one entry per request row, batch order), what engine
     plugins build from their own per-batch arrays without a Python object per request. ``prompt_lens``
-    is optional (-1 = unknown)."""
+    is optional (-1 = unknown); ``rng_keys`` (optional, default: the keys) is the request part of each
+    row's victim RNG key, stable across processes (``request_rng_key``); without it the planner's
+    per-process state serial is used."""
 
     keys: Sequence[int]
     seq_lens: Sequence[int]
@@ -62,6 +80,7 @@ class StepBatch:
     prefill: Sequence[bool]
     reset: Sequence[bool]
     prompt_lens: Optional[Sequence[int]] = None
+    rng_keys: Optional[Sequence[int]] = None
 
     @staticmethod
     def of(requests: Sequence[StepRequest]) -> "StepBatch":
@@ -74,6 +93,9 @@ class StepBatch:
             [r.prefill for r in requests],
             [r.reset for r in requests],
             prompts if any(p >= 0 for p in prompts) else None,
+            [r.key if r.rng_key is None else r.rng_key for r in requests]
+            if any(r.rng_key is not None for r in requests)
+            else None,
         )
 
     def __len__(self) -> int:
@@ -237,6 +259,8 @@ class EvictionEngine:
         self._layers: Dict[int, Dict[int, _LayerState]] = {}
         self._stats: Dict[int, torch.Tensor] = {}
         self._weights: Dict[int, Any] = {}
+        #: Request part of the victim RNG key per state serial (when it is not the request key).
+        self._rng_keys: Dict[int, int] = {}
 
     @property
     def checkpoint(self) -> Optional[ScorerCheckpoint]:
@@ -293,6 +317,7 @@ class EvictionEngine:
         serial = self._planner.release(key)
         if serial is not None:
             self._layers.pop(serial, None)
+            self._rng_keys.pop(serial, None)
 
     def begin_step(self, requests: Union[StepBatch, Sequence[StepRequest]]) -> StepPlan:
         """Commits the previous step's evictions (returned as ``released``), then plans this step with
@@ -304,6 +329,15 @@ class EvictionEngine:
         )
         for serial in dropped:
             self._layers.pop(serial, None)
+            self._rng_keys.pop(serial, None)
+        if b.rng_keys is not None:
+            if len(b.rng_keys) != len(b.keys):
+                raise ShapeError(f"rng_keys has {len(b.rng_keys)} entries for {len(b.keys)} requests")
+            for serial, rk in zip(serials, b.rng_keys):
+                rk = int(rk)
+                if not 0 <= rk < 1 << 32:
+                    raise ConfigError(f"rng key {rk} is outside [0, 2^32)")
+                self._rng_keys[serial] = rk
         table = torch.frombuffer(rows, dtype=torch.int32) if serials else torch.zeros(0, dtype=torch.int32)
         released = []
         if rel:
@@ -528,7 +562,7 @@ class EvictionEngine:
         else:
             for j, i in enumerate(due):
                 survivors[j] = self._choose(
-                    plan.serials[i],
+                    self._rng_key(plan, i),
                     layer_states[j],
                     layer,
                     bt[j],
@@ -553,6 +587,12 @@ class EvictionEngine:
             s.queries.clear()
             s.evictions += 1
 
+    def _rng_key(self, plan: StepPlan, row: int) -> int:
+        """The request part of the victim RNG key of plan row ``row``: the ``rng_keys`` the engine gave
+        for the request, else its state serial (per process: plugins pass ``rng_keys``)."""
+        serial = plan.serials[row]
+        return self._rng_keys.get(serial, serial)
+
     def _positions(self, s: _LayerState, start: int, end: int, h: int) -> torch.Tensor:
         """Original positions ``[H, live]`` of the live entries of each KV head (CPU int64)."""
         fresh_from = max(s.positions_end, start) if s.positions is not None else start
@@ -563,7 +603,7 @@ class EvictionEngine:
 
     def _choose(
         self,
-        serial,
+        rng_key,
         ls,
         layer,
         table_row,
@@ -604,7 +644,7 @@ class EvictionEngine:
                 layer=layer,
                 kv_head=kh,
                 eviction=ls.evictions,
-                request=serial,
+                request=rng_key,
                 scale=scale,
             )
             gone = torch.zeros(live, dtype=torch.bool)
