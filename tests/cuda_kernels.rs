@@ -18,7 +18,7 @@ use foresightkv::kernels::{
 use foresightkv::Element;
 use half::{bf16, f16};
 use kernels_support::{
-    assert_close, eps, require_gpu, runner, shapes, uniform, CacheKind, Scenario, Shape,
+    assert_close, eps, require_gpu, runner, shapes, uniform, CacheKind, Scenario, SelectCase, Shape,
 };
 use rand::RngExt;
 
@@ -312,49 +312,21 @@ fn cuda_select_matches_reference() {
     runner(16)
         .run(&strat, |(shape, protected, frac, ties)| {
             let mut sc = Scenario::<f32>::new(shape);
-            let (n, kvh) = (sc.seq_lens.len(), sc.shape.kv_heads);
-            let max_live = sc.max_live() + 1;
-            let scores: Vec<f32> = (0..n * kvh * max_live)
-                .map(|_| {
-                    if ties {
-                        sc.rng.random_range(0..5) as f32 - 2.0
-                    } else {
-                        uniform(&mut sc.rng, 3.0)
-                    }
-                })
-                .collect();
-            let num_evict: Vec<i32> = sc
-                .shape
-                .live_lens
-                .iter()
-                .map(|&l| (l.saturating_sub(protected) as f64 * frac) as i32)
-                .collect();
-            let args = SelectArgs {
-                num_kv_heads: kvh as i64,
-                max_live: max_live as i64,
-                num_protected: protected as i64,
-            };
-            let mut want = vec![-3i32; scores.len()];
-            select_survivors(
-                &sc.seq_lens,
-                &sc.live_starts,
-                &args,
-                &scores,
-                &num_evict,
-                &mut want,
-            )
-            .unwrap();
+            let n = sc.seq_lens.len();
+            let case = SelectCase::new(&mut sc, protected, frac, ties);
+            let (scores, num_evict, args) = (&case.scores, &case.num_evict, &case.args);
+            let want = case.reference(&sc, -3);
             let dev = Dev::new(&sc);
-            let (ds, de, dsv) = (up(&scores), up(&num_evict), up(&vec![-3i32; scores.len()]));
+            let (ds, de, dsv) = (up(scores), up(num_evict), up(&vec![-3i32; scores.len()]));
             unsafe {
                 launch_select_survivors(
                     0,
                     0,
                     &dev.windows(&sc),
-                    &args,
+                    args,
                     arr(&ds, scores.len()),
                     arr(&de, n),
-                    &num_evict,
+                    num_evict,
                     arr(&dsv, scores.len()),
                 )
                 .unwrap();

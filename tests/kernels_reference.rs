@@ -14,7 +14,7 @@ use foresightkv::kernels::{
 };
 use foresightkv::Element;
 use half::{bf16, f16};
-use kernels_support::{assert_close, eps, shapes, uniform, Scenario, Shape};
+use kernels_support::{assert_close, eps, shapes, uniform, Scenario, SelectCase, Shape};
 use proptest::prelude::*;
 use rand::RngExt;
 
@@ -369,37 +369,10 @@ fn naive_select(scores: &[f32], live: usize, protected: usize, evict: usize) -> 
 fn check_select(shape: Shape, protected: usize, frac: f64, ties: bool) {
     let mut sc = Scenario::<f32>::new(shape);
     let (n, kvh) = (sc.seq_lens.len(), sc.shape.kv_heads);
-    let max_live = sc.max_live() + 1;
-    let scores: Vec<f32> = (0..n * kvh * max_live)
-        .map(|_| {
-            if ties {
-                sc.rng.random_range(0..4) as f32
-            } else {
-                uniform(&mut sc.rng, 3.0)
-            }
-        })
-        .collect();
-    let num_evict: Vec<i32> = sc
-        .shape
-        .live_lens
-        .iter()
-        .map(|&l| (l.saturating_sub(protected) as f64 * frac) as i32)
-        .collect();
-    let args = SelectArgs {
-        num_kv_heads: kvh as i64,
-        max_live: max_live as i64,
-        num_protected: protected as i64,
-    };
-    let mut survivors = vec![-7i32; scores.len()];
-    select_survivors(
-        &sc.seq_lens,
-        &sc.live_starts,
-        &args,
-        &scores,
-        &num_evict,
-        &mut survivors,
-    )
-    .unwrap();
+    let case = SelectCase::new(&mut sc, protected, frac, ties);
+    let (scores, num_evict) = (&case.scores, &case.num_evict);
+    let max_live = case.args.max_live as usize;
+    let survivors = case.reference(&sc, -7);
     for s in 0..n {
         let live = sc.shape.live_lens[s];
         for kh in 0..kvh {

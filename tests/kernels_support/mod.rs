@@ -3,7 +3,9 @@
 //! the kernels must not read.
 #![allow(dead_code)]
 
-use foresightkv::kernels::{LiveWindows, PagedKvLayout, StatsLayout, NUM_STATS};
+use foresightkv::kernels::{
+    select_survivors, LiveWindows, PagedKvLayout, SelectArgs, StatsLayout, NUM_STATS,
+};
 use foresightkv::Element;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -331,5 +333,61 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
             ok,
             "{what}[{i}]: got {g}, want {w} (atol {atol}, rtol {rtol})"
         );
+    }
+}
+
+/// A random `select_survivors` case over a scenario's windows: scores per (sequence, KV head, live
+/// slot) with one spare column, and per sequence `frac` of its unprotected entries to evict.
+pub struct SelectCase {
+    pub args: SelectArgs,
+    pub scores: Vec<f32>,
+    pub num_evict: Vec<i32>,
+}
+
+impl SelectCase {
+    /// Scores in [-3, 3] (or, with `ties`, drawn from 4 values so that ties are common).
+    pub fn new<T: Element>(sc: &mut Scenario<T>, protected: usize, frac: f64, ties: bool) -> Self {
+        let (n, kvh) = (sc.seq_lens.len(), sc.shape.kv_heads);
+        let max_live = sc.max_live() + 1;
+        let scores = (0..n * kvh * max_live)
+            .map(|_| {
+                if ties {
+                    sc.rng.random_range(0..4) as f32
+                } else {
+                    uniform(&mut sc.rng, 3.0)
+                }
+            })
+            .collect();
+        let num_evict = sc
+            .shape
+            .live_lens
+            .iter()
+            .map(|&l| (l.saturating_sub(protected) as f64 * frac) as i32)
+            .collect();
+        let args = SelectArgs {
+            num_kv_heads: kvh as i64,
+            max_live: max_live as i64,
+            num_protected: protected as i64,
+        };
+        SelectCase {
+            args,
+            scores,
+            num_evict,
+        }
+    }
+
+    /// The CPU reference's survivors (unused entries hold `fill`).
+    pub fn reference<T: Element>(&self, sc: &Scenario<T>, fill: i32) -> Vec<i32> {
+        let mut out = vec![fill; self.scores.len()];
+        select_survivors(
+            &sc.seq_lens,
+            &sc.live_starts,
+            &self.args,
+            &self.scores,
+            &self.num_evict,
+            &mut out,
+        )
+        .unwrap();
+        out
     }
 }
