@@ -391,40 +391,53 @@ def _model(tmp_path, heads=4, kv_heads=2, layers=2):
 
 
 def test_sglang_sizes_the_kv_pool_with_the_statistics_counted(server_args, monkeypatch, tmp_path):
-    """SGLang's pool sizing (``DefaultPoolConfigurator``: available bytes over bytes per token) counts
-    foresightkv's statistics, so the pool shrinks by their share and K/V plus statistics fit the
-    budget; the statistics reserved at start-up are exactly that share, and the bytes are logged."""
-    from types import SimpleNamespace
-
-    from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+    """SGLang's pool sizing (``KVCacheConfigurator.config_from_budget``: the memory budget over the
+    bytes per token of ``DefaultPoolConfigurator``) counts foresightkv's statistics, so the pool
+    shrinks by their share and K/V plus statistics fit the budget; the statistics reserved at start-up
+    are exactly that share."""
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.model_executor.model_runner_components.layer_setup import ModelLayerInfo
+    from sglang.srt.model_executor.model_runner_components.spec_aux_hidden_state import SpecAuxHiddenStateConfig
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
     monkeypatch.setenv("FORESIGHTKV_CONFIG", json.dumps({"budget": B, "interval": L, "policy": "h2o"}))
     mc = _model(tmp_path)
     kv_per_token = 2 * 2 * 64 * 2 * 4  # layers x KV heads x (K + V) x head dim x fp32
     stats_per_token = 2 * 2 * 2 * 8 * 4  # layers x KV heads x group x 8 float32
 
-    def configurator(backend):
+    def pool_tokens(backend, budget):
         args = copy.copy(server_args)
         args.attention_backend = backend
-        kvc = SimpleNamespace(
-            kv_cache_dtype_str="auto",
-            kv_cache_dtype=torch.float32,
-            model_config=mc,
-            layer_info=SimpleNamespace(num_effective_layers=2, start_layer=0, end_layer=2),
+        kvc = KVCacheConfigurator(
+            device="cpu",
+            gpu_id=0,
+            attn_dp_size=1,
             pp_size=1,
+            pp_group=None,
+            model=None,
+            model_config=mc,
             server_args=args,
-            use_mla_backend=False,
-            is_draft_worker=False,
-            spec_algorithm=SimpleNamespace(
-                is_eagle=lambda: False, is_standalone=lambda: False, is_dflash_family=lambda: False
-            ),
+            kv_cache_dtype=torch.float32,
+            model_dtype=torch.float32,
             page_size=1,
+            sliding_window_size=None,
+            spec_algorithm=SpeculativeAlgorithm.NONE,
+            is_draft_worker=False,
+            post_capture_kv_active=False,
+            spec_aux_config=SpecAuxHiddenStateConfig(),
+            is_hybrid_swa=False,
+            is_hybrid_swa_compress=False,
+            use_mla_backend=False,
+            layer_info=ModelLayerInfo(start_layer=0, end_layer=2, num_effective_layers=2),
+            forward_stream=None,
+            req_to_token_pool=None,
+            token_to_kv_pool_allocator=None,
+            memory_pool_config=None,
         )
-        return DefaultPoolConfigurator(kvc)
+        return kvc.config_from_budget(budget).max_total_num_tokens
 
     budget = 1 << 20
-    native = configurator("torch_native").calculate_pool_sizes(budget, 1).max_total_num_tokens
-    ours = configurator("foresightkv").calculate_pool_sizes(budget, 1).max_total_num_tokens
+    native, ours = pool_tokens("torch_native", budget), pool_tokens("foresightkv", budget)
     assert native == budget // kv_per_token
     assert ours == budget // (kv_per_token + stats_per_token)
     rig = Rig(server_args, size=ours, rows=4, max_ctx=64)
@@ -433,6 +446,9 @@ def test_sglang_sizes_the_kv_pool_with_the_statistics_counted(server_args, monke
     # SGLang's pool has one padding slot more than its size
     assert be.engine.stats_bytes() == (ours + 1) * stats_per_token
     assert ours * (kv_per_token + stats_per_token) <= budget
+    # full_cache never evicts: no statistics, the native pool
+    monkeypatch.setenv("FORESIGHTKV_CONFIG", json.dumps({"budget": B, "interval": L, "policy": "full_cache"}))
+    assert pool_tokens("foresightkv", budget) == native
 
 
 def test_statistics_allocation_failure_names_the_flag(server_args, tmp_path, caplog):
