@@ -84,6 +84,8 @@ struct ModelState {
     live_start: usize,
     protected: usize,
     pending: Option<usize>,
+    /// The whole prompt's length, once a row gave it.
+    prompt: Option<usize>,
 }
 
 struct Model {
@@ -115,9 +117,11 @@ fn up(x: usize, bs: usize) -> usize {
 impl Model {
     /// The rules, as DESIGN.md states them: commit last step's targets; per row, a reset or an
     /// unknown key starts a fresh state; prompt rows extend the protected prefix in protect mode;
-    /// due when the evictable window `[max(live, protected), len)` holds `B + L`, or when a prompt
-    /// chunk of more than one token ends (outside protect mode); the target is `len - B` rounded
-    /// down to a block, and only a target beyond the window start is an eviction.
+    /// nothing is due while the known prompt is not complete; due when the evictable window
+    /// `[max(live, protected), len)` holds `B + L`, or (outside protect mode) when the row reaches
+    /// the end of the known prompt, or, the prompt unknown, when a prompt chunk of more than one
+    /// token ends; the target is `len - B` rounded down to a block, and only a target beyond the
+    /// window start is an eviction.
     fn step(&mut self, rows: &[StepRequest]) -> (Vec<Advance>, Vec<Row>, Vec<u64>) {
         let mut released = Vec::new();
         for key in std::mem::take(&mut self.order) {
@@ -142,6 +146,7 @@ impl Model {
                 live_start: 0,
                 protected: 0,
                 pending: None,
+                prompt: None,
             };
             let s = match self.states.get(&r.key) {
                 Some(old) if r.reset => {
@@ -156,20 +161,32 @@ impl Model {
                 }
             };
             let mut s = s;
+            if r.prompt_len.is_some() {
+                s.prompt = r.prompt_len;
+            }
             if self.protect && r.prefill && r.num_new > 0 {
-                let prompt = r.prompt_len.unwrap_or(r.seq_len).min(r.seq_len);
+                let prompt = s.prompt.unwrap_or(r.seq_len).min(r.seq_len);
                 s.protected = s.protected.max(up(prompt, self.bs));
             }
             s.len = r.seq_len;
             let start = s.live_start.max(s.protected);
+            let prefilling = s.prompt.is_some_and(|p| s.len < p);
             let full = s.len >= start + self.budget + self.interval;
-            let compress = !self.protect && r.prefill && r.num_new > 1;
+            let compress = !self.protect
+                && match s.prompt {
+                    Some(p) => r.seq_len - r.num_new < p && p <= r.seq_len,
+                    None => r.prefill && r.num_new > 1,
+                };
             let target = if s.len >= self.budget {
                 (s.len - self.budget) / self.bs * self.bs
             } else {
                 0
             };
-            s.pending = (self.evicts && s.len > start && (full || compress) && target > start)
+            s.pending = (self.evicts
+                && !prefilling
+                && s.len > start
+                && (full || compress)
+                && target > start)
                 .then_some(target);
             if s.pending.is_some() {
                 self.order.push(r.key);
@@ -349,7 +366,15 @@ fn check_invariants(
                 t,
                 n - t
             );
-        } else if model.evicts && n > base {
+        } else if model.evicts
+            && n > base
+            && !model
+                .states
+                .get(&r.key)
+                .and_then(|s| s.prompt)
+                .is_some_and(|p| n < p)
+        {
+            // A prompt still being prefilled (its length known) is never evicted.
             prop_assert!(
                 n - base < b + l,
                 "{} live entries and no eviction",
@@ -508,5 +533,92 @@ proptest! {
         steps in prop::collection::vec(step(), 1..120),
     ) {
         run(budget_blocks, interval_blocks, bs, protect, evicts, &steps)?;
+    }
+}
+
+/// One prompt of `prompt` tokens prefilled in the chunks `cuts` (then `decode` decode steps),
+/// through a fresh planner; returns every row's plan: (seq_len, live_start, protected, evict_to,
+/// window_len, attn_start, evict_start) and the committed advances per step.
+#[allow(clippy::type_complexity)]
+fn chunked_run(
+    s: Schedule,
+    prompt: usize,
+    cuts: &[usize],
+    decode: usize,
+) -> (Vec<[i32; 7]>, Vec<Vec<Advance>>) {
+    let mut planner = WindowPlanner::new(s, true);
+    let mut plan = StepPlan::default();
+    let mut ends: Vec<usize> = cuts
+        .iter()
+        .copied()
+        .filter(|&c| c > 0 && c < prompt)
+        .collect();
+    ends.sort_unstable();
+    ends.dedup();
+    ends.push(prompt);
+    let (mut rows, mut released) = (Vec::new(), Vec::new());
+    let mut done = 0;
+    let lens = ends
+        .iter()
+        .map(|&e| (e, true))
+        .chain((1..=decode).map(|i| (prompt + i, false)));
+    for (len, prefill) in lens {
+        let r = StepRequest {
+            key: 9,
+            seq_len: len,
+            num_new: len - done,
+            prefill,
+            reset: done == 0,
+            prompt_len: Some(prompt),
+        };
+        planner.plan(&[r], &mut plan).unwrap();
+        rows.push([
+            plan.seq_lens[0],
+            plan.live_starts[0],
+            plan.protected_lens[0],
+            plan.evict_to[0],
+            plan.window_lens[0],
+            plan.attn_starts[0],
+            plan.evict_starts[0],
+        ]);
+        released.push(plan.released.clone());
+        done = len;
+    }
+    (rows, released)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
+
+    /// Chunked prefill is independent of the chunking: with the prompt's length known, a prompt in
+    /// any chunks plans no eviction before its last chunk, and from the last chunk on (that chunk's
+    /// row, the commits, every decode step after it) the plan equals the plan of the same prompt in
+    /// one chunk.
+    #[test]
+    fn chunking_does_not_change_the_plan(
+        budget_blocks in 1..5usize,
+        interval_blocks in 1..4usize,
+        bs in prop::sample::select(vec![1usize, 2, 4, 16]),
+        protect in any::<bool>(),
+        prompt in 1..400usize,
+        cuts in prop::collection::vec(1..400usize, 0..8),
+        decode in 0..200usize,
+    ) {
+        let ev = EvictionConfig {
+            budget: budget_blocks.max(interval_blocks) * bs,
+            interval: interval_blocks * bs,
+            protect_prompt: protect,
+        };
+        let s = Schedule::new(&ev, bs).unwrap();
+        let (one, one_rel) = chunked_run(s, prompt, &[], decode);
+        let (many, many_rel) = chunked_run(s, prompt, &cuts, decode);
+        let k = many.len() - one.len();
+        for r in &many[..k] {
+            prop_assert_eq!(r[3], -1, "eviction planned before the prompt's end: {:?}", r);
+            prop_assert_eq!(r[1], 0);
+        }
+        prop_assert!(many_rel[..=k].iter().all(|r| r.is_empty()));
+        prop_assert_eq!(&many[k..], &one[..]);
+        prop_assert_eq!(&many_rel[k..], &one_rel[..]);
     }
 }

@@ -42,6 +42,7 @@ class RequestRef:
         scale: float,
         block_size: int = 1,
         protect_prompt: bool = False,
+        prompt_len: Optional[int] = None,
     ):
         self.stream, self.serial, self.block_size = stream, serial, block_size
         self.budget, self.interval, self.policy = budget, interval, policy
@@ -50,6 +51,9 @@ class RequestRef:
         self.live_start = 0
         self.protect = protect_prompt
         self.protected_len = 0
+        #: Length of the whole prompt when the engine gives it: no eviction is due before it is in,
+        #: and the step that completes it compresses it once, however it was chunked.
+        self.prompt_len = prompt_len
         self.layers = [LayerRef(h, self.g) for _ in range(num_layers)]
 
     def _due(self, new: int, prefill: bool) -> Optional[int]:
@@ -59,7 +63,14 @@ class RequestRef:
         base = max(self.live_start, self.protected_len)
         live = self.length - base
         target = (self.length - self.budget) // self.block_size * self.block_size
-        compress = not self.protect and prefill and new > 1 and live > self.budget
+        p = self.prompt_len
+        if p is not None and self.length < p:
+            return None
+        if p is not None:
+            ends_prompt = self.length - new < p <= self.length
+        else:
+            ends_prompt = prefill and new > 1
+        compress = not self.protect and ends_prompt and live > self.budget
         if live > 0 and (live >= self.budget + self.interval or compress) and target > base:
             return target
         return None
@@ -69,7 +80,8 @@ class RequestRef:
         p0 = self.length
         self.length += new
         if self.protect and prefill:
-            self.protected_len = -(-self.length // self.block_size) * self.block_size
+            prompt = self.length if self.prompt_len is None else min(self.length, self.prompt_len)
+            self.protected_len = max(self.protected_len, -(-prompt // self.block_size) * self.block_size)
         first = min(max(p0, self.protected_len), self.length)
         target = self._due(new, prefill)
         outs = []

@@ -7,7 +7,7 @@ use parking_lot::Mutex;
 
 use super::pool::BlockPool;
 use super::table::{block_hash, BlockTable};
-use super::window::{self, align_up, EvictionPlan, LiveWindow, Schedule};
+use super::window::{self, EvictionPlan, LiveWindow, Schedule};
 use super::{BlockError, BlockId, CacheConfig, SeqId};
 
 /// A block copy the engine must perform (whole block, every layer and head) before writing `dst`.
@@ -232,19 +232,24 @@ impl KvCacheManager {
                 pool.register(b, *h);
             }
         }
-        let ev = self.config.eviction.as_ref();
-        let protect = ev.is_some_and(|e| e.protect_prompt);
+        // The whole prompt arrives at once: the planner's rule (one compression at the prompt's
+        // end), kept pending only while it has something to evict.
+        let mut window = LiveWindow {
+            len: p,
+            ..LiveWindow::default()
+        };
+        if let Some(s) = &self.schedule {
+            window.grow(s, p, p, true, Some(p));
+            if window.due(s).is_none() {
+                window.compress_pending = false;
+            }
+        }
         seqs.insert(
             id,
             BlockTable {
                 tokens: prompt.to_vec(),
                 prompt_len: p,
-                window: LiveWindow {
-                    len: p,
-                    live_start: 0,
-                    protected_len: if protect { align_up(p, bs) } else { 0 },
-                    compress_pending: ev.is_some_and(|e| !e.protect_prompt && p >= e.budget + bs),
-                },
+                window,
                 blocks,
                 hashes,
                 compactions: 0,

@@ -13,7 +13,12 @@
 //! - Protect mode: `protected_len = align_up(prompt)`, never evicted; prompts are never compressed.
 //! - Engine forwards (the planner): the evictions planned for a forward are committed at the start
 //!   of the next one ("one step late"), so no engine frees memory its in-flight step may still read.
-//!   A prompt chunk of more than one token is compressed at its end (outside protect mode).
+//! - Chunked prefill: when the whole prompt's length `P` is known (`prompt_len`), no eviction is due
+//!   while `len < P` (the prompt is still being prefilled, in any number of chunks), and the row
+//!   whose new tokens reach the end of the prompt (`len - num_new < P <= len`) compresses it once,
+//!   to `align_down(len - B)` (outside protect mode): exactly what one chunk of the whole prompt
+//!   gives, whatever the engine's chunking. When `P` is unknown, a prompt chunk of more than one
+//!   token is compressed at its end (outside protect mode).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -105,6 +110,9 @@ pub struct LiveWindow {
     pub protected_len: usize,
     /// A prompt awaits its compression (the next [`LiveWindow::due`] may evict without a full window).
     pub compress_pending: bool,
+    /// Length of the whole prompt when known: no eviction is due while `len` is below it (the prompt
+    /// is still being prefilled in chunks).
+    pub prompt_len: Option<usize>,
 }
 
 impl LiveWindow {
@@ -123,7 +131,7 @@ impl LiveWindow {
     /// block-aligned position leaving at least `B` live (exactly `B` on the regular schedule).
     pub fn due(&self, s: &Schedule) -> Option<EvictionPlan> {
         let base = self.base();
-        if self.len <= base {
+        if self.len <= base || self.prefilling() {
             return None;
         }
         let due = self.len - base >= s.budget + s.interval || self.compress_pending;
@@ -138,6 +146,41 @@ impl LiveWindow {
             evicted_per_head: after - base,
             released_blocks: (after - base) / s.block_size,
         })
+    }
+
+    /// The prompt is still being prefilled: its length is known and not reached yet.
+    pub fn prefilling(&self) -> bool {
+        self.prompt_len.is_some_and(|p| self.len < p)
+    }
+
+    /// Records that the sequence grew to `len` by `num_new` tokens (`prefill`: prompt tokens;
+    /// `prompt_len`: the whole prompt's length, if known, remembered once given) and whether that
+    /// growth asks for a prompt compression: with the prompt's length known, the growth that reaches
+    /// its end (`len - num_new < prompt_len <= len`); otherwise a prompt chunk of more than one
+    /// token. Protect mode never compresses; in it, prompt tokens extend the protected prefix to
+    /// `align_up(min(len, prompt_len))`.
+    pub fn grow(
+        &mut self,
+        s: &Schedule,
+        len: usize,
+        num_new: usize,
+        prefill: bool,
+        prompt_len: Option<usize>,
+    ) {
+        if prompt_len.is_some() {
+            self.prompt_len = prompt_len;
+        }
+        if s.protect_prompt && prefill && num_new > 0 {
+            let prompt = self.prompt_len.map_or(len, |p| p.min(len));
+            self.protected_len = self.protected_len.max(s.protected_len(prompt));
+        }
+        self.len = len;
+        let start = len - num_new.min(len);
+        self.compress_pending = !s.protect_prompt
+            && match self.prompt_len {
+                Some(p) => start < p && p <= len,
+                None => prefill && num_new > 1,
+            };
     }
 
     /// Applies an eviction planned by [`Self::due`]: moves `live_start`, ends a pending compression.
@@ -191,9 +234,12 @@ pub struct StepRequest {
     /// The engine starts the request over (new request, recomputation after preemption): its state
     /// is replaced by a fresh one.
     pub reset: bool,
-    /// Length of the request's whole prompt when the engine knows it. In protect mode a prefill
-    /// chunk then protects `align_up(min(seq_len, prompt_len))` instead of `align_up(seq_len)`
-    /// (a chunk that also re-prefills generated tokens protects the prompt only).
+    /// Length of the request's whole prompt when the engine knows it (remembered by the request's
+    /// state once given). No eviction is then due while `seq_len < prompt_len`, and the row that
+    /// reaches the prompt's end compresses it once, so the plan does not depend on how the engine
+    /// chunked the prompt. In protect mode a prefill chunk protects `align_up(min(seq_len,
+    /// prompt_len))` instead of `align_up(seq_len)` (a chunk that also re-prefills generated
+    /// tokens protects the prompt only).
     pub prompt_len: Option<usize>,
 }
 
@@ -477,12 +523,7 @@ impl WindowPlanner {
                 }
             };
             let w = &mut st.window;
-            if s.protect_prompt && r.prefill && r.num_new > 0 {
-                let prompt = r.prompt_len.map_or(r.seq_len, |p| p.min(r.seq_len));
-                w.protected_len = w.protected_len.max(s.protected_len(prompt));
-            }
-            w.len = r.seq_len;
-            w.compress_pending = !s.protect_prompt && r.prefill && r.num_new > 1;
+            w.grow(&s, r.seq_len, r.num_new, r.prefill, r.prompt_len);
             let target = if self.evicts {
                 w.due(&s).map(|p| p.live_start_after)
             } else {
@@ -536,6 +577,7 @@ mod tests {
             live_start,
             protected_len: 0,
             compress_pending: false,
+            prompt_len: None,
         }
     }
 

@@ -13,11 +13,12 @@ from typing import Optional
 import torch
 
 import foresightkv
-from foresightkv.engine import EngineConfig, EvictionEngine, StepBatch, StepPlan
+from foresightkv.engine import EngineConfig, EvictionEngine, StepBatch, StepPlan, request_rng_key
 from foresightkv.errors import ConfigError
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 
+from . import hooks
 from .ledger import free_slots, key_generation, key_row, ledger_for, ledger_key
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,12 @@ def validate_runner(model_runner, config: EngineConfig) -> None:
                 "--attention-backend foresightkv without a different --prefill-attention-backend or "
                 "--decode-attention-backend"
             )
-        if getattr(args, "speculative_algorithm", None):
-            raise ConfigError("foresightkv does not support speculative decoding: remove --speculative-algorithm")
+        for flag, value in _slot_moving_features(args):
+            raise ConfigError(
+                f"foresightkv does not support {flag} ({value!r}): it moves or shares KV slots outside "
+                "foresightkv's slot ledger, so an eviction would free or rewrite slots it still uses. "
+                f"Remove {flag}"
+            )
         if getattr(args, "enable_mixed_chunk", False):
             raise ConfigError("foresightkv does not support mixed prefill/decode batches: remove --enable-mixed-chunk")
         if config.policy == "foresight" and (getattr(args, "tp_size", 1) or 1) > 1:
@@ -87,6 +92,28 @@ def validate_runner(model_runner, config: EngineConfig) -> None:
                 "foresightkv's foresight policy does not split the scorer's KV heads across tensor-parallel ranks yet: "
                 "use --tp-size 1 (or a baseline policy)"
             )
+
+
+#: Server arguments of SGLang features that move, share or copy a request's KV slots behind the
+#: attention backend's back, with the value that turns each off: (attribute, flag, off value).
+SLOT_MOVING_FEATURES = (
+    ("speculative_algorithm", "--speculative-algorithm", None),
+    ("disaggregation_mode", "--disaggregation-mode", "null"),
+    ("enable_hierarchical_cache", "--enable-hierarchical-cache", False),
+    ("enable_hisparse", "--enable-hisparse", False),
+    ("enable_lmcache", "--enable-lmcache", False),
+    ("enable_flexkv", "--enable-flexkv", False),
+    ("radix_cache_backend", "--radix-cache-backend", None),
+    ("enable_streaming_session", "--enable-streaming-session", False),
+)
+
+
+def _slot_moving_features(args):
+    """``(flag, value)`` of each feature of ``SLOT_MOVING_FEATURES`` that ``args`` turn on."""
+    for attr, flag, off in SLOT_MOVING_FEATURES:
+        value = getattr(args, attr, off)
+        if value not in (off, None, False, "", "null", "NONE"):
+            yield flag, value
 
 
 class ForesightKVAttnBackend(AttentionBackend):
@@ -106,6 +133,7 @@ class ForesightKVAttnBackend(AttentionBackend):
         self.forward_metadata: Optional[ForwardMetadata] = None
         #: Slots this backend gave back to the allocator so far (for tests and logs).
         self.freed_slots = 0
+        hooks.attach(self)
 
     # ------------------------------------------------------------------ metadata
 
@@ -134,7 +162,8 @@ class ForesightKVAttnBackend(AttentionBackend):
             self.ledger.track(key)
         prefill = [not decode] * len(rows)
         reset = [False] * len(rows) if decode else [p == 0 for p in prefix]
-        plan = self.engine.begin_step(StepBatch(keys, seq_lens, num_new, prefill, reset))
+        prompt_lens, rng_keys = _row_info(forward_batch, len(rows), decode)
+        plan = self.engine.begin_step(StepBatch(keys, seq_lens, num_new, prefill, reset, prompt_lens, rng_keys))
         for adv in plan.released:
             row = key_row(adv.key)
             ranges = self.ledger.take(adv.key, adv.evicted_from, adv.new_live_start)
@@ -143,6 +172,16 @@ class ForesightKVAttnBackend(AttentionBackend):
         idx = forward_batch.req_pool_indices.to(pool.req_to_token.device).long()
         block_tables = pool.req_to_token.index_select(0, idx)[:, :width].contiguous()
         self.forward_metadata = ForwardMetadata(plan, block_tables.to(self.token_to_kv_pool.device))
+
+    def release_rows(self, rows) -> None:
+        """Drops the engine state and ledger entries of the requests holding ``rows`` (SGLang gives the
+        rows back: the request finished, was aborted or retracted; its pending eviction is dropped and
+        SGLang's release path has freed every slot foresightkv had not)."""
+        pool = self.req_to_token_pool
+        for row in rows:
+            key = ledger_key(pool, row)
+            self.engine.release(key)
+            self.ledger.forget(key)
 
     def _forget_stale(self) -> None:
         """Drops the engine state and ledger entries of rows SGLang gave to another request."""
@@ -199,8 +238,14 @@ class ForesightKVAttnBackend(AttentionBackend):
         raise RuntimeError(_NO_GRAPHS)
 
     def get_cuda_graph_seq_len_fill_value(self):
-        """CUDA graphs are not supported: raises, naming the flags that turn them off."""
-        raise RuntimeError(_NO_GRAPHS)
+        """Length of the padding rows of SGLang's dummy and padded batches (FlashInfer's autotune
+        warm-up builds its decode buffers with it, with or without CUDA graphs): 1, the native
+        backends' value (a one-token row attends to its own slot only)."""
+        return 1
+
+    def get_cpu_graph_seq_len_fill_value(self):
+        """The same padding length for SGLang's CPU runner (``ForwardBatch`` padding on CPU)."""
+        return 1
 
     def init_forward_metadata_for_breakable_cuda_graph_capture(self, forward_batch):
         """CUDA graphs are not supported: raises, naming the flags that turn them off."""
@@ -228,7 +273,9 @@ def _check_scorer(engine: EvictionEngine, model_runner) -> None:
 
 def _reserve_stats(engine: EvictionEngine, model_runner) -> None:
     """Allocates every layer's per-slot statistics at start-up when the runner carries SGLang's model
-    config (the query-head group is known), so that a shortage fails here, naming the fix."""
+    config (the query-head group is known), so that a shortage fails here, naming the fix. SGLang sized
+    the KV pool with their bytes per slot counted (``hooks.cell_size_hook``), so they fit inside
+    ``--mem-fraction-static``; the bytes reserved are logged."""
     mc = getattr(model_runner, "model_config", None)
     if mc is None:
         return
@@ -237,15 +284,49 @@ def _reserve_stats(engine: EvictionEngine, model_runner) -> None:
     start = getattr(pool, "start_layer", 0) or 0
     layers = range(start, start + pool.layer_num)
     rows = pool.get_key_buffer(start).shape[0]
+    need = len(layers) * rows * pool.head_num * group * hooks.STATS_BYTES
     try:
         total = engine.reserve_stats(layers, rows, 1, pool.head_num, group, pool.device)
-    except torch.OutOfMemoryError as e:
-        need = len(layers) * rows * pool.head_num * group * 8 * 4
-        raise ConfigError(
-            f"foresightkv needs {need / 2**30:.2f} GiB for its eviction statistics next to the KV pool: "
-            "lower --mem-fraction-static"
-        ) from e
-    logger.info("foresightkv: %.2f GiB of eviction statistics for %d layers", total / 2**30, len(layers))
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError ("can't allocate memory")
+        raise StatsMemoryError(need, str(pool.device), e) from e
+    logger.info(
+        "foresightkv: reserved %d bytes (%.3f GiB) of eviction statistics for %d layers x %d slots on %s",
+        total,
+        total / 2**30,
+        len(layers),
+        rows,
+        pool.device,
+    )
+
+
+class StatsMemoryError(ConfigError):
+    """The eviction statistics could not be allocated at start-up; the message names the bytes
+    needed and the flags that make room."""
+
+    def __init__(self, need: int, device: str, cause: BaseException) -> None:
+        super().__init__(
+            f"foresightkv could not allocate {need} bytes ({need / 2**30:.2f} GiB) on {device} for its "
+            f"eviction statistics next to the KV pool ({type(cause).__name__}: {cause}). Make room: lower "
+            "--mem-fraction-static (or --max-total-tokens); on CPU, free host memory"
+        )
+        #: Bytes the statistics need.
+        self.needed = need
+
+
+def _row_info(forward_batch, n: int, decode: bool):
+    """``(prompt_lens, rng_keys)`` of the batch's rows for ``StepBatch``: from the requests
+    (``hooks.RowInfo``, attached by SGLang's ``ForwardBatch.init_new``), else the victim-RNG keys from
+    ``ForwardBatch.rids`` alone. Decode rows have no prompt length to give (-1: the request's state
+    knows it)."""
+    info = getattr(forward_batch, hooks.ROWS_ATTR, None)
+    if info is not None and len(info.rng_keys) == n:
+        prompts = [-1] * n if decode else list(info.prompt_lens)
+        return (None if decode else prompts), list(info.rng_keys)
+    rids = getattr(forward_batch, "rids", None)
+    if rids is not None and len(rids) == n:
+        return None, [request_rng_key(str(r)) for r in rids]
+    return None, None
 
 
 def _as_list(cpu_values, tensor) -> list:

@@ -3,6 +3,7 @@ a disabled UnifiedRadixCache (the release path), Req objects, ForwardBatch and R
 it allocates slots the way the scheduler does and drives an attention backend layer by layer with
 reproducible per-(request, position, layer) queries, keys and values."""
 
+from array import array
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Dict, List
@@ -19,6 +20,8 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 from sglang.srt.sampling.sampling_params import SamplingParams
+
+from foresightkv_sglang.hooks import annotate_forward_batch
 
 
 @dataclass
@@ -91,14 +94,25 @@ class Rig:
             )
         return self.streams[name]
 
-    def add(self, name: str) -> Live:
-        """A new SGLang request holding a fresh ``req_to_token`` row (no slots yet)."""
-        req = Req(name, "", list(range(4)), SamplingParams(max_new_tokens=4))
-        assert self.rtp.alloc([req]) is not None
+    def request(self, name: str, prompt: int = 4, *, max_new: int = 4, ignore_eos: bool = False, seed=None) -> Live:
+        """A new SGLang request of a ``prompt``-token prompt, not holding a row yet (a waiting request);
+        its first batch gives it one, as ``prepare_for_extend`` does."""
+        params = SamplingParams(max_new_tokens=max_new, ignore_eos=ignore_eos, sampling_seed=seed)
+        req = Req(name, "", array("q", range(prompt)), params)
         return Live(name, req, self.stream(name))
 
+    def add(self, name: str, prompt: int = 4, **kw) -> Live:
+        """A new SGLang request of a ``prompt``-token prompt holding a fresh ``req_to_token`` row (no
+        slots yet)."""
+        live = self.request(name, prompt, **kw)
+        assert self.rtp.alloc([live.req]) is not None
+        return live
+
     def _grow(self, live: Live, n: int) -> torch.Tensor:
-        """Allocates ``n`` slots for ``live``'s next positions, as the scheduler does."""
+        """Allocates ``n`` slots for ``live``'s next positions, as the scheduler does (and its
+        ``req_to_token`` row first if it has none)."""
+        if live.req.kv.req_pool_idx is None:
+            assert self.rtp.alloc([live.req]) is not None, "rig rows exhausted"
         locs = self.alloc.alloc(n)
         assert locs is not None, "rig pool exhausted"
         row = live.req.kv.req_pool_idx
@@ -135,9 +149,17 @@ class Rig:
                 extend_prefix_lens_cpu=list(prefix),
                 extend_num_tokens=int(sum(new)),
             )
-        fb = ForwardBatch(**kw)
+        fb = ForwardBatch(**kw, rids=[r.req.rid for r in reqs])
         fb.rig_spans = [(r, p, n) for r, p, n in zip(reqs, prefix, new)]
+        # what SGLang's ForwardBatch.init_new does with foresightkv's hook (hooks.init_new_hook)
+        annotate_forward_batch(fb, [r.req for r in reqs])
         return fb
+
+    def decoded(self, reqs: List[Live]) -> None:
+        """Records one generated token for each of ``reqs`` (what the scheduler appends after a
+        forward), so SGLang's admission sees their progress."""
+        for r in reqs:
+            r.req.output_ids.append(0)
 
     def inputs(self, fb: ForwardBatch, layer: int):
         """q ``[T, Hq*D]``, k, v ``[T, H, D]`` of the batch's new tokens at ``layer``."""
@@ -180,3 +202,93 @@ class Rig:
     def free_slots(self) -> List[int]:
         """Every slot id on the allocator's free lists, duplicates kept."""
         return [int(x) for x in self.alloc.get_all_free_pages().tolist()]
+
+
+def tiny_model_config(path, heads: int = 4, kv_heads: int = 2, layers: int = 2):
+    """SGLang's ``ModelConfig`` of a tiny Llama (head dim 64) written to directory ``path``."""
+    import json
+    from pathlib import Path
+
+    from sglang.srt.configs.model_config import ModelConfig
+
+    path = Path(path) / f"llama-{heads}-{kv_heads}-{layers}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 64 * heads,
+                "intermediate_size": 512,
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "head_dim": 64,
+                "vocab_size": 1000,
+                "max_position_embeddings": 512,
+                "torch_dtype": "float32",
+            }
+        )
+    )
+    return ModelConfig(str(path))
+
+
+_MODEL = []
+
+
+def running_batch(rig: Rig, lives: List[Live]):
+    """SGLang's ``ScheduleBatch`` of the running requests ``lives`` (what ``PrefillAdder`` weighs)."""
+    import tempfile
+
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    if not _MODEL:
+        _MODEL.append(tiny_model_config(tempfile.mkdtemp(prefix="fkv-rig-")))
+    return ScheduleBatch.init_new(
+        [lv.req for lv in lives],
+        rig.rtp,
+        rig.alloc,
+        rig.tree,
+        _MODEL[0],
+        False,
+        SpeculativeAlgorithm.NONE,
+    )
+
+
+def admit(rig: Rig, waiting: List[Live], running: List[Live], *, chunk=None, chunked=None, ratio=1.0):
+    """One admission round of SGLang's scheduler (``Scheduler._get_new_batch_prefill_raw``): a real
+    ``PrefillAdder`` over the rig's tree cache and allocator with ``running`` as the running batch,
+    first the in-progress chunked request ``chunked`` (``add_chunked_req``), then ``waiting`` in order
+    (``init_next_round_input`` + ``add_one_req``) until one is refused. Returns ``(admitted, extend
+    lengths, new chunked request)``: the lives SGLang would prefill now, how many tokens each, and the
+    request left mid-prompt (None when every admitted prompt completes)."""
+    from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
+
+    adder = PrefillAdder(1, rig.tree, rig.alloc, running_batch(rig, running), ratio, 1 << 20, chunk)
+    by_req = {id(lv.req): lv for lv in waiting + ([chunked] if chunked else [])}
+    left = None
+    if chunked is not None:
+        chunked.req.init_next_round_input()
+        left = adder.add_chunked_req(chunked.req)
+    for lv in waiting:
+        if adder.budget_state() == AddReqResult.OTHER:
+            break
+        lv.req.init_next_round_input(rig.tree)
+        if adder.add_one_req(lv.req, has_chunked_req=chunked is not None, truncation_align_size=None) != (
+            AddReqResult.CONTINUE
+        ):
+            break
+    if adder.new_chunked_req is not None:
+        left = adder.new_chunked_req
+    lives = [by_req[id(r)] for r in adder.can_run_list]
+    return lives, [r.extend_end - r.prefix_len for r in adder.can_run_list], (by_req[id(left)] if left else None)
+
+
+def chunk_done(rig: Rig, lives: List[Live]) -> None:
+    """What the scheduler does after a prefill forward: each request resumes after its extend
+    (``checkpoint_kv_cache``)."""
+    from sglang.srt.mem_cache.common import checkpoint_kv_cache
+
+    for lv in lives:
+        checkpoint_kv_cache(lv.req, rig.tree)

@@ -11,7 +11,7 @@ from reference import RequestRef
 from rig import Rig
 
 import foresightkv
-from foresightkv.engine import EngineConfig
+from foresightkv.engine import EngineConfig, request_rng_key
 from foresightkv_sglang.backend import ForesightKVAttnBackend
 from foresightkv_sglang.ledger import ledger_for, ledger_key
 
@@ -38,7 +38,7 @@ def test_budget_above_every_length_equals_torch_native(server_args, seed, dtype,
     native = TorchNativeAttnBackend(theirs.runner)
     rng = random.Random(seed)
     lens = [rng.randint(2, 24) for _ in range(3)]
-    reqs = [[r.add(f"r{i}") for i in range(3)] for r in (ours, theirs)]
+    reqs = [[r.add(f"r{i}", n) for i, n in enumerate(lens)] for r in (ours, theirs)]
     steps = [("extend", lens)] + [("decode", None)] * 6
     late = rng.randint(3, 30)
     steps.insert(3, ("late", [late]))
@@ -46,7 +46,7 @@ def test_budget_above_every_length_equals_torch_native(server_args, seed, dtype,
         outs = []
         for rig, rs in zip((ours, theirs), reqs):
             if kind == "late":
-                rs.append(rig.add("late"))
+                rs.append(rig.add("late", late))
                 batch = rig.batch([rs[-1]], new)
             elif kind == "extend":
                 batch = rig.batch(rs, new)
@@ -74,14 +74,14 @@ class Scenario:
         self.config = config
         self.live = {}
         self.refs = {}
-        self.serial = 0
         self.evictions = 0
 
-    def add(self, name):
-        self.live[name] = self.rig.add(name)
+    def add(self, name, prompt):
+        """A request whose prompt (what SGLang prefills: all its chunks) has ``prompt`` tokens."""
+        self.live[name] = self.rig.add(name, prompt)
         self.refs[name] = RequestRef(
             self.rig.stream(name),
-            self.serial,
+            request_rng_key(name),
             budget=self.config.budget,
             interval=self.config.interval,
             policy=self.policy,
@@ -90,8 +90,8 @@ class Scenario:
             h=self.rig.h,
             scale=self.rig.scale,
             protect_prompt=self.config.protect_prompt,
+            prompt_len=prompt,
         )
-        self.serial += 1
 
     def step(self, names, new):
         reqs = [self.live[n] for n in names]
@@ -226,10 +226,12 @@ def test_eviction_matches_the_dense_reference_and_returns_every_slot_once(server
     config, checkpoint = _policies(tmp_path_factory)[policy]
     sc = Scenario(server_args, config, checkpoint, seed=seed)
     rng = random.Random(seed)
-    for name in "abc":
-        sc.add(name)
-    sc.step(["a", "b", "c"], [rng.randint(2, 7), rng.randint(9, 20), rng.randint(9, 14)])
-    sc.step(["c"], [rng.randint(2, 10)])
+    first = [rng.randint(2, 7), rng.randint(9, 20), rng.randint(9, 14)]
+    second = rng.randint(2, 10)
+    for name, n in zip("abc", first[:2] + [first[2] + second]):
+        sc.add(name, n)
+    sc.step(["a", "b", "c"], first)
+    sc.step(["c"], [second])
     finished = retracted = False
     for i in range(26):
         names = sorted(sc.live)
@@ -238,13 +240,15 @@ def test_eviction_matches_the_dense_reference_and_returns_every_slot_once(server
             sc.finish("b")
             finished = True
         elif i == 9:
+            # SGLang recomputes the prompt and the generated tokens; the prompt stays the prompt
             length = sc.retract("c")
-            sc.add("c")
+            sc.add("c", first[2] + second)
             sc.step(["c"], [length])
             retracted = True
         if i == 5:
-            sc.add("d")
-            sc.step(["d"], [rng.randint(2, 30)])
+            n = rng.randint(2, 30)
+            sc.add("d", n)
+            sc.step(["d"], [n])
     assert finished and retracted
     assert sc.backend.freed_slots > 0
     for name in sorted(sc.live):
