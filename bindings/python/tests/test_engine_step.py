@@ -1,8 +1,7 @@
 """The engine-neutral step (``foresightkv.engine.EvictionEngine``) on CPU: chunked prefill independent
 of the chunking, the bounded query rings (streaming fold) against one ``window_stats`` call over every
-query, the lower-right causal prefill attention against the explicit mask it replaces, the start-up
-reservation and its typed refusal, and a victim RNG key that does not depend on what the process
-served before."""
+query, the lower-right causal prefill attention against the explicit mask it replaces, and the start-up
+reservation and its typed refusal."""
 
 import pytest
 import torch
@@ -194,23 +193,3 @@ def test_reserve_sizes_the_rings_and_refuses_more_requests():
     assert EvictionEngine(EngineConfig(budget=16, interval=8, policy="full_cache"), block_size=BS).reserve(
         max_requests=3, layers=2, num_q_heads=4, head_dim=D, dtype=torch.float16, device="cpu"
     ) == 0
-
-
-def test_default_victim_key_does_not_depend_on_the_warm_up():
-    """Without ``rng_keys`` the sampled victims of a request depend on its key, not on how many
-    requests the process served before it (a per-process counter would)."""
-    cfg = EngineConfig(budget=16, interval=8, policy="random", seed=5)
-
-    def run(warm_up):
-        rig = Rig(cfg, 60, seed=2)
-        for w in range(warm_up):
-            rig.engine.begin_step([StepRequest(100 + w, 3, 3, True)])
-            rig.engine.release(100 + w)
-        rig.step(30, True, prompt_len=30)
-        for _ in range(20):
-            rig.step(1, False)
-        return rig.kept()
-
-    a, b = run(0), run(3)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, torch.arange(x.shape[1]).expand_as(x)) for x in a)

@@ -74,7 +74,7 @@ class StepRequest:
     engine starts the request over (new request, or recomputation after preemption), and optionally
     the length of its whole prompt (``prompt_len``; in protect mode a prefill chunk then protects
     ``align_up(min(seq_len, prompt_len))``), and the request part of its victim RNG key
-    (``rng_key``, e.g. ``request_rng_key(request_id, seed)``; default: ``request_rng_key(key)``)."""
+    (``rng_key``, e.g. ``request_rng_key(request_id, seed)``; default: the planner's state serial)."""
 
     key: int
     seq_len: int
@@ -94,7 +94,7 @@ class StepBatch:
     not depend on how the engine chunked it (without it every prefill chunk of more than one token is
     compressed at its end). ``rng_keys`` (optional) is the request part of each row's victim RNG key,
     stable across processes (``request_rng_key(request_id, seed)``; pass it on every forward); without
-    it ``request_rng_key(key)`` is used, as stable as the engine's keys."""
+    it the planner's per-process state serial is used."""
 
     keys: Sequence[int]
     seq_lens: Sequence[int]
@@ -290,7 +290,7 @@ class _HostPlan:
         self.evict_starts = f("evict_starts")
         dec = num_new == 1
         self.all_decode = n > 0 and bool(dec.all())
-        self.multi: List[int] = torch.nonzero(num_new > 1).flatten().tolist()
+        self.multi: List[int] = [] if self.all_decode else torch.nonzero(num_new > 1).flatten().tolist()
         self.due: List[int] = torch.nonzero(f("evict_to") >= 0).flatten().tolist()
         dev: Dict[str, torch.Tensor] = {"rows": plan.rows}
         if not self.all_decode:
@@ -300,7 +300,18 @@ class _HostPlan:
             self.decode_starts = self.attn_starts.index_select(0, d)
             dev["decode"] = d.int()
         # Query ring: row r of a slot holds the query of position p with p % ring == r.
-        seq, nq = f("seq_lens").long(), f("num_queries").long()
+        self.num_fold = self.fold_max = self.ev_max = 0
+        nq_i32 = f("num_queries")
+        if self.all_decode and not self.due and bool((nq_i32 > 0).all()) and int(nq_i32.max()) <= ring:
+            # A decode step with no eviction due and nothing to fold: every row records its query.
+            slot_i32 = f("slots")
+            if torch.unique(slot_i32).numel() != n:
+                raise ShapeError("two rows of one request record queries in one forward")
+            self.num_recorded = n
+            dev["rec_dst"] = slot_i32 * ring + (f("seq_lens") - 1) % ring
+            self._pack(dev)
+            return
+        seq, nq = f("seq_lens").long(), nq_i32.long()
         new, qs, slot = num_new.long(), f("query_starts").long(), f("slots").long()
         rec = torch.minimum(new, nq).clamp(min=0)
         self.num_recorded = int(rec.sum())
@@ -324,7 +335,6 @@ class _HostPlan:
         count = after - before
         fr = torch.nonzero(count > 0).flatten()
         self.num_fold = fr.numel()
-        self.fold_max = 0
         if self.num_fold:
             c = count[fr]
             cmax = self.fold_max = int(c.max())
@@ -347,7 +357,6 @@ class _HostPlan:
             for name in ("fold_counts", "fold_before", "fold_lens", "fold_starts"):
                 dev[name] = getattr(self, name)
         # An eviction reads its request's ring rows, oldest first.
-        self.ev_max = 0
         if self.due:
             d = torch.tensor(self.due, dtype=torch.long)
             k = nq[d].clamp(max=ring)
@@ -359,12 +368,17 @@ class _HostPlan:
             dev["ev_ring"] = (slot[d].unsqueeze(1) * ring + pos % ring).flatten().int()
             dev["ev_counts"] = self.ev_counts
             dev["ev_folded"] = self.ev_folded
+        self._pack(dev)
+
+    def _pack(self, dev: Dict[str, torch.Tensor]) -> None:
+        """The device arrays as one int32 host tensor (``packed``) and each one's (offset, length)."""
         self.layout: Dict[str, Any] = {}
         off = 0
         for name, t in dev.items():
             self.layout[name] = (off, t.numel())
             off += t.numel()
-        self.packed = torch.cat([t.flatten().int() for t in dev.values()]) if dev else torch.zeros(0, dtype=torch.int32)
+        parts = [t.flatten() if t.dtype == torch.int32 else t.flatten().int() for t in dev.values()]
+        self.packed = torch.cat(parts)
 
 
 @dataclass
@@ -656,7 +670,7 @@ class EvictionEngine:
                 folded_host=hp.fold_before,
             )
         src = query if hp.num_recorded == query.shape[0] and hp.all_decode else query.index_select(0, dev["rec_tokens"])
-        flat.index_copy_(0, dev["rec_dst_long"], src.to(flat.dtype))
+        flat.index_put_((dev["rec_dst_long"],), src.to(flat.dtype))
 
     def _windows(self, plan: StepPlan, block_tables: torch.Tensor) -> _Windows:
         """The plan's windows in the coordinates the kernels read (computed once per plan and table,
@@ -873,11 +887,10 @@ class EvictionEngine:
 
     def _rng_key(self, plan: StepPlan, row: int) -> int:
         """The request part of the victim RNG key of plan row ``row``: the ``rng_keys`` the engine gave
-        for this forward, else ``request_rng_key`` of the request key (stable across processes and
-        warm-up histories as far as the engine's keys are; plugins pass ``rng_keys``)."""
+        for this forward, else the row's state serial (per process: plugins pass ``rng_keys``)."""
         if plan.rng_keys is not None:
             return int(plan.rng_keys[row])
-        return request_rng_key(int(plan.keys[row]))
+        return int(plan.serials[row])
 
     def _positions(self, s: _LayerState, start: int, end: int, h: int) -> torch.Tensor:
         """Original positions ``[H, live]`` of the live entries of each KV head (CPU int64)."""
