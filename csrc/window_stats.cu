@@ -6,7 +6,9 @@
 //   reduce:  per slot and query head, the statistics from p = exp(logit - lse), written in place:
 //            the last min(n, window) rows are the statistics window, earlier rows are folded into
 //            the cumulative ones; decayed = 0.9 * (old + folded) + window sum (once per interval);
-//            mode 1 (official) sets sum8/16/32 to the window sum.
+//            mode 1 (official) sets sum8/16/32 to the window sum. Streaming fold: with folded[s] > 0
+//            the running fold kept in the sum column is continued for slots before the rows;
+//            fold_only calls fold every row and write only that running fold.
 // Contract and CPU reference: src/kernels/window_stats.rs.
 #include "fkv_common.cuh"
 
@@ -135,11 +137,19 @@ __device__ void ws_reduce(const fkv_window_stats_params &p, WsShared &sh) {
   const int64_t rows_total = p.win.num_seqs * p.num_q_heads * p.max_queries;
   const float *lse = p.workspace + 2 * rows_total * p.num_tiles;
   const int64_t slot = start + lane;
-  const int64_t w = (p.window > 0 && p.window < n) ? p.window : n;
+  const int64_t w = p.fold_only ? 0 : ((p.window > 0 && p.window < n) ? p.window : n);
   const int64_t first_window = n - w;  // rows before it are folded into the cumulative statistics
+  const int64_t before = p.folded ? p.folded[s] : 0;  // rows earlier fold-only calls took
+  float *row = nullptr;
+  if (valid[lane]) {
+    int64_t off;
+    const int64_t b = fkv::live_block(p.win, p.kv.num_blocks, p.kv.block_size, s, slot, &off);
+    row = p.st.stats + fkv::stats_off(p.st, b, off, kvh);
+  }
   for (int64_t g = warp; g < G; g += WS_WARPS) {
     const int64_t h = kvh * G + g;
-    float mx = -INFINITY, mn = INFINITY, sum = 0.f, s8 = 0.f, s16 = 0.f, s32 = 0.f, fold = 0.f;
+    float mx = -INFINITY, mn = INFINITY, sum = 0.f, s8 = 0.f, s16 = 0.f, s32 = 0.f;
+    float fold = (row && before > 0 && slot < base) ? row[g * 8 + 2] : 0.f;
     for (int64_t j = 0; j < n; ++j) {
       load_query<T>(p, s, j, h, HD, lane, qs[warp]);
       const bool vis = valid[lane] && slot <= base + j;
@@ -160,23 +170,23 @@ __device__ void ws_reduce(const fkv_window_stats_params &p, WsShared &sh) {
       __syncwarp();
     }
     if (p.mode == 1) s8 = s16 = s32 = sum;
-    if (valid[lane]) {
-      int64_t off;
-      const int64_t b = fkv::live_block(p.win, p.kv.num_blocks, p.kv.block_size, s, slot, &off);
-      float *row = p.st.stats + fkv::stats_off(p.st, b, off, kvh) + g * 8;
+    if (row && p.fold_only) {
+      row[g * 8 + 2] = fold;
+    } else if (row) {
+      float *r = row + g * 8;
       float old_cum = 0.f, old_dec = 0.f;
-      if (slot < base) {
-        old_cum = row[6];
-        old_dec = row[7];
+      if (slot + before < base) {
+        old_cum = r[6];
+        old_dec = r[7];
       }
-      row[0] = mx;
-      row[1] = mn;
-      row[2] = sum;
-      row[3] = s8;
-      row[4] = s16;
-      row[5] = s32;
-      row[6] = old_cum + fold + sum;
-      row[7] = WS_DECAY * (old_dec + fold) + sum;
+      r[0] = mx;
+      r[1] = mn;
+      r[2] = sum;
+      r[3] = s8;
+      r[4] = s16;
+      r[5] = s32;
+      r[6] = old_cum + fold + sum;
+      r[7] = WS_DECAY * (old_dec + fold) + sum;
     }
   }
 }

@@ -142,6 +142,8 @@ typedef struct fkv_window_stats_params {
   int64_t num_tiles;
   int64_t window; /* rows of the statistics window (last min(n, window) rows; 0 = all), earlier rows folded */
   int64_t mode;   /* statistics definition: 0 paper (sum8/16/32 over the last rows), 1 official (= sum) */
+  const int32_t *folded; /* [num_seqs] rows earlier fold-only calls took since the last eviction, or NULL */
+  int64_t fold_only;     /* 1: every row folded, only the running fold (sum column) written */
   float scale;
 } fkv_window_stats_params;
 

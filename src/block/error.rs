@@ -101,4 +101,15 @@ pub enum WindowError {
     /// A request key of 2^63 or more (keys travel as int64).
     #[error("request key {0} is 2^63 or more")]
     KeyTooLarge(u64),
+    /// More requests with state than the slots reserved at start-up.
+    #[error(
+        "{needed} requests would hold state, more than the {max} request slots reserved at start-up \
+         (raise the engine's maximum of concurrent requests)"
+    )]
+    TooManyRequests {
+        /// Requests that would hold state after the forward.
+        needed: usize,
+        /// Slots reserved.
+        max: usize,
+    },
 }

@@ -274,6 +274,13 @@ pub struct RequestWindow {
     pub window: LiveWindow,
     /// `live_start` the last forward's eviction moves the window to at the next plan, if any.
     pub pending: Option<usize>,
+    /// Request slot of this state, in `[0, max_slots)`: the row of per-request buffers reserved at
+    /// start-up (recent queries); kept across a reset, free again after a release.
+    pub slot: u32,
+    /// First position whose query counts for the statistics since the last eviction planned for the
+    /// request (0 before any): its recorded queries are those of `[max(queries_from, protected_len),
+    /// len)`.
+    pub queries_from: usize,
 }
 
 /// Per-row plan of one forward in flat arrays (one entry per request row, batch order), reused
@@ -304,6 +311,11 @@ pub struct StepPlan {
     pub evict_starts: Vec<i32>,
     /// Serial of the row's state ([`RequestWindow::serial`]).
     pub serials: Vec<i64>,
+    /// Request slot of the row's state ([`RequestWindow::slot`]).
+    pub slots: Vec<i32>,
+    /// Queries recorded for the statistics since the request's last eviction, this forward's
+    /// included (before the eviction due at its end): those of positions `[len - num_queries, len)`.
+    pub num_queries: Vec<i32>,
     /// Evictions of the previous forward, committed by this plan (in the order they were planned).
     pub released: Vec<Advance>,
     /// Serials of the states this plan replaced (resets): their per-request data can go.
@@ -325,6 +337,8 @@ impl StepPlan {
             &mut self.window_lens,
             &mut self.attn_starts,
             &mut self.evict_starts,
+            &mut self.slots,
+            &mut self.num_queries,
         ] {
             v.clear();
         }
@@ -385,6 +399,9 @@ pub struct WindowPlanner {
     states: KeyMap<RequestWindow>,
     pending: Vec<u64>,
     next_serial: u64,
+    max_slots: Option<usize>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
 }
 
 impl WindowPlanner {
@@ -397,6 +414,46 @@ impl WindowPlanner {
             states: KeyMap::default(),
             pending: Vec::new(),
             next_serial: 0,
+            max_slots: None,
+            free_slots: Vec::new(),
+            next_slot: 0,
+        }
+    }
+
+    /// Bounds the requests with state to `max_slots` (the request slots reserved at start-up; None
+    /// = unbounded); a plan that would exceed it is refused with [`WindowError::TooManyRequests`].
+    /// Refused (returns false) when more requests hold state already.
+    pub fn set_max_slots(&mut self, max_slots: Option<usize>) -> bool {
+        if max_slots.is_some_and(|m| m < self.states.len() || m > u32::MAX as usize) {
+            return false;
+        }
+        if let Some(m) = max_slots {
+            // Refused while a request holds a slot at or past the new bound.
+            let used: KeySet = self.states.values().map(|s| u64::from(s.slot)).collect();
+            if used.iter().any(|&s| s as usize >= m) {
+                return false;
+            }
+            self.free_slots.retain(|&s| (s as usize) < m);
+            if self.next_slot as usize > m {
+                self.next_slot = m as u32;
+            }
+        }
+        self.max_slots = max_slots;
+        true
+    }
+
+    /// The bound on requests with state ([`Self::set_max_slots`]).
+    pub fn max_slots(&self) -> Option<usize> {
+        self.max_slots
+    }
+
+    fn take_slot(&mut self) -> u32 {
+        match self.free_slots.pop() {
+            Some(s) => s,
+            None => {
+                self.next_slot += 1;
+                self.next_slot - 1
+            }
         }
     }
 
@@ -423,13 +480,16 @@ impl WindowPlanner {
     /// Forgets request `key` (finished, aborted or preempted); its pending eviction is dropped.
     /// Returns the serial of the state it had.
     pub fn release(&mut self, key: u64) -> Option<u64> {
-        self.states.remove(&key).map(|s| s.serial)
+        let st = self.states.remove(&key)?;
+        self.free_slots.push(st.slot);
+        Some(st.serial)
     }
 
     /// Checks the rows against the state the plan will see (after committing the pending
     /// evictions and applying the resets of earlier rows), before anything changes.
     fn validate(&self, rows: &[StepRequest]) -> Result<(), WindowError> {
         let mut fresh = KeySet::default();
+        let mut new_keys = KeySet::default();
         let mut total = 0usize;
         for r in rows {
             if r.key > MAX_KEY {
@@ -470,6 +530,15 @@ impl WindowPlanner {
             if self.schedule.protect_prompt && r.prefill && r.num_new > 0 && live_start > 0 {
                 return Err(WindowError::PromptAfterEviction { key: r.key });
             }
+            if !self.states.contains_key(&r.key) {
+                new_keys.insert(r.key);
+            }
+        }
+        if let Some(max) = self.max_slots {
+            let needed = self.states.len() + new_keys.len();
+            if needed > max {
+                return Err(WindowError::TooManyRequests { needed, max });
+            }
         }
         Ok(())
     }
@@ -499,6 +568,11 @@ impl WindowPlanner {
         let mut offset = 0usize;
         for r in rows {
             let serial = self.next_serial;
+            let slot = if self.states.contains_key(&r.key) {
+                0
+            } else {
+                self.take_slot()
+            };
             let st = match self.states.entry(r.key) {
                 Entry::Occupied(e) => {
                     let st = e.into_mut();
@@ -508,6 +582,8 @@ impl WindowPlanner {
                             serial,
                             window: LiveWindow::default(),
                             pending: None,
+                            slot: st.slot,
+                            queries_from: 0,
                         };
                         self.next_serial += 1;
                     }
@@ -519,6 +595,8 @@ impl WindowPlanner {
                         serial,
                         window: LiveWindow::default(),
                         pending: None,
+                        slot,
+                        queries_from: 0,
                     })
                 }
             };
@@ -530,11 +608,15 @@ impl WindowPlanner {
                 None
             };
             w.compress_pending = false;
+            let (ls, p, n) = (w.live_start, w.protected_len, r.seq_len);
+            out.num_queries
+                .push(n.saturating_sub(st.queries_from.max(p)) as i32);
+            out.slots.push(st.slot as i32);
             st.pending = target;
             if target.is_some() {
                 self.pending.push(r.key);
+                st.queries_from = n;
             }
-            let (ls, p, n) = (w.live_start, w.protected_len, r.seq_len);
             out.seq_lens.push(n as i32);
             out.num_new.push(r.num_new as i32);
             out.query_starts.push(offset as i32);

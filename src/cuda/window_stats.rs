@@ -47,17 +47,52 @@ pub unsafe fn launch_window_stats(
     stats: DeviceArray,
     workspace: DeviceArray,
 ) -> Result<(), CudaError> {
+    launch_window_stats_folded(
+        at,
+        args,
+        queries,
+        num_queries,
+        num_queries_host,
+        None,
+        stats_layout,
+        stats,
+        workspace,
+    )
+}
+
+/// [`launch_window_stats`] continuing a streaming fold: same contract as
+/// [`crate::kernels::window_stats_folded()`]; `folded` is the device int32 `[num_seqs]` array and
+/// its host mirror.
+///
+/// # Safety
+/// As [`launch_window_stats`]; `folded`'s device array must match its host mirror.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn launch_window_stats_folded(
+    at: &PagedLaunch<'_>,
+    args: &WindowStatsArgs,
+    queries: DeviceArray,
+    num_queries: DeviceArray,
+    num_queries_host: &[i32],
+    folded: Option<(DeviceArray, &[i32])>,
+    stats_layout: &StatsLayout,
+    stats: DeviceArray,
+    workspace: DeviceArray,
+) -> Result<(), CudaError> {
     at.validate()?;
     let (kv, windows) = (at.kv, at.windows);
-    args.validate(
+    args.validate_folded(
         kv,
         stats_layout,
         num_queries_host,
+        folded.map(|f| f.1),
         windows.seq_lens_host,
         windows.live_starts_host,
         queries.len,
         stats.len,
     )?;
+    if let Some((f, _)) = folded {
+        f.holding("folded", windows.num_seqs())?;
+    }
     let n = windows.num_seqs();
     if n == 0 || num_queries_host.iter().all(|&q| q == 0) {
         return Ok(());
@@ -89,6 +124,8 @@ pub unsafe fn launch_window_stats(
         num_tiles: tiles as i64,
         window: args.window,
         mode: args.mode.raw(),
+        folded: folded.map_or(std::ptr::null(), |f| f.0.ptr as *const i32),
+        fold_only: i64::from(args.fold_only),
         scale: args.scale,
     };
     let grid = (

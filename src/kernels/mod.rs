@@ -40,4 +40,4 @@ pub use reshape_and_cache::{reshape_and_cache, reshape_and_cache_into};
 pub use sample_survivors::{sample_survivors, SampleArgs};
 pub use scorer_mlp::{gelu, scorer_mlp, ScorerWeights};
 pub use select_survivors::{score_key, select_survivors, SelectArgs};
-pub use window_stats::{window_stats, StatsMode, WindowStatsArgs};
+pub use window_stats::{window_stats, window_stats_folded, StatsMode, WindowStatsArgs};

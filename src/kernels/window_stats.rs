@@ -24,6 +24,18 @@
 //! queries, the official `init_kv` sums the first `B` queries into `cumsum_attn` and
 //! `cumsum_attn_decay` and `update_kv` takes max/min/sum over the `L`-query chunk, which is exactly
 //! the fold above.
+//!
+//! # Streaming fold (bounded query buffers)
+//!
+//! The folded rows need not be kept until the eviction: a *fold-only* call
+//! ([`WindowStatsArgs::fold_only`]) over the oldest rows since the last eviction (the rows are the
+//! last of a window truncated after them) adds their probabilities, row by row in order, to a
+//! running fold `F` kept in the `sum` column of each slot's statistics (dead between evictions: the
+//! eviction's call overwrites it), and the eviction's call continues that same running sum with
+//! its own folded rows. `folded[s]` says how many rows of sequence `s` earlier fold-only calls took
+//! since the last eviction (0: the running fold starts at 0; a slot's running fold also starts at 0
+//! when its own row is in the call). Because the sum is carried in f32 and continued in the same
+//! row order, the result is bit for bit the one-call result over all the rows.
 
 use super::paged::{
     check_strides, extent, fits, group_size, LiveWindows, PagedKvLayout, StatsLayout,
@@ -119,6 +131,10 @@ pub struct WindowStatsArgs {
     pub window: i64,
     /// Definition of sum8/16/32.
     pub mode: StatsMode,
+    /// Every row is folded: the call only adds the rows' probabilities to the running fold kept in
+    /// the `sum` column (module doc, streaming fold) and writes nothing else.
+    #[serde(default)]
+    pub fold_only: bool,
 }
 
 impl WindowStatsArgs {
@@ -136,6 +152,7 @@ impl WindowStatsArgs {
             scale: 1.0 / (head_dim as f32).sqrt(),
             window: 0,
             mode: StatsMode::Paper,
+            fold_only: false,
         }
     }
 
@@ -167,6 +184,53 @@ impl WindowStatsArgs {
         query_len: usize,
         stats_len: usize,
     ) -> Result<i64, KernelError> {
+        self.validate_folded(
+            kv,
+            stats_layout,
+            num_queries,
+            None,
+            seq_lens,
+            live_starts,
+            query_len,
+            stats_len,
+        )
+    }
+
+    /// [`Self::validate`] with the rows earlier fold-only calls took (`folded`, per sequence:
+    /// `0 <= folded[s] <= live - num_queries[s]`, the slots before this call's rows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn validate_folded(
+        &self,
+        kv: &PagedKvLayout,
+        stats_layout: &StatsLayout,
+        num_queries: &[i32],
+        folded: Option<&[i32]>,
+        seq_lens: &[i32],
+        live_starts: &[i32],
+        query_len: usize,
+        stats_len: usize,
+    ) -> Result<i64, KernelError> {
+        if let Some(f) = folded {
+            if f.len() != num_queries.len() {
+                return Err(KernelError::ShapeMismatch(format!(
+                    "{} folded counts for {} sequences",
+                    f.len(),
+                    num_queries.len()
+                )));
+            }
+            for (s, (&fs, &n)) in f.iter().zip(num_queries).enumerate() {
+                let live = seq_lens.get(s).zip(live_starts.get(s)).map(|(l, a)| l - a);
+                if fs < 0 || live.is_some_and(|live| fs > live - n) {
+                    return Err(KernelError::InvalidArgument {
+                        name: "folded",
+                        why: format!(
+                            "sequence {s}: {fs} rows folded before, need 0..={} (the slots before this call's {n} rows)",
+                            live.map_or(0, |l| l - n)
+                        ),
+                    });
+                }
+            }
+        }
         let g = group_size(self.num_q_heads, kv.num_kv_heads)?;
         super::paged::positive("max_queries", self.max_queries)?;
         if self.window < 0 {
@@ -224,7 +288,7 @@ impl WindowStatsArgs {
 /// `cumulative = old + F + S`; `decayed = 0.9 * (old + F) + S`. Slots `i >= base` entered since the
 /// last eviction: their old values are taken as 0 (never read). Sequences with `n = 0` are left
 /// untouched. Same contract as `fkv_window_stats_*` (csrc/window_stats.cu).
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::too_many_arguments)]
 pub fn window_stats<T: Element>(
     kv: &PagedKvLayout,
     windows: &LiveWindows<'_>,
@@ -235,12 +299,43 @@ pub fn window_stats<T: Element>(
     stats_layout: &StatsLayout,
     stats: &mut [f32],
 ) -> Result<(), KernelError> {
+    window_stats_folded(
+        kv,
+        windows,
+        args,
+        queries,
+        num_queries,
+        None,
+        key_cache,
+        stats_layout,
+        stats,
+    )
+}
+
+/// [`window_stats()`] continuing a streaming fold (module doc): `folded[s]` rows of sequence `s`
+/// were taken by earlier fold-only calls since its last eviction (None: none). For slots before
+/// this call's rows, the running fold read from the `sum` column is continued when `folded[s] > 0`;
+/// the slots that entered since the last eviction are the last `n + folded[s]`. With
+/// `args.fold_only`, every row is folded and only the `sum` column (the running fold) is written.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+pub fn window_stats_folded<T: Element>(
+    kv: &PagedKvLayout,
+    windows: &LiveWindows<'_>,
+    args: &WindowStatsArgs,
+    queries: &[T],
+    num_queries: &[i32],
+    folded: Option<&[i32]>,
+    key_cache: &[T],
+    stats_layout: &StatsLayout,
+    stats: &mut [f32],
+) -> Result<(), KernelError> {
     kv.validate(key_cache.len(), key_cache.len())?;
     windows.validate(kv.block_size, kv.num_blocks)?;
-    let g = args.validate(
+    let g = args.validate_folded(
         kv,
         stats_layout,
         num_queries,
+        folded,
         windows.seq_lens,
         windows.live_starts,
         queries.len(),
@@ -254,6 +349,7 @@ pub fn window_stats<T: Element>(
         }
         let live = windows.live_len(s);
         let base = live - n;
+        let before = folded.map_or(0, |f| f[s] as usize);
         let keys: Vec<Vec<Vec<f32>>> = (0..kv.num_kv_heads)
             .map(|kh| {
                 (0..live)
@@ -284,7 +380,11 @@ pub fn window_stats<T: Element>(
                     logits.iter().map(|l| (l - m).exp() / denom).collect()
                 })
                 .collect();
-            let w = args.window_rows(n);
+            let w = if args.fold_only {
+                0
+            } else {
+                args.window_rows(n)
+            };
             let first_window = n - w;
             let official = args.mode == StatsMode::Official;
             for i in 0..live {
@@ -292,7 +392,13 @@ pub fn window_stats<T: Element>(
                 let mut st = [0f32; 8];
                 st[STAT_MAX] = f32::NEG_INFINITY;
                 st[STAT_MIN] = f32::INFINITY;
-                let mut folded = 0f32;
+                let (b, t) = windows.slot(s, i, kv.block_size);
+                let o = stats_layout.offset(b, t, kh as i64) + gi * super::paged::NUM_STATS;
+                let mut folded = if before > 0 && i < base {
+                    stats[o + STAT_SUM]
+                } else {
+                    0.0
+                };
                 for (j, row) in probs.iter().enumerate() {
                     let p = if j >= first { row[i] } else { 0.0 };
                     if j < first_window {
@@ -314,14 +420,16 @@ pub fn window_stats<T: Element>(
                         st[STAT_SUM32] += p;
                     }
                 }
+                if args.fold_only {
+                    stats[o + STAT_SUM] = folded;
+                    continue;
+                }
                 if official {
                     st[STAT_SUM8] = st[STAT_SUM];
                     st[STAT_SUM16] = st[STAT_SUM];
                     st[STAT_SUM32] = st[STAT_SUM];
                 }
-                let (b, t) = windows.slot(s, i, kv.block_size);
-                let o = stats_layout.offset(b, t, kh as i64) + gi * super::paged::NUM_STATS;
-                let (old_cum, old_dec) = if i < base {
+                let (old_cum, old_dec) = if i + before < base {
                     (stats[o + STAT_CUMULATIVE], stats[o + STAT_DECAYED])
                 } else {
                     (0.0, 0.0)

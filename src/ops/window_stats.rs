@@ -2,7 +2,7 @@
 //! last eviction.
 
 use super::{paged, with_elem, Buf, Cache, OpError, Place, Windows};
-use crate::cuda::{launch_window_stats, window_stats_workspace_len};
+use crate::cuda::{launch_window_stats_folded, window_stats_workspace_len};
 use crate::kernels::{self, PagedKvLayout, StatsLayout, WindowStatsArgs};
 use crate::DType;
 
@@ -40,13 +40,53 @@ pub unsafe fn window_stats(
     stats: Buf,
     workspace: Buf,
 ) -> Result<(), OpError> {
+    window_stats_folded(
+        place,
+        dtype,
+        kv,
+        key_cache,
+        windows,
+        args,
+        queries,
+        num_queries,
+        num_queries_host,
+        None,
+        stats_layout,
+        stats,
+        workspace,
+    )
+}
+
+/// [`window_stats`] continuing a streaming fold, contract of [`kernels::window_stats_folded()`]:
+/// `folded` is the int32 `[num_seqs]` buffer of rows earlier fold-only calls took, with its host
+/// copy.
+///
+/// # Safety
+/// As the [module contract](super).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn window_stats_folded(
+    place: Place,
+    dtype: DType,
+    kv: &PagedKvLayout,
+    key_cache: Buf,
+    windows: &Windows<'_>,
+    args: &WindowStatsArgs,
+    queries: Buf,
+    num_queries: Buf,
+    num_queries_host: &[i32],
+    folded: Option<(Buf, &[i32])>,
+    stats_layout: &StatsLayout,
+    stats: Buf,
+    workspace: Buf,
+) -> Result<(), OpError> {
     match place {
-        Place::Host => with_elem!(dtype, T => Ok(kernels::window_stats::<T>(
+        Place::Host => with_elem!(dtype, T => Ok(kernels::window_stats_folded::<T>(
             kv,
             &windows.on_host(),
             args,
             queries.host(),
             num_queries_host,
+            folded.map(|f| f.1),
             key_cache.host(),
             stats_layout,
             stats.host_mut(),
@@ -57,12 +97,13 @@ pub unsafe fn window_stats(
                 value: key_cache,
                 fused: false,
             };
-            Ok(launch_window_stats(
+            Ok(launch_window_stats_folded(
                 &paged((ordinal, stream), dtype, kv, cache, &windows.on_device()),
                 args,
                 queries.device(),
                 num_queries.device(),
                 num_queries_host,
+                folded.map(|f| (f.0.device(), f.1)),
                 stats_layout,
                 stats.device(),
                 workspace.device(),

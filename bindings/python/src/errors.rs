@@ -35,6 +35,8 @@ pub enum Kind {
     File,
     /// `CudaError`: a driver call failed.
     Cuda,
+    /// `CapacityError`: more than what was reserved at start-up.
+    Capacity,
 }
 
 impl Kind {
@@ -51,6 +53,7 @@ impl Kind {
             Kind::Format => "FormatError",
             Kind::File => "FileError",
             Kind::Cuda => "CudaError",
+            Kind::Capacity => "CapacityError",
         }
     }
 }

@@ -72,6 +72,21 @@ fn host_i32(t: &Tensor<'_>) -> PyResult<Vec<i32>> {
     Ok(unsafe { h.read_strided::<i32>() })
 }
 
+/// The host values of the int32 vector `t`: from `mirror` when the caller passes one (a CPU int32
+/// `[n]` tensor it keeps equal to `t`: no device read, no synchronisation), else [`host_i32`].
+fn host_or_mirror(t: &Tensor<'_>, mirror: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<i32>> {
+    match mirror.filter(|m| !m.is_none()) {
+        Some(m) => {
+            let name = format!("{}_host", t.name);
+            let h = int32_vector(&name, m, t.shape[0], "the entries of its device array")?;
+            h.expect_cpu()?;
+            // SAFETY: host int32 1-D tensor (checked above).
+            Ok(unsafe { h.read_strided::<i32>() })
+        }
+        None => host_i32(t),
+    }
+}
+
 /// A float32 workspace of `len` elements at `place`, from PyTorch's allocator (none on the host or
 /// when `len` is 0); the tensor is returned so the caller keeps it alive over the call.
 fn workspace<'py>(
@@ -202,6 +217,16 @@ impl<'py> Windows<'py> {
 
     /// The windows as plain numbers with their host copies, for the op.
     fn host(&self) -> PyResult<HostWindows> {
+        self.host_with(None, None)
+    }
+
+    /// [`Self::host`] with the host copies the caller keeps (`seq_lens_host`, `live_starts_host`:
+    /// CPU int32 tensors equal to the device arrays), read instead of the device arrays.
+    fn host_with(
+        &self,
+        seq_lens_host: Option<&Bound<'py, PyAny>>,
+        live_starts_host: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<HostWindows> {
         let (bt, stride) = match &self.block_tables {
             Some(t) => (buf(t), t.shape[1]),
             None => (Buf::default(), 0),
@@ -211,8 +236,8 @@ impl<'py> Windows<'py> {
             stride,
             seq_lens: buf(&self.seq_lens),
             live_starts: buf(&self.live_starts),
-            lens: host_i32(&self.seq_lens)?,
-            starts: host_i32(&self.live_starts)?,
+            lens: host_or_mirror(&self.seq_lens, seq_lens_host)?,
+            starts: host_or_mirror(&self.live_starts, live_starts_host)?,
         })
     }
 }
@@ -337,9 +362,11 @@ pub fn reshape_and_cache<'py>(
 /// Decode attention: each sequence's query (all heads) over its live window of the paged cache.
 ///
 /// `query`, `out`: `[num_seqs, num_q_heads, head_dim]`; caches as in `reshape_and_cache`;
-/// `block_tables`: int32 `[num_seqs, width]`; `seq_lens`, `live_starts`: int32 `[num_seqs]`.
+/// `block_tables`: int32 `[num_seqs, width]`; `seq_lens`, `live_starts`: int32 `[num_seqs]`;
+/// `seq_lens_host`, `live_starts_host`: optional CPU int32 copies the caller keeps equal to them
+/// (read instead of copying the device arrays to the host, which waits for the device).
 #[pyfunction]
-#[pyo3(signature = (query, key_cache, value_cache, block_tables, seq_lens, live_starts, out, scale = None))]
+#[pyo3(signature = (query, key_cache, value_cache, block_tables, seq_lens, live_starts, out, scale = None, *, seq_lens_host = None, live_starts_host = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_decode<'py>(
     py: Python<'py>,
@@ -351,6 +378,8 @@ pub fn paged_attention_decode<'py>(
     live_starts: &Bound<'py, PyAny>,
     out: &Bound<'py, PyAny>,
     scale: Option<&Bound<'py, PyAny>>,
+    seq_lens_host: Option<&Bound<'py, PyAny>>,
+    live_starts_host: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     const F: &str = "paged_attention_decode";
     let q = Tensor::extract("query", query)?;
@@ -375,7 +404,7 @@ pub fn paged_attention_decode<'py>(
         out_strides: [o.stride(0), o.stride(1)],
         scale: scale_or_default(scale, q.shape[2])?,
     };
-    let hw = w.host()?;
+    let hw = w.host_with(seq_lens_host, live_starts_host)?;
     let ws_len = ops::paged_attention_decode::workspace_len(at, &kv, args.num_q_heads, &hw.get())
         .map_err(|e| op_error(F, e))?;
     let (_ws_keep, ws) = workspace(py, at, ws_len)?;
@@ -412,8 +441,14 @@ pub fn paged_attention_decode<'py>(
 /// `window`: the eviction interval L (the last `min(n, L)` rows are the statistics window, earlier
 /// rows are folded into the cumulative statistics; None or 0 = every row); `mode`: `"paper"`
 /// (default) or `"official"` (the official training features: sum8/16/32 = sum).
+///
+/// Streaming fold (bounded query buffers): `folded` (int32 `[num_seqs]`, optional) counts the rows
+/// earlier `fold_only` calls took since each sequence's last eviction (their running fold, kept in
+/// the statistics' `sum` column, is continued); `fold_only=True` folds every row and writes only
+/// that running fold. `*_host`: optional CPU int32 copies of `seq_lens`, `live_starts`,
+/// `num_queries`, `folded` the caller keeps equal to them (no device read).
 #[pyfunction]
-#[pyo3(signature = (queries, num_queries, key_cache, block_tables, seq_lens, live_starts, stats, scale = None, window = None, mode = None))]
+#[pyo3(signature = (queries, num_queries, key_cache, block_tables, seq_lens, live_starts, stats, scale = None, window = None, mode = None, *, folded = None, fold_only = false, seq_lens_host = None, live_starts_host = None, num_queries_host = None, folded_host = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn window_stats<'py>(
     py: Python<'py>,
@@ -427,6 +462,12 @@ pub fn window_stats<'py>(
     scale: Option<&Bound<'py, PyAny>>,
     window: Option<&Bound<'py, PyAny>>,
     mode: Option<&Bound<'py, PyAny>>,
+    folded: Option<&Bound<'py, PyAny>>,
+    fold_only: bool,
+    seq_lens_host: Option<&Bound<'py, PyAny>>,
+    live_starts_host: Option<&Bound<'py, PyAny>>,
+    num_queries_host: Option<&Bound<'py, PyAny>>,
+    folded_host: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     const F: &str = "window_stats";
     let window = match window.filter(|w| !w.is_none()) {
@@ -453,7 +494,12 @@ pub fn window_stats<'py>(
     kc.expect_dim(3, q.shape[3], "head_dim of queries")?;
     let w = Windows::extract(Some(block_tables), seq_lens, live_starts, q.shape[0])?;
     let (st, stats_layout) = stats_buffer(stats)?;
+    let fd = folded
+        .filter(|f| !f.is_none())
+        .map(|f| int32_vector("folded", f, q.shape[0], what))
+        .transpose()?;
     let mut all = vec![&q, &nq, &kc, &st];
+    all.extend(fd.iter());
     all.extend(w.tensors());
     let at = place(py, F, &all)?;
     check_outputs(&[&st], &all, None)?;
@@ -464,8 +510,16 @@ pub fn window_stats<'py>(
         scale: scale_or_default(scale, q.shape[3])?,
         window,
         mode,
+        fold_only,
     };
-    let (hw, counts) = (w.host()?, host_i32(&nq)?);
+    let (hw, counts) = (
+        w.host_with(seq_lens_host, live_starts_host)?,
+        host_or_mirror(&nq, num_queries_host)?,
+    );
+    let fold = match &fd {
+        Some(t) => Some((buf(t), host_or_mirror(t, folded_host)?)),
+        None => None,
+    };
     let (_ws_keep, ws) = workspace(
         py,
         at,
@@ -475,7 +529,7 @@ pub fn window_stats<'py>(
     py.detach(move || {
         // SAFETY: as in paged_attention_decode; `stats` overlaps nothing.
         unsafe {
-            ops::window_stats::window_stats(
+            ops::window_stats::window_stats_folded(
                 at,
                 dtype,
                 &kv,
@@ -485,6 +539,7 @@ pub fn window_stats<'py>(
                 qb,
                 nb,
                 &counts,
+                fold.as_ref().map(|(b, h)| (*b, &h[..])),
                 &stats_layout,
                 sb,
                 ws,

@@ -13,7 +13,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 /// The int32 rows of a plan, in the order `plan` returns them (see `WindowPlanner.FIELDS`).
-const FIELDS: [&str; 10] = [
+const FIELDS: [&str; 12] = [
     "seq_lens",
     "num_new",
     "query_starts",
@@ -24,6 +24,8 @@ const FIELDS: [&str; 10] = [
     "window_lens",
     "attn_starts",
     "evict_starts",
+    "slots",
+    "num_queries",
 ];
 
 /// The int64 columns of the committed evictions, in the order `plan` returns them.
@@ -40,6 +42,7 @@ const RELEASED_FIELDS: [&str; 5] = [
 fn window_error(e: WindowError) -> PyErr {
     let kind = match e {
         WindowError::KeyTooLarge(_) => Kind::InvalidArgument,
+        WindowError::TooManyRequests { .. } => Kind::Capacity,
         _ => Kind::Shape,
     };
     error(kind, format!("WindowPlanner.plan: {e}"))
@@ -152,14 +155,17 @@ pub struct PyWindowPlanner {
 impl PyWindowPlanner {
     /// A planner for budget `B`, interval `L` and `block_size` (checked by the cache configuration's
     /// rules), in protect mode or not; `evicts=False` for a policy that never evicts.
+    /// `max_slots`: the most requests holding state at once (the request slots reserved at
+    /// start-up; None = unbounded); a plan past it raises `CapacityError`.
     #[new]
-    #[pyo3(signature = (budget, interval, block_size, protect_prompt = false, evicts = true))]
+    #[pyo3(signature = (budget, interval, block_size, protect_prompt = false, evicts = true, max_slots = None))]
     fn new(
         budget: &Bound<'_, PyAny>,
         interval: &Bound<'_, PyAny>,
         block_size: &Bound<'_, PyAny>,
         protect_prompt: bool,
         evicts: bool,
+        max_slots: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let ev = EvictionConfig {
             budget: args::size_or(Kind::Config, "budget", budget)?,
@@ -168,11 +174,47 @@ impl PyWindowPlanner {
         };
         let bs = args::size_or(Kind::Config, "block_size", block_size)?;
         let schedule = Schedule::new(&ev, bs).map_err(block_error)?;
+        let mut inner = WindowPlanner::new(schedule, evicts);
+        if let Some(m) = max_slots.filter(|m| !m.is_none()) {
+            let m = args::size_or(Kind::Config, "max_slots", m)?;
+            if !inner.set_max_slots(Some(m)) {
+                return Err(error(
+                    Kind::Config,
+                    format!("max_slots = {m} is out of range"),
+                ));
+            }
+        }
         Ok(Self {
-            inner: WindowPlanner::new(schedule, evicts),
+            inner,
             out: StepPlan::default(),
             rows: Vec::new(),
         })
+    }
+
+    /// Bounds the requests holding state to `max_slots` (None = unbounded); refused with
+    /// `CapacityError` while more requests hold state, or one holds a slot at or past it.
+    #[pyo3(signature = (max_slots))]
+    fn set_max_slots(&mut self, max_slots: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let m = match max_slots.filter(|m| !m.is_none()) {
+            Some(m) => Some(args::size_or(Kind::Config, "max_slots", m)?),
+            None => None,
+        };
+        if !self.inner.set_max_slots(m) {
+            return Err(error(
+                Kind::Capacity,
+                format!(
+                    "max_slots = {m:?}: {} requests hold state (or a slot past it)",
+                    self.inner.num_requests()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The bound on requests holding state (None = unbounded).
+    #[getter]
+    fn max_slots(&self) -> Option<usize> {
+        self.inner.max_slots()
     }
 
     /// Names of the int32 rows `plan` returns, in order.
@@ -266,6 +308,8 @@ impl PyWindowPlanner {
                 &out.window_lens,
                 &out.attn_starts,
                 &out.evict_starts,
+                &out.slots,
+                &out.num_queries,
             ],
         );
         let rows = array(py, "i", &buf)?;
@@ -299,8 +343,8 @@ impl PyWindowPlanner {
         )
     }
 
-    /// `(serial, length, live_start, pending, protected_len)` of request `key` (`pending` is the
-    /// `live_start` the last forward's eviction moves it to, or None), or None for an unknown key.
+    /// `(serial, length, live_start, pending, protected_len, slot)` of request `key` (`pending` is
+    /// the `live_start` the last forward's eviction moves it to, or None), or None for an unknown key.
     fn state<'py>(
         &self,
         py: Python<'py>,
@@ -311,7 +355,14 @@ impl PyWindowPlanner {
             return Ok(None);
         };
         let w = s.window;
-        let t = (s.serial, w.len, w.live_start, s.pending, w.protected_len);
+        let t = (
+            s.serial,
+            w.len,
+            w.live_start,
+            s.pending,
+            w.protected_len,
+            s.slot,
+        );
         Ok(Some(t.into_pyobject(py)?))
     }
 

@@ -152,3 +152,37 @@ def test_sample_survivors_cuda_is_the_cpu_sampler_bit_for_bit():
     for s in range(3):
         keep = live[s] - int(num_evict[s])
         assert torch.equal(surv_g[s, :, :keep].cpu(), surv_c[s, :, :keep])
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_window_stats_streaming_fold_cuda_is_one_call(mode):
+    """On the GPU, fold-only calls then the eviction's call write what one call over every row writes
+    (the running fold continues in row order), and what the CPU reference writes."""
+    gen = torch.Generator().manual_seed(12)
+    nb, bs, hkv, g, d, n, live = 24, 16, 2, 4, 128, 70, 150
+    kc = torch.randn(nb, bs, hkv, d, generator=gen).half()
+    table = torch.randperm(nb, generator=gen)[: -(-live // bs)].int().view(1, -1)
+    q = torch.randn(1, n, hkv * g, d, generator=gen).half()
+    old = torch.rand(nb, bs, hkv, g, 8, generator=gen)
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    start = i32(0)
+    cpu = old.clone()
+    fkv.window_stats(q, i32(n), kc, table, i32(live), start, cpu, window=16, mode=mode)
+    one, streamed = old.cuda(), old.cuda()
+    args = (kc.cuda(), table.cuda())
+    fkv.window_stats(q.cuda(), i32(n).cuda(), *args, i32(live).cuda(), start.cuda(), one, window=16, mode=mode)
+    done = 0
+    for cut in (13, 40):
+        fkv.window_stats(
+            q[:, done:cut].contiguous().cuda(), i32(cut - done).cuda(), *args, i32(live - n + cut).cuda(),
+            start.cuda(), streamed, window=16, mode=mode, folded=i32(done).cuda(), fold_only=True,
+        )
+        done = cut
+    fkv.window_stats(
+        q[:, done:].contiguous().cuda(), i32(n - done).cuda(), *args, i32(live).cuda(), start.cuda(), streamed,
+        window=16, mode=mode, folded=i32(done).cuda(), seq_lens_host=i32(live), live_starts_host=start,
+        num_queries_host=i32(n - done), folded_host=i32(done),
+    )
+    torch.cuda.synchronize()
+    assert torch.equal(streamed.cpu(), one.cpu())
+    assert torch.allclose(one.cpu(), cpu, atol=1e-5, rtol=1e-4)

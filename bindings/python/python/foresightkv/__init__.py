@@ -45,6 +45,7 @@ from .errors import (
     FormatError,
     InvalidArgumentError,
     OutOfBlocksError,
+    CapacityError,
     SequenceError,
     ShapeError,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "FormatError",
     "InvalidArgumentError",
     "OutOfBlocksError",
+    "CapacityError",
     "SequenceError",
     "ShapeError",
     "compact",

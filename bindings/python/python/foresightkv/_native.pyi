@@ -117,8 +117,16 @@ class WindowPlanner:
     FIELDS: Tuple[str, ...]
     RELEASED_FIELDS: Tuple[str, ...]
     def __init__(
-        self, budget: int, interval: int, block_size: int, protect_prompt: bool = False, evicts: bool = True
+        self,
+        budget: int,
+        interval: int,
+        block_size: int,
+        protect_prompt: bool = False,
+        evicts: bool = True,
+        max_slots: Optional[int] = None,
     ) -> None: ...
+    max_slots: Optional[int]
+    def set_max_slots(self, max_slots: Optional[int]) -> None: ...
     def plan(
         self,
         keys: Sequence[int],
@@ -128,7 +136,7 @@ class WindowPlanner:
         reset: Sequence[bool],
         prompt_lens: Optional[Sequence[int]] = None,
     ) -> Tuple["array.array[int]", "array.array[int]", "array.array[int]", "array.array[int]", int]: ...
-    def state(self, key: int) -> Optional[Tuple[int, int, int, Optional[int], int]]: ...
+    def state(self, key: int) -> Optional[Tuple[int, int, int, Optional[int], int, int]]: ...
     def keys(self) -> List[int]: ...
     def release(self, key: int) -> Optional[int]: ...
     def __len__(self) -> int: ...
@@ -280,6 +288,9 @@ def paged_attention_decode(
     live_starts: TensorLike,
     out: TensorLike,
     scale: Optional[float] = None,
+    *,
+    seq_lens_host: Optional[TensorLike] = None,
+    live_starts_host: Optional[TensorLike] = None,
 ) -> None: ...
 def window_stats(
     queries: TensorLike,
@@ -292,6 +303,13 @@ def window_stats(
     scale: Optional[float] = None,
     window: Optional[int] = None,
     mode: Optional[str] = None,
+    *,
+    folded: Optional[TensorLike] = None,
+    fold_only: bool = False,
+    seq_lens_host: Optional[TensorLike] = None,
+    live_starts_host: Optional[TensorLike] = None,
+    num_queries_host: Optional[TensorLike] = None,
+    folded_host: Optional[TensorLike] = None,
 ) -> None: ...
 def scorer_mlp(
     key_cache: TensorLike,

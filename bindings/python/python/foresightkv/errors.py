@@ -52,6 +52,12 @@ class OutOfBlocksError(Error):
         self.free = free
 
 
+class CapacityError(Error):
+    """More than what was reserved at start-up: a forward with more requests holding state than the
+    request slots reserved (``EvictionEngine.reserve``), or more queries than a slot holds; nothing
+    was changed."""
+
+
 class FormatError(Error, ValueError):
     """A scorer checkpoint or trace file is malformed (missing or misshapen tensor, bad JSON)."""
 

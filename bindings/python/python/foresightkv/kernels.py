@@ -64,10 +64,25 @@ def paged_attention_decode(
     *,
     scale: Optional[float] = None,
     out: Any = None,
+    seq_lens_host: Any = None,
+    live_starts_host: Any = None,
 ) -> Any:
     """Decode attention of each sequence's query ``[S, Hq, D]`` over its live window of the paged
-    cache (GQA, float32 accumulation); returns ``out`` (allocated like ``query`` when None)."""
+    cache (GQA, float32 accumulation); returns ``out`` (allocated like ``query`` when None).
+    ``seq_lens_host`` / ``live_starts_host``: CPU int32 copies of the windows the caller keeps (the
+    op then reads no device array on the host, so it does not wait for the device)."""
     if out is None:
         out = _empty_like(query)
-    _native.paged_attention_decode(query, key_cache, value_cache, block_tables, seq_lens, live_starts, out, scale)
+    _native.paged_attention_decode(
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        live_starts,
+        out,
+        scale,
+        seq_lens_host=seq_lens_host,
+        live_starts_host=live_starts_host,
+    )
     return out

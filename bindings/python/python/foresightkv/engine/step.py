@@ -13,18 +13,27 @@ block, ``protected_len``, is never evicted nor rewritten. Attention reads ``[0, 
 [max(live_start, protected_len), len)``; the policy sees the evictable window ``[max(live_start,
 protected_len), len)`` alone (its statistics come from the queries of that window over its entries),
 and an eviction is due when that window reaches ``budget + interval`` (prompts are never compressed).
-The kernels read the two parts as one window through a block table whose evicted middle is cut out."""
+The kernels read the two parts as one window through a block table whose evicted middle is cut out.
+
+Recent queries live in a per-layer ring of the last ``max(L, 8)`` queries per request slot (the
+planner's ``slots``), reserved at start-up (``EvictionEngine.reserve``): the statistics window (the
+last ``L`` queries) and the baselines' observation windows need no more, and the older queries of a
+long first interval are folded into the cumulative statistics as they leave the ring
+(``window_stats``' streaming fold), bit for bit what one call over all of them gives. A decode step
+builds its device tensors once per forward from the planner's flat arrays (one host-to-device copy)
+and passes the kernels the host mirrors, so it does not wait for the device."""
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .. import kernels
 from .._native import NUM_STATS, ScorerCheckpoint, WindowPlanner
-from ..errors import ConfigError, ShapeError
+from ..errors import CapacityError, ConfigError, ShapeError
 from ..evict import scorer_weights
 from .config import EngineConfig
 
@@ -32,6 +41,16 @@ from .config import EngineConfig
 _FIELDS = WindowPlanner.FIELDS
 _ROW = {name: i for i, name in enumerate(_FIELDS)}
 _RELEASED = len(WindowPlanner.RELEASED_FIELDS)
+
+#: Request slots the query rings hold when the plugin reserved none (``EvictionEngine.reserve``);
+#: the rings then grow on demand.
+_DEFAULT_SLOTS = 8
+
+
+def ring_rows(interval: int) -> int:
+    """Queries a request slot keeps per layer: the statistics window (the interval ``L``) and the
+    baselines' observation windows (8 queries) need no more; older ones are folded as they leave."""
+    return max(int(interval), 8)
 
 
 def request_rng_key(request_id: Union[str, bytes, int], seed: Optional[int] = None) -> int:
@@ -70,9 +89,12 @@ class StepRequest:
 class StepBatch:
     """The requests of one forward as columns (one entry per request row, batch order), what engine
     plugins build from their own per-batch arrays without a Python object per request. ``prompt_lens``
-    is optional (-1 = unknown); ``rng_keys`` (optional, default: the keys) is the request part of each
-    row's victim RNG key, stable across processes (``request_rng_key``); without it the planner's
-    per-process state serial is used."""
+    (optional, -1 = unknown) is each row's whole prompt length: with it, no eviction is due while the
+    prompt is still being prefilled and the prompt is compressed once at its end, so the result does
+    not depend on how the engine chunked it (without it every prefill chunk of more than one token is
+    compressed at its end). ``rng_keys`` (optional) is the request part of each row's victim RNG key,
+    stable across processes (``request_rng_key(request_id, seed)``; pass it on every forward); without
+    it the planner's per-process state serial is used."""
 
     keys: Sequence[int]
     seq_lens: Sequence[int]
@@ -122,10 +144,9 @@ class Advance:
 
 @dataclass
 class _LayerState:
-    """Per (request, layer): queries since the last eviction and the original positions of the
-    entries each KV head kept at that eviction."""
+    """Per (request, layer), kept from its first eviction on: the original positions of the entries
+    each KV head kept at the last eviction, and the evictions so far."""
 
-    queries: List[torch.Tensor] = field(default_factory=list)
     positions: Optional[torch.Tensor] = None
     positions_end: int = 0
     evictions: int = 0
@@ -141,16 +162,32 @@ class StepPlan:
     per-field lists (``seq_lens``, ``live_starts``, ``evict_to`` with None for no eviction, ...)
     are derived once on first use; device copies once per device."""
 
-    def __init__(self, keys: Sequence[int], rows: torch.Tensor, serials: Sequence[int], released, num_tokens: int):
+    def __init__(
+        self,
+        keys: Sequence[int],
+        rows: torch.Tensor,
+        serials: Sequence[int],
+        released,
+        num_tokens: int,
+        rng_keys: Optional[torch.Tensor] = None,
+    ):
         self.keys = keys
         self.rows = rows
         self.serials = serials
         self.released: List[Advance] = released
         self.num_tokens = num_tokens
+        #: Request part of each row's victim RNG key as the engine gave it (None: not given).
+        self.rng_keys = rng_keys
         self._n = len(serials)
         self._lists: Optional[List[int]] = None
         self._device: Dict[Any, torch.Tensor] = {}
         self._windows: Optional["_Windows"] = None
+        self._host: Optional[_HostPlan] = None
+
+    @property
+    def max_slot(self) -> int:
+        """Largest request slot of the plan's rows (-1 for an empty plan)."""
+        return int(self.row("slots").max()) if self._n else -1
 
     def __len__(self) -> int:
         return self._n
@@ -210,24 +247,159 @@ class StepPlan:
         return [StepRequest(k, n, q, False) for k, n, q in zip(self.keys, self.seq_lens, self.num_new)]
 
 
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the ``n`` newest positions ``q`` ``[n, Hq, D]`` over a window ``k``, ``v`` ``[live, H,
+    D]`` whose last ``n`` entries are theirs: query ``j`` sees entries ``0 ..= live - n + j``. A
+    square window is plain causal; otherwise a lower-right causal bias (``causal_lower_right``) over
+    K/V expanded to the query heads, which PyTorch runs in its fused kernels (flash / memory
+    efficient: O(n x head_dim) memory) where the device has them, instead of an explicit mask that
+    selects the math kernel and materialises the fp32 ``[Hq, n, live]`` attention."""
+    n, hq, _ = q.shape
+    live, h = k.shape[0], k.shape[1]
+    qh = q.transpose(0, 1).unsqueeze(0)
+    if n == live:
+        kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=hq != h)
+    else:
+        if hq != h:
+            k, v = k.repeat_interleave(hq // h, dim=1), v.repeat_interleave(hq // h, dim=1)
+        kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(n, live), scale=scale)
+    return o.squeeze(0).transpose(0, 1)
+
+
+class _HostPlan:
+    """What every layer of one forward reuses, derived once per plan on the host from the planner's
+    flat rows (CPU tensor ops, no device involved): the decode and multi-token row selections, the
+    host mirrors of the kernels' window arrays, and the query ring's index arrays: where this
+    forward's recorded queries go (``rec_*``), which older queries leave the ring and are folded
+    first (``fold_*``), and which ring rows an eviction reads (``ev_*``). ``dev`` lists the int32
+    arrays the device needs, copied there in one transfer per device."""
+
+    def __init__(self, plan: "StepPlan", ring: int) -> None:
+        n = len(plan)
+        rows = plan.rows.view(len(_FIELDS), n)
+
+        def f(name: str) -> torch.Tensor:
+            return rows[_ROW[name]]
+
+        num_new = f("num_new")
+        self.n = n
+        self.window_lens = f("window_lens")
+        self.attn_starts = f("attn_starts")
+        self.evict_starts = f("evict_starts")
+        dec = num_new == 1
+        self.all_decode = n > 0 and bool(dec.all())
+        self.multi: List[int] = [] if self.all_decode else torch.nonzero(num_new > 1).flatten().tolist()
+        self.due: List[int] = torch.nonzero(f("evict_to") >= 0).flatten().tolist()
+        dev: Dict[str, torch.Tensor] = {"rows": plan.rows}
+        if not self.all_decode:
+            d = torch.nonzero(dec).flatten()
+            self.num_decode = d.numel()
+            self.decode_lens = self.window_lens.index_select(0, d)
+            self.decode_starts = self.attn_starts.index_select(0, d)
+            dev["decode"] = d.int()
+        # Query ring: row r of a slot holds the query of position p with p % ring == r.
+        self.num_fold = self.fold_max = self.ev_max = 0
+        nq_i32 = f("num_queries")
+        if self.all_decode and not self.due and bool((nq_i32 > 0).all()) and int(nq_i32.max()) <= ring:
+            # A decode step with no eviction due and nothing to fold: every row records its query.
+            slot_i32 = f("slots")
+            if torch.unique(slot_i32).numel() != n:
+                raise ShapeError("two rows of one request record queries in one forward")
+            self.num_recorded = n
+            dev["rec_dst"] = slot_i32 * ring + (f("seq_lens") - 1) % ring
+            self._pack(dev)
+            return
+        seq, nq = f("seq_lens").long(), nq_i32.long()
+        new, qs, slot = num_new.long(), f("query_starts").long(), f("slots").long()
+        rec = torch.minimum(new, nq).clamp(min=0)
+        self.num_recorded = int(rec.sum())
+        keep = rec.clamp(max=ring)  # only the last `ring` of a long chunk stay in the ring
+        if self.num_recorded:
+            if bool((keep <= 1).all()):
+                r = torch.nonzero(keep).flatten()
+                tok, pos = qs[r], seq[r] - 1
+            else:
+                r = torch.repeat_interleave(torch.arange(n), keep)
+                k = torch.arange(r.numel()) - torch.repeat_interleave(torch.cumsum(keep, 0) - keep, keep)
+                tok, pos = qs[r] + new[r] - keep[r] + k, seq[r] - keep[r] + k
+            rec_slots = slot[r]
+            if torch.unique(rec_slots).numel() != int((keep > 0).sum()):
+                raise ShapeError("two rows of one request record queries in one forward")
+            dev["rec_tokens"] = tok.int()
+            dev["rec_dst"] = (rec_slots * ring + pos % ring).int()
+        # Queries past the ring's depth are folded into the statistics before they are overwritten.
+        before = (nq - rec - ring).clamp(min=0)
+        after = (nq - ring).clamp(min=0)
+        count = after - before
+        fr = torch.nonzero(count > 0).flatten()
+        self.num_fold = fr.numel()
+        if self.num_fold:
+            c = count[fr]
+            cmax = self.fold_max = int(c.max())
+            j = torch.arange(cmax).unsqueeze(0).minimum(c.unsqueeze(1) - 1)
+            q0 = (seq - nq)[fr].unsqueeze(1)
+            pos = q0 + before[fr].unsqueeze(1) + j
+            old = pos < (seq - rec)[fr].unsqueeze(1)
+            ring_idx = slot[fr].unsqueeze(1) * ring + pos % ring
+            tok_idx = (qs + new - seq)[fr].unsqueeze(1) + pos
+            self.fold_counts = c.int()
+            self.fold_before = before[fr].int()
+            end = (q0 + after[fr].unsqueeze(1)).squeeze(1)
+            self.fold_lens = (self.window_lens.index_select(0, fr) - (seq[fr] - end)).int()
+            self.fold_starts = self.evict_starts.index_select(0, fr)
+            self.fold_all_old = bool(old.all())
+            dev["fold_rows"] = fr.int()
+            dev["fold_ring"] = torch.where(old, ring_idx, 0).flatten().int()
+            dev["fold_tok"] = torch.where(old, 0, tok_idx).flatten().int()
+            dev["fold_old"] = old.flatten().int()
+            for name in ("fold_counts", "fold_before", "fold_lens", "fold_starts"):
+                dev[name] = getattr(self, name)
+        # An eviction reads its request's ring rows, oldest first.
+        if self.due:
+            d = torch.tensor(self.due, dtype=torch.long)
+            k = nq[d].clamp(max=ring)
+            kmax = self.ev_max = max(int(k.max()), 1)
+            j = torch.arange(kmax).unsqueeze(0).minimum((k - 1).clamp(min=0).unsqueeze(1))
+            pos = (seq[d] - k).unsqueeze(1) + j
+            self.ev_counts = k.int()
+            self.ev_folded = after[d].int()
+            dev["ev_ring"] = (slot[d].unsqueeze(1) * ring + pos % ring).flatten().int()
+            dev["ev_counts"] = self.ev_counts
+            dev["ev_folded"] = self.ev_folded
+        self._pack(dev)
+
+    def _pack(self, dev: Dict[str, torch.Tensor]) -> None:
+        """The device arrays as one int32 host tensor (``packed``) and each one's (offset, length)."""
+        self.layout: Dict[str, Any] = {}
+        off = 0
+        for name, t in dev.items():
+            self.layout[name] = (off, t.numel())
+            off += t.numel()
+        parts = [t.flatten() if t.dtype == torch.int32 else t.flatten().int() for t in dev.values()]
+        self.packed = torch.cat(parts)
+
+
 @dataclass
 class _Windows:
     """The windows of a plan as the kernels read them through ``tables`` (a block table per request,
     its evicted middle cut out in protect mode), on the tables' device: length, attention start and
-    evictable start per request, in those cut coordinates (the plan's own outside protect mode), and the
-    row selections every layer reuses."""
+    evictable start per request, in those cut coordinates (the plan's own outside protect mode),
+    with the host plan (mirrors, selections) and its device arrays (``dev``, views of one copy)."""
 
     source: torch.Tensor
     tables: torch.Tensor
     seq_lens: torch.Tensor
     attn_starts: torch.Tensor
     evict_starts: torch.Tensor
-    #: Rows with one new token (decode), as a long tensor on the tables' device.
-    decode: torch.Tensor
-    #: Rows with more than one new token (prefill chunks).
-    multi: List[int]
-    #: Rows whose eviction is due at the end of this step.
-    due: List[int]
+    host: _HostPlan
+    dev: Dict[str, torch.Tensor]
+
+    @property
+    def due(self) -> List[int]:
+        """Rows whose eviction is due at the end of this step."""
+        return self.host.due
 
 
 class EvictionEngine:
@@ -259,8 +431,10 @@ class EvictionEngine:
         self._layers: Dict[int, Dict[int, _LayerState]] = {}
         self._stats: Dict[int, torch.Tensor] = {}
         self._weights: Dict[int, Any] = {}
-        #: Request part of the victim RNG key per state serial (when it is not the request key).
-        self._rng_keys: Dict[int, int] = {}
+        #: Query ring rows per request slot and layer, and the rings (``[slots, ring, Hq, D]``).
+        self.ring = ring_rows(config.interval)
+        self._rings: Dict[int, torch.Tensor] = {}
+        self._reserved: Optional[Dict[str, Any]] = None
 
     @property
     def checkpoint(self) -> Optional[ScorerCheckpoint]:
@@ -295,7 +469,7 @@ class EvictionEngine:
         st = self._planner.state(key)
         if st is None:
             raise KeyError(key)
-        serial, length, live_start, pending, protected_len = st
+        serial, length, live_start, pending, protected_len = st[:5]
         start = live_start if pending is None else pending
         ls = self._layers.get(serial, {}).get(layer, _LayerState())
         window_start = min(max(start, protected_len), length)
@@ -312,12 +486,74 @@ class EvictionEngine:
             return 0
         return max((ls.evictions for ls in self._layers.get(st[0], {}).values()), default=0)
 
+    def reserve(
+        self,
+        *,
+        max_requests: int,
+        layers: Union[int, Sequence[int]],
+        num_q_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: Any,
+    ) -> int:
+        """Allocates, at start-up, the recent-query rings of ``layers`` (a count, or the layer indices):
+        ``[max_requests, ring_rows(L), num_q_heads, head_dim]`` of ``dtype`` on ``device`` each, and bounds
+        the requests holding state to ``max_requests`` (a forward past it raises ``CapacityError``).
+        Returns the bytes allocated (0 for a policy that never evicts). Without it the rings are
+        allocated at each layer's first step and grow with the requests."""
+        if int(max_requests) <= 0:
+            raise ConfigError(f"max_requests must be positive, got {max_requests}")
+        if int(num_q_heads) <= 0 or int(head_dim) <= 0:
+            raise ConfigError(f"num_q_heads and head_dim must be positive, got {num_q_heads} and {head_dim}")
+        layer_ids = list(range(int(layers))) if isinstance(layers, int) else [int(x) for x in layers]
+        self._planner.set_max_slots(int(max_requests))
+        self._reserved = {
+            "slots": int(max_requests),
+            "shape": (self.ring, int(num_q_heads), int(head_dim)),
+            "dtype": dtype,
+            "device": torch.device(device),
+        }
+        if not self.policy.evicts:
+            return 0
+        total = 0
+        for layer in layer_ids:
+            ring = torch.zeros((int(max_requests), self.ring, int(num_q_heads), int(head_dim)), dtype=dtype, device=device)
+            self._rings[layer] = ring
+            total += ring.numel() * ring.element_size()
+        return total
+
+    def reserved_bytes(self) -> int:
+        """Bytes of the query rings and statistics buffers allocated so far (all layers)."""
+        return self.stats_bytes() + sum(r.numel() * r.element_size() for r in self._rings.values())
+
+    def _ring(self, layer: int, plan: "StepPlan", query: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The query ring of ``layer``: reserved at start-up (checked against the step's queries), else
+        allocated on first use and grown (doubling) to the largest slot of the plan."""
+        ring = self._rings.get(layer)
+        hq, d = query.shape[1], query.shape[2]
+        if self._reserved is not None and ring is not None:
+            if tuple(ring.shape[1:]) != (self.ring, hq, d) or ring.device != query.device:
+                raise ShapeError(
+                    f"queries [{hq}, {d}] on {query.device} do not fit the reserved rings "
+                    f"{tuple(ring.shape)} on {ring.device}"
+                )
+            return ring
+        need = plan.max_slot + 1
+        if ring is None or ring.shape[0] < need or tuple(ring.shape[1:]) != (self.ring, hq, d) or ring.device != query.device:
+            if self._reserved is not None:
+                raise CapacityError(f"layer {layer} has no reserved query ring (EvictionEngine.reserve)")
+            slots = max(_DEFAULT_SLOTS, need, 2 * (ring.shape[0] if ring is not None else 0))
+            grown = torch.zeros((slots, self.ring, hq, d), dtype=dtype, device=query.device)
+            if ring is not None and tuple(ring.shape[1:]) == (self.ring, hq, d) and ring.device == query.device:
+                grown[: ring.shape[0]] = ring
+            ring = self._rings[layer] = grown
+        return ring
+
     def release(self, key: int) -> None:
         """Forgets ``key`` (finished, aborted or preempted request); its pending eviction is dropped."""
         serial = self._planner.release(key)
         if serial is not None:
             self._layers.pop(serial, None)
-            self._rng_keys.pop(serial, None)
 
     def begin_step(self, requests: Union[StepBatch, Sequence[StepRequest]]) -> StepPlan:
         """Commits the previous step's evictions (returned as ``released``), then plans this step with
@@ -329,21 +565,20 @@ class EvictionEngine:
         )
         for serial in dropped:
             self._layers.pop(serial, None)
-            self._rng_keys.pop(serial, None)
+        rng = None
         if b.rng_keys is not None:
             if len(b.rng_keys) != len(b.keys):
                 raise ShapeError(f"rng_keys has {len(b.rng_keys)} entries for {len(b.keys)} requests")
-            for serial, rk in zip(serials, b.rng_keys):
-                rk = int(rk)
-                if not 0 <= rk < 1 << 32:
-                    raise ConfigError(f"rng key {rk} is outside [0, 2^32)")
-                self._rng_keys[serial] = rk
+            rng = torch.as_tensor(b.rng_keys, dtype=torch.int64)
+            if rng.numel() and (int(rng.min()) < 0 or int(rng.max()) >= 1 << 32):
+                bad = rng[(rng < 0) | (rng >= 1 << 32)][0]
+                raise ConfigError(f"rng key {int(bad)} is outside [0, 2^32)")
         table = torch.frombuffer(rows, dtype=torch.int32) if serials else torch.zeros(0, dtype=torch.int32)
         released = []
         if rel:
             r = rel.tolist()
             released = [Advance(r[i], r[i + 1], r[i + 2], r[i + 3]) for i in range(0, len(r), _RELEASED)]
-        return StepPlan(b.keys, table, serials, released, num_tokens)
+        return StepPlan(b.keys, table, serials, released, num_tokens, rng)
 
     def _layer_state(self, serial: int, layer: int) -> _LayerState:
         """The state of (request ``serial``, ``layer``), created on first use."""
@@ -392,53 +627,88 @@ class EvictionEngine:
         self._attention(plan, win, query, key_cache, value_cache, out, scale)
         if not self.policy.evicts:
             return out
-        seq_lens, num_new, qstarts = plan.seq_lens, plan.num_new, plan.query_starts
-        for i, (p, serial) in enumerate(zip(plan.protected_lens, plan.serials)):
-            n = num_new[i]
-            skip = min(max(p - (seq_lens[i] - n), 0), n)
-            if n > skip:
-                qs = qstarts[i]
-                self._layer_state(serial, layer).queries.append(query[qs + skip : qs + n].detach().clone())
-        if win.due:
+        if win.host.num_fold or win.due:
             if stats is None:
                 stats = self._layer_stats(layer, key_cache, hq // h)
+        self._record(plan, win, layer, query, key_cache, stats, scale)
+        if win.due:
             self._evict(plan, win, win.due, layer, key_cache, value_cache, stats, scale)
         return out
+
+    def _record(self, plan, win, layer, query, key_cache, stats, scale) -> None:
+        """Records the step's queries of the evictable windows in ``layer``'s ring (one batched copy),
+        after folding the queries that leave it into the statistics (``window_stats`` fold-only over
+        the rows that need it: the queries beyond the ring's depth since the last eviction)."""
+        hp, dev = win.host, win.dev
+        if not hp.num_recorded:
+            return
+        ring = self._ring(layer, plan, query, key_cache.dtype)
+        flat = ring.view(-1, ring.shape[2], ring.shape[3])
+        if hp.num_fold:
+            old = flat.index_select(0, dev["fold_ring"])
+            if not hp.fold_all_old:
+                new = query.index_select(0, dev["fold_tok"]).to(flat.dtype)
+                old = torch.where(dev["fold_old"].view(-1, 1, 1).bool(), old, new)
+            fq = old.view(hp.num_fold, hp.fold_max, ring.shape[2], ring.shape[3])
+            bt = win.tables.index_select(0, dev["fold_rows"]).contiguous()
+            kernels.window_stats(
+                fq,
+                dev["fold_counts"],
+                key_cache,
+                bt,
+                dev["fold_lens"],
+                dev["fold_starts"],
+                stats,
+                scale=scale,
+                window=self.config.interval,
+                mode=self.policy.stats_mode,
+                folded=dev["fold_before"],
+                fold_only=True,
+                seq_lens_host=hp.fold_lens,
+                live_starts_host=hp.fold_starts,
+                num_queries_host=hp.fold_counts,
+                folded_host=hp.fold_before,
+            )
+        src = query if hp.num_recorded == query.shape[0] and hp.all_decode else query.index_select(0, dev["rec_tokens"])
+        flat.index_put_((dev["rec_dst_long"],), src.to(flat.dtype))
 
     def _windows(self, plan: StepPlan, block_tables: torch.Tensor) -> _Windows:
         """The plan's windows in the coordinates the kernels read (computed once per plan and table,
         on the table's device). In protect mode, a request whose ``live_start`` passed its protected
         prefix ``P`` reads a table row whose blocks ``[P, live_start)`` are cut out (one gather): its
         window ``[0, P + len - live_start)`` is the prompt then the live entries, and its evictable
-        part starts at ``P``."""
+        part starts at ``P``. The host plan is derived once per plan; its device arrays arrive in one
+        copy."""
         win = plan._windows
         if win is not None and win.source is block_tables:
             return win
         dev = block_tables.device
+        hp = plan._host
+        if hp is None:
+            hp = plan._host = _HostPlan(plan, self.ring)
+        packed = hp.packed.to(dev) if dev.type != "cpu" else hp.packed
+        arrays = {name: packed[o : o + n] for name, (o, n) in hp.layout.items()}
+        if "rec_dst" in arrays:
+            arrays["rec_dst_long"] = arrays["rec_dst"].long()
+        rows = arrays["rows"]
+        n = len(plan)
+
+        def row(name: str) -> torch.Tensor:
+            i = _ROW[name] * n
+            return rows[i : i + n]
+
         tables = block_tables
         if self.config.protect_prompt and bool((plan.row("live_starts") > plan.row("protected_lens")).any()):
             bs = self.block_size
-            protected, live = plan.row("protected_lens", dev), plan.row("live_starts", dev)
+            protected, live = row("protected_lens"), row("live_starts")
             prompt_blocks = (protected // bs).long().unsqueeze(1)
             shift = ((live - protected).clamp(min=0) // bs).long().unsqueeze(1)
             width = block_tables.shape[1]
             cols = torch.arange(width, device=dev).unsqueeze(0)
             idx = (cols + shift * (cols >= prompt_blocks)).clamp(max=max(width - 1, 0))
             tables = torch.gather(block_tables, 1, idx)
-        num_new = plan.row("num_new")
-        dec = torch.nonzero(num_new == 1).flatten()
-        multi = torch.nonzero(num_new > 1).flatten().tolist()
-        due = torch.nonzero(plan.row("evict_to") >= 0).flatten().tolist()
-        win = _Windows(
-            block_tables,
-            tables,
-            plan.row("window_lens", dev),
-            plan.row("attn_starts", dev),
-            plan.row("evict_starts", dev),
-            dec.to(dev),
-            multi,
-            due,
-        )
+        arrays["query_starts"] = row("query_starts")
+        win = _Windows(block_tables, tables, row("window_lens"), row("attn_starts"), row("evict_starts"), hp, arrays)
         plan._windows = win
         return win
 
@@ -475,42 +745,52 @@ class EvictionEngine:
         return st
 
     def _attention(self, plan, win, query, key_cache, value_cache, out, scale) -> None:
-        """Decode rows through the paged decode kernel, multi-token rows through causal SDPA over the
-        gathered window ``win`` (query ``j`` of ``n`` sees window slots ``0 ..= live - n + j``)."""
-        device = query.device
-        block_tables = win.tables
-        if win.decode.numel():
-            sel = win.decode.to(device)
-            rows = plan.row("query_starts", device).index_select(0, sel).long()
+        """Decode rows through the paged decode kernel (given the host mirrors of their windows: no
+        device read), multi-token rows through causal SDPA over the gathered window ``win`` (query
+        ``j`` of ``n`` sees window slots ``0 ..= live - n + j``: a lower-right causal bias, so the
+        fused kernels run and memory stays O(chunk x head_dim))."""
+        hp = win.host
+        if hp.all_decode:
+            direct = out.dtype == query.dtype and out.stride(-1) == 1
+            o = kernels.paged_attention_decode(
+                query,
+                key_cache,
+                value_cache,
+                win.tables,
+                win.seq_lens,
+                win.attn_starts,
+                scale=scale,
+                out=out if direct else None,
+                seq_lens_host=hp.window_lens,
+                live_starts_host=hp.attn_starts,
+            )
+            if not direct:
+                out.copy_(o)
+            return
+        if hp.num_decode:
+            sel = win.dev["decode"]
+            rows = win.dev["query_starts"].index_select(0, sel).long()
             o = kernels.paged_attention_decode(
                 query.index_select(0, rows).contiguous(),
                 key_cache,
                 value_cache,
-                block_tables.index_select(0, sel).contiguous(),
+                win.tables.index_select(0, sel).contiguous(),
                 win.seq_lens.index_select(0, sel).contiguous(),
                 win.attn_starts.index_select(0, sel).contiguous(),
                 scale=scale,
+                seq_lens_host=hp.decode_lens,
+                live_starts_host=hp.decode_starts,
             )
             out.index_copy_(0, rows, o.to(out.dtype))
-        hq, h = query.shape[1], key_cache.shape[2]
         num_new, qstarts = plan.num_new, plan.query_starts
         attn_starts, window_lens = plan.field("attn_starts"), plan.field("window_lens")
-        for i in win.multi:
+        for i in hp.multi:
             n = num_new[i]
             start, end = attn_starts[i], window_lens[i]
-            blocks, offs = self._slots(block_tables[i], start, end)
-            k = key_cache[blocks, offs].transpose(0, 1).unsqueeze(0)
-            v = value_cache[blocks, offs].transpose(0, 1).unsqueeze(0)
+            blocks, offs = self._slots(win.tables[i], start, end)
             qs = qstarts[i]
-            q = query[qs : qs + n].transpose(0, 1).unsqueeze(0)
-            live = end - start
-            if n == live:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hq != h)
-            else:
-                qpos = torch.arange(n, device=query.device).unsqueeze(1) + (live - n)
-                mask = torch.arange(live, device=query.device).unsqueeze(0) <= qpos
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != h)
-            out[qs : qs + n] = o.squeeze(0).transpose(0, 1).to(out.dtype)
+            o = _causal_attention(query[qs : qs + n], key_cache[blocks, offs], value_cache[blocks, offs], scale)
+            out[qs : qs + n] = o.to(out.dtype)
 
     def _slots(self, table_row: torch.Tensor, start: int, end: int):
         """(block, offset) index tensors of logical positions ``[start, end)`` through one table row."""
@@ -538,18 +818,28 @@ class EvictionEngine:
         num_evict = [targets[i] - b for i, b in zip(due, bases)]
         ne = torch.tensor(num_evict, dtype=torch.int32, device=device)
         layer_states = [self._layer_state(plan.serials[i], layer) for i in due]
-        qbufs = [torch.cat(s.queries) for s in layer_states]
-        maxq = max(q.shape[0] for q in qbufs)
-        hq = qbufs[0].shape[1]
+        # The queries of the ring, oldest first ([due, ring rows, Hq, D]; earlier ones were folded).
+        queries, nq, hq = self._ring_queries(win, layer, key_cache)
         group = hq // h
-        queries = key_cache.new_zeros((len(due), maxq, hq, d))
-        for j, q in enumerate(qbufs):
-            queries[j, : q.shape[0]] = q.to(key_cache.dtype)
-        nq = torch.tensor([q.shape[0] for q in qbufs], dtype=torch.int32, device=device)
+        qbufs = [queries[j, : int(c)] for j, c in enumerate(win.host.ev_counts.tolist())]
         # The statistics window is the interval L (earlier queries of the first eviction only enter
-        # the cumulative statistics), in the mode the scorer was trained on (None: baselines).
+        # the cumulative statistics, folded as they left the ring), in the mode the scorer was
+        # trained on (None: baselines).
+        hp = win.host
         kernels.window_stats(
-            queries, nq, key_cache, bt, sl, ls, stats, scale=scale, window=cfg.interval, mode=self.policy.stats_mode
+            queries,
+            nq,
+            key_cache,
+            bt,
+            sl,
+            ls,
+            stats,
+            scale=scale,
+            window=cfg.interval,
+            mode=self.policy.stats_mode,
+            folded=win.dev["ev_folded"],
+            num_queries_host=hp.ev_counts,
+            folded_host=hp.ev_folded,
         )
         max_live = max(e - s for s, e in zip(starts, lens))
         survivors = torch.zeros((len(due), h, max_live), dtype=torch.int32, device=device)
@@ -584,14 +874,23 @@ class EvictionEngine:
             idx = survivors[j, :, :keep].long().cpu()
             s.positions = positions[j].gather(1, idx)
             s.positions_end = ends[j]
-            s.queries.clear()
             s.evictions += 1
+
+    def _ring_queries(self, win: _Windows, layer: int, key_cache: torch.Tensor):
+        """The ring rows of the plan's due requests, oldest first: ``(queries [due, rows, Hq, D], counts
+        int32 [due] on the device, Hq)`` (one gather)."""
+        ring = self._rings[layer]
+        hp = win.host
+        flat = ring.view(-1, ring.shape[2], ring.shape[3])
+        q = flat.index_select(0, win.dev["ev_ring"]).view(len(hp.due), hp.ev_max, ring.shape[2], ring.shape[3])
+        return q.to(key_cache.dtype), win.dev["ev_counts"], ring.shape[2]
 
     def _rng_key(self, plan: StepPlan, row: int) -> int:
         """The request part of the victim RNG key of plan row ``row``: the ``rng_keys`` the engine gave
-        for the request, else its state serial (per process: plugins pass ``rng_keys``)."""
-        serial = plan.serials[row]
-        return self._rng_keys.get(serial, serial)
+        for this forward, else the row's state serial (per process: plugins pass ``rng_keys``)."""
+        if plan.rng_keys is not None:
+            return int(plan.rng_keys[row])
+        return int(plan.serials[row])
 
     def _positions(self, s: _LayerState, start: int, end: int, h: int) -> torch.Tensor:
         """Original positions ``[H, live]`` of the live entries of each KV head (CPU int64)."""

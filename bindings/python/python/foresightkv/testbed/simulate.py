@@ -82,7 +82,8 @@ class EvictionEvent:
     the live window minus the ``num_protected`` newest entries; ``keys``/``values`` ``[H, N, D]``
     float32, ``stats`` ``[H, N, G, 8]`` float32, ``positions`` ``[H, N]`` int64 (original positions,
     ascending per head), ``future`` ``[H, N]`` Golden future scores or None, ``queries`` ``[M, Hq,
-    D]`` the queries since the previous eviction (what ``window_stats`` read)."""
+    D]`` the newest ``M <= max(L, 8)`` queries since the previous eviction (the engine's query ring;
+    older ones were folded into the statistics as they left it)."""
 
     layer: int
     eviction: int

@@ -1,0 +1,195 @@
+"""The engine-neutral step (``foresightkv.engine.EvictionEngine``) on CPU: chunked prefill independent
+of the chunking, the bounded query rings (streaming fold) against one ``window_stats`` call over every
+query, the lower-right causal prefill attention against the explicit mask it replaces, and the start-up
+reservation and its typed refusal."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import foresightkv as fkv
+from foresightkv.engine import EngineConfig, EvictionEngine, StepRequest
+from foresightkv.engine.step import _causal_attention
+
+HKV, G, D, BS = 2, 2, 16, 4
+LAYERS = 2
+
+
+def _checkpoint_config(tmp_path, **kw):
+    ck = fkv.ScorerCheckpoint.random(LAYERS, HKV, G, D, kw.get("budget", 16), kw.get("interval", 8), seed=3)
+    path = tmp_path / "ck"
+    ck.save(path)
+    return EngineConfig(policy="foresight", checkpoint=str(path), **kw)
+
+
+class Rig:
+    """One request through an engine over a paged cache of block size ``BS``, with K, V and queries
+    of every position fixed in advance (so two rigs given the same tensors see the same model)."""
+
+    def __init__(self, config, total, seed=0, ring=None):
+        self.engine = EvictionEngine(config, block_size=BS)
+        if ring is not None:
+            self.engine.ring = ring
+        gen = torch.Generator().manual_seed(seed)
+        self.q = torch.randn(total, HKV * G, D, generator=gen)
+        self.k = torch.randn(LAYERS, total, HKV, D, generator=gen)
+        self.v = torch.randn(LAYERS, total, HKV, D, generator=gen)
+        nb = -(-total // BS) + 2
+        self.caches = [(torch.zeros(nb, BS, HKV, D), torch.zeros(nb, BS, HKV, D)) for _ in range(LAYERS)]
+        self.table = torch.arange(nb, dtype=torch.int32).view(1, nb)
+        self.stats = [torch.zeros(nb, BS, HKV, G, 8) for _ in range(LAYERS)]
+        self.len = 0
+
+    def step(self, n, prefill, prompt_len=None):
+        """Adds ``n`` tokens as one row; returns the attention output ``[LAYERS, n, Hq, D]``."""
+        s, e = self.len, self.len + n
+        plan = self.engine.begin_step([StepRequest(0, e, n, prefill, reset=s == 0, prompt_len=prompt_len)])
+        outs = []
+        for layer in range(LAYERS):
+            kc, vc = self.caches[layer]
+            fkv.reshape_and_cache(
+                self.k[layer, s:e].contiguous(), self.v[layer, s:e].contiguous(), kc, vc, torch.arange(s, e)
+            )
+            out = torch.empty(n, HKV * G, D)
+            self.engine.attend(
+                plan, layer, self.q[s:e].contiguous(), kc, vc, self.table, out, scale=0.25, stats=self.stats[layer]
+            )
+            outs.append(out)
+        self.len = e
+        return torch.stack(outs)
+
+    def kept(self):
+        return [self.engine.kept_positions(0, layer, HKV) for layer in range(LAYERS)]
+
+
+POLICY_CONFIGS = {
+    "h2o": dict(policy="h2o"),
+    "snapkv": dict(policy="snapkv"),
+    "random": dict(policy="random", seed=5),
+}
+
+
+def _config(name, tmp_path, **kw):
+    if name.startswith("foresight"):
+        return _checkpoint_config(tmp_path, budget=16, interval=8, sample=name == "foresight_sample", **kw)
+    return EngineConfig(budget=16, interval=8, **POLICY_CONFIGS[name], **kw)
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "random", "foresight_topl", "foresight_sample"])
+def test_a_prompt_in_three_chunks_gives_what_one_chunk_gives(name, tmp_path):
+    """The method compresses once, after the whole prompt: with the prompt's length given, the kept
+    positions and every output match a single-chunk prefill, whatever the chunking."""
+    prompt, decode = 45, 14
+    one = Rig(_config(name, tmp_path), prompt + decode)
+    three = Rig(_config(name, tmp_path), prompt + decode)
+    out_one = one.step(prompt, True, prompt_len=prompt)
+    out_three = torch.cat(
+        [three.step(20, True, prompt_len=prompt), three.step(13, True, prompt_len=prompt), three.step(12, True)], dim=1
+    )
+    assert torch.allclose(out_three, out_one, atol=1e-5, rtol=1e-5)
+    for _ in range(decode):
+        a, b = one.step(1, False), three.step(1, False)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        for ka, kb in zip(one.kept(), three.kept()):
+            assert torch.equal(ka, kb)
+    assert one.engine.evictions(0) >= 2
+    for sa, sb in zip(one.stats, three.stats):
+        assert torch.allclose(sa, sb, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["h2o", "random", "foresight_topl", "foresight_sample"])
+@pytest.mark.parametrize("protect", [False, True])
+def test_bounded_rings_give_what_every_query_gives(name, protect, tmp_path):
+    """A ring of ``max(L, 8)`` queries per request (older ones folded into the statistics as they
+    leave it) gives bit for bit the statistics, kept positions and outputs of keeping every query
+    since the last eviction (a ring deep enough never to fold: the unbounded buffer it replaces)."""
+    cfg = _config(name, tmp_path, protect_prompt=protect)
+    total = 130
+    bounded, unbounded = Rig(cfg, total, seed=1), Rig(cfg, total, seed=1, ring=1024)
+    assert bounded.engine.ring == 8
+    # A prompt shorter than the budget: the first eviction reads B + L queries (24, 16 folded).
+    for rig in (bounded, unbounded):
+        rig.step(5, True, prompt_len=5)
+    compared = 0
+    for _ in range(total - 5):
+        done = bounded.engine.evictions(0)
+        a, b = bounded.step(1, False), unbounded.step(1, False)
+        assert torch.equal(a, b)
+        for ka, kb in zip(bounded.kept(), unbounded.kept()):
+            assert torch.equal(ka, kb)
+        if bounded.engine.evictions(0) > done:
+            # Right after an eviction (between evictions the sum column holds the running fold).
+            for sa, sb in zip(bounded.stats, unbounded.stats):
+                assert torch.equal(sa, sb)
+            compared += 1
+    assert compared >= 5
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_window_stats_streaming_fold_is_one_call(mode):
+    """Fold-only calls over the oldest rows, then the eviction's call over the rest, write bit for bit
+    what one call over every row writes (the running fold continues in the same row order)."""
+    gen = torch.Generator().manual_seed(4)
+    nb, n, live, hq = 20, 37, 60, HKV * G
+    kc = torch.randn(nb, BS, HKV, D, generator=gen)
+    table = torch.randperm(nb, generator=gen)[: -(-live // BS)].int().view(1, -1)
+    q = torch.randn(1, n, hq, D, generator=gen)
+    old = torch.rand(nb, BS, HKV, G, 8, generator=gen)
+    start = torch.tensor([0], dtype=torch.int32)
+    one = old.clone()
+    fkv.window_stats(
+        q, torch.tensor([n], dtype=torch.int32), kc, table, torch.tensor([live], dtype=torch.int32), start, one,
+        window=8, mode=mode,
+    )
+    streamed = old.clone()
+    done = 0
+    for cut in (9, 21, 29):
+        fkv.window_stats(
+            q[:, done:cut].contiguous(), torch.tensor([cut - done], dtype=torch.int32), kc, table,
+            torch.tensor([live - n + cut], dtype=torch.int32), start, streamed, window=8, mode=mode,
+            folded=torch.tensor([done], dtype=torch.int32), fold_only=True,
+        )
+        done = cut
+    fkv.window_stats(
+        q[:, done:].contiguous(), torch.tensor([n - done], dtype=torch.int32), kc, table,
+        torch.tensor([live], dtype=torch.int32), start, streamed, window=8, mode=mode,
+        folded=torch.tensor([done], dtype=torch.int32),
+    )
+    assert torch.equal(streamed, one)
+    with pytest.raises(fkv.InvalidArgumentError, match="folded"):
+        fkv.window_stats(
+            q, torch.tensor([n], dtype=torch.int32), kc, table, torch.tensor([live], dtype=torch.int32), start,
+            streamed, folded=torch.tensor([live - n + 1], dtype=torch.int32),
+        )
+
+
+@pytest.mark.parametrize("n,live,hq,h", [(5, 23, 4, 2), (7, 7, 4, 1), (1, 9, 2, 2), (12, 40, 8, 2)])
+def test_lower_right_causal_prefill_equals_the_masked_attention(n, live, hq, h):
+    """The lower-right causal bias gives what the explicit boolean mask with GQA (the math kernel) gave."""
+    gen = torch.Generator().manual_seed(n + live)
+    q = torch.randn(n, hq, D, generator=gen)
+    k = torch.randn(live, h, D, generator=gen)
+    v = torch.randn(live, h, D, generator=gen)
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    mask = torch.arange(live).unsqueeze(0) <= torch.arange(n).unsqueeze(1) + (live - n)
+    want = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=0.3, enable_gqa=hq != h)
+    got = _causal_attention(q, k, v, 0.3)
+    assert torch.allclose(got, want.squeeze(0).transpose(0, 1), atol=1e-6, rtol=1e-5)
+
+
+def test_reserve_sizes_the_rings_and_refuses_more_requests():
+    """``reserve`` allocates every layer's ring at start-up and returns its bytes; a forward with more
+    requests holding state than reserved is refused with CapacityError, and nothing changed."""
+    engine = EvictionEngine(EngineConfig(budget=16, interval=8, policy="h2o"), block_size=BS)
+    got = engine.reserve(max_requests=3, layers=LAYERS, num_q_heads=HKV * G, head_dim=D, dtype=torch.float16, device="cpu")
+    assert got == LAYERS * 3 * 8 * HKV * G * D * 2 == engine.reserved_bytes()
+    engine.begin_step([StepRequest(k, 4, 4, True) for k in range(3)])
+    with pytest.raises(fkv.CapacityError, match="3 request slots"):
+        engine.begin_step([StepRequest(k, 5, 1, False) for k in range(3)] + [StepRequest(9, 4, 4, True)])
+    assert sorted(engine.keys()) == [0, 1, 2]
+    engine.release(1)
+    engine.begin_step([StepRequest(9, 4, 4, True)])
+    assert sorted(engine.keys()) == [0, 2, 9]
+    assert EvictionEngine(EngineConfig(budget=16, interval=8, policy="full_cache"), block_size=BS).reserve(
+        max_requests=3, layers=2, num_q_heads=4, head_dim=D, dtype=torch.float16, device="cpu"
+    ) == 0
