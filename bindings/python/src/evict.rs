@@ -247,11 +247,16 @@ fn bounded(name: &str, obj: &Bound<'_, PyAny>, max: usize) -> PyResult<usize> {
 #[pyclass(module = "foresightkv", name = "Policy", frozen)]
 pub struct PyPolicy {
     inner: Arc<dyn EvictionPolicy>,
+    /// The policy's parameters as constructed (defaults filled in), for `Policy.params`.
+    params: serde_json::Value,
 }
 
 impl PyPolicy {
-    fn new(p: impl EvictionPolicy + 'static) -> Self {
-        Self { inner: Arc::new(p) }
+    fn new(p: impl EvictionPolicy + 'static, params: serde_json::Value) -> Self {
+        Self {
+            inner: Arc::new(p),
+            params,
+        }
     }
 }
 
@@ -401,7 +406,7 @@ impl PyPolicy {
     /// The full cache: never evicts.
     #[staticmethod]
     fn full_cache() -> Self {
-        Self::new(evict::FullCache)
+        Self::new(evict::FullCache, serde_json::json!({}))
     }
 
     /// StreamingLLM: keep `sinks` attention sinks and the most recent entries.
@@ -412,13 +417,16 @@ impl PyPolicy {
             .map(|s| args::int::<u32>("sinks", s, "[0, 2^32)"))
             .transpose()?
             .unwrap_or(4);
-        Ok(Self::new(evict::StreamingLlm { sinks }))
+        Ok(Self::new(
+            evict::StreamingLlm { sinks },
+            serde_json::json!({ "sinks": sinks }),
+        ))
     }
 
     /// H2O: evict the lowest cumulative attention.
     #[staticmethod]
     fn h2o() -> Self {
-        Self::new(evict::H2o)
+        Self::new(evict::H2o, serde_json::json!({}))
     }
 
     /// SnapKV (as the R-KV code runs it): evict the lowest attention of the last 8 queries (max
@@ -426,17 +434,18 @@ impl PyPolicy {
     #[staticmethod]
     #[pyo3(signature = (kernel = None))]
     fn snapkv(kernel: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
-        let kernel = odd_kernel(kernel)?;
-        Ok(Self::new(evict::SnapKv {
-            kernel,
+        let p = evict::SnapKv {
+            kernel: odd_kernel(kernel)?,
             ..Default::default()
-        }))
+        };
+        let params = serde_json::json!({ "kernel": p.kernel, "window": p.window });
+        Ok(Self::new(p, params))
     }
 
     /// TOVA: evict what the last query attends to least (averaged over the GQA group).
     #[staticmethod]
     fn tova() -> Self {
-        Self::new(evict::Tova)
+        Self::new(evict::Tova, serde_json::json!({}))
     }
 
     /// R-KV (its official normalisation): importance of the last 8 queries mixed with key
@@ -451,11 +460,18 @@ impl PyPolicy {
                 format!("lam = {lambda} must be in [0, 1]"),
             ));
         }
-        Ok(Self::new(evict::Rkv {
+        let p = evict::Rkv {
             lambda,
             kernel: odd_kernel(kernel)?,
             ..Default::default()
-        }))
+        };
+        let params = serde_json::json!({
+            "lam": p.lambda,
+            "kernel": p.kernel,
+            "window": p.window,
+            "threshold": p.threshold,
+        });
+        Ok(Self::new(p, params))
     }
 
     /// Uniformly random victims, reproducible from `seed`.
@@ -466,7 +482,10 @@ impl PyPolicy {
             .map(|s| args::seq_id("seed", s))
             .transpose()?
             .unwrap_or(0);
-        Ok(Self::new(evict::RandomEviction { seed }))
+        Ok(Self::new(
+            evict::RandomEviction { seed },
+            serde_json::json!({ "seed": seed }),
+        ))
     }
 
     /// ForesightKV: the checkpoint's MLP scores; victims sampled as in the paper (top 2L, then L by
@@ -508,10 +527,10 @@ impl PyPolicy {
         } else {
             VictimMode::TopL
         };
-        Ok(Self::new(ForesightPolicy::new(
-            ck.get().inner.clone(),
-            mode,
-        )))
+        Ok(Self::new(
+            ForesightPolicy::new(ck.get().inner.clone(), mode),
+            serde_json::json!({ "sample": sample, "seed": seed, "temperature": temperature }),
+        ))
     }
 
     /// Short name, as on the command line and in tables.
@@ -524,6 +543,14 @@ impl PyPolicy {
     #[getter]
     fn evicts(&self) -> bool {
         self.inner.evicts()
+    }
+
+    /// The parameters the policy runs with, defaults filled in (a dict: `sinks`; `kernel`,
+    /// `window`; `lam`, `threshold`; `seed`; `sample`, `temperature`), so that a batched
+    /// implementation of its scores reads them from the core rather than repeating them.
+    #[getter]
+    fn params<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_to_py(py, &self.params)
     }
 
     /// Eviction scores (higher = evicted first) of the live entries of one (layer, KV head).

@@ -96,51 +96,38 @@ def test_eviction_changes_loss_and_keeps_budget():
             assert torch.equal(r.kept[0][0], r.kept[0][1])
 
 
-class RecordingPolicy:
-    """Forwards to a real Policy and records what the serving step passed to choose_victims."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.calls = []
-
-    @property
-    def evicts(self):
-        return self.inner.evicts
-
-    @property
-    def name(self):
-        return self.inner.name
-
-    @property
-    def stats_mode(self):
-        return self.inner.stats_mode
-
-    def choose_victims(self, keys, values, stats, queries, positions, seq_len, **kw):
-        self.calls.append(
-            dict(
-                keys=keys.clone(),
-                values=values.clone(),
-                stats=stats.clone(),
-                positions=list(positions),
-                seq_len=seq_len,
-                **{k: kw[k] for k in ("layer", "kv_head", "eviction", "num_evict")},
-            )
-        )
-        return self.inner.choose_victims(
-            keys, values, stats, queries, positions, seq_len, **kw
-        )
+def _window_rows(batch, j, cache):
+    """Rows of request ``j``'s evictable window of ``cache``, read slot by slot through its table row."""
+    bs, row = batch.block_size, batch.block_tables[j].tolist()
+    start, end = int(batch.live_starts[j]), int(batch.seq_lens[j])
+    return torch.stack([cache[row[p // bs], p % bs] for p in range(start, end)])
 
 
 def test_features_equal_serving_step():
     m = tiny_llama()
     x = ids(160)
     b, interval = 32, 16
-    # the plain serving step (EvictionEngine) driven through the same chunked forward
-    engine = EvictionEngine(
-        EngineConfig(budget=b, interval=interval, policy="h2o"), block_size=1
-    )
-    rec = RecordingPolicy(engine.policy)
-    engine.policy = rec
+    # the plain serving step (EvictionEngine) driven through the same chunked forward, its inputs
+    # of every eviction recorded through the engine's on_evict hook
+    seen = []
+
+    def record(batch):
+        for j in range(batch.num_seqs):
+            seen.append(
+                dict(
+                    layer=batch.layer,
+                    eviction=batch.evictions[j],
+                    seq_len=batch.lengths[j],
+                    num_evict=batch.num_evict_host[j],
+                    keys=_window_rows(batch, j, batch.key_cache).float(),
+                    values=_window_rows(batch, j, batch.value_cache).float(),
+                    stats=_window_rows(batch, j, batch.stats).float(),
+                    positions=batch.positions[j, :, : batch.live[j]].clone(),
+                )
+            )
+        return None
+
+    engine = EvictionEngine(EngineConfig(budget=b, interval=interval, policy="h2o"), block_size=1, on_evict=record)
     ce_engine, _ = sim.run_chunked(m, x, engine, b, interval)
     events = []
     r = sim.simulate(
@@ -148,8 +135,8 @@ def test_features_equal_serving_step():
     )
     # capturing does not change the run
     assert torch.equal(r.ce, ce_engine)
-    by_key = {(c["layer"], c["kv_head"], c["eviction"]): c for c in rec.calls}
-    assert len(by_key) == len(events) * 2 and events
+    by_key = {(c["layer"], c["eviction"]): c for c in seen}
+    assert len(by_key) == len(events) == len(seen) and events
     for ev in events:
         n = ev.keys.shape[1]
         assert (
@@ -158,14 +145,14 @@ def test_features_equal_serving_step():
             and ev.num_evict == interval
             and n == b
         )
+        c = by_key[(ev.layer, ev.eviction)]
+        assert c["seq_len"] == ev.seq_len and c["num_evict"] == ev.num_evict
         for kh in range(ev.num_kv_heads):
-            c = by_key[(ev.layer, kh, ev.eviction)]
-            assert c["seq_len"] == ev.seq_len
-            assert torch.equal(ev.keys[kh], c["keys"][:n])
-            assert torch.equal(ev.values[kh], c["values"][:n])
-            assert torch.equal(ev.stats[kh], c["stats"][:n])
-            assert ev.positions[kh].tolist() == c["positions"][:n]
-            assert ev.stats.shape == (2, n, 2, fkv.NUM_STATS)
+            assert torch.equal(ev.keys[kh], c["keys"][:n, kh])
+            assert torch.equal(ev.values[kh], c["values"][:n, kh])
+            assert torch.equal(ev.stats[kh], c["stats"][:n, kh])
+            assert ev.positions[kh].tolist() == c["positions"][kh, :n].tolist()
+        assert ev.stats.shape == (2, n, 2, fkv.NUM_STATS)
         assert ev.future is None
 
 

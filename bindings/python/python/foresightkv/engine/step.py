@@ -25,7 +25,7 @@ and passes the kernels the host mirrors, so it does not wait for the device."""
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from .._native import NUM_STATS, ScorerCheckpoint, WindowPlanner
 from ..errors import CapacityError, ConfigError, ShapeError
 from ..evict import scorer_weights
 from .config import EngineConfig
+from .victims import EvictionBatch, choose_survivors
 
 #: Row ``i`` of ``StepPlan.rows`` holds the planner's field ``_FIELDS[i]`` (``WindowPlanner.FIELDS``).
 _FIELDS = WindowPlanner.FIELDS
@@ -410,7 +411,11 @@ class EvictionEngine:
 
     ``block_size`` is the engine's page size (SGLang: 1); ``checkpoint`` overrides the one the
     configuration names. The scorer's shape is checked against each layer's cache at its first
-    eviction."""
+    eviction. ``on_evict(batch)``, when given, is called at every eviction of every layer with the
+    batched inputs of the victim choice (``victims.EvictionBatch``, on the cache's device) before
+    the policy is asked: it returns the survivors (int32 ``[S, H, max_live]``, as
+    ``victims.choose_survivors``) to use instead, or None to let the policy choose (the simulator's
+    and the trainer's hook)."""
 
     def __init__(
         self,
@@ -418,13 +423,14 @@ class EvictionEngine:
         *,
         block_size: int,
         checkpoint: Optional[ScorerCheckpoint] = None,
+        on_evict: Optional[Callable[[EvictionBatch], Optional[torch.Tensor]]] = None,
     ) -> None:
         config.validate(block_size)
         self.config = config
         self.block_size = block_size
         self._checkpoint = checkpoint if checkpoint is not None else config.load_checkpoint()
         self.policy = config.build_policy(self._checkpoint)
-        self._use_kernels = config.policy == "foresight" and not config.sample
+        self._on_evict = on_evict
         self._planner = WindowPlanner(
             config.budget, config.interval, block_size, config.protect_prompt, self.policy.evicts
         )
@@ -473,7 +479,7 @@ class EvictionEngine:
         start = live_start if pending is None else pending
         ls = self._layers.get(serial, {}).get(layer, _LayerState())
         window_start = min(max(start, protected_len), length)
-        window = self._positions(ls, window_start, length, num_kv_heads)
+        window = self._positions(ls, window_start, length, num_kv_heads, "cpu")
         if not protected_len:
             return window
         prompt = torch.arange(min(protected_len, length), dtype=torch.int64).expand(num_kv_heads, -1)
@@ -800,18 +806,20 @@ class EvictionEngine:
 
     def _evict(self, plan, win, due, layer, key_cache, value_cache, stats, scale) -> None:
         """Window statistics, victim choice and compaction of layer ``layer`` for requests ``due``,
-        over each evictable window (``starts``/``lens`` in the kernels' coordinates, ``bases``/
-        ``ends`` the original positions)."""
+        all on the cache's device: ``window_stats``, the policy's batched scores and survivor
+        selection (``victims.choose_survivors``, or the ``on_evict`` hook's), ``compact``; the
+        windows' lengths and counts come from the plan's host lists, so no K/V, statistic or query
+        is read back to the host."""
         device = key_cache.device
-        h, d = key_cache.shape[2], key_cache.shape[3]
+        h = key_cache.shape[2]
         cfg = self.config
         sel = torch.tensor(due, dtype=torch.long, device=device)
         bt = win.tables.index_select(0, sel).contiguous()
         window_lens, evict_starts = plan.field("window_lens"), plan.field("evict_starts")
         bases_all, targets = plan.field("bases"), plan.field("evict_to")
-        lens = [window_lens[i] for i in due]
-        starts = [evict_starts[i] for i in due]
-        ends = [plan.seq_lens[i] for i in due]
+        seq_lens = plan.seq_lens
+        live = [window_lens[i] - evict_starts[i] for i in due]
+        ends = [seq_lens[i] for i in due]
         bases = [bases_all[i] for i in due]
         sl = win.seq_lens.index_select(0, sel).contiguous()
         ls = win.evict_starts.index_select(0, sel).contiguous()
@@ -819,9 +827,8 @@ class EvictionEngine:
         ne = torch.tensor(num_evict, dtype=torch.int32, device=device)
         layer_states = [self._layer_state(plan.serials[i], layer) for i in due]
         # The queries of the ring, oldest first ([due, ring rows, Hq, D]; earlier ones were folded).
-        queries, nq, hq = self._ring_queries(win, layer, key_cache)
-        group = hq // h
-        qbufs = [queries[j, : int(c)] for j, c in enumerate(win.host.ev_counts.tolist())]
+        queries, nq, _ = self._ring_queries(win, layer, key_cache)
+        nq_host = [int(c) for c in win.host.ev_counts.tolist()]
         # The statistics window is the interval L (earlier queries of the first eviction only enter
         # the cumulative statistics, folded as they left the ring), in the mode the scorer was
         # trained on (None: baselines).
@@ -841,38 +848,47 @@ class EvictionEngine:
             num_queries_host=hp.ev_counts,
             folded_host=hp.ev_folded,
         )
-        max_live = max(e - s for s, e in zip(starts, lens))
-        survivors = torch.zeros((len(due), h, max_live), dtype=torch.int32, device=device)
-        positions = [self._positions(s, base, end, h) for s, base, end in zip(layer_states, bases, ends)]
-        if self._use_kernels:
-            w1, b1, w2, b2 = self._layer_weights(layer, h, group, d, device)
-            scores = torch.zeros((len(due), h, max_live), dtype=torch.float32, device=device)
-            kernels.scorer_mlp(key_cache, value_cache, bt, sl, ls, stats, w1, b1, w2, b2, scores)
-            kernels.select_survivors(sl, ls, scores, ne, survivors, num_protected=cfg.interval)
-        else:
-            for j, i in enumerate(due):
-                survivors[j] = self._choose(
-                    self._rng_key(plan, i),
-                    layer_states[j],
-                    layer,
-                    bt[j],
-                    starts[j],
-                    lens[j],
-                    ends[j],
-                    num_evict[j],
-                    key_cache,
-                    value_cache,
-                    stats,
-                    qbufs[j],
-                    positions[j],
-                    max_live,
-                    scale,
-                ).to(device)
+        max_live = max(live)
+        positions = torch.full((len(due), h, max_live), -1, dtype=torch.int64, device=device)
+        for j, (s, base, end) in enumerate(zip(layer_states, bases, ends)):
+            positions[j, :, : live[j]] = self._positions(s, base, end, h, device)
+        batch = EvictionBatch(
+            layer=layer,
+            key_cache=key_cache,
+            value_cache=value_cache,
+            stats=stats,
+            block_tables=bt,
+            seq_lens=sl,
+            live_starts=ls,
+            num_evict=ne,
+            queries=queries,
+            num_queries=nq,
+            positions=positions,
+            live=live,
+            num_evict_host=num_evict,
+            num_queries_host=nq_host,
+            lengths=ends,
+            evictions=[s.evictions for s in layer_states],
+            requests=[self._rng_key(plan, i) for i in due],
+            keys=[plan.keys[i] for i in due],
+            num_protected=cfg.interval,
+            scale=scale,
+            block_size=self.block_size,
+        )
+        survivors = self._on_evict(batch) if self._on_evict is not None else None
+        if survivors is None:
+            survivors = choose_survivors(
+                self.policy, batch, weights=lambda: self._layer_weights(layer, h, batch.group, key_cache.shape[3], device)
+            )
+        elif tuple(survivors.shape) != tuple(positions.shape) or survivors.dtype != torch.int32:
+            raise ShapeError(
+                f"on_evict returned survivors {tuple(survivors.shape)} {survivors.dtype}, "
+                f"expected int32 {tuple(positions.shape)}"
+            )
         kernels.compact(key_cache, value_cache, bt, sl, ls, ne, survivors, stats)
+        kept = positions.gather(2, survivors.long().clamp(min=0))
         for j, s in enumerate(layer_states):
-            keep = lens[j] - starts[j] - num_evict[j]
-            idx = survivors[j, :, :keep].long().cpu()
-            s.positions = positions[j].gather(1, idx)
+            s.positions = kept[j, :, : live[j] - num_evict[j]].clone()
             s.positions_end = ends[j]
             s.evictions += 1
 
@@ -892,65 +908,17 @@ class EvictionEngine:
             return int(plan.rng_keys[row])
         return int(plan.serials[row])
 
-    def _positions(self, s: _LayerState, start: int, end: int, h: int) -> torch.Tensor:
-        """Original positions ``[H, live]`` of the live entries of each KV head (CPU int64)."""
+    def _positions(self, s: _LayerState, start: int, end: int, h: int, device=None) -> torch.Tensor:
+        """Original positions ``[H, live]`` (int64, on ``device``, default the kept positions' own or
+        the CPU) of the live entries of each KV head: those kept at the last eviction, then
+        ``[max(positions_end, start), end)``."""
+        if device is None:
+            device = s.positions.device if s.positions is not None else "cpu"
         fresh_from = max(s.positions_end, start) if s.positions is not None else start
-        fresh = torch.arange(fresh_from, end, dtype=torch.int64).expand(h, -1)
+        fresh = torch.arange(fresh_from, end, dtype=torch.int64, device=device).expand(h, -1)
         if s.positions is None:
             return fresh.contiguous()
-        return torch.cat([s.positions, fresh], dim=1)
-
-    def _choose(
-        self,
-        rng_key,
-        ls,
-        layer,
-        table_row,
-        start,
-        end,
-        seq_len,
-        num_evict,
-        key_cache,
-        value_cache,
-        stats,
-        queries,
-        positions,
-        max_live,
-        scale,
-    ) -> torch.Tensor:
-        """Survivor rows ``[H, max_live]`` of one request through ``Policy.choose_victims`` per KV head
-        (float32 host copies of the evictable entries, window slots ``[start, end)`` of ``table_row``;
-        ``seq_len`` is the request's length in original positions)."""
-        blocks, offs = self._slots(table_row, start, end)
-        h = key_cache.shape[2]
-        group = queries.shape[1] // h
-        keys = key_cache[blocks, offs].float().cpu()
-        values = value_cache[blocks, offs].float().cpu()
-        st_rows = stats[blocks, offs].float().cpu()
-        q = queries.float().cpu()
-        live = end - start
-        out = torch.zeros((h, max_live), dtype=torch.int32)
-        for kh in range(h):
-            victims = self.policy.choose_victims(
-                keys[:, kh].contiguous(),
-                values[:, kh].contiguous(),
-                st_rows[:, kh].contiguous(),
-                q[:, kh * group : (kh + 1) * group].contiguous(),
-                positions[kh].tolist(),
-                seq_len,
-                num_protected=self.config.interval,
-                num_evict=num_evict,
-                layer=layer,
-                kv_head=kh,
-                eviction=ls.evictions,
-                request=rng_key,
-                scale=scale,
-            )
-            gone = torch.zeros(live, dtype=torch.bool)
-            gone[torch.tensor(victims, dtype=torch.long)] = True
-            keep = torch.nonzero(~gone).flatten().to(torch.int32)
-            out[kh, : keep.numel()] = keep
-        return out
+        return torch.cat([s.positions.to(device), fresh], dim=1)
 
     def _layer_weights(self, layer: int, h: int, group: int, d: int, device) -> Any:
         """The scorer weights of ``layer`` on ``device`` (checked against the model's shape once)."""

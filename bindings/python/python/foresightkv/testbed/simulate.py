@@ -8,10 +8,10 @@ chunks of ``interval`` queries, each attending to the compressed cache plus itse
 cache is compressed after each chunk whenever the live window reaches ``budget + interval``, back
 to ``budget`` entries per (layer, KV head), the newest ``interval`` protected. Every attention and
 every eviction is the serving step's own code: ``foresightkv.engine.EvictionEngine.attend`` over a
-paged cache (block size 1), i.e. ``window_stats`` for the statistics, the policy's ``score`` /
-``choose_victims`` (or ``scorer_mlp`` + ``select_survivors``) for the victims, ``compact`` for the
-in-place compaction, per KV head, with keys cached after RoPE at their original position (positions
-stay logical). The features a scorer sees here are therefore bit for bit those it sees when
+paged cache (block size 1), i.e. ``window_stats`` for the statistics, the policy's batched scores
+(``foresightkv.engine.victims``: ``scorer_mlp`` for the learned scorer) and ``select_survivors`` for
+the victims, ``compact`` for the in-place compaction, with keys cached after RoPE at their original
+position (positions stay logical); the hooks below see the batch through the engine's ``on_evict``. The features a scorer sees here are therefore bit for bit those it sees when
 serving.
 
 Policies (``POLICIES``): ``full`` (no eviction), ``golden`` (Golden Eviction: the victims the Rust
@@ -44,7 +44,7 @@ import torch
 
 from .. import kernels
 from .._native import ScorerCheckpoint, Trace, golden_eviction
-from ..engine import EngineConfig, EvictionEngine, StepRequest
+from ..engine import EngineConfig, EvictionBatch, EvictionEngine, StepRequest
 from ..errors import ConfigError, InvalidArgumentError, ShapeError
 from .model import ModelShape, layer_index, routed_attention
 
@@ -189,101 +189,70 @@ class GoldenRun:
 
 
 class _SimEngine(EvictionEngine):
-    """The serving step plus the two training hooks; with neither hook it is the serving step."""
+    """The serving step plus the two training hooks, through the engine's ``on_evict`` hook (the
+    batched inputs of each layer's victim choice); with neither hook it is the serving step."""
 
     def __init__(self, config, *, checkpoint, capture, override, golden) -> None:
-        super().__init__(config, block_size=1, checkpoint=checkpoint)
         self._capture, self._override, self._golden = capture, override, golden
-        if capture is not None or override is not None:
-            # The per-head path (Policy.choose_victims): the hooks see the same statistics buffer
-            # the kernel path would read.
-            self._use_kernels = False
+        hook = self._on_eviction if capture is not None or override is not None else None
+        super().__init__(config, block_size=1, checkpoint=checkpoint, on_evict=hook)
 
-    def _choose(
-        self,
-        st,
-        ls,
-        layer,
-        table_row,
-        start,
-        end,
-        seq_len,
-        num_evict,
-        key_cache,
-        value_cache,
-        stats,
-        queries,
-        positions,
-        max_live,
-        scale,
-    ) -> torch.Tensor:
-        args = (
-            st,
-            ls,
-            layer,
-            table_row,
-            start,
-            end,
-            seq_len,
-            num_evict,
-            key_cache,
-            value_cache,
-            stats,
-            queries,
-        )
-        if self._capture is None and self._override is None:
-            return super()._choose(*args, positions, max_live, scale)
-        blocks, offs = self._slots(table_row, start, end)
-        live = end - start
-        n = live - self.config.interval
-        h = key_cache.shape[2]
-        cand_pos = positions[:, :n].contiguous()
-        event = EvictionEvent(
-            layer=layer,
-            eviction=ls.evictions,
-            num_kv_heads=h,
-            seq_len=seq_len,
-            num_evict=num_evict,
-            num_protected=self.config.interval,
-            keys=key_cache[blocks[:n], offs[:n]].float().transpose(0, 1).contiguous(),
-            values=value_cache[blocks[:n], offs[:n]]
-            .float()
-            .transpose(0, 1)
-            .contiguous(),
-            stats=stats[blocks[:n], offs[:n]].float().transpose(0, 1).contiguous(),
-            positions=cand_pos,
-            queries=queries.float(),
-            future=None
-            if self._golden is None
-            else self._golden.future(layer, seq_len, cand_pos),
-        )
-        if self._capture is not None:
-            self._capture(event)
-        if self._override is None:
-            return super()._choose(*args, positions, max_live, scale)
-        victims = self._override(event)
-        out = torch.zeros((h, max_live), dtype=torch.int32)
-        if len(victims) != h:
-            raise ShapeError(
-                f"victims_override returned {len(victims)} heads, the layer has {h}"
+    def _on_eviction(self, batch: EvictionBatch) -> Optional[torch.Tensor]:
+        """One ``EvictionEvent`` per due request of ``batch`` for ``capture``; the survivors
+        ``victims_override`` names (None: the policy chooses)."""
+        h = batch.num_kv_heads
+        keys, values, stats = (batch.gather(t) for t in (batch.key_cache, batch.value_cache, batch.stats))
+        out = None
+        if self._override is not None:
+            out = torch.zeros(tuple(batch.positions.shape), dtype=torch.int32)
+        for j in range(batch.num_seqs):
+            live, num_evict = batch.live[j], batch.num_evict_host[j]
+            n = live - batch.num_protected
+            seq_len = batch.lengths[j]
+            cand_pos = batch.positions[j, :, :n].cpu()
+            event = EvictionEvent(
+                layer=batch.layer,
+                eviction=batch.evictions[j],
+                num_kv_heads=h,
+                seq_len=seq_len,
+                num_evict=num_evict,
+                num_protected=batch.num_protected,
+                keys=keys[j, :n].float().transpose(0, 1).contiguous().cpu(),
+                values=values[j, :n].float().transpose(0, 1).contiguous().cpu(),
+                stats=stats[j, :n].float().transpose(0, 1).contiguous().cpu(),
+                positions=cand_pos,
+                queries=batch.queries[j, : batch.num_queries_host[j]].float().cpu(),
+                future=None
+                if self._golden is None
+                else self._golden.future(batch.layer, seq_len, cand_pos),
             )
-        for kh, vs in enumerate(victims):
-            v = torch.as_tensor(vs, dtype=torch.long).flatten()
-            if v.numel() != num_evict or (
-                v.numel() and (int(v.min()) < 0 or int(v.max()) >= n)
-            ):
-                raise InvalidArgumentError(
-                    f"victims_override head {kh}: need {num_evict} indices in [0, {n}), got {v.tolist()}"
-                )
-            gone = torch.zeros(live, dtype=torch.bool)
-            gone[v] = True
-            if int(gone.sum()) != num_evict:
-                raise InvalidArgumentError(
-                    f"victims_override head {kh}: repeated indices {v.tolist()}"
-                )
-            keep = torch.nonzero(~gone).flatten().to(torch.int32)
-            out[kh, : keep.numel()] = keep
-        return out
+            if self._capture is not None:
+                self._capture(event)
+            if out is not None:
+                out[j] = _override_survivors(self._override(event), h, n, live, num_evict, batch.max_live)
+        return None if out is None else out.to(batch.positions.device)
+
+
+def _override_survivors(victims, h: int, n: int, live: int, num_evict: int, max_live: int) -> torch.Tensor:
+    """Survivor rows ``[H, max_live]`` (int32, kept window slots ascending) of the victims a
+    ``victims_override`` returned (per head, ``num_evict`` distinct indices into the ``n``
+    candidates), checked."""
+    out = torch.zeros((h, max_live), dtype=torch.int32)
+    if len(victims) != h:
+        raise ShapeError(f"victims_override returned {len(victims)} heads, the layer has {h}")
+    for kh, vs in enumerate(victims):
+        v = torch.as_tensor(vs, dtype=torch.long).flatten()
+        if v.numel() != num_evict or (v.numel() and (int(v.min()) < 0 or int(v.max()) >= n)):
+            raise InvalidArgumentError(
+                f"victims_override head {kh}: need {num_evict} indices in [0, {n}), got {v.tolist()}"
+            )
+        gone = torch.zeros(live, dtype=torch.bool)
+        gone[v] = True
+        if int(gone.sum()) != num_evict:
+            raise InvalidArgumentError(f"victims_override head {kh}: repeated indices {v.tolist()}")
+        keep = torch.nonzero(~gone).flatten().to(torch.int32)
+        out[kh, : keep.numel()] = keep
+    return out
 
 
 def _engine_config(
