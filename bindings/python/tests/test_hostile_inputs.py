@@ -278,3 +278,24 @@ def test_a_prompt_of_a_trillion_tokens_is_refused_before_iterating(prompt):
     with pytest.raises(fkv.InvalidArgumentError, match="token ids, more than"):
         m.add_sequence(1, prompt)
     assert m.num_sequences == 0
+
+
+def test_statistics_packed_after_k_and_v_in_each_cell_are_accepted_and_equal_split_buffers():
+    """vLLM packs a backend's per-slot state after K and V in each (block, slot, head) cell
+    (``state_content_bytes``): K, V and the float32 statistics [G, 8] interleave in one tensor
+    without sharing a byte, so ``compact`` accepts them and moves them as it moves split buffers; a
+    statistics view that really overlaps the key view is still refused."""
+    g = 1
+    cell = 2 * D + g * 8  # float32 elements per (block, slot, head)
+    page = torch.randn(NB, BS, H, cell)
+    kc, vc = page[..., :D], page[..., D : 2 * D]
+    stats = page[..., 2 * D :].unflatten(-1, (g, 8))
+    split = [kc.clone(), vc.clone(), stats.clone()]
+    fkv.compact(**compact_args(kc, vc, stats))
+    fkv.compact(**compact_args(*split))
+    assert torch.equal(kc, split[0]) and torch.equal(vc, split[1]) and torch.equal(stats, split[2])
+    overlapping = page[..., D - 4 : D + 4].unflatten(-1, (g, 8))
+    before = page.clone()
+    with pytest.raises(fkv.InvalidArgumentError, match="shares memory"):
+        fkv.compact(**compact_args(kc, vc, overlapping))
+    assert torch.equal(page, before)
