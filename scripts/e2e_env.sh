@@ -6,11 +6,13 @@
 # engine venv (scripts/engine_env.sh sglang, which it creates when missing; nothing is installed into
 # it): a .pth file adds the engine venv's site-packages (its own .pth files included, so the editable
 # plugin and its entry point are seen), the venv adds matplotlib for bench/serve_cpu.py's plot, and a
-# second .pth file loads integration/sglang/e2e/cpu_standin in every process of the venv (the engine's
-# scheduler and detokenizer subprocesses too). The stand-in defines, with torch reference ops, the few
-# CPU ops of SGLang's kernel package that SGLang imports on CPU (SGLANG_USE_CPU_ENGINE=1) and whose CPU
-# build is not on the registry; integration/sglang/README.md lists them. It touches neither attention
-# nor KV management. Idempotent: a stamp of the pins, the interpreter and the engine venv; the .pth
+# second .pth file puts integration/sglang/e2e/cpu_standin on the path of every process of the venv (the
+# engine's scheduler and detokenizer subprocesses too) and loads the allocator audit there. The folder's
+# common_ops module stands in for the compiled op library of SGLang's kernel package, whose registry
+# wheel is a CUDA build that cannot load without the CUDA driver (its CPU build is not on the registry):
+# sgl_kernel imports `common_ops` as its last resort, so its pure-Python CPU wrappers import, which
+# SGLang needs on CPU (SGLANG_USE_CPU_ENGINE=1). It defines no op (integration/sglang/README.md), touches
+# neither attention nor KV management. Idempotent: a stamp of the pins, the interpreter and the engine venv; the .pth
 # files are rewritten on every run (they name this checkout).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -44,6 +46,6 @@ if [ ! -f "$STAMP" ]; then
 fi
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "import site; site.addsitedir('$ENGINE_SITE')" > "$SITE/00-fkv-engine-venv.pth"
-# Loaded at every interpreter start of this venv; the stand-in only acts when SGLANG_USE_CPU_ENGINE=1.
-printf '%s\nimport fkv_sglang_cpu_standin, fkv_sglang_audit\n' "$FKV_ROOT/integration/sglang/e2e/cpu_standin" > "$SITE/zz-fkv-sglang-cpu-standin.pth"
+# This folder on the path (common_ops, the stand-in) and the allocator audit (acts only when FKV_E2E_AUDIT is set).
+printf '%s\nimport fkv_sglang_audit\n' "$FKV_ROOT/integration/sglang/e2e/cpu_standin" > "$SITE/zz-fkv-sglang-cpu-standin.pth"
 echo "$PY"

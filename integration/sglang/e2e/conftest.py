@@ -15,16 +15,16 @@ sys.path.insert(0, str(HERE.parents[1] / "testing"))
 import harness  # noqa: E402
 from tiny_model import build_tiny_llama  # noqa: E402
 
-#: The schedule of the eviction runs: an eviction every L=8 tokens once the window holds B+L=40.
-B, L = 32, 8
+#: The schedule of the eviction runs: an eviction every L=4 tokens once the window holds B+L=20.
+B, L = 16, 4
 #: Tokens generated per request: well past B + L.
 GEN = 4 * (B + L)
 #: Prompt lengths of the eviction runs (each below B, so the first eviction comes during decode).
-PROMPT_LENS = (12, 21, 29)
+PROMPT_LENS = (5, 9, 13)
 
 
 def pytest_configure(config):
-    if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1" and "fkv_sglang_cpu_standin" not in sys.modules:
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1" and "fkv_sglang_audit" not in sys.modules:
         raise pytest.UsageError(
             "run the SGLang end-to-end tests with the e2e interpreter: PY=$(scripts/e2e_env.sh sglang); "
             "$PY -m pytest integration/sglang/e2e"

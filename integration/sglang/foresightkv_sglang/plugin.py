@@ -14,8 +14,9 @@ UNCACHED_SIZES = (
     "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._get_total_uncached_sizes"
 )
 
-#: Server-argument construction: the configuration is checked there, before any model is loaded.
-SERVER_ARGS_INIT = "sglang.srt.server_args.ServerArgs.__post_init__"
+#: Server-argument resolution (the launching process resolves them before it spawns the scheduler and
+#: the model loads): the configuration is checked there.
+SERVER_ARGS_RESOLVE = "sglang.srt.server_args.ServerArgs.resolve_once"
 
 _lock = threading.Lock()
 
@@ -27,9 +28,10 @@ def uses_foresightkv(server_args) -> bool:
 
 
 def check_config_early(result, server_args, *args, **kwargs):
-    """AFTER hook of ``ServerArgs.__post_init__``: when foresightkv is selected, reads and validates
+    """AFTER hook of ``ServerArgs.resolve_once``: when foresightkv is selected, reads and validates
     ``$FORESIGHTKV_CONFIG`` (policy name, schedule, options) right away, so that a bad value fails in
-    the launching process, before the engine spawns its workers and loads the model."""
+    the launching process (``sglang.Engine``, ``launch_server``) before it spawns the scheduler and
+    the model loads."""
     if uses_foresightkv(server_args):
         from foresightkv.engine import EngineConfig
 
@@ -42,7 +44,7 @@ def register() -> None:
     registers (applied by SGLang's ``load_plugins``, or by ``HookRegistry.apply_hooks``): an AROUND hook
     on ``BasePrefixCache.free_kv_row`` so that released requests never free a slot foresightkv already
     returned, an AROUND hook on the busy-time memory check's held-slot count (``ledger.uncached_sizes_hook``)
-    and an AFTER hook on ``ServerArgs.__post_init__`` that validates the configuration before the model loads."""
+    and an AFTER hook on ``ServerArgs.resolve_once`` that validates the configuration before the model loads."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
@@ -57,7 +59,7 @@ def register() -> None:
         for target, hook, kind in (
             (FREE_KV_ROW, free_kv_row_hook, HookType.AROUND),
             (UNCACHED_SIZES, uncached_sizes_hook, HookType.AROUND),
-            (SERVER_ARGS_INIT, check_config_early, HookType.AFTER),
+            (SERVER_ARGS_RESOLVE, check_config_early, HookType.AFTER),
         ):
             if not any(h is hook for _, h, _ in HookRegistry._hooks.get(target, [])):
                 HookRegistry.register(target, hook, kind)

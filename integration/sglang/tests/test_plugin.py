@@ -215,19 +215,19 @@ def test_checkpoint_is_checked_against_sglangs_model_config(server_args, monkeyp
 
 
 def test_a_bad_configuration_fails_when_the_server_arguments_are_built(server_args, monkeypatch):
-    """The configuration is validated in the launching process, while SGLang builds its ServerArgs
-    (before workers spawn and the model loads), not ~30 s later in the backend factory (issue 19)."""
+    """The configuration is validated in the launching process, when SGLang resolves its ServerArgs
+    (before the scheduler spawns and the model loads), not ~30 s later in the backend factory (issue 19)."""
     from sglang.srt.server_args import ServerArgs
 
     flags = dict(model_path="dummy", device="cpu", attention_backend="foresightkv", disable_radix_cache=True, page_size=1)
     monkeypatch.setenv("FORESIGHTKV_CONFIG", '{"budget": 16, "interval": 8, "policy": "h2 0"}')
     with pytest.raises(ConfigError, match="h2 0"):
-        ServerArgs(**flags)
+        ServerArgs(**flags).resolve_once()
     monkeypatch.delenv("FORESIGHTKV_CONFIG")
     with pytest.raises(ConfigError, match="FORESIGHTKV_CONFIG"):
-        ServerArgs(**flags)
+        ServerArgs(**flags).resolve_once()
     # a run without foresightkv is left alone
-    assert ServerArgs(model_path="dummy", device="cpu", attention_backend="torch_native").attention_backend
+    ServerArgs(model_path="dummy", device="cpu", attention_backend="torch_native").resolve_once()
 
 
 def test_cpu_graphs_are_refused_naming_the_flag(server_args, monkeypatch):

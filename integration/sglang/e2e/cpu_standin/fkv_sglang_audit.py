@@ -11,8 +11,52 @@ can check that the pool returned to full and that no slot was freed twice."""
 import json
 import os
 import threading
+import importlib.abc
+import importlib.util
+import sys
+from typing import Callable, Dict, List
 
-from fkv_sglang_cpu_standin import after_import
+_hooks: Dict[str, List[Callable]] = {}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs registered callbacks right after a module named in ``_hooks`` finished importing."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _hooks:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_then_hook(module):
+            exec_module(module)
+            for fn in _hooks.pop(name, []):
+                fn(module)
+
+        loader.exec_module = exec_then_hook
+        return spec
+
+
+_finder = _AfterImport()
+
+
+def after_import(name: str, fn: Callable) -> None:
+    """Calls ``fn(module)`` once module ``name`` has been imported (now, if it already is)."""
+    if name in sys.modules:
+        fn(sys.modules[name])
+        return
+    _hooks.setdefault(name, []).append(fn)
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
 
 ENV = "FKV_E2E_AUDIT"
 MODULE = "sglang.srt.mem_cache.allocator.token"
