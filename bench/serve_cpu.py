@@ -173,6 +173,7 @@ class Result:
     first: Optional[float] = None
     last: Optional[float] = None
     tokens: int = 0
+    chunks: int = 0
     error: Optional[str] = None
 
 
@@ -190,7 +191,7 @@ async def _stream_one(session, url, model, req: Request, t0: float, res: Result)
     await asyncio.sleep(max(0.0, t0 + req.arrival - time.monotonic()))
     res.sent = time.monotonic() - t0
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}  # fmt: skip
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     try:
         async with session.post(f"{url}/v1/completions", json=body) as r:
             if r.status != 200:
@@ -201,13 +202,15 @@ async def _stream_one(session, url, model, req: Request, t0: float, res: Result)
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                now = time.monotonic() - t0
+                if chunk.get("usage"):  # the final chunk: the engine's own count of generated tokens
+                    res.tokens = int(chunk["usage"]["completion_tokens"])
                 if not chunk.get("choices"):
                     continue
-                now = time.monotonic() - t0
-                if chunk["choices"][0].get("text"):
-                    res.first = now if res.first is None else res.first
-                    res.last = now
-                    res.tokens += 1
+                # a chunk carries one or more tokens (its text may be empty mid-character)
+                res.first = now if res.first is None else res.first
+                res.last = now
+                res.chunks += 1
     except Exception as e:  # a failed request is reported, not raised: the run goes on
         res.error = repr(e)
 
@@ -217,9 +220,11 @@ async def _sample(session, server: EngineServer, t0: float, out: List[dict], sto
         try:
             async with session.get(f"{server.base_url}/metrics") as r:
                 text = await r.text()
+                if r.status != 200:
+                    raise RuntimeError(f"/metrics: HTTP {r.status}")
             out.append({"t": time.monotonic() - t0, **server.sample_metrics(text)})
-        except Exception:
-            pass
+        except Exception as e:  # a missed sample is recorded, the run goes on
+            out.append({"t": time.monotonic() - t0, "error": repr(e)[:200]})
         try:
             await asyncio.wait_for(stop.wait(), every)
         except asyncio.TimeoutError:
@@ -245,6 +250,15 @@ async def drive(server: EngineServer, workload: List[Request], label: str, every
         stop.set()
         await sampler
     return run
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_ready(server: EngineServer, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
@@ -292,6 +306,7 @@ def pct(values: List[float], q: float) -> float:
 def summarize(run: RunResult) -> dict:
     """The run's figures: output tok/s, completed/failed, max running, preemptions, TTFT/TPOT p50/p90/p99."""
     ok = [r for r in run.results if r.error is None and r.first is not None]
+    samples = [x for x in run.samples if "error" not in x]
     ttft = [r.first - r.sent for r in ok]
     tpot = [(r.last - r.first) / (r.tokens - 1) for r in ok if r.tokens > 1]
     tokens = sum(r.tokens for r in run.results)
@@ -302,10 +317,12 @@ def summarize(run: RunResult) -> dict:
         "output_tokens": tokens,
         "wall_s": run.wall,
         "tok_per_s": tokens / run.wall if run.wall else float("nan"),
-        "max_running": max((x["running"] for x in run.samples), default=0),
-        "mean_running": statistics.fmean([x["running"] for x in run.samples]) if run.samples else 0,
-        "max_kv_used_frac": max((x["kv_used_frac"] for x in run.samples), default=0),
-        "preemptions": max((x["preemptions_total"] for x in run.samples), default=0),
+        "metric_samples": len(samples),
+        "metric_errors": len(run.samples) - len(samples),
+        "max_running": max((x["running"] for x in samples), default=0),
+        "mean_running": statistics.fmean([x["running"] for x in samples]) if samples else 0,
+        "max_kv_used_frac": max((x["kv_used_frac"] for x in samples), default=0),
+        "preemptions": max((x["preemptions_total"] for x in samples), default=0),
     }
     for name, vals in (("ttft", ttft), ("tpot", tpot)):
         for q in (50, 90, 99):
@@ -362,9 +379,10 @@ def plot(runs: List[RunResult], out: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for run in runs:
-        t = [x["t"] for x in run.samples]
-        ax1.plot(t, [x["kv_used_frac"] for x in run.samples], label=run.label)
-        ax2.plot(t, [x["running"] for x in run.samples], label=run.label)
+        samples = [x for x in run.samples if "error" not in x]
+        t = [x["t"] for x in samples]
+        ax1.plot(t, [x["kv_used_frac"] for x in samples], label=run.label)
+        ax2.plot(t, [x["running"] for x in samples], label=run.label)
     ax1.set_ylabel("KV pool used (fraction)")
     ax2.set_ylabel("running requests")
     ax2.set_xlabel("time since first request (s)")
@@ -421,7 +439,6 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="128,256", help="comma-separated foresightkv budgets")
     p.add_argument("--runs", default="", help="comma-separated labels to run (default: all)")
     p.add_argument("--sample-every", type=float, default=0.5, help="/metrics sampling period (s)")
-    p.add_argument("--port", type=int, default=31777)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output path without suffix (default bench/results/serve_cpu_ENGINE)")
     args = p.parse_args(argv)
@@ -440,7 +457,7 @@ def main(argv=None) -> int:
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     workload = load_workload(args, vocab)
     server_cls = ENGINES[args.engine]
-    server = server_cls(args, model, args.port)
+    server = server_cls(args, model, free_port())
     plan = [RunConfig("native", server.native_backend),
             RunConfig("fkv-full", "foresightkv", {"budget": 1 << 20, "interval": 1, "policy": "full_cache"})]  # fmt: skip
     for b in [int(x) for x in args.budgets.split(",") if x]:
@@ -450,7 +467,8 @@ def main(argv=None) -> int:
         plan = [r for r in plan if r.label in keep]
     runs, summaries = [], []
     for run in plan:
-        log = out.parent / f".{out.name}-{run.label}.log"
+        log = Path(tempfile.gettempdir()) / f"{out.name}-{run.label}.log"  # the server's log (not committed)
+        server = server_cls(args, model, free_port())  # a fresh port: the last server may still be closing
         print(f"--- {run.label}: {run.backend} {run.fkv or ''}", flush=True)
         proc = server.launch(run, log)
         try:

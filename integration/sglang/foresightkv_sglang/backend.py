@@ -219,10 +219,6 @@ class ForesightKVAttnBackend(AttentionBackend):
         """SGLang's CPU graphs (``--enable-torch-compile`` on CPU) are not supported: raises, naming the flag."""
         raise ConfigError(_NO_CPU_GRAPHS)
 
-    def get_cpu_graph_seq_len_fill_value(self):
-        """SGLang's CPU graphs are not supported: raises, naming the flag."""
-        raise ConfigError(_NO_CPU_GRAPHS)
-
     def init_forward_metadata_capture_cpu_graph(self, *args, **kwargs):
         """SGLang's CPU graphs are not supported: raises, naming the flag."""
         raise ConfigError(_NO_CPU_GRAPHS)
