@@ -149,7 +149,7 @@ def server(model: Path, backend: str, fkv: Optional[dict], audit_dir: Path, log:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"launch_server exited with {proc.returncode}:\n{Path(log).read_text()[-4000:]}")
@@ -159,7 +159,7 @@ def server(model: Path, backend: str, fkv: Optional[dict], audit_dir: Path, log:
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"launch_server did not answer in 300 s:\n{Path(log).read_text()[-4000:]}")
+                raise RuntimeError(f"launch_server did not answer in 900 s:\n{Path(log).read_text()[-4000:]}")
             time.sleep(1)
         yield url
     finally:
