@@ -1,8 +1,10 @@
 """A mixed workload through the whole engine with foresightkv evicting: staggered arrivals, different
 prompt lengths, a prompt longer than the prefill chunk (chunked prefill, compressed as it goes), a
-streamed request aborted midway, and a pool small enough that SGLang must retract running requests.
-Everything completes with SGLang's strict memory checks on, the pool returns to full, no slot is freed
-twice."""
+streamed request aborted midway, and a small pool. Everything completes with SGLang's strict memory checks
+on, the pool returns to full, no slot is freed twice. (A retraction is not forced here: with eviction no
+request outgrows B + L + 1 slots, and SGLang admits ``ignore_eos`` requests only when their whole
+``max_new_tokens`` fits, so it never runs out mid-decode; retraction through SGLang's ``release_req`` is
+covered in integration/sglang/tests.)"""
 
 import asyncio
 
@@ -10,7 +12,7 @@ import harness
 from conftest import prompt_ids
 
 B, L = 48, 8
-#: Small enough that the running requests outgrow it: SGLang retracts some of them.
+#: Small: SGLang admits the requests a few at a time.
 POOL = 360
 CHUNK = 64
 GEN = 160
@@ -60,4 +62,4 @@ def test_mixed_workload(tiny_model, tmp_path):
     assert fin is not None and fin.get("type") == "abort", fin
     assert st["violations"] == [], st
     assert st["held"] == 0, st
-    assert st["retracted"] > 0, f"the pool was meant to force a retraction: {st}"
+    assert st["max_held"] <= POOL, st
