@@ -30,6 +30,11 @@ _NO_GRAPHS = (
     f"launch SGLang with {CUDA_GRAPH_FLAGS} (or the deprecated --disable-cuda-graph)"
 )
 
+_NO_CPU_GRAPHS = (
+    "foresightkv does not support SGLang's CPU graphs (--enable-torch-compile on device cpu compiles and "
+    "captures the decode step; the eviction step has data-dependent control flow): remove --enable-torch-compile"
+)
+
 
 @dataclass
 class ForwardMetadata:
@@ -78,6 +83,8 @@ def validate_runner(model_runner, config: EngineConfig) -> None:
                 "--attention-backend foresightkv without a different --prefill-attention-backend or "
                 "--decode-attention-backend"
             )
+        if torch.device(model_runner.device).type == "cpu" and getattr(args, "enable_torch_compile", False):
+            raise ConfigError(_NO_CPU_GRAPHS)
         if getattr(args, "speculative_algorithm", None):
             raise ConfigError("foresightkv does not support speculative decoding: remove --speculative-algorithm")
         if getattr(args, "enable_mixed_chunk", False):
@@ -205,6 +212,20 @@ class ForesightKVAttnBackend(AttentionBackend):
     def init_forward_metadata_for_breakable_cuda_graph_capture(self, forward_batch):
         """CUDA graphs are not supported: raises, naming the flags that turn them off."""
         raise RuntimeError(_NO_GRAPHS)
+
+    # ------------------------------------------------------------------ CPU graphs: unsupported
+
+    def init_cpu_graph_state(self, *args, **kwargs):
+        """SGLang's CPU graphs (``--enable-torch-compile`` on CPU) are not supported: raises, naming the flag."""
+        raise ConfigError(_NO_CPU_GRAPHS)
+
+    def get_cpu_graph_seq_len_fill_value(self):
+        """SGLang's CPU graphs are not supported: raises, naming the flag."""
+        raise ConfigError(_NO_CPU_GRAPHS)
+
+    def init_forward_metadata_capture_cpu_graph(self, *args, **kwargs):
+        """SGLang's CPU graphs are not supported: raises, naming the flag."""
+        raise ConfigError(_NO_CPU_GRAPHS)
 
     def support_triton(self):
         """The backend runs no Triton kernels of SGLang's."""

@@ -168,11 +168,47 @@ def free_kv_row_hook(original, tree_cache, kv, ranges, *args, **kwargs):
     return original(tree_cache, kv, clipped, *args, **kwargs)
 
 
+#: What a freed position of a ``req_to_token`` row holds: SGLang's padding slot, which its allocator
+#: never hands out (free slots are 1..size), so no live row names a slot that is free or reused.
+FREED_SLOT = 0
+
+
 def free_slots(allocator, req_to_token: torch.Tensor, row: int, ranges: List[Range]) -> int:
     """Gives the slots of ``ranges`` of ``row`` back to SGLang's token allocator in one ``free`` call
-    (which joins a free group the scheduler may have open); returns how many slots were freed."""
+    (which joins a free group the scheduler may have open), then points those positions of the row
+    at ``FREED_SLOT`` (SGLang's page-invariant check flags a row naming a free slot); returns how many
+    slots were freed."""
     if not ranges:
         return 0
     slots = torch.cat([req_to_token[row, s:e] for s, e in ranges]).to(torch.int64)
     allocator.free(slots)
+    for s, e in ranges:
+        req_to_token[row, s:e] = FREED_SLOT
     return int(slots.numel())
+
+
+def freed_count(ranges: Iterable[Range], start: int, end: int) -> int:
+    """How many positions of ``[start, end)`` the half-open ``ranges`` cover (they do not overlap)."""
+    return sum(max(0, min(e, end) - max(s, start)) for s, e in ranges)
+
+
+def uncached_sizes_hook(original, checker, *args, **kwargs):
+    """AROUND hook of SGLang's ``SchedulerInvariantChecker._get_total_uncached_sizes``: the (full, swa)
+    slots the running requests own, less the slots foresightkv already gave back for them.
+
+    SGLang counts every position in ``[cache_protected_len, kv_allocated_len)`` of a request's row as
+    held by it; foresightkv's evictions free part of that range while the request runs, so without
+    this the busy-time memory check (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``) sees those
+    slots twice (free and held) and reports a leak."""
+    full, swa = original(checker, *args, **kwargs)
+    pool = checker.req_to_token_pool
+    led = _LEDGERS.get(pool)
+    if led is None:
+        return full, swa
+    for req in checker._requests_owning_rows():
+        kv = req.kv
+        if kv.req_pool_idx is None:
+            continue
+        taken = led.taken(ledger_key(pool, kv.req_pool_idx))
+        full -= freed_count(taken, kv.cache_protected_len or 0, kv.kv_allocated_len)
+    return full, swa

@@ -1,6 +1,7 @@
 """Shared fixtures: the plugin registered and SGLang's runtime context published once per session
 (as a scheduler process would), with the server arguments the backend requires."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def server_args():
     register()
     HookRegistry.apply_hooks()
     reset_context()
+    # The plugin validates $FORESIGHTKV_CONFIG whenever ServerArgs select foresightkv; tests that need
+    # another value (or none) set it themselves.
+    os.environ.setdefault("FORESIGHTKV_CONFIG", '{"budget": 200, "interval": 8, "policy": "h2o"}')
     args = ServerArgs(
         model_path="dummy", device="cpu", attention_backend="foresightkv", disable_radix_cache=True, page_size=1
     )

@@ -212,3 +212,40 @@ def test_checkpoint_is_checked_against_sglangs_model_config(server_args, monkeyp
         else:
             with pytest.raises(ConfigError, match="does not fit the model"):
                 ATTENTION_BACKENDS["foresightkv"](runner)
+
+
+def test_a_bad_configuration_fails_when_the_server_arguments_are_built(server_args, monkeypatch):
+    """The configuration is validated in the launching process, while SGLang builds its ServerArgs
+    (before workers spawn and the model loads), not ~30 s later in the backend factory (issue 19)."""
+    from sglang.srt.server_args import ServerArgs
+
+    flags = dict(model_path="dummy", device="cpu", attention_backend="foresightkv", disable_radix_cache=True, page_size=1)
+    monkeypatch.setenv("FORESIGHTKV_CONFIG", '{"budget": 16, "interval": 8, "policy": "h2 0"}')
+    with pytest.raises(ConfigError, match="h2 0"):
+        ServerArgs(**flags)
+    monkeypatch.delenv("FORESIGHTKV_CONFIG")
+    with pytest.raises(ConfigError, match="FORESIGHTKV_CONFIG"):
+        ServerArgs(**flags)
+    # a run without foresightkv is left alone
+    assert ServerArgs(model_path="dummy", device="cpu", attention_backend="torch_native").attention_backend
+
+
+def test_cpu_graphs_are_refused_naming_the_flag(server_args, monkeypatch):
+    """``--enable-torch-compile`` on CPU (SGLang's CPU graph runner) is refused when the backend is
+    built, naming the flag, and the CPU-graph entry points raise the same (issue 19: an AttributeError
+    from ``CPUGraphRunner`` before)."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.server_args import ServerArgs
+
+    monkeypatch.setenv("FORESIGHTKV_CONFIG", '{"budget": 16, "interval": 8, "policy": "h2o"}')
+    factory = ATTENTION_BACKENDS["foresightkv"]
+    compiled = ServerArgs(
+        model_path="dummy", device="cpu", attention_backend="foresightkv", disable_radix_cache=True, page_size=1,
+        enable_torch_compile=True,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="remove --enable-torch-compile"):
+        factory(_runner(server_args, server_args=compiled))
+    backend = factory(_runner(server_args))
+    for call in (lambda: backend.init_cpu_graph_state(4, 4), backend.get_cpu_graph_seq_len_fill_value):
+        with pytest.raises(ConfigError, match="remove --enable-torch-compile"):
+            call()
