@@ -26,10 +26,10 @@ GEN = 128  # tokens generated per request: lengths reach 150-200, about twice W
 SCORER = pathlib.Path(__file__).resolve().parents[3] / "scorers" / "smollm2-135m"
 
 
-def prompt(n: int, seed: int):
-    """``n`` deterministic token ids of the tokenizer's ordinary range."""
+def prompt(n: int, seed: int, vocab: int = 384):
+    """``n`` deterministic token ids below ``vocab`` (the tiny model's; past its special tokens)."""
     rng = random.Random(seed)
-    return [rng.randrange(100, 49000) for _ in range(n)]
+    return [rng.randrange(8, vocab) for _ in range(n)]
 
 
 #: The standard workload: three requests of different prompt lengths, all arriving at once.
@@ -152,7 +152,7 @@ def test_protect_prompt_chunked_prefill(tiny_model, ledger):
 def test_foresight_shipped_scorer_on_testbed(testbed, ledger):
     """``foresight`` with the shipped scorer (scorers/smollm2-135m) on the testbed model it was trained
     for: native tokens up to the first eviction, bounded KV, finite logprobs to the end."""
-    reqs = [Req("a", prompt(30, 20), 112), Req("b", prompt(50, 21), 112)]
+    reqs = [Req("a", prompt(30, 20, 49152), 112), Req("b", prompt(50, 21, 49152), 112)]
     ref_llm = make_llm(str(testbed), max_model_len=512, max_num_batched_tokens=512)
     try:
         ref = run(ref_llm, reqs)

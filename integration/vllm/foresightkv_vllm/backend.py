@@ -4,7 +4,6 @@ the blocks before each request's live window itself; in protect mode an R-SWA sp
 original prompt and frees the gap between it and the window), and the metadata builder and impl that run
 ``foresightkv.engine.EvictionEngine`` over vLLM's paged cache in place."""
 
-import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, List, Optional, Tuple
 
@@ -58,31 +57,19 @@ def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> Tuple[torch.Tensor
     return k, v
 
 
-_engine_lock = threading.Lock()
-_engine: Optional[Tuple[PluginSettings, int, EvictionEngine]] = None
-
-
-def shared_engine(settings: PluginSettings, block_size: int) -> EvictionEngine:
-    """The process's ``EvictionEngine`` (one per model: builder and every layer's impl share its
-    per-request state), created on first use for ``settings`` and ``block_size``."""
-    global _engine
-    with _engine_lock:
-        if _engine is None or _engine[0] != settings or _engine[1] != block_size:
-            _engine = (settings, block_size, EvictionEngine(settings.engine, block_size=block_size))
-        return _engine[2]
-
-
 @dataclass
 class ForesightKVMetadata:
     """Per-step metadata: the engine's plan (live windows, due evictions), the block table (one row per
     engine request of the plan; entry ``i`` = block of positions ``[i * block_size, (i + 1) *
     block_size)``; entries before a live window, after the protected prompt, are stale and never read)
-    and the slot mapping of the new tokens."""
+    and the slot mapping of the new tokens, and the engine of the builder that planned it (one per vLLM
+    engine: per-request state never crosses from one engine of a process to another)."""
 
     num_actual_tokens: int
     plan: StepPlan
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
+    engine: Optional[EvictionEngine] = None
 
 
 def step_requests(
@@ -119,7 +106,9 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
         self._init_reorder_batch_threshold(1)
         self.settings = plugin_config.load_settings(vllm_config)
         plugin_config.activate(self.settings)
-        self.engine = shared_engine(self.settings, kv_cache_spec.block_size)
+        #: This vLLM engine's eviction engine (per-request state of every layer), handed to the
+        #: layers' impls through the metadata; never shared with another vLLM engine of the process.
+        self.engine = EvictionEngine(self.settings.engine, block_size=kv_cache_spec.block_size)
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -167,6 +156,7 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
             plan=plan,
             block_table=table,
             slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
+            engine=self.engine,
         )
 
 
@@ -249,8 +239,7 @@ class ForesightKVImpl(AttentionImpl[ForesightKVMetadata]):
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         k_cache, v_cache = split_kv_cache(kv_cache, self.head_size)
-        engine = shared_engine(self.settings, k_cache.shape[1])
-        engine.attend(
+        attn_metadata.engine.attend(
             attn_metadata.plan,
             extract_layer_index(layer.layer_name),
             q,
