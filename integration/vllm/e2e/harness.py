@@ -110,7 +110,8 @@ def use_foresightkv() -> None:
 
 
 def make_llm(model: str, fkv: Optional[dict] = None, *, num_blocks: Optional[int] = None, **kw):
-    """A ``vllm.LLM`` on CPU, float32, 32-token blocks, eager, no prefix caching; foresightkv with the
+    """A ``vllm.LLM`` on CPU, float32, 32-token blocks, eager, no prefix caching, no chunked prefill
+    (whole prompts of up to ``max_model_len`` = 512 tokens per step); foresightkv with the
     settings ``fkv`` (``--additional-config '{"foresightkv": fkv}'``, plus the R-SWA window in protect
     mode) or vLLM's native CPU attention when None. ``num_blocks`` fixes the KV pool's size."""
     from vllm import LLM
@@ -121,9 +122,10 @@ def make_llm(model: str, fkv: Optional[dict] = None, *, num_blocks: Optional[int
         block_size=32,
         enforce_eager=True,
         enable_prefix_caching=False,
-        max_model_len=4096,
+        enable_chunked_prefill=False,  # foresightkv outside protect mode refuses chunked prefill
+        max_model_len=512,
         max_num_seqs=8,
-        max_num_batched_tokens=256,
+        max_num_batched_tokens=512,
         seed=0,
         disable_log_stats=True,
     )
@@ -240,7 +242,9 @@ def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
                 if out.finished:
                     res.finished.setdefault(out.request_id, str(o.finish_reason))
             for mgr1 in mgr.coordinator.single_type_managers:
-                for rid, blocks in mgr1.req_to_blocks.items():
+                for internal, blocks in mgr1.req_to_blocks.items():
+                    # vLLM's internal id is the user's with a random suffix (assign_request_id)
+                    rid = internal.rsplit("-", 1)[0]
                     held = sum(1 for b in blocks if not b.is_null)
                     res.max_blocks[rid] = max(res.max_blocks.get(rid, 0), held)
             res.max_concurrent = max(res.max_concurrent, len(sched.running))

@@ -127,8 +127,9 @@ def test_eviction_policies(tiny_model, native, ledger, policy):
 def test_protect_prompt_chunked_prefill(tiny_model, ledger):
     """Protect mode (``--hf-overrides rswa_window``), with a prompt long enough to be prefilled in
     chunks: native tokens up to the first eviction, the prompt's blocks kept plus the window."""
-    reqs = [Req("short", prompt(40, 10), GEN), Req("long", prompt(150, 11), GEN)]
-    kw = dict(max_num_batched_tokens=64)
+    gen = 192  # past align_up(P) + W + a block for both prompts, so the window must bound them
+    reqs = [Req("short", prompt(40, 10), gen), Req("long", prompt(150, 11), gen)]
+    kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=64)
     ref_llm = make_llm(tiny_model, **kw)
     try:
         ref = run(ref_llm, reqs)
@@ -141,7 +142,7 @@ def test_protect_prompt_chunked_prefill(tiny_model, ledger):
         shutdown(llm)
     for r in reqs:
         k = first_evicted_step(len(r.prompt), protect=True)
-        assert k < GEN
+        assert k < gen
         assert res.tokens[r.rid][:k] == ref.tokens[r.rid][:k], r.rid
         bound = math.ceil(len(r.prompt) / BS) + math.ceil(W / BS) + 1
         assert res.max_blocks[r.rid] <= bound, (r.rid, res.max_blocks[r.rid], bound)

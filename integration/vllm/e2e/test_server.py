@@ -1,4 +1,4 @@
-"""``vllm serve`` on 127.0.0.1 with foresightkv (integration/vllm/README.md's launch flags, adapted to
+"""vLLM's OpenAI server (``vllm serve``'s) on 127.0.0.1 with foresightkv (integration/vllm/README.md's launch flags, adapted to
 CPU: ``FORESIGHTKV_VLLM_CPU=1``, float32, 32-token blocks), and one streamed completion through its
 OpenAI-compatible API, long enough to evict."""
 
@@ -22,10 +22,15 @@ def free_port() -> int:
 
 
 def serve_command(model: str, port: int, fkv: dict):
-    """The README's ``vllm serve`` command for ``model`` on CPU."""
+    """The README's ``vllm serve`` command for ``model`` on CPU, through vLLM's OpenAI server module:
+    the ``vllm`` script of the ``vllm-cpu`` package exits at start (``importlib.metadata.version("vllm")``
+    in ``vllm/entrypoints/cli/main.py``; its distribution is named ``vllm-cpu``), and
+    ``python -m vllm.entrypoints.openai.api_server`` runs the same server with the same flags."""
     return [
-        os.path.join(os.path.dirname(sys.executable), "vllm"),
-        "serve",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         model,
         "--host",
         "127.0.0.1",
