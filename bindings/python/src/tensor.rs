@@ -727,7 +727,8 @@ pub fn same_device(tensors: &[&Tensor<'_>]) -> PyResult<Device> {
 
 /// Requires each written tensor to be writable, to address each of its elements once (no stride 0,
 /// no self-overlapping strides: writing one element must not overwrite another), and to share no
-/// memory with any other argument. `fused` names a K/V cache pair already checked to be the fused
+/// memory with any other argument (views that only interleave with it, [`interleaved_disjoint`],
+/// share none). `fused` names a K/V cache pair already checked to be the fused
 /// K|V layout ([`kv_relation`]), whose two views interleave in one tensor without sharing elements.
 /// The one check every writer uses.
 pub fn check_outputs(
@@ -762,7 +763,7 @@ pub fn check_outputs(
                 }
             }
             let (b0, b1) = other.byte_range();
-            if a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1 {
+            if a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1 && !interleaved_disjoint(out, other) {
                 return Err(error(
                     Kind::InvalidArgument,
                     format!("{} shares memory with {}: a tensor this call writes must not overlap another argument", out.name, other.name),
@@ -771,6 +772,49 @@ pub fn check_outputs(
         }
     }
     Ok(())
+}
+
+/// Bytes `[start, start + span)` within each period `p` that tensor `t`'s elements occupy, when
+/// every dimension of size > 1 either steps by a multiple of `p` (an outer axis) or stays inside
+/// one period (inner axes spanning at most `p` bytes): `(start mod p, span)`, else None.
+fn residues(t: &Tensor<'_>, p: i128) -> Option<(i128, i128)> {
+    let es = t.dtype.size() as i128;
+    let mut span = es;
+    for (&d, &s) in t.shape.iter().zip(&t.strides) {
+        let sb = s as i128 * es;
+        if d > 1 && sb % p != 0 {
+            span += (d as i128 - 1) * sb;
+        }
+    }
+    (span <= p).then_some(((t.ptr as i128).rem_euclid(p), span))
+}
+
+/// Whether `a` and `b`, whose byte ranges meet, still share no byte because they interleave: for
+/// some period `p` (one of their strides) each lies in its own window of every period, e.g. K, V
+/// and the statistics packed side by side in each (block, slot, head) cell of one KV page (vLLM's
+/// `state_content_bytes`). Exact for such views; False (not shown disjoint) otherwise.
+pub fn interleaved_disjoint(a: &Tensor<'_>, b: &Tensor<'_>) -> bool {
+    let mut periods: Vec<i128> = [a, b]
+        .iter()
+        .flat_map(|t| {
+            let es = t.dtype.size() as i128;
+            t.shape
+                .iter()
+                .zip(&t.strides)
+                .filter(|(&d, &s)| d > 1 && s > 0)
+                .map(move |(_, &s)| s as i128 * es)
+        })
+        .collect();
+    periods.sort_unstable();
+    periods.dedup();
+    periods
+        .into_iter()
+        .any(|p| match (residues(a, p), residues(b, p)) {
+            (Some((ra, sa)), Some((rb, sb))) => {
+                (rb - ra).rem_euclid(p) >= sa && (ra - rb).rem_euclid(p) >= sb
+            }
+            _ => false,
+        })
 }
 
 /// How a key cache and a value cache share memory.

@@ -1,16 +1,20 @@
 """The foresightkv attention backend for vLLM 0.32: the backend class vLLM resolves ``CUSTOM`` to, the
 KV cache spec it hands vLLM's KV manager (a sliding window of budget + interval tokens, so vLLM frees
 the blocks before each request's live window itself; in protect mode an R-SWA spec that keeps the
-original prompt and frees the gap between it and the window), and the metadata builder and impl that run
+original prompt and frees the gap between it and the window; the window statistics packed into the same
+page, so vLLM's KV sizing reserves them), and the metadata builder and impl that run
 ``foresightkv.engine.EvictionEngine`` over vLLM's paged cache in place."""
 
+import logging
+import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 
-from foresightkv.engine import EvictionEngine, StepBatch, StepPlan, StepRequest
-from foresightkv.errors import ConfigError
+from foresightkv._native import NUM_STATS
+from foresightkv.engine import EvictionEngine, StepBatch, StepPlan, StepRequest, request_rng_key
+from foresightkv.errors import ConfigError, EvictionStateError
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -27,48 +31,80 @@ from . import config as plugin_config
 from .config import BLOCK_SIZE_MULTIPLE, SUPPORTED_HEAD_SIZES, SUPPORTED_KV_CACHE_DTYPES, PluginSettings
 
 
+def stats_content_bytes(settings: PluginSettings) -> int:
+    """Bytes of window statistics per (block, slot, KV head) cell of the page: float32 ``[G, 8]``
+    (``G`` query heads per KV head), 0 for a policy that never evicts (``full_cache``)."""
+    if settings.engine.policy == "full_cache":
+        return 0
+    return settings.shape.group * NUM_STATS * 4
+
+
 def live_window_spec(spec: AttentionSpec, settings: PluginSettings) -> AttentionSpec:
     """The spec vLLM's KV manager should use for a full-attention layer under foresightkv: a
     ``SlidingWindowSpec`` of ``budget + interval`` tokens, so the manager frees every block before
     ``align_down(n - W + 1)`` while the engine's schedule keeps ``live_start`` at or after it. In protect
     mode an ``RSWASpec`` of window ``W``: vLLM's ``RSWAManager`` keeps the blocks of the original prompt
     ``[0, cdiv(P, bs))`` and frees those in ``[cdiv(P, bs), align_down(max(P, n - W)))``, while the
-    engine keeps its evictable window from ``align_up(P)`` under ``W`` tokens. Other specs, and every spec
-    under the ``full_cache`` policy (which never evicts, so attention reads the whole sequence), are
-    returned unchanged; the page size never changes."""
+    engine keeps its evictable window from ``align_up(P)`` under ``W`` tokens. Each (block, slot, KV
+    head) cell holds K, V and then the float32 window statistics of that entry
+    (``state_content_bytes``, vLLM's packing channel for backends): vLLM's page size, hence its
+    KV sizing under ``--gpu-memory-utilization`` and its block count, includes them, and they are
+    allocated with the KV cache at start-up. Other specs, and every spec under the ``full_cache``
+    policy (which never evicts, so attention reads the whole sequence), are returned unchanged."""
     if type(spec) is not FullAttentionSpec or settings.engine.policy == "full_cache":
         return spec
+    packed = {}
+    extra = stats_content_bytes(settings)
+    if extra:
+        packed["state_content_bytes"] = spec.state_content_size_bytes + extra
     if settings.engine.protect_prompt:
-        return replace_as(spec, RSWASpec, rswa_window=settings.window)
+        return replace_as(spec, RSWASpec, rswa_window=settings.window, **packed)
     return replace_as(
-        spec, SlidingWindowSpec, drop=("attention_chunk_size", "non_causal"), sliding_window=settings.window
+        spec,
+        SlidingWindowSpec,
+        drop=("attention_chunk_size", "non_causal"),
+        sliding_window=settings.window,
+        **packed,
     )
 
 
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """K and V views ``[num_blocks, block_size, H, D]`` over vLLM's per-layer cache ``[num_blocks, H,
-    block_size, 2 * D]`` (K = first ``D`` elements of each slot's content, V = the next ``D``, the
-    convention of vLLM's Triton backend), in place."""
-    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
+def split_kv_cache(
+    kv_cache: torch.Tensor, head_size: int, group: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """K, V ``[num_blocks, block_size, H, D]`` and the statistics ``[num_blocks, block_size, H, G, 8]``
+    (float32; None when ``group`` is 0, the page holds no statistics) as views over vLLM's per-layer
+    cache ``[num_blocks, H, block_size, C]``, whose cell is K (``D`` elements), V (the next ``D``;
+    the convention of vLLM's Triton backend), then the statistics' bytes, in place."""
+    want = 2 * head_size + (group * NUM_STATS * 4) // kv_cache.element_size()
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] != want:
         raise ConfigError(
-            f"foresightkv expects a KV cache [blocks, heads, block_size, 2 * {head_size}], got {tuple(kv_cache.shape)}"
+            f"foresightkv expects a KV cache [blocks, heads, block_size, {want}] (K, V"
+            f"{' and statistics' if group else ''} of head size {head_size}), got {tuple(kv_cache.shape)}"
         )
-    k, v = kv_cache.transpose(1, 2).split(head_size, dim=-1)
-    return k, v
+    cells = kv_cache.transpose(1, 2)
+    k, v = cells[..., :head_size], cells[..., head_size : 2 * head_size]
+    if not group:
+        return k, v, None
+    stats = cells[..., 2 * head_size :].view(torch.float32).unflatten(-1, (group, NUM_STATS))
+    return k, v, stats
 
 
 @dataclass
 class ForesightKVMetadata:
-    """Per-step metadata: the engine's plan (live windows, due evictions), the block table (one row per
-    engine request of the plan; entry ``i`` = block of positions ``[i * block_size, (i + 1) *
-    block_size)``; entries before a live window, after the protected prompt, are stale and never read)
-    and the slot mapping of the new tokens, and the engine of the builder that planned it (one per vLLM
-    engine: per-request state never crosses from one engine of a process to another)."""
+    """Per-step metadata: the engine's plan (live windows, due evictions) for the step's real
+    requests, None when the step has none (a dummy batch: DP busy loop, warm-up, profiling, graph
+    capture), the block table (one row per engine request of the plan; entry ``i`` = block of
+    positions ``[i * block_size, (i + 1) * block_size)``; entries before a live window, after the
+    protected prompt, are stale and never read), the slot mapping of the new tokens, and, when some
+    rows are dummies, the token indices of the real rows (``token_index``, on the table's device), and
+    the engine of the builder that planned it (one per vLLM engine: per-request state never crosses
+    from one engine of a process to another)."""
 
     num_actual_tokens: int
-    plan: StepPlan
+    plan: Optional[StepPlan]
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
+    token_index: Optional[torch.Tensor] = None
     engine: Optional[EvictionEngine] = None
 
 
@@ -94,10 +130,111 @@ def step_requests(
     return [StepRequest(key=key, seq_len=seq_len, num_new=num_new, prefill=seq_len <= prompt_len, reset=reset)]
 
 
+#: Request part of the victim RNG key of every vLLM request (see ``RequestKeys``).
+VLLM_RNG_KEY = request_rng_key("vllm")
+
+
+class RequestKeys:
+    """Each vLLM request's engine key, learned from the KV blocks it owns, so that it works under
+    every model runner vLLM 0.32 can use (model runner V2, the V1 runner, the CPU runner, which
+    condenses its rows every step and passes no ``req_idx``) and never mistakes a dummy row for a
+    live request.
+
+    A request's last written token sits in a block only that request holds (prefix caching is off,
+    and vLLM's sliding-window and R-SWA managers never free the block of the newest token), so after
+    each step the key is filed under that block with the request's length (its anchor). The next
+    step finds a row with ``c > 0`` computed tokens by the block its table gives for position
+    ``c - 1``; a row with nothing computed is a new request or one recomputed after preemption (a
+    new key); a row whose new tokens have no KV slot (vLLM writes none for dummy batches:
+    ``InputBatch.make_dummy``, the V1 runner's ``_dummy_run``, CUDA-graph padding) is not a
+    request at all and gets no state.
+
+    A finished, aborted or preempted request's blocks go back to vLLM's pool; when one of them
+    reappears as a new block of another request, the old owner is gone and its state is
+    released (``EvictionEngine.release``).
+
+    vLLM hands attention backends neither request ids nor sampling seeds, and its request ids are
+    randomized per engine (``InputProcessor.assign_request_id``), so the request part of the victim
+    RNG key is ``VLLM_RNG_KEY`` for every request: victims depend on the configured seed, layer, head,
+    eviction index and the request's own KV only, never on what the process served before."""
+
+    def __init__(self, engine: EvictionEngine, block_size: int) -> None:
+        self.engine = engine
+        self.block_size = block_size
+        #: block id -> (key, length after the step that wrote its last token there)
+        self._anchors: Dict[int, Tuple[int, int]] = {}
+        #: key -> its anchor block
+        self._block_of: Dict[int, int] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._block_of)
+
+    def resolve(self, computed: int, prev_block: int) -> int:
+        """The key of a real row with ``computed`` tokens computed (a new key when 0); ``prev_block``
+        is the block its table gives for position ``computed - 1``."""
+        if computed == 0:
+            self._next += 1
+            return self._next
+        entry = self._anchors.get(prev_block)
+        if entry is None or entry[1] != computed:
+            raise EvictionStateError(
+                f"foresightkv has no state for a request with {computed} computed tokens whose last "
+                f"token is in block {prev_block} (known there: {entry}): its KV was written without "
+                "the backend (prefix caching, a KV connector, or another backend), which foresightkv "
+                "does not support"
+            )
+        return entry[0]
+
+    def claim(self, key: int, length: int, new_blocks, last_block: int) -> None:
+        """Files ``key`` (length ``length`` after the step) under ``last_block``, the block of its
+        last token; releases every other request whose anchor is among ``new_blocks`` (blocks the
+        request got since its last step: vLLM freed them, so their previous owner is gone)."""
+        for b in new_blocks:
+            other = self._anchors.get(b)
+            if other is not None and other[0] != key:
+                self.forget(other[0])
+        old = self._block_of.get(key)
+        if old is not None and old != last_block:
+            self._anchors.pop(old, None)
+        self._anchors[last_block] = (key, length)
+        self._block_of[key] = last_block
+
+    def key_at(self, block: int) -> Optional[int]:
+        """The key of the request whose last token (after its last step) is in ``block``, if any."""
+        entry = self._anchors.get(block)
+        return None if entry is None else entry[0]
+
+    def forget(self, key: int) -> None:
+        """Releases ``key``'s state in the engine and its anchor."""
+        block = self._block_of.pop(key, None)
+        if block is not None and self._anchors.get(block, (None,))[0] == key:
+            del self._anchors[block]
+        self.engine.release(key)
+
+
+_keys_lock = threading.Lock()
+_keys: Dict[int, RequestKeys] = {}
+
+
+def request_keys(engine: EvictionEngine, block_size: int) -> RequestKeys:
+    """The ``RequestKeys`` of ``engine`` (one per engine, shared by every builder of the process)."""
+    with _keys_lock:
+        rk = _keys.get(id(engine))
+        if rk is None or rk.engine is not engine:
+            rk = _keys[id(engine)] = RequestKeys(engine, block_size)
+        return rk
+
+
+#: Under vLLM's ``vllm`` logger, so the start-up messages appear with vLLM's own.
+logger = logging.getLogger("vllm.foresightkv")
+
+
 class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
-    """Builds ``ForesightKVMetadata`` once per step: per request a stable key (model runner V2's
-    ``req_idx``), a reset when the request starts over (nothing computed yet), in protect mode its
-    original prompt length (``rswa_prefix_lens``), and the engine's plan."""
+    """Builds ``ForesightKVMetadata`` once per step: per real request its key (``RequestKeys``:
+    by the blocks it owns, under every model runner), a reset when the request starts over (nothing
+    computed yet), in protect mode its original prompt length (``rswa_prefix_lens``), and the
+    engine's plan. Dummy rows (no KV slot) get no state and no plan row."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
@@ -109,55 +246,89 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
         #: This vLLM engine's eviction engine (per-request state of every layer), handed to the
         #: layers' impls through the metadata; never shared with another vLLM engine of the process.
         self.engine = EvictionEngine(self.settings.engine, block_size=kv_cache_spec.block_size)
+        self.keys = request_keys(self.engine, kv_cache_spec.block_size)
+        per_block = stats_content_bytes(self.settings) * kv_cache_spec.block_size * self.settings.shape.num_kv_heads
+        if per_block:
+            blocks = getattr(vllm_config.cache_config, "num_gpu_blocks", None)
+            total = "sized with the KV cache"
+            if blocks:
+                total = f"{per_block * blocks * len(layer_names)} bytes in all ({blocks} blocks x {len(layer_names)} layers)"
+            logger.info(
+                "foresightkv: window statistics reserved inside vLLM's KV cache pages: %d of %d bytes per "
+                "block and layer, %s",
+                per_block,
+                kv_cache_spec.page_size_bytes,
+                total,
+            )
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> ForesightKVMetadata:
-        """The step's plan from vLLM's per-batch metadata (requires ``req_idx``)."""
+        """The step's plan from vLLM's per-batch metadata (any model runner)."""
         cm = common_attn_metadata
-        if cm.req_idx is None:
-            raise ConfigError(
-                "foresightkv needs a stable per-request index (CommonAttentionMetadata.req_idx), which only "
-                "vLLM's model runner V2 provides"
-            )
         n = cm.num_reqs
-        qsl_t = cm.query_start_loc_cpu[: n + 1]
+        bs = self.keys.block_size
+        qsl_t = cm.query_start_loc_cpu[: n + 1].long()
         num_new_t = qsl_t[1:] - qsl_t[:-1]
-        seq_lens_t = cm.seq_lens[:n].cpu()
-        keys = [int(k) for k in cm.req_idx[:n].tolist()]
-        seq_lens, num_new = seq_lens_t.tolist(), num_new_t.tolist()
+        num_tokens = int(qsl_t[n]) if n else 0
+        if cm.seq_lens_cpu_upper_bound is not None:
+            seq_lens_t = cm.seq_lens_cpu_upper_bound[:n].long()
+        else:
+            seq_lens_t = cm.seq_lens[:n].long().cpu()
+        computed_t = seq_lens_t - num_new_t
+        table = cm.block_table_tensor[:n]
+        width = table.shape[1]
+        # one host copy: every new token's slot, and the block of each row's last computed token
+        cols = ((computed_t - 1).clamp(min=0) // bs).clamp(max=max(width - 1, 0))
+        flat = (torch.arange(n) * width + cols).to(table.device)
+        prev = table.reshape(-1).index_select(0, flat) if width else flat
+        host = torch.cat([cm.slot_mapping[:num_tokens].long(), prev.long()]).cpu().tolist()
+        slots, prev_blocks = host[:num_tokens], host[num_tokens:]
+        qsl, num_new, seq_lens = qsl_t.tolist(), num_new_t.tolist(), seq_lens_t.tolist()
+        real = [i for i in range(n) if num_new[i] > 0 and slots[qsl[i]] >= 0]
+        meta = dict(
+            num_actual_tokens=num_tokens, slot_mapping=cm.slot_mapping[: cm.num_actual_tokens], engine=self.engine
+        )
+        if not real:
+            return ForesightKVMetadata(plan=None, block_table=table[:0], **meta)
+        keys = [self.keys.resolve(seq_lens[i] - num_new[i], prev_blocks[i]) for i in real]
         if cm.is_prefilling is not None:
             prefilling = cm.is_prefilling[:n].cpu().tolist()
         else:
             prefilling = (num_new_t > 1).tolist()
-        rows: List[int] = []
+        prompt_lens = None
         if self.settings.engine.protect_prompt:
             if cm.rswa_prefix_lens is None:
                 raise ConfigError(
                     "foresightkv's protect_prompt needs each request's prompt length "
-                    "(CommonAttentionMetadata.rswa_prefix_lens), which model runner V2 passes when the model "
+                    "(CommonAttentionMetadata.rswa_prefix_lens), which vLLM passes when the model "
                     f"config has an R-SWA window (--hf-overrides '{{\"rswa_window\": {self.settings.window}}}')"
                 )
-            prompt_lens = [int(p) for p in cm.rswa_prefix_lens[:n].cpu().tolist()]
-            requests = []
-            for i in range(n):
-                parts = step_requests(keys[i], seq_lens[i], num_new[i], bool(prefilling[i]), prompt_lens[i])
-                requests.extend(parts)
-                rows.extend([i] * len(parts))
-            batch = StepBatch.of(requests)
-        else:
-            batch = StepBatch(keys, seq_lens, num_new, prefilling, (seq_lens_t == num_new_t).tolist())
-        plan = self.engine.begin_step(batch)
-        table = cm.block_table_tensor[:n]
-        if rows and len(rows) != n:
+            prompt_lens = cm.rswa_prefix_lens[:n].cpu().tolist()
+        requests: List[StepRequest] = []
+        rows: List[int] = []
+        for key, i in zip(keys, real):
+            p = None if prompt_lens is None else int(prompt_lens[i])
+            parts = step_requests(key, seq_lens[i], num_new[i], bool(prefilling[i]), p)
+            requests.extend(replace_rng(r) for r in parts)
+            rows.extend([i] * len(parts))
+        plan = self.engine.begin_step(StepBatch.of(requests))
+        for key, i in zip(keys, real):
+            row_slots = slots[qsl[i] : qsl[i + 1]]
+            new_blocks = {s // bs for s in row_slots}
+            self.keys.claim(key, seq_lens[i], new_blocks, row_slots[-1] // bs)
+        if rows != list(range(n)):
             table = table.index_select(0, torch.tensor(rows, dtype=torch.long, device=table.device))
-        return ForesightKVMetadata(
-            num_actual_tokens=int(qsl_t[n]),
-            plan=plan,
-            block_table=table,
-            slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
-            engine=self.engine,
-        )
+        token_index = None
+        if len(real) != n:
+            idx = [t for i in real for t in range(qsl[i], qsl[i + 1])]
+            token_index = torch.tensor(idx, dtype=torch.long, device=cm.block_table_tensor.device)
+        return ForesightKVMetadata(plan=plan, block_table=table, token_index=token_index, **meta)
+
+
+def replace_rng(r: StepRequest) -> StepRequest:
+    """``r`` with the request part of its victim RNG key set to ``VLLM_RNG_KEY``."""
+    return StepRequest(r.key, r.seq_len, r.num_new, r.prefill, r.reset, r.prompt_len, VLLM_RNG_KEY)
 
 
 class ForesightKVImpl(AttentionImpl[ForesightKVMetadata]):
@@ -200,21 +371,25 @@ class ForesightKVImpl(AttentionImpl[ForesightKVMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.settings = plugin_config.settings_for_current_config()
+        #: Query heads per KV head whose statistics the page packs (0: the page holds K/V only).
+        self.stats_group = self.settings.shape.group if stats_content_bytes(self.settings) else 0
 
     def do_kv_cache_update(
         self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping
     ) -> None:
-        """Writes the new tokens' K/V at ``slot_mapping`` (negative slots are padding and skipped).
-        Plain torch indexing: foresightkv's ``reshape_and_cache`` refuses K and V views that share one
-        allocation, which vLLM's page (K and V interleaved per slot) always is."""
-        k_cache, v_cache = split_kv_cache(kv_cache, self.head_size)
+        """Writes the new tokens' K/V at ``slot_mapping``; negative slots (padding) go to slot 0 of
+        block 0, vLLM's null block, which no request owns or reads. No data-dependent shape and no
+        host round trip, so the write can be captured in vLLM's piecewise CUDA graphs (vLLM does not
+        split them at ``unified_kv_cache_update``). Plain torch indexing: foresightkv's
+        ``reshape_and_cache`` refuses K and V views that share one allocation, which vLLM's page (K
+        and V interleaved per slot) always is."""
+        k_cache, v_cache, _ = split_kv_cache(kv_cache, self.head_size, self.stats_group)
         n = slot_mapping.shape[0]
-        valid = slot_mapping >= 0
-        slots = slot_mapping[valid].long()
+        slots = slot_mapping.long().clamp(min=0)
         bs = k_cache.shape[1]
         blocks, offs = slots // bs, slots % bs
-        k_cache[blocks, offs] = key[:n][valid].to(k_cache.dtype)
-        v_cache[blocks, offs] = value[:n][valid].to(v_cache.dtype)
+        k_cache[blocks, offs] = key[:n].to(k_cache.dtype)
+        v_cache[blocks, offs] = value[:n].to(v_cache.dtype)
 
     def forward(
         self,
@@ -236,19 +411,31 @@ class ForesightKVImpl(AttentionImpl[ForesightKVMetadata]):
         from vllm.model_executor.models.utils import extract_layer_index
 
         n = attn_metadata.num_actual_tokens
-        q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        k_cache, v_cache = split_kv_cache(kv_cache, self.head_size)
+        plan = attn_metadata.plan
+        if plan is None or attn_metadata.token_index is not None:
+            out.zero_()  # dummy rows: no request, no attention
+        if plan is None:
+            return output
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        idx = attn_metadata.token_index
+        if idx is not None:
+            q = q.index_select(0, idx)
+        dst = out if idx is None else torch.empty_like(q)
+        k_cache, v_cache, stats = split_kv_cache(kv_cache, self.head_size, self.stats_group)
         attn_metadata.engine.attend(
-            attn_metadata.plan,
+            plan,
             extract_layer_index(layer.layer_name),
             q,
             k_cache,
             v_cache,
             attn_metadata.block_table,
-            out,
+            dst,
             scale=self.scale,
+            stats=stats,
         )
+        if idx is not None:
+            out.index_copy_(0, idx, dst)
         return output
 
 

@@ -97,7 +97,9 @@ def load_settings(vllm_config: Any, *, env: Optional[Mapping[str, str]] = None) 
     malformed options, unsupported head size, dtype, KV cache dtype, block size, prefix caching,
     speculative decoding, a model with its own sliding window, MLA or hybrid models, a scorer for
     another model shape, protect mode without the R-SWA window that carries prompt lengths) raises
-    one ``ConfigError`` listing them all."""
+    one ``ConfigError`` listing them all. Also refused: chunked prefill outside protect mode
+    (``_chunking_problems``), full CUDA graphs and attention that is not a splitting op of the
+    piecewise graphs (``_cudagraph_problems``), context parallelism and KV connectors."""
     env = os.environ if env is None else env
     block_size = vllm_config.cache_config.block_size
     problems: List[str] = []
@@ -117,6 +119,7 @@ def load_settings(vllm_config: Any, *, env: Optional[Mapping[str, str]] = None) 
         problems.append(str(e))
     if engine is not None:
         problems.extend(_protect_problems(vllm_config, engine))
+        problems.extend(_chunking_problems(vllm_config, engine))
         problems.extend(_scorer_problems(engine, shape))
     if problems:
         raise ConfigError("foresightkv cannot serve this model: " + "; ".join(problems))
@@ -164,6 +167,79 @@ def _engine_problems(vllm_config: Any, shape: ModelShape, block_size: Optional[i
         out.append("MLA models are not supported")
     if mc.is_hybrid:
         out.append("hybrid models (Mamba or linear-attention layers next to attention) are not supported")
+    pc = vllm_config.parallel_config
+    for name, flag in (
+        ("decode_context_parallel_size", "--decode-context-parallel-size"),
+        ("prefill_context_parallel_size", "--prefill-context-parallel-size"),
+    ):
+        size = getattr(pc, name, 1) or 1
+        if size > 1:
+            out.append(f"context parallelism is not supported (drop {flag} {size})")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        out.append(
+            "KV connectors are not supported: KV written or read outside the backend bypasses eviction "
+            "(drop --kv-transfer-config)"
+        )
+    out.extend(_cudagraph_problems(vllm_config))
+    return out
+
+
+def _cudagraph_problems(vllm_config: Any) -> List[str]:
+    """CUDA-graph settings the backend cannot run under. Its attention step has data-dependent
+    control flow (evictions, host-side plans), so it must run eagerly between vLLM's piecewise
+    graphs: the builder declares ``AttentionCGSupport.NEVER``, vLLM then turns its default
+    ``FULL_AND_PIECEWISE`` into ``PIECEWISE`` by itself, and the attention op must stay a splitting
+    op. Full graphs for mixed batches (``FULL``) and a piecewise split without the attention op are
+    refused here, naming the flag; ``--enforce-eager`` is never required."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    mode = cc.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return []
+    out = []
+    if mode.mixed_mode() == CUDAGraphMode.FULL:
+        out.append(
+            f"cudagraph_mode {mode.name} captures attention in full CUDA graphs, which foresightkv's eviction "
+            "step cannot run in (use -cc '{\"cudagraph_mode\": \"PIECEWISE\"}', the default "
+            "FULL_AND_PIECEWISE, or --enforce-eager)"
+        )
+    elif mode.has_piecewise_cudagraphs() and cc.mode == CompilationMode.VLLM_COMPILE:
+        if not (cc.splitting_ops_contain_attention() or cc.use_inductor_graph_partition):
+            out.append(
+                "piecewise CUDA graphs must split at the attention op (vllm::unified_attention_with_output), "
+                f"which the splitting ops {cc.splitting_ops} leave out (drop the custom splitting_ops from -cc)"
+            )
+    return out
+
+
+def _chunking_problems(vllm_config: Any, engine: EngineConfig) -> List[str]:
+    """Chunked prefill outside protect mode: the method compresses a prompt once, after the whole
+    prompt, but vLLM's ``SlidingWindowManager`` frees every block before ``n - W + 1`` between two
+    chunks of a prompt, so compression cannot wait for the last chunk; compressing at each chunk's
+    end would make the kept set depend on how vLLM chunked the prompt (on load). So a prompt must
+    arrive in one step: ``--no-enable-chunked-prefill`` (vLLM then needs ``--max-num-batched-tokens
+    >= --max-model-len``) and no ``--long-prefill-token-threshold`` below the model length. Protect
+    mode keeps and never compresses the prompt, so it allows chunked prefill; so does a model length
+    within the budget (no prompt is ever compressed) and the ``full_cache`` policy."""
+    max_len = vllm_config.model_config.max_model_len
+    if engine.protect_prompt or engine.policy == "full_cache" or max_len <= engine.budget:
+        return []
+    sc = vllm_config.scheduler_config
+    out = []
+    if sc.enable_chunked_prefill:
+        out.append(
+            "chunked prefill is not supported outside protect mode: the prompt is compressed once after it "
+            "is complete, and vLLM frees the blocks outside the window between chunks (add "
+            f"--no-enable-chunked-prefill, with --max-num-batched-tokens >= --max-model-len {max_len}; or "
+            "set 'protect_prompt': true)"
+        )
+    threshold = sc.long_prefill_token_threshold or 0
+    if 0 < threshold < max_len:
+        out.append(
+            f"--long-prefill-token-threshold {threshold} splits prompts into chunks, which is not supported "
+            "outside protect mode (use --long-prefill-token-threshold 0)"
+        )
     return out
 
 

@@ -46,8 +46,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def make_vllm_config(model_dir):
     """``make_vllm_config(foresightkv=..., model=..., **engine_args)``: a real ``VllmConfig`` from
-    ``EngineArgs(...).create_engine_config()`` with ``--attention-backend CUSTOM``, block size 16 and
-    prefix caching off unless overridden; ``foresightkv=None`` leaves ``additional_config`` empty."""
+    ``EngineArgs(...).create_engine_config()`` with ``--attention-backend CUSTOM``, block size 16,
+    prefix caching and chunked prefill off (what the README's launch command passes) unless overridden; ``foresightkv=None`` leaves ``additional_config`` empty."""
     from vllm.engine.arg_utils import EngineArgs
 
     def make(foresightkv=None, model=None, **kw):
@@ -59,6 +59,8 @@ def make_vllm_config(model_dir):
             enable_prefix_caching=False,
             max_model_len=4096,
             block_size=16,
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=4096,
         )
         args.update(kw)
         if foresightkv is not None:
@@ -75,6 +77,8 @@ def _fresh_plugin_state():
 
     config._active = None
     backend._engine = None
+    backend._keys.clear()
     yield
     config._active = None
     backend._engine = None
+    backend._keys.clear()

@@ -202,3 +202,82 @@ def test_hybrid_model_is_rejected(make_vllm_config, tmp_path_factory):
     )
     with pytest.raises(ConfigError, match=r"hybrid models \(Mamba or linear-attention layers next to attention\)"):
         load_settings(make_vllm_config(GOOD, model=model))
+
+
+def test_chunked_prefill_outside_protect_mode_is_refused_naming_the_flag(make_vllm_config):
+    # vLLM's default: chunked prefill on (max_num_batched_tokens 2048 < max_model_len)
+    cfg = make_vllm_config(GOOD, enable_chunked_prefill=True, max_num_batched_tokens=2048)
+    assert cfg.scheduler_config.enable_chunked_prefill
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    msg = str(info.value)
+    assert "chunked prefill is not supported outside protect mode" in msg
+    assert "--no-enable-chunked-prefill" in msg and "--max-num-batched-tokens >= --max-model-len 4096" in msg
+
+
+def test_long_prefill_threshold_outside_protect_mode_is_refused(make_vllm_config):
+    cfg = make_vllm_config(GOOD, long_prefill_token_threshold=512)
+    with pytest.raises(ConfigError, match=r"--long-prefill-token-threshold 512 splits prompts into chunks"):
+        load_settings(cfg)
+
+
+def test_chunked_prefill_is_allowed_where_chunking_cannot_change_the_kept_set(make_vllm_config):
+    # protect mode never compresses the prompt; a model length within the budget never compresses at all
+    chunked = dict(enable_chunked_prefill=True, max_num_batched_tokens=2048)
+    s = load_settings(
+        make_vllm_config({**GOOD, "protect_prompt": True}, hf_overrides={"rswa_window": 80}, **chunked)
+    )
+    assert s.engine.protect_prompt
+    load_settings(make_vllm_config({"budget": 4096, "interval": 16, "policy": "h2o"}, **chunked))
+    load_settings(make_vllm_config({**GOOD, "policy": "full_cache"}, **chunked))
+
+
+def test_full_cuda_graphs_are_refused_and_piecewise_ones_accepted(make_vllm_config):
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cfg = make_vllm_config(GOOD)
+    cc = cfg.compilation_config
+    cc.mode = CompilationMode.VLLM_COMPILE
+    cc.splitting_ops = list(cc._attention_ops)
+    for ok in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL_AND_PIECEWISE):
+        cc.cudagraph_mode = ok
+        load_settings(cfg)
+    cc.cudagraph_mode = CUDAGraphMode.FULL
+    with pytest.raises(ConfigError, match=r"cudagraph_mode FULL captures attention.*\"cudagraph_mode\": \"PIECEWISE\""):
+        load_settings(cfg)
+    cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    cc.splitting_ops = []
+    with pytest.raises(ConfigError, match=r"piecewise CUDA graphs must split at the attention op"):
+        load_settings(cfg)
+
+
+def test_vllm_resolves_its_default_graph_mode_to_piecewise_for_the_backend(make_vllm_config):
+    """With the builder's ``AttentionCGSupport.NEVER`` vLLM's own resolution turns the default
+    ``FULL_AND_PIECEWISE`` into ``PIECEWISE`` (attention runs eagerly between graphs): no
+    ``--enforce-eager`` needed."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    from foresightkv_vllm.backend import ForesightKVMetadataBuilder
+
+    cc = make_vllm_config(GOOD).compilation_config
+    cc.mode = CompilationMode.VLLM_COMPILE
+    cc.splitting_ops = list(cc._attention_ops)
+    cc.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    mode = cc.resolve_cudagraph_mode_and_sizes(ForesightKVMetadataBuilder._cudagraph_support, "CUSTOM")
+    assert mode == CUDAGraphMode.PIECEWISE
+
+
+@pytest.mark.parametrize(
+    "kw,flag",
+    [
+        ({"decode_context_parallel_size": 2}, "--decode-context-parallel-size 2"),
+        ({"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}}, "--kv-transfer-config"),
+    ],
+)
+def test_context_parallelism_and_kv_connectors_are_refused(make_vllm_config, kw, flag):
+    try:
+        cfg = make_vllm_config(GOOD, **kw)
+    except Exception as e:  # vLLM itself may refuse the setting on this platform
+        pytest.skip(f"vLLM refuses {kw} here: {e}")
+    with pytest.raises(ConfigError, match=f"drop {flag}"):
+        load_settings(cfg)

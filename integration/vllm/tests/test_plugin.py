@@ -83,6 +83,7 @@ def test_cli_flags_parse_and_selector_resolves_to_our_class(no_overrides, monkey
         "--block-size",
         "16",
         "--no-enable-prefix-caching",
+        "--no-enable-chunked-prefill",
         "--additional-config",
         json.dumps({"foresightkv": BACKEND}),
         "--skip-tokenizer-init",
@@ -137,7 +138,9 @@ def test_the_readme_launch_command_parses_with_vllm_serve_parser():
     assert ns.attention_backend == "CUSTOM"
     assert ns.block_size == 16
     assert ns.enable_prefix_caching is False
-    assert ns.enforce_eager is True
+    assert ns.enable_chunked_prefill is False
+    # piecewise CUDA graphs work (the attention op is a splitting op): no --enforce-eager
+    assert not ns.enforce_eager
     fkv = ns.additional_config["foresightkv"]
     assert (fkv["budget"], fkv["interval"], fkv["policy"]) == (1024, 128, "foresight")
 

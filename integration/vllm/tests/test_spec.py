@@ -25,7 +25,7 @@ def _settings(budget, interval, block_size):
     return PluginSettings(engine=engine, block_size=block_size, shape=ModelShape(2, 8, 16, 128, torch.float16))
 
 
-def test_customize_spec_gives_the_sliding_window_and_keeps_the_page():
+def test_customize_spec_gives_the_sliding_window_and_packs_the_statistics_in_the_page():
     from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
     from foresightkv_vllm import config
@@ -36,7 +36,9 @@ def test_customize_spec_gives_the_sliding_window_and_keeps_the_page():
     spec = ForesightKVBackend.customize_spec(full)
     assert type(spec) is SlidingWindowSpec
     assert spec.sliding_window == 1024 + 128
-    assert spec.page_size_bytes == full.page_size_bytes == 16 * 8 * 2 * 128 * 2
+    # each (block, slot, KV head) cell: K and V (2 x 128 fp16) then float32 statistics [G = 2, 8]
+    assert full.page_size_bytes == 16 * 8 * 2 * 128 * 2
+    assert spec.page_size_bytes == 16 * 8 * (2 * 128 * 2 + 2 * 8 * 4)
     assert (spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype) == (16, 8, 128, torch.float16)
     # a spec that is not plain full attention is left alone
     assert ForesightKVBackend.customize_spec(spec) is spec
@@ -206,7 +208,7 @@ def _protect_settings(budget, interval, block_size, policy="h2o"):
     return PluginSettings(engine=engine, block_size=block_size, shape=ModelShape(2, 8, 16, 128, torch.float16))
 
 
-def test_customize_spec_in_protect_mode_gives_the_r_swa_window_and_keeps_the_page():
+def test_customize_spec_in_protect_mode_gives_the_r_swa_window_and_packs_the_statistics():
     from vllm.v1.kv_cache_interface import RSWASpec
 
     from foresightkv_vllm import config
@@ -218,7 +220,7 @@ def test_customize_spec_in_protect_mode_gives_the_r_swa_window_and_keeps_the_pag
     assert type(spec) is RSWASpec
     assert spec.rswa_window == 1024 + 128
     assert spec.sliding_window is None
-    assert spec.page_size_bytes == full.page_size_bytes
+    assert spec.page_size_bytes == 16 * 8 * (2 * 128 * 2 + 2 * 8 * 4)
     assert (spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype) == (16, 8, 128, torch.float16)
     assert ForesightKVBackend.customize_spec(spec) is spec
 
@@ -337,3 +339,65 @@ def test_a_resumed_chunk_crossing_the_prompt_is_split_at_the_original_prompt():
     engine = EvictionEngine(_protect_settings(64, 16, 16).engine, block_size=16)
     engine.begin_step(step_requests(3, 330, 330, True, 100))
     assert engine.protected_len(3) == 112
+
+
+@pytest.mark.parametrize("protect", [False, True])
+def test_vllm_kv_sizing_counts_the_statistics_pages(make_vllm_config, protect):
+    """vLLM's own KV-cache sizing (``get_kv_cache_configs``, what the engine core runs after
+    profiling) computes fewer blocks for the same memory, by exactly the statistics' share of the
+    page, so ``--gpu-memory-utilization`` covers them; the full-cache policy keeps vLLM's pages."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from foresightkv_vllm.backend import ForesightKVBackend
+
+    fkv = {"budget": 64, "interval": 16, "policy": "h2o", "protect_prompt": protect}
+    extra = {"hf_overrides": {"rswa_window": 80}} if protect else {}
+    cfg = make_vllm_config(fkv, dtype="float16", **extra)
+    with set_current_vllm_config(cfg):
+        ForesightKVBackend.get_impl_cls()(4, 64, 0.125, 2, None, None, "auto")
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+    full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float16)
+    ours = ForesightKVBackend.customize_spec(full)
+    memory = 64 << 20
+    # what the engine core resolves from the backend's supported layouts before sizing
+    resolve_kv_cache_layout(cfg, [[layout.name for layout in ForesightKVBackend.supported_kv_cache_layouts()]], [ours])
+
+    def blocks(spec):
+        (kv,) = get_kv_cache_configs(cfg, [{n: spec for n in names}], [memory])
+        return kv.num_blocks
+
+    # cell: K + V = 2 x 64 fp16 = 256 bytes, statistics = group 2 x 8 float32 = 64 bytes
+    assert ours.page_size_bytes == 16 * 2 * (256 + 64)
+    assert blocks(full) == memory // (2 * full.page_size_bytes)
+    assert blocks(ours) == memory // (2 * ours.page_size_bytes)
+    assert blocks(ours) < blocks(full) * 0.81
+
+
+def test_startup_message_states_the_statistics_bytes(make_vllm_config, caplog):
+    import logging
+
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from foresightkv_vllm.backend import ForesightKVBackend
+
+    cfg = make_vllm_config({"budget": 64, "interval": 16, "policy": "h2o"}, dtype="float16")
+    cfg.cache_config.num_gpu_blocks = 1000  # set by vLLM's worker before it builds the backends
+    with set_current_vllm_config(cfg):
+        ForesightKVBackend.get_impl_cls()(4, 64, 0.125, 2, None, None, "auto")
+    spec = ForesightKVBackend.customize_spec(
+        FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float16)
+    )
+    log = logging.getLogger("vllm.foresightkv")
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="vllm.foresightkv"):
+            ForesightKVBackend.get_builder_cls()(spec, ["a", "b"], cfg, torch.device("cpu"))
+    finally:
+        log.removeHandler(caplog.handler)
+    per_block = 16 * 2 * 64
+    assert f"{per_block} of {spec.page_size_bytes} bytes per block and layer" in caplog.text
+    assert f"{per_block * 1000 * 2} bytes in all (1000 blocks x 2 layers)" in caplog.text
