@@ -254,7 +254,8 @@ async def _stream_one(session, url, model, req: Request, t0: float, res: Result)
     await asyncio.sleep(max(0.0, t0 + req.arrival - time.monotonic()))
     res.sent = time.monotonic() - t0
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}  # fmt: skip
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    usage = None
     try:
         async with session.post(f"{url}/v1/completions", json=body) as r:
             if r.status != 200:
@@ -265,6 +266,8 @@ async def _stream_one(session, url, model, req: Request, t0: float, res: Result)
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
                 if not chunk.get("choices"):
                     continue
                 now = time.monotonic() - t0
@@ -272,6 +275,9 @@ async def _stream_one(session, url, model, req: Request, t0: float, res: Result)
                     res.first = now if res.first is None else res.first
                     res.last = now
                     res.tokens += 1
+        # a streamed chunk whose token ends inside a UTF-8 sequence carries no text: count tokens by usage
+        if usage is not None:
+            res.tokens = int(usage["completion_tokens"])
     except Exception as e:  # a failed request is reported, not raised: the run goes on
         res.error = repr(e)
 
