@@ -191,6 +191,9 @@ class Result:
     logprobs: Dict[str, List[float]] = field(default_factory=dict)
     finished: Dict[str, str] = field(default_factory=dict)
     max_blocks: Dict[str, int] = field(default_factory=dict)
+    #: most blocks held after a step that decoded one token (a whole-prompt or recomputed prefill
+    #: holds its blocks until vLLM's next allocation frees those outside the window)
+    decode_blocks: Dict[str, int] = field(default_factory=dict)
     preemptions: int = 0
     steps: int = 0
     free_after: int = 0
@@ -201,7 +204,7 @@ class Result:
 def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
     """Feeds ``reqs`` to ``llm``'s ``LLMEngine`` (greedy, ``ignore_eos``, 1 logprob), step by step:
     each arrives at its step, is aborted at its ``abort_at``; records every request's tokens and
-    logprobs, the most blocks it held in vLLM's KV manager, preemptions, and the pool's free blocks
+    logprobs, the most blocks it held in vLLM's KV manager (ever, and after decode steps), preemptions, and the pool's free blocks
     once all are done."""
     from vllm import SamplingParams
 
@@ -218,6 +221,7 @@ def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
 
     sched._preempt_request = counting
     pending = sorted(reqs, key=lambda r: r.arrive)
+    computed: Dict[str, int] = {}
     aborts = {r.rid: r.abort_at for r in reqs if r.abort_at is not None}
     try:
         step = 0
@@ -247,6 +251,13 @@ def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
                     rid = internal.rsplit("-", 1)[0]
                     held = sum(1 for b in blocks if not b.is_null)
                     res.max_blocks[rid] = max(res.max_blocks.get(rid, 0), held)
+                    req = sched.requests.get(internal)
+                    if req is None:
+                        continue
+                    done = req.num_computed_tokens
+                    if done - computed.get(internal, -1) == 1:  # this step decoded one token
+                        res.decode_blocks[rid] = max(res.decode_blocks.get(rid, 0), held)
+                    computed[internal] = done
             res.max_concurrent = max(res.max_concurrent, len(sched.running))
             step += 1
             if step > max_steps:
