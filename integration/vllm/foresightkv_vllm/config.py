@@ -6,7 +6,7 @@ makes without a current config (``customize_spec``)."""
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -67,6 +67,8 @@ class PluginSettings:
 
 _lock = threading.Lock()
 _active: Optional[PluginSettings] = None
+#: The last vLLM config ``settings_for_current_config`` validated, with its settings.
+_for_config: Optional[Tuple[Any, PluginSettings]] = None
 
 
 def raw_config(vllm_config: Any) -> Optional[Mapping[str, Any]]:
@@ -295,16 +297,25 @@ def active() -> Optional[PluginSettings]:
 
 
 def settings_for_current_config() -> PluginSettings:
-    """The cached settings, or (first call in a process) those of vLLM's current config, validated and
-    cached; ``ConfigError`` when neither exists."""
-    cached = _active
-    if cached is not None:
-        return cached
+    """The settings of vLLM's current config (validated once per config object), else (no config is
+    current, e.g. ``customize_spec`` called outside vLLM's config context) those last activated in this
+    process; ``ConfigError`` when neither exists. The current config wins over the cache, so an engine
+    made after another in the same process never gets the first one's settings."""
+    global _for_config
     from vllm.config import get_current_vllm_config_or_none
 
     cfg = get_current_vllm_config_or_none()
     if cfg is None:
-        raise ConfigError("foresightkv: no vLLM configuration is current and none was cached in this process")
+        cached = _active
+        if cached is None:
+            raise ConfigError("foresightkv: no vLLM configuration is current and none was cached in this process")
+        return cached
+    with _lock:
+        last = _for_config
+    if last is not None and last[0] is cfg:
+        return last[1]
     settings = load_settings(cfg)
+    with _lock:
+        _for_config = (cfg, settings)
     activate(settings)
     return settings
