@@ -290,10 +290,10 @@ def test_window_planner_buffers_and_errors():
     row = dict(zip(fields, t.tolist()))
     assert row["evict_to"] == [4, -1] and row["query_starts"] == [0, 14] and n == 17
     assert list(serials) == [0, 1] and len(released) == 0 and len(dropped) == 0
-    assert p.state(5) == (0, 14, 0, 4, 0) and p.state(99) is None
+    assert p.state(5) == (0, 14, 0, 4, 0, 0) and p.state(99) is None
     with pytest.raises(fkv.ShapeError, match="request 6: 4 new tokens"):
         p.plan([5, 6], [15, 3], [1, 4], [False, False], [False, False])
-    assert p.state(5) == (0, 14, 0, 4, 0)
+    assert p.state(5) == (0, 14, 0, 4, 0, 0)
     with pytest.raises(fkv.ShapeError, match="entries"):
         p.plan([5], [15, 2], [1], [False], [False])
     with pytest.raises(fkv.InvalidArgumentError, match=r"keys\[0\] = -1"):
