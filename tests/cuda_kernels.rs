@@ -11,9 +11,8 @@ use foresightkv::cuda::{
     DeviceBuffer, DeviceCache, DeviceScorerWeights, DeviceWindows, PagedLaunch,
 };
 use foresightkv::kernels::{
-    compact, paged_attention_decode, scorer_mlp, select_survivors, window_stats, DecodeArgs,
-    KernelError, KvCacheMut, ScorerWeights, SelectArgs, StatsMode, WindowStatsArgs, NUM_STATS,
-    SCORER_HIDDEN,
+    compact, paged_attention_decode, scorer_mlp, window_stats, DecodeArgs, KernelError, KvCacheMut,
+    ScorerWeights, SelectArgs, StatsMode, WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
 };
 use foresightkv::Element;
 use half::{bf16, f16};
