@@ -368,11 +368,11 @@ fn check_invariants(
             );
         } else if model.evicts
             && n > base
-            && !model
+            && model
                 .states
                 .get(&r.key)
                 .and_then(|s| s.prompt)
-                .is_some_and(|p| n < p)
+                .is_none_or(|p| n >= p)
         {
             // A prompt still being prefilled (its length known) is never evicted.
             prop_assert!(
