@@ -39,10 +39,18 @@ _NO_CPU_GRAPHS = (
 
 @dataclass
 class ForwardMetadata:
-    """Per-forward metadata: the engine's plan and the batch's ``req_to_token`` rows (int32)."""
+    """Per-forward metadata: the engine's plan for the batch's real rows (None when every row is
+    padding), their ``req_to_token`` rows (int32), and, when some rows are padding, the token indices
+    of the real rows (``token_index``, on the cache's device)."""
 
-    plan: StepPlan
+    plan: Optional[StepPlan]
     block_tables: torch.Tensor
+    token_index: Optional[torch.Tensor] = None
+
+
+#: ``req_to_token`` row of SGLang's padding rows (dummy and padded decode batches, autotune warm-up):
+#: ``ReqToTokenPool`` never hands row 0 to a request, so such rows carry no request and get no state.
+PADDING_ROW = 0
 
 
 def validate_runner(model_runner, config: EngineConfig) -> None:
@@ -164,21 +172,37 @@ class ForesightKVAttnBackend(AttentionBackend):
             num_new = _as_list(getattr(forward_batch, "extend_seq_lens_cpu", None), forward_batch.extend_seq_lens)
             prefix = _as_list(getattr(forward_batch, "extend_prefix_lens_cpu", None), forward_batch.extend_prefix_lens)
         self._forget_stale()
+        prompt_lens, rng_keys = _row_info(forward_batch, len(rows), decode)
+        real = [i for i, r in enumerate(rows) if r != PADDING_ROW]
+        token_index = None
+        if len(real) != len(rows):
+            # Padding rows: no request, no state, no attention (their outputs are zeros).
+            starts = [0]
+            for n in num_new:
+                starts.append(starts[-1] + n)
+            token_index = torch.tensor(
+                [t for i in real for t in range(starts[i], starts[i + 1])], dtype=torch.long
+            ).to(self.token_to_kv_pool.device)
+            rows, seq_lens, num_new, prefix = ([x[i] for i in real] for x in (rows, seq_lens, num_new, prefix))
+            prompt_lens = None if prompt_lens is None else [prompt_lens[i] for i in real]
+            rng_keys = None if rng_keys is None else [rng_keys[i] for i in real]
+        if not rows:
+            self.forward_metadata = ForwardMetadata(None, pool.req_to_token[:0], token_index)
+            return
         keys = [ledger_key(pool, r) for r in rows]
         for key in keys:
             self.ledger.track(key)
         prefill = [not decode] * len(rows)
         reset = [False] * len(rows) if decode else [p == 0 for p in prefix]
-        prompt_lens, rng_keys = _row_info(forward_batch, len(rows), decode)
         plan = self.engine.begin_step(StepBatch(keys, seq_lens, num_new, prefill, reset, prompt_lens, rng_keys))
         for adv in plan.released:
             row = key_row(adv.key)
             ranges = self.ledger.take(adv.key, adv.evicted_from, adv.new_live_start)
             self.freed_slots += free_slots(self.allocator, pool.req_to_token, row, ranges)
         width = max(seq_lens) if seq_lens else 0
-        idx = forward_batch.req_pool_indices.to(pool.req_to_token.device).long()
+        idx = torch.tensor(rows, dtype=torch.long, device=pool.req_to_token.device)
         block_tables = pool.req_to_token.index_select(0, idx)[:, :width].contiguous()
-        self.forward_metadata = ForwardMetadata(plan, block_tables.to(self.token_to_kv_pool.device))
+        self.forward_metadata = ForwardMetadata(plan, block_tables.to(self.token_to_kv_pool.device), token_index)
 
     def release_rows(self, rows) -> None:
         """Drops the engine state and ledger entries of the requests holding ``rows`` (SGLang gives the
@@ -223,19 +247,28 @@ class ForesightKVAttnBackend(AttentionBackend):
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
         q3 = q.reshape(-1, hq, d)
-        out = q3.new_empty(q3.shape)
+        idx = meta.token_index
+        if meta.plan is None or idx is not None:
+            out = q3.new_zeros(q3.shape)  # padding rows: no request, no attention
+        if meta.plan is None:
+            return out.reshape(-1, hq * d).to(q.dtype)
         kc = self.token_to_kv_pool.get_key_buffer(layer.layer_id).unsqueeze(1)
         vc = self.token_to_kv_pool.get_value_buffer(layer.layer_id).unsqueeze(1)
+        qr = q3 if idx is None else q3.index_select(0, idx)
+        dst = qr.new_empty(qr.shape)
         self.engine.attend(
             meta.plan,
             layer.layer_id,
-            q3.to(kc.dtype),
+            qr.to(kc.dtype),
             kc,
             vc,
             meta.block_tables,
-            out,
+            dst,
             scale=layer.scaling,
         )
+        if idx is None:
+            return dst.reshape(-1, hq * d).to(q.dtype)
+        out.index_copy_(0, idx, dst.to(out.dtype))
         return out.reshape(-1, hq * d).to(q.dtype)
 
     # ------------------------------------------------------------------ CUDA graphs: unsupported
