@@ -200,7 +200,9 @@ class ForesightKVAttnBackend(AttentionBackend):
             ranges = self.ledger.take(adv.key, adv.evicted_from, adv.new_live_start)
             self.freed_slots += free_slots(self.allocator, pool.req_to_token, row, ranges)
         width = max(seq_lens) if seq_lens else 0
-        idx = torch.tensor(rows, dtype=torch.long, device=pool.req_to_token.device)
+        idx = forward_batch.req_pool_indices.to(pool.req_to_token.device).long()
+        if token_index is not None:
+            idx = idx[idx != PADDING_ROW]
         block_tables = pool.req_to_token.index_select(0, idx)[:, :width].contiguous()
         self.forward_metadata = ForwardMetadata(plan, block_tables.to(self.token_to_kv_pool.device), token_index)
 
