@@ -314,33 +314,33 @@ fn measure(
     let scale = shape.scale();
     let mut mx = f32::NEG_INFINITY;
     for (i, lg) in logits[..=t].iter_mut().enumerate() {
-        *lg = q
-            .iter()
-            .zip(layer.key(shape, i, kh))
-            .map(|(a, b)| a * b)
-            .sum::<f32>()
-            * scale;
+        *lg = crate::kernels::dot(q, layer.key(shape, i, kh)) * scale;
         mx = mx.max(*lg);
     }
-    let mut full = vec![0f64; d];
+    // Attention weights in f32 (each <= 1), their sums and the weighted values accumulated in f64
+    // per entry would cost a scalar f64 pass over T x d; f32 accumulators are enough for a metric
+    // (relative rounding ~1e-6 over a few thousand entries) and vectorise.
+    let mut full = vec![0f32; d];
     let mut z_full = 0f64;
     for (i, lg) in logits[..=t].iter_mut().enumerate() {
-        let e = ((*lg - mx) as f64).exp();
-        *lg = e as f32;
-        z_full += e;
+        let e = (*lg - mx).exp();
+        *lg = e;
+        z_full += e as f64;
         full.iter_mut()
             .zip(layer.value(shape, i, kh))
-            .for_each(|(o, v)| *o += e * *v as f64);
+            .for_each(|(o, v)| *o += e * *v);
     }
-    let mut part = vec![0f64; d];
+    let mut part = vec![0f32; d];
     let mut z_kept = 0f64;
     for &p in kept {
-        let e = logits[p as usize] as f64;
-        z_kept += e;
+        let e = logits[p as usize];
+        z_kept += e as f64;
         part.iter_mut()
             .zip(layer.value(shape, p as usize, kh))
-            .for_each(|(o, v)| *o += e * *v as f64);
+            .for_each(|(o, v)| *o += e * *v);
     }
+    let full: Vec<f64> = full.iter().map(|&x| x as f64).collect();
+    let part: Vec<f64> = part.iter().map(|&x| x as f64).collect();
     let (mut num, mut den) = (0f64, 0f64);
     for (f, p) in full.iter().zip(&part) {
         let (f, p) = (f / z_full, p / z_kept.max(f64::MIN_POSITIVE));

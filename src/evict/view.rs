@@ -129,7 +129,7 @@ impl EvictionView<'_> {
 pub fn softmax_into(q: &[f32], keys: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let mut mx = f32::NEG_INFINITY;
     for (o, k) in out.iter_mut().zip(keys.chunks_exact(d)) {
-        *o = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+        *o = crate::kernels::dot(q, k) * scale;
         mx = mx.max(*o);
     }
     let mut denom = 0f32;

@@ -41,3 +41,23 @@ pub use sample_survivors::{sample_survivors, SampleArgs};
 pub use scorer_mlp::{gelu, scorer_mlp, ScorerWeights};
 pub use select_survivors::{score_key, select_survivors, SelectArgs};
 pub use window_stats::{window_stats, window_stats_folded, StatsMode, WindowStatsArgs};
+
+/// Dot product of two equal-length f32 slices with eight independent partial sums (so the compiler
+/// vectorises it), the inner product the CPU references use for attention logits.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}

@@ -42,6 +42,7 @@ use super::paged::{
 };
 use super::KernelError;
 use crate::Element;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Index of the max over the queries since the last eviction.
@@ -350,94 +351,133 @@ pub fn window_stats_folded<T: Element>(
         let live = windows.live_len(s);
         let base = live - n;
         let before = folded.map_or(0, |f| f[s] as usize);
-        let keys: Vec<Vec<Vec<f32>>> = (0..kv.num_kv_heads)
-            .map(|kh| {
-                (0..live)
+        // The live keys of every KV head as f32, [H][live][hd] in one buffer.
+        let mut keys = vec![0f32; kv.num_kv_heads as usize * live * hd];
+        for kh in 0..kv.num_kv_heads {
+            for i in 0..live {
+                let (b, t) = windows.slot(s, i, kv.block_size);
+                let k0 = PagedKvLayout::offset(&kv.key_strides, b, t, kh);
+                let dst = (kh as usize * live + i) * hd;
+                for (d, x) in keys[dst..dst + hd].iter_mut().zip(&key_cache[k0..k0 + hd]) {
+                    *d = x.to_f32();
+                }
+            }
+        }
+        let stats_ro: &[f32] = stats;
+        // Every query head independently (in parallel): its statistics rows, written afterwards.
+        let rows: Vec<Vec<(usize, [f32; 8])>> = (0..args.num_q_heads as usize)
+            .into_par_iter()
+            .map(|h| {
+                let kh = h / g;
+                let gi = h % g;
+                let head_keys = &keys[kh * live * hd..(kh + 1) * live * hd];
+                let w = if args.fold_only {
+                    0
+                } else {
+                    args.window_rows(n)
+                };
+                let first_window = n - w;
+                // Per live slot: max, min, sum, sum8, sum16, sum32 over the window rows and the sum
+                // of the rows before the window (folded); query row j sees slots 0 ..= base + j.
+                let mut acc = vec![[0f32; 6]; live];
+                for a in acc.iter_mut() {
+                    a[STAT_MAX] = f32::NEG_INFINITY;
+                    a[STAT_MIN] = f32::INFINITY;
+                }
+                let offs: Vec<usize> = (0..live)
                     .map(|i| {
                         let (b, t) = windows.slot(s, i, kv.block_size);
-                        let k0 = PagedKvLayout::offset(&kv.key_strides, b, t, kh);
-                        key_cache[k0..k0 + hd].iter().map(|x| x.to_f32()).collect()
+                        stats_layout.offset(b, t, kh as i64) + gi * super::paged::NUM_STATS
                     })
-                    .collect()
-            })
-            .collect();
-        for h in 0..args.num_q_heads as usize {
-            let kh = h / g;
-            let gi = h % g;
-            // probs[j][i] for visible slots i <= base + j.
-            let probs: Vec<Vec<f32>> = (0..n)
-                .map(|j| {
+                    .collect();
+                // The running sum continues what earlier fold-only calls left in the buffer.
+                let mut fold: Vec<f32> = (0..live)
+                    .map(|i| {
+                        if before > 0 && i < base {
+                            stats_ro[offs[i] + STAT_SUM]
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mut q = vec![0f32; hd];
+                let mut probs = vec![0f32; live];
+                for j in 0..n {
                     let q0 = s * args.query_strides[0] as usize
                         + j * args.query_strides[1] as usize
                         + h * args.query_strides[2] as usize;
-                    let q: Vec<f32> = queries[q0..q0 + hd].iter().map(|x| x.to_f32()).collect();
-                    let logits: Vec<f32> = keys[kh][..=base + j]
-                        .iter()
-                        .map(|k| k.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>() * args.scale)
-                        .collect();
-                    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let denom: f32 = logits.iter().map(|l| (l - m).exp()).sum();
-                    logits.iter().map(|l| (l - m).exp() / denom).collect()
-                })
-                .collect();
-            let w = if args.fold_only {
-                0
-            } else {
-                args.window_rows(n)
-            };
-            let first_window = n - w;
-            let official = args.mode == StatsMode::Official;
-            for i in 0..live {
-                let first = i.saturating_sub(base);
-                let mut st = [0f32; 8];
-                st[STAT_MAX] = f32::NEG_INFINITY;
-                st[STAT_MIN] = f32::INFINITY;
-                let (b, t) = windows.slot(s, i, kv.block_size);
-                let o = stats_layout.offset(b, t, kh as i64) + gi * super::paged::NUM_STATS;
-                let mut folded = if before > 0 && i < base {
-                    stats[o + STAT_SUM]
-                } else {
-                    0.0
-                };
-                for (j, row) in probs.iter().enumerate() {
-                    let p = if j >= first { row[i] } else { 0.0 };
+                    for (d, x) in q.iter_mut().zip(&queries[q0..q0 + hd]) {
+                        *d = x.to_f32();
+                    }
+                    let vis = base + j + 1;
+                    let row = &mut probs[..vis];
+                    for (l, k) in row.iter_mut().zip(head_keys.chunks_exact(hd)) {
+                        *l = super::dot(k, &q) * args.scale;
+                    }
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut denom = 0f32;
+                    for l in row.iter_mut() {
+                        *l = (*l - m).exp();
+                        denom += *l;
+                    }
+                    for l in row.iter_mut() {
+                        *l /= denom;
+                    }
                     if j < first_window {
-                        folded += p;
+                        for (f, &p) in fold.iter_mut().zip(row.iter()) {
+                            *f += p;
+                        }
                         continue;
                     }
-                    if j >= first {
-                        st[STAT_MAX] = st[STAT_MAX].max(p);
-                        st[STAT_MIN] = st[STAT_MIN].min(p);
-                    }
-                    st[STAT_SUM] += p;
-                    if j + 8 >= n {
-                        st[STAT_SUM8] += p;
-                    }
-                    if j + 16 >= n {
-                        st[STAT_SUM16] += p;
-                    }
-                    if j + 32 >= n {
-                        st[STAT_SUM32] += p;
+                    let (in8, in16, in32) = (j + 8 >= n, j + 16 >= n, j + 32 >= n);
+                    for (a, &p) in acc.iter_mut().zip(row.iter()) {
+                        a[STAT_MAX] = a[STAT_MAX].max(p);
+                        a[STAT_MIN] = a[STAT_MIN].min(p);
+                        a[STAT_SUM] += p;
+                        if in8 {
+                            a[STAT_SUM8] += p;
+                        }
+                        if in16 {
+                            a[STAT_SUM16] += p;
+                        }
+                        if in32 {
+                            a[STAT_SUM32] += p;
+                        }
                     }
                 }
-                if args.fold_only {
-                    stats[o + STAT_SUM] = folded;
-                    continue;
+                let official = args.mode == StatsMode::Official;
+                let mut out = Vec::with_capacity(live);
+                for (i, &o) in offs.iter().enumerate() {
+                    let folded = fold[i];
+                    if args.fold_only {
+                        // Only the running sum is replaced; the row's other statistics stay.
+                        let mut keep = [0f32; 8];
+                        keep.copy_from_slice(&stats_ro[o..o + 8]);
+                        keep[STAT_SUM] = folded;
+                        out.push((o, keep));
+                        continue;
+                    }
+                    let mut st = [0f32; 8];
+                    st[..6].copy_from_slice(&acc[i]);
+                    if official {
+                        st[STAT_SUM8] = st[STAT_SUM];
+                        st[STAT_SUM16] = st[STAT_SUM];
+                        st[STAT_SUM32] = st[STAT_SUM];
+                    }
+                    let (old_cum, old_dec) = if i + before < base {
+                        (stats_ro[o + STAT_CUMULATIVE], stats_ro[o + STAT_DECAYED])
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    st[STAT_CUMULATIVE] = old_cum + folded + st[STAT_SUM];
+                    st[STAT_DECAYED] = DECAY * (old_dec + folded) + st[STAT_SUM];
+                    out.push((o, st));
                 }
-                if official {
-                    st[STAT_SUM8] = st[STAT_SUM];
-                    st[STAT_SUM16] = st[STAT_SUM];
-                    st[STAT_SUM32] = st[STAT_SUM];
-                }
-                let (old_cum, old_dec) = if i + before < base {
-                    (stats[o + STAT_CUMULATIVE], stats[o + STAT_DECAYED])
-                } else {
-                    (0.0, 0.0)
-                };
-                st[STAT_CUMULATIVE] = old_cum + folded + st[STAT_SUM];
-                st[STAT_DECAYED] = DECAY * (old_dec + folded) + st[STAT_SUM];
-                stats[o..o + 8].copy_from_slice(&st);
-            }
+                out
+            })
+            .collect();
+        for (o, st) in rows.into_iter().flatten() {
+            stats[o..o + 8].copy_from_slice(&st);
         }
     }
     Ok(())

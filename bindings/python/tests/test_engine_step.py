@@ -173,8 +173,13 @@ def test_lower_right_causal_prefill_equals_the_masked_attention(n, live, hq, h):
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     mask = torch.arange(live).unsqueeze(0) <= torch.arange(n).unsqueeze(1) + (live - n)
     want = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=0.3, enable_gqa=hq != h)
-    got = _causal_attention(q, k, v, 0.3)
+    got = _causal_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.3)[0]
     assert torch.allclose(got, want.squeeze(0).transpose(0, 1), atol=1e-6, rtol=1e-5)
+    # rows batched together give each row's own attention
+    q2, k2, v2 = torch.randn(n, hq, D, generator=gen), torch.randn(live, h, D, generator=gen), torch.randn(live, h, D, generator=gen)
+    both = _causal_attention(torch.stack([q, q2]), torch.stack([k, k2]), torch.stack([v, v2]), 0.3)
+    assert torch.allclose(both[0], got, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(both[1], _causal_attention(q2[None], k2[None], v2[None], 0.3)[0], atol=1e-6, rtol=1e-5)
 
 
 def test_reserve_sizes_the_rings_and_refuses_more_requests():

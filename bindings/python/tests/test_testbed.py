@@ -298,3 +298,60 @@ def test_generation_through_engine_full_equals_hf_greedy():
         m, pre, policy="snapkv", budget=32, interval=16, max_new=8, stop_ids=[]
     )
     assert len(out2) == 8
+
+
+def test_packed_runs_equal_their_own_simulations():
+    """simulate_many packs runs of different sequences, policies, budgets and seeds into one forward
+    per step; each run's losses and kept positions equal its own simulate, capture hooks see the
+    same events, and Golden follows its own sequence's trajectory."""
+    m = tiny_llama()
+    a, b = ids(150, seed=1), ids(131, seed=2)
+    ga = sim.GoldenRun(sim.record_full(m, a)[0], 32, 16)
+    specs = [
+        (a, "h2o", 32, 16, 0),
+        (b, "h2o", 32, 16, 0),  # same engine as the first: two requests of one batch
+        (a, "snapkv", 48, 16, 0),
+        (b, "random", 32, 8, 3),
+        (a, "random", 32, 8, 3),
+        (a, "golden", 32, 16, 0),
+        (b, "full", 32, 16, 0),
+    ]
+    events_solo, events_packed = [], []
+    solo = []
+    for i, (x, p, bud, iv, seed) in enumerate(specs):
+        cap = events_solo.append if i == 0 else None
+        solo.append(sim.simulate(m, x, prompt_len=0, policy=p, budget=bud, interval=iv, seed=seed,
+                                 capture=cap, golden=ga if p == "golden" else None))
+    runs = [
+        sim.SimRun(x, 0, p, bud, iv, seed=seed, capture=events_packed.append if i == 0 else None,
+                   golden=ga if p == "golden" else None)
+        for i, (x, p, bud, iv, seed) in enumerate(specs)
+    ]
+    packed = sim.simulate_many(m, runs)
+    for (x, p, bud, _, _), r, q in zip(specs, solo, packed):
+        assert r.ce.shape == q.ce.shape == (x.numel() - 1,)
+        torch.testing.assert_close(q.ce, r.ce, atol=1e-4, rtol=1e-4)
+        assert r.evictions == q.evictions and (p == "full") == (r.evictions == 0)
+        assert len(r.kept) == len(q.kept)
+        for ka, kb in zip(r.kept, q.kept):
+            assert torch.equal(ka, kb), (p, bud)
+    # the capture hook of a packed run sees what it sees alone
+    assert len(events_solo) == len(events_packed) > 0
+    for ea, eb in zip(events_solo, events_packed):
+        assert (ea.layer, ea.eviction, ea.seq_len) == (eb.layer, eb.eviction, eb.seq_len)
+        torch.testing.assert_close(ea.stats, eb.stats, atol=1e-5, rtol=1e-4)
+        assert torch.equal(ea.positions, eb.positions)
+
+
+def test_packed_generation_equals_one_at_a_time():
+    from foresightkv.testbed.generate import GenSpec, generate, generate_many, prefill
+
+    m = tiny_llama()
+    p = ids(90)
+    pre = prefill(m, p)
+    specs = [GenSpec("full", 32, 16), GenSpec("snapkv", 32, 16), GenSpec("h2o", 48, 8), GenSpec("random", 32, 16, seed=5)]
+    many = generate_many(m, pre, specs, max_new=8, stop_ids=[7, 11])
+    for sp, out in zip(specs, many):
+        one = generate(m, pre, policy=sp.policy, budget=sp.budget, interval=sp.interval, max_new=8,
+                       stop_ids=[7, 11], seed=sp.seed)
+        assert out == one, sp

@@ -151,6 +151,13 @@ def add_eval(sub) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-loss", action="store_true", help="accuracy only (no loss ratio, no attention mass)")
+    p.add_argument("--batch", type=int, default=4, help="held-out sequences evaluated in one packed forward")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="model weights and KV cache dtype (bfloat16: ~2x faster on CPUs with AMX/AVX512-BF16)",
+    )
     p.add_argument("--follow", action="store_true", help="keep evaluating what a running `traces` adds (until --minutes)")
 
 
@@ -160,8 +167,10 @@ def cmd_eval(args) -> int:
     from .testbed.model import default_model_dir, load_model
     from .testbed.traces import load_split
 
+    import torch
+
     model_dir = args.model or default_model_dir()
-    model, tok = load_model(model_dir, threads=args.threads)
+    model, tok = load_model(model_dir, threads=args.threads, dtype=getattr(torch, args.dtype))
     held = load_split(os.path.join(args.traces, "heldout.safetensors"))
     text_path = os.path.join(args.traces, "text.safetensors")
     text = (
@@ -195,6 +204,7 @@ def cmd_eval(args) -> int:
         text=text,
         text_limit=args.text_limit,
         with_loss=not args.no_loss,
+        batch=args.batch,
         on_sequence=(lambda r: _write_json(args.json, r)) if args.json else None,
         follow=(lambda: load_split(os.path.join(args.traces, "heldout.safetensors"))) if args.follow else None,
     )

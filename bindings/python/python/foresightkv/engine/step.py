@@ -249,24 +249,25 @@ class StepPlan:
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of the ``n`` newest positions ``q`` ``[n, Hq, D]`` over a window ``k``, ``v`` ``[live, H,
-    D]`` whose last ``n`` entries are theirs: query ``j`` sees entries ``0 ..= live - n + j``. A
-    square window is plain causal; otherwise a lower-right causal bias (``causal_lower_right``) over
-    K/V expanded to the query heads, which PyTorch runs in its fused kernels (flash / memory
-    efficient: O(n x head_dim) memory) where the device has them, instead of an explicit mask that
-    selects the math kernel and materialises the fp32 ``[Hq, n, live]`` attention."""
-    n, hq, _ = q.shape
-    live, h = k.shape[0], k.shape[1]
-    qh = q.transpose(0, 1).unsqueeze(0)
+    """Attention of the ``n`` newest positions ``q`` ``[R, n, Hq, D]`` of ``R`` rows over windows ``k``,
+    ``v`` ``[R, live, H, D]`` whose last ``n`` entries are theirs: query ``j`` sees entries ``0 ..= live -
+    n + j``. A square window is plain causal; otherwise a lower-right causal bias
+    (``causal_lower_right``) over K/V expanded to the query heads, which PyTorch runs in its fused
+    kernels (flash / memory efficient: O(n x head_dim) memory) where the device has them, instead of
+    an explicit mask that selects the math kernel and materialises the fp32 ``[Hq, n, live]``
+    attention. Returns ``[R, n, Hq, D]``."""
+    n, hq = q.shape[1], q.shape[2]
+    live, h = k.shape[1], k.shape[2]
+    qh = q.transpose(1, 2)
     if n == live:
-        kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        kh, vh = k.transpose(1, 2), v.transpose(1, 2)
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=hq != h)
     else:
         if hq != h:
-            k, v = k.repeat_interleave(hq // h, dim=1), v.repeat_interleave(hq // h, dim=1)
-        kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            k, v = k.repeat_interleave(hq // h, dim=2), v.repeat_interleave(hq // h, dim=2)
+        kh, vh = k.transpose(1, 2), v.transpose(1, 2)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(n, live), scale=scale)
-    return o.squeeze(0).transpose(0, 1)
+    return o.transpose(1, 2)
 
 
 class _HostPlan:
@@ -790,13 +791,42 @@ class EvictionEngine:
             out.index_copy_(0, rows, o.to(out.dtype))
         num_new, qstarts = plan.num_new, plan.query_starts
         attn_starts, window_lens = plan.field("attn_starts"), plan.field("window_lens")
+        # Rows of equal (queries, window) shape attend in one batched call: one gather of their
+        # windows through their table rows, one SDPA.
+        shapes: Dict[tuple, List[int]] = {}
         for i in hp.multi:
-            n = num_new[i]
-            start, end = attn_starts[i], window_lens[i]
-            blocks, offs = self._slots(win.tables[i], start, end)
-            qs = qstarts[i]
-            o = _causal_attention(query[qs : qs + n], key_cache[blocks, offs], value_cache[blocks, offs], scale)
-            out[qs : qs + n] = o.to(out.dtype)
+            shapes.setdefault((num_new[i], window_lens[i] - attn_starts[i]), []).append(i)
+        dev = query.device
+        for (n, w), rows in shapes.items():
+            if len(rows) == 1:
+                i = rows[0]
+                blocks, offs = self._slots(win.tables[i], attn_starts[i], window_lens[i])
+                qs = qstarts[i]
+                o = _causal_attention(
+                    query[qs : qs + n].unsqueeze(0),
+                    key_cache[blocks, offs].unsqueeze(0),
+                    value_cache[blocks, offs].unsqueeze(0),
+                    scale,
+                )
+                out[qs : qs + n] = o[0].to(out.dtype)
+                continue
+            sel = torch.tensor(rows, dtype=torch.long, device=dev)
+            pos = torch.tensor([attn_starts[i] for i in rows], dtype=torch.long, device=dev).unsqueeze(1) + torch.arange(
+                w, device=dev
+            )
+            blocks = torch.gather(win.tables.index_select(0, sel).long(), 1, pos // self.block_size)
+            offs = pos % self.block_size
+            qidx = (
+                torch.tensor([qstarts[i] for i in rows], dtype=torch.long, device=dev).unsqueeze(1)
+                + torch.arange(n, device=dev)
+            ).flatten()
+            o = _causal_attention(
+                query.index_select(0, qidx).view(len(rows), n, query.shape[1], query.shape[2]),
+                key_cache[blocks, offs],
+                value_cache[blocks, offs],
+                scale,
+            )
+            out.index_copy_(0, qidx, o.reshape(-1, o.shape[2], o.shape[3]).to(out.dtype))
 
     def _slots(self, table_row: torch.Tensor, start: int, end: int):
         """(block, offset) index tensors of logical positions ``[start, end)`` through one table row."""

@@ -66,6 +66,18 @@ def prefill(model: Any, prompt_ids: torch.Tensor) -> Prefill:
     return Prefill(rec, int(logits.logits[0, -1].argmax()), int(ids.numel()), scales[0])
 
 
+@dataclass
+class GenSpec:
+    """One policy and schedule for ``generate_many`` (the arguments of ``generate``)."""
+
+    policy: str
+    budget: int
+    interval: int
+    scorer: Any = None
+    seed: int = 0
+    golden: Optional[GoldenRun] = None
+
+
 def generate(
     model: Any,
     pre: Prefill,
@@ -81,58 +93,70 @@ def generate(
 ) -> List[int]:
     """Greedy answer tokens after ``pre``'s prompt under ``policy`` at ``budget``/``interval``,
     through the serving step (stops after a token in ``stop_ids`` or ``max_new`` tokens)."""
-    cfg, checkpoint = _engine_config(policy, budget, interval, scorer, seed)
-    override = golden.victims if policy == "golden" else None
-    if policy == "golden" and golden is None:
-        raise ValueError(
-            "policy 'golden' needs golden= (a GoldenRun over the full-cache prompt + answer)"
-        )
-    engine = _SimEngine(
-        cfg, checkpoint=checkpoint, capture=None, override=override, golden=golden
-    )
+    spec = GenSpec(policy, budget, interval, scorer, seed, golden)
+    return generate_many(model, pre, [spec], max_new=max_new, stop_ids=stop_ids)[0]
+
+
+def generate_many(
+    model: Any, pre: Prefill, specs: Sequence[GenSpec], *, max_new: int, stop_ids: Sequence[int]
+) -> List[List[int]]:
+    """``generate`` under every spec at once: each spec's prefill replay and compression through its
+    own engine, then one packed decoding forward per step over every unfinished spec (one token each,
+    each attending to its own paged cache)."""
     shape = ModelShape.of(model)
     p = pre.prompt_len
     cap = p + max_new + 1
     dtype = pre.layers[0][1].dtype
-    caches = [
-        (
-            torch.zeros((cap, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
-            torch.zeros((cap, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
-        )
-        for _ in range(shape.num_layers)
-    ]
-    table = torch.arange(cap, dtype=torch.int32).view(1, cap)
-    plan = engine.begin_step([StepRequest(key=0, seq_len=p, num_new=p, prefill=True)])
-    slots = torch.arange(p, dtype=torch.int64)
-    for layer, (q, k, v) in enumerate(pre.layers):
-        kc, vc = caches[layer]
-        kernels.reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, slots)
-        out = torch.empty_like(q)
-        engine.attend(plan, layer, q.contiguous(), kc, vc, table, out, scale=pre.scale)
-    answer = [pre.first_token]
-    tok = pre.first_token
-    while tok not in stop_ids and len(answer) < max_new:
-        pos = p + len(answer) - 1
-        plan = engine.begin_step(
-            [StepRequest(key=0, seq_len=pos + 1, num_new=1, prefill=False)]
-        )
-        slot = torch.tensor([pos], dtype=torch.int64)
-
-        def attend(module, q, k, v, scale, plan=plan, slot=slot):
-            layer = layer_index(module)
+    stops = set(int(s) for s in stop_ids)
+    lanes = []
+    for sp in specs:
+        cfg, checkpoint = _engine_config(sp.policy, sp.budget, sp.interval, sp.scorer, sp.seed)
+        if sp.policy == "golden" and sp.golden is None:
+            raise ValueError("policy 'golden' needs golden= (a GoldenRun over the full-cache prompt + answer)")
+        override = sp.golden.victims if sp.policy == "golden" else None
+        engine = _SimEngine(cfg, checkpoint=checkpoint, hooks={0: (None, override, sp.golden)})
+        caches = [
+            (
+                torch.zeros((cap, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
+                torch.zeros((cap, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
+            )
+            for _ in range(shape.num_layers)
+        ]
+        plan = engine.begin_step([StepRequest(key=0, seq_len=p, num_new=p, prefill=True)])
+        slots = torch.arange(p, dtype=torch.int64)
+        table = torch.arange(cap, dtype=torch.int32).view(1, cap)
+        for layer, (q, k, v) in enumerate(pre.layers):
             kc, vc = caches[layer]
-            kernels.reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, slot)
+            kernels.reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, slots)
+            out = torch.empty_like(q)
+            engine.attend(plan, layer, q.contiguous(), kc, vc, table, out, scale=pre.scale)
+        lanes.append((engine, caches, table))
+    answers = [[pre.first_token] for _ in specs]
+    while True:
+        active = [j for j, a in enumerate(answers) if a[-1] not in stops and len(a) < max_new]
+        if not active:
+            break
+        steps = []
+        for j in active:
+            engine, caches, table = lanes[j]
+            pos = p + len(answers[j]) - 1
+            plan = engine.begin_step([StepRequest(key=0, seq_len=pos + 1, num_new=1, prefill=False)])
+            steps.append((engine, plan, caches, table, torch.tensor([pos], dtype=torch.int64)))
+
+        def attend(module, q, k, v, scale, steps=steps):
+            layer = layer_index(module)
             q = q.contiguous()
             out = torch.empty_like(q)
-            engine.attend(plan, layer, q, kc, vc, table, out, scale=scale)
+            for r, (engine, plan, caches, table, slot) in enumerate(steps):
+                kc, vc = caches[layer]
+                kernels.reshape_and_cache(k[r : r + 1].contiguous(), v[r : r + 1].contiguous(), kc, vc, slot)
+                engine.attend(plan, layer, q[r : r + 1], kc, vc, table, out[r : r + 1], scale=scale)
             return out
 
+        ids = torch.tensor([[answers[j][-1] for j in active]])
+        positions = torch.tensor([[p + len(answers[j]) - 1 for j in active]])
         with routed_attention(model, attend), torch.inference_mode():
-            logits = model(
-                input_ids=torch.tensor([[tok]]),
-                position_ids=torch.tensor([[pos]]),
-                use_cache=False,
-            ).logits
-        tok = int(logits[0, -1].argmax())
-        answer.append(tok)
-    return answer
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        for r, j in enumerate(active):
+            answers[j].append(int(logits[r].argmax()))
+    return answers

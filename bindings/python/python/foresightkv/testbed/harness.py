@@ -22,8 +22,8 @@ import torch
 
 from .._native import Policy, ScorerCheckpoint
 from .._native import simulate as core_simulate
-from .generate import generate, prefill
-from .simulate import GoldenRun, record_full, simulate
+from .generate import GenSpec, generate_many, prefill
+from .simulate import GoldenRun, SimRun, record_full_many, simulate_many
 from .tasks import grade
 from .traces import TraceSet, stop_token_ids
 
@@ -79,6 +79,7 @@ def run_eval(
     text_limit: int = 0,
     follow: Optional[Any] = None,
     on_sequence: Optional[Any] = None,
+    batch: int = 4,
 ) -> Dict[str, Any]:
     """Evaluates ``policies`` x ``budgets`` on the first ``limit`` sequences of ``traces`` (loss
     ratio), the first ``accuracy_limit`` (accuracy) and the first ``mass_limit`` (attention mass);
@@ -87,10 +88,17 @@ def run_eval(
     function reloading the held-out split, to evaluate a split that a trace run is still writing
     (up to ``limit`` sequences, or until the deadline). ``with_loss=False`` skips the loss ratio and the
     attention mass (accuracy only). ``on_sequence(result)`` gets the result so far after each
-    sequence and each budget (the CLI writes it, so a stopped run leaves its numbers)."""
+    batch and each budget (the CLI writes it, so a stopped run leaves its numbers). ``batch``
+    sequences are evaluated together: every policy's run of each of them at one budget is one
+    packed forward per step (``simulate_many``), and each sequence's generations at every budget
+    and policy decode together (``generate_many``)."""
     from tqdm import tqdm
 
     policies = [p for p in policies if p != "full"]
+    if batch < 1:
+        raise ValueError(f"batch {batch} must be at least 1")
+    # one scorer object for every run (its engines then share one group per budget)
+    scorer_obj = ScorerCheckpoint.load(str(scorer)) if scorer is not None and not isinstance(scorer, ScorerCheckpoint) else scorer
     if follow is None:
         n = len(traces) if limit is None else min(limit, len(traces))
     else:
@@ -109,6 +117,7 @@ def run_eval(
     done = {"heldout": 0, "text": 0, "accuracy": 0, "mass": 0}
     per_budget: Dict[str, int] = {}
     per_seq: List[Dict[str, Any]] = []
+    stage_seconds = {"full": 0.0, "golden": 0.0, "loss": 0.0, "accuracy": 0.0, "mass": 0.0}
     def jobs():
         nonlocal traces
         i = 0
@@ -128,123 +137,126 @@ def run_eval(
 
     def summary() -> Dict[str, Any]:
         """The result so far (JSON-able)."""
-        return _summary(loss, acc, mass, done, per_budget, per_seq, policies, budgets, interval, n, n_acc,
-                        mass_limit, text_limit if text is not None else 0, started)
+        out = _summary(loss, acc, mass, done, per_budget, per_seq, policies, budgets, interval, n, n_acc,
+                       mass_limit, text_limit if text is not None else 0, started)
+        out["stage_seconds"] = {k: round(v, 1) for k, v in stage_seconds.items()}
+        return out
 
-    bar = tqdm(jobs(), desc="eval", disable=not progress)
-    for split, ts, i in bar:
+    def batches():
+        """The jobs in groups of ``batch`` sequences of one split (evaluated in packed forwards)."""
+        group: List[Any] = []
+        for job in jobs():
+            if group and (len(group) == batch or group[0][0] != job[0]):
+                yield group
+                group = []
+            group.append(job)
+        if group:
+            yield group
+
+    def add_loss(split, b, p, res, subsets) -> None:
+        for name, m in subsets.items():
+            d = loss.setdefault(f"{split}/{name}", {}).setdefault(b, {}).setdefault(p, {"ce": 0.0, "n": 0})
+            d["ce"] += float(res.ce[m].double().sum())
+            d["n"] += int(m.sum())
+
+    bar = tqdm(total=None if follow is not None else n + (min(text_limit, len(text)) if text is not None else 0),
+               desc="eval", disable=not progress)
+    for group in batches():
         if deadline is not None and time.time() > deadline:
             break
-        seq = ts.sequence(i)
-        ids = seq.input_ids
-        trace, full = record_full(model, ids)
-        row: Dict[str, Any] = {
-            "split": split,
-            "index": i,
-            "len": len(seq),
-            "prompt_len": seq.prompt_len,
-        }
-        row["full_vs_stored_max_abs_ce"] = float((full.ce - seq.ce[1:]).abs().max())
+        split = group[0][0]
+        seqs = [ts.sequence(i) for _, ts, i in group]
+        t_full = time.time()
+        recorded = record_full_many(model, [seq.input_ids for seq in seqs])
+        stage_seconds["full"] += time.time() - t_full
+        rows: List[Dict[str, Any]] = []
+        for (_, _, i), seq, (_, full) in zip(group, seqs, recorded):
+            rows.append({
+                "split": split,
+                "index": i,
+                "len": len(seq),
+                "prompt_len": seq.prompt_len,
+                "full_vs_stored_max_abs_ce": float((full.ce - seq.ce[1:]).abs().max()),
+            })
         for b in budgets if with_loss else []:
             if deadline is not None and time.time() > deadline:
                 break
-            per_budget[f"{split}/{b}"] = per_budget.get(f"{split}/{b}", 0) + 1
-            golden = GoldenRun(trace, b, interval) if "golden" in policies else None
-            sel = torch.arange(full.ce.numel()) >= b
-            if not bool(sel.any()):
-                continue
-            ent = full.entropy[sel]
-            k = max(1, int(round(LOW_ENTROPY_FRACTION * ent.numel())))
-            low = torch.zeros_like(sel)
-            low[torch.nonzero(sel).flatten()[torch.argsort(ent)[:k]]] = True
-            ans = torch.arange(full.ce.numel()) >= max(seq.prompt_len - 1, b)
-            subsets = {"all": sel, "low_entropy": low}
-            if split == "heldout" and seq.prompt_len and bool(ans.any()):
-                subsets["answer"] = ans
-            for p in ["full"] + policies:
-                res = (
-                    full
-                    if p == "full"
-                    else simulate(
-                        model,
-                        ids,
-                        prompt_len=seq.prompt_len,
-                        policy=p,
-                        budget=b,
-                        interval=interval,
-                        scorer=scorer,
-                        seed=seed,
-                        golden=golden,
-                    )
-                )
-                for name, m in subsets.items():
-                    d = (
-                        loss.setdefault(f"{split}/{name}", {})
-                        .setdefault(b, {})
-                        .setdefault(p, {"ce": 0.0, "n": 0})
-                    )
-                    d["ce"] += float(res.ce[m].double().sum())
-                    d["n"] += int(m.sum())
-                row[f"ce_{b}_{p}"] = float(res.ce[sel].mean())
-            if split == "heldout" and i < mass_limit:
+            runs, where = [], []
+            per_item = []
+            for k, (seq, (trace, full)) in enumerate(zip(seqs, recorded)):
+                sel = torch.arange(full.ce.numel()) >= b
+                if not bool(sel.any()):
+                    per_item.append(None)
+                    continue
+                per_budget[f"{split}/{b}"] = per_budget.get(f"{split}/{b}", 0) + 1
+                t_gold = time.time()
+                golden = GoldenRun(trace, b, interval) if "golden" in policies else None
+                stage_seconds["golden"] += time.time() - t_gold
+                ent = full.entropy[sel]
+                kk = max(1, int(round(LOW_ENTROPY_FRACTION * ent.numel())))
+                low = torch.zeros_like(sel)
+                low[torch.nonzero(sel).flatten()[torch.argsort(ent)[:kk]]] = True
+                ans = torch.arange(full.ce.numel()) >= max(seq.prompt_len - 1, b)
+                subsets = {"all": sel, "low_entropy": low}
+                if split == "heldout" and seq.prompt_len and bool(ans.any()):
+                    subsets["answer"] = ans
+                per_item.append((sel, subsets, golden))
+                add_loss(split, b, "full", full, subsets)
+                rows[k][f"ce_{b}_full"] = float(full.ce[sel].mean())
                 for p in policies:
-                    if p == "golden":
-                        mass[b][p].append(float(golden.fidelity["mass"]))
-                    else:
-                        pol = _core_policy(p, scorer, seed)
-                        mass[b][p].append(
-                            float(
-                                core_simulate(trace, pol, b, interval)["fidelity"][
-                                    "mass"
-                                ]
-                            )
-                        )
+                    runs.append(SimRun(seq.input_ids, seq.prompt_len, p, b, interval, scorer=scorer_obj, seed=seed,
+                                       golden=golden))
+                    where.append((k, p))
+            t_loss = time.time()
+            results = simulate_many(model, runs)
+            stage_seconds["loss"] += time.time() - t_loss
+            for (k, p), res in zip(where, results):
+                sel, subsets, _ = per_item[k]
+                add_loss(split, b, p, res, subsets)
+                rows[k][f"ce_{b}_{p}"] = float(res.ce[sel].mean())
+            t_mass = time.time()
+            for k, ((_, _, i), (trace, _)) in enumerate(zip(group, recorded)):
+                if split == "heldout" and i < mass_limit and per_item[k] is not None:
+                    golden = per_item[k][2]
+                    for p in policies:
+                        if p == "golden":
+                            mass[b][p].append(float(golden.fidelity["mass"]))
+                        else:
+                            pol = _core_policy(p, scorer_obj, seed)
+                            mass[b][p].append(float(core_simulate(trace, pol, b, interval)["fidelity"]["mass"]))
+            stage_seconds["mass"] += time.time() - t_mass
             if on_sequence is not None:
-                on_sequence(summary())  # after every budget too: a long sequence leaves its numbers
-        if split == "heldout" and i < mass_limit:
-            done["mass"] += 1
-        in_time = deadline is None or time.time() < deadline
-        if split == "heldout" and i < n_acc and seq.prompt_len and in_time:
-            expected = seq.meta["expected"]
-            pre = prefill(model, ids[: seq.prompt_len])
-            full_ok = None
-            for b in budgets:
-                if deadline is not None and time.time() > deadline:
-                    break
-                g = (
-                    GoldenRun(trace, b, interval, prompt_len=seq.prompt_len)
-                    if "golden" in policies
-                    else None
-                )
-                for p in ["full"] + policies:
-                    if p == "full" and full_ok is not None:
+                on_sequence(summary())  # after every budget too: a long batch leaves its numbers
+        for k, ((_, _, i), seq, (trace, _)) in enumerate(zip(group, seqs, recorded)):
+            if split == "heldout" and i < mass_limit:
+                done["mass"] += 1
+            in_time = deadline is None or time.time() < deadline
+            if split == "heldout" and i < n_acc and seq.prompt_len and in_time:
+                expected = seq.meta["expected"]
+                pre = prefill(model, seq.input_ids[: seq.prompt_len])
+                specs, keys = [GenSpec("full", budgets[0], interval)], [(None, "full")]
+                for b in budgets:
+                    g = GoldenRun(trace, b, interval, prompt_len=seq.prompt_len) if "golden" in policies else None
+                    for p in policies:
+                        specs.append(GenSpec(p, b, interval, scorer_obj, seed, g if p == "golden" else None))
+                        keys.append((b, p))
+                t_acc = time.time()
+                answers = generate_many(model, pre, specs, max_new=max_new, stop_ids=stops)
+                stage_seconds["accuracy"] += time.time() - t_acc
+                for (b, p), out in zip(keys, answers):
+                    ok = int(grade(expected, tokenizer.decode(out)))
+                    for bb in budgets if b is None else [b]:
                         # the full cache does not depend on the budget
-                        acc[b][p].append(full_ok)
-                        row[f"acc_{b}_{p}"] = full_ok
-                        continue
-                    out = generate(
-                        model,
-                        pre,
-                        policy=p,
-                        budget=b,
-                        interval=interval,
-                        max_new=max_new,
-                        stop_ids=stops,
-                        scorer=scorer,
-                        seed=seed,
-                        golden=g,
-                    )
-                    ok = grade(expected, tokenizer.decode(out))
-                    if p == "full":
-                        full_ok = int(ok)
-                    acc[b][p].append(int(ok))
-                    row[f"acc_{b}_{p}"] = int(ok)
-            done["accuracy"] += 1
-        done[split] += 1
-        per_seq.append(row)
-        del trace
+                        acc[bb][p].append(ok)
+                        rows[k][f"acc_{bb}_{p}"] = ok
+                done["accuracy"] += 1
+            done[split] += 1
+        per_seq.extend(rows)
+        del recorded
+        bar.update(len(group))
         if on_sequence is not None:
             on_sequence(summary())
+    bar.close()
     return summary()
 
 

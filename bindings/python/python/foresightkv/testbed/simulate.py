@@ -190,22 +190,26 @@ class GoldenRun:
 
 class _SimEngine(EvictionEngine):
     """The serving step plus the two training hooks, through the engine's ``on_evict`` hook (the
-    batched inputs of each layer's victim choice); with neither hook it is the serving step."""
+    batched inputs of each layer's victim choice), per request key (each simulator run of the
+    engine's batch has its own); with no hook it is the serving step."""
 
-    def __init__(self, config, *, checkpoint, capture, override, golden) -> None:
-        self._capture, self._override, self._golden = capture, override, golden
-        hook = self._on_eviction if capture is not None or override is not None else None
-        super().__init__(config, block_size=1, checkpoint=checkpoint, on_evict=hook)
+    def __init__(self, config, *, checkpoint, hooks) -> None:
+        # hooks: request key -> (capture, override, golden)
+        self._hooks = dict(hooks)
+        use = any(c is not None or o is not None for c, o, _ in self._hooks.values())
+        super().__init__(config, block_size=1, checkpoint=checkpoint, on_evict=self._on_eviction if use else None)
 
     def _on_eviction(self, batch: EvictionBatch) -> Optional[torch.Tensor]:
-        """One ``EvictionEvent`` per due request of ``batch`` for ``capture``; the survivors
-        ``victims_override`` names (None: the policy chooses)."""
+        """One ``EvictionEvent`` per due request of ``batch`` for its run's ``capture``; the survivors
+        its ``victims_override`` names (None: the policy chooses; the runs of one engine either all
+        override or none does)."""
         h = batch.num_kv_heads
         keys, values, stats = (batch.gather(t) for t in (batch.key_cache, batch.value_cache, batch.stats))
         out = None
-        if self._override is not None:
-            out = torch.zeros(tuple(batch.positions.shape), dtype=torch.int32)
         for j in range(batch.num_seqs):
+            capture, override, golden = self._hooks[batch.keys[j]]
+            if capture is None and override is None:
+                continue
             live, num_evict = batch.live[j], batch.num_evict_host[j]
             n = live - batch.num_protected
             seq_len = batch.lengths[j]
@@ -222,14 +226,14 @@ class _SimEngine(EvictionEngine):
                 stats=stats[j, :n].float().transpose(0, 1).contiguous().cpu(),
                 positions=cand_pos,
                 queries=batch.queries[j, : batch.num_queries_host[j]].float().cpu(),
-                future=None
-                if self._golden is None
-                else self._golden.future(batch.layer, seq_len, cand_pos),
+                future=None if golden is None else golden.future(batch.layer, seq_len, cand_pos),
             )
-            if self._capture is not None:
-                self._capture(event)
-            if out is not None:
-                out[j] = _override_survivors(self._override(event), h, n, live, num_evict, batch.max_live)
+            if capture is not None:
+                capture(event)
+            if override is not None:
+                if out is None:
+                    out = torch.zeros(tuple(batch.positions.shape), dtype=torch.int32)
+                out[j] = _override_survivors(override(event), h, n, live, num_evict, batch.max_live)
         return None if out is None else out.to(batch.positions.device)
 
 
@@ -295,6 +299,26 @@ def chunks(length: int, budget: int, interval: int) -> List[Tuple[int, int]]:
     return out
 
 
+@dataclass
+class SimRun:
+    """One sequence under one policy, for ``simulate_many`` (the arguments of ``simulate``).
+    ``request``: the request part of the victim RNG key (a run's sampled or random victims depend on
+    it and ``seed``, never on the runs batched with it)."""
+
+    input_ids: Union[torch.Tensor, Sequence[int]]
+    prompt_len: int
+    policy: str
+    budget: int
+    interval: int
+    scorer: Any = None
+    seed: int = 0
+    capture: Optional[Callable[[EvictionEvent], None]] = None
+    victims_override: Optional[Callable[[EvictionEvent], Sequence[Sequence[int]]]] = None
+    golden: Optional[GoldenRun] = None
+    record: Optional[List[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = None
+    request: int = 0
+
+
 def simulate(
     model: Any,
     input_ids: Union[torch.Tensor, Sequence[int]],
@@ -318,33 +342,75 @@ def simulate(
     docstring). ``golden``: a precomputed ``GoldenRun`` for this sequence and schedule (policy
     ``golden`` computes one when None; other policies use it for the events' future scores).
     ``record``: a list that receives, per layer, the (q, k, v) of every chunk (full-cache trace)."""
-    ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
-    t = ids.numel()
-    if t < 2:
-        raise ShapeError(f"a sequence of {t} tokens has no next-token loss")
-    if not 0 <= prompt_len <= t:
-        raise InvalidArgumentError(f"prompt_len {prompt_len} outside [0, {t}]")
-    cfg, checkpoint = _engine_config(policy, budget, interval, scorer, seed)
-    override = victims_override
-    if policy == "golden":
-        if golden is None:
-            golden = GoldenRun(record_full(model, ids)[0], budget, interval)
-        if override is None:
-            override = golden.victims
-    engine = _SimEngine(
-        cfg, checkpoint=checkpoint, capture=capture, override=override, golden=golden
-    )
-    ce, ent = run_chunked(model, ids, engine, budget, interval, record=record)
+    run = SimRun(input_ids, prompt_len, policy, budget, interval, scorer, seed, capture, victims_override, golden, record)
+    return simulate_many(model, [run])[0]
+
+
+@dataclass
+class _Lane:
+    """A run inside ``run_packed``: its tokens, engine, request key, schedule and cache offset."""
+
+    ids: torch.Tensor
+    engine: EvictionEngine
+    key: int
+    budget: int
+    interval: int
+    record: Optional[list] = None
+    rng_key: Optional[int] = None
+
+
+def simulate_many(model: Any, runs: Sequence[SimRun]) -> List[SimResult]:
+    """``simulate`` of every run, all in one packed forward per step (the model sees the runs' chunks
+    concatenated, each attending only to its own cache, as a serving engine batches requests): runs of
+    the same policy, schedule and scorer share one serving-step engine as its batch's requests. Each
+    run's result equals its own ``simulate`` (the model's rows are independent; only float summation
+    order in the batched matrix products can differ)."""
+    if not runs:
+        return []
+    prepared = []
+    for r in runs:
+        ids = torch.as_tensor(r.input_ids, dtype=torch.long).flatten()
+        t = ids.numel()
+        if t < 2:
+            raise ShapeError(f"a sequence of {t} tokens has no next-token loss")
+        if not 0 <= r.prompt_len <= t:
+            raise InvalidArgumentError(f"prompt_len {r.prompt_len} outside [0, {t}]")
+        cfg, checkpoint = _engine_config(r.policy, r.budget, r.interval, r.scorer, r.seed)
+        golden, override = r.golden, r.victims_override
+        if r.policy == "golden":
+            if golden is None:
+                golden = GoldenRun(record_full(model, ids)[0], r.budget, r.interval)
+            if override is None:
+                override = golden.victims
+        prepared.append((ids, cfg, checkpoint, golden, override))
+    # One engine per (configuration, scorer, hook kind): its runs are its requests, keyed by run index.
+    groups: Dict[Any, List[int]] = {}
+    for i, (_, cfg, checkpoint, _, override) in enumerate(prepared):
+        gkey = (cfg.policy, cfg.budget, cfg.interval, cfg.seed, id(checkpoint) if checkpoint is not None else None,
+                override is not None)
+        groups.setdefault(gkey, []).append(i)
+    engines: Dict[int, _SimEngine] = {}
+    for members in groups.values():
+        _, cfg, checkpoint, _, _ = prepared[members[0]]
+        hooks = {i: (runs[i].capture, prepared[i][4], prepared[i][3]) for i in members}
+        eng = _SimEngine(cfg, checkpoint=checkpoint, hooks=hooks)
+        for i in members:
+            engines[i] = eng
+    lanes = [
+        _Lane(prepared[i][0], engines[i], i, r.budget, r.interval, r.record, r.request)
+        for i, r in enumerate(runs)
+    ]
+    losses = run_packed(model, lanes)
     shape = ModelShape.of(model)
-    evictions = 0
-    kept = []
-    if engine.keys():
-        evictions = engine.evictions(0)
-        kept = [
-            engine.kept_positions(0, layer, shape.num_kv_heads)
-            for layer in range(shape.num_layers)
-        ]
-    return SimResult(ce, ent, prompt_len, policy, budget, interval, evictions, kept)
+    out = []
+    for i, (r, (ce, ent)) in enumerate(zip(runs, losses)):
+        eng = engines[i]
+        evictions, kept = 0, []
+        if i in eng.keys():
+            evictions = eng.evictions(i)
+            kept = [eng.kept_positions(i, layer, shape.num_kv_heads) for layer in range(shape.num_layers)]
+        out.append(SimResult(ce, ent, r.prompt_len, r.policy, r.budget, r.interval, evictions, kept))
+    return out
 
 
 def run_chunked(
@@ -360,86 +426,166 @@ def run_chunked(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The chunked forward of ``ids`` with every attention through ``engine.attend`` over a paged
     cache of block size 1 (request key 0); returns per-token ``(ce, entropy)``, ``[T - 1]`` each."""
-    t = ids.numel()
+    return run_packed(model, [_Lane(ids, engine, 0, budget, interval, record)])[0]
+
+
+#: Tokens whose logits are computed at once (a ``[rows, vocab]`` float32 block).
+_LOGIT_ROWS = 512
+
+
+def _decoder_and_head(model: Any) -> Tuple[Any, Any]:
+    """The model's decoder stack (ending in its final norm) and its output projection, so that the
+    packed forward computes logits only in blocks of ``_LOGIT_ROWS`` tokens; ``(None, None)`` for a
+    model that does not expose them (its whole forward is used)."""
+    get_dec = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_dec is None or get_head is None or getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    dec, head = get_dec(), get_head()
+    if dec is None or head is None or dec is model:
+        return None, None
+    return dec, head
+
+
+def run_packed(model: Any, lanes: Sequence[_Lane]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The chunked forward of every lane at once: each step the model gets every unfinished lane's
+    next chunk (its ``[0, budget)`` first, then ``interval`` tokens at a time), concatenated, with
+    their own positions; each engine attends over its lanes' paged caches (block size 1, a slot range
+    per lane) and evicts. Returns each lane's per-token ``(ce, entropy)``, ``[T - 1]`` each."""
     shape = ModelShape.of(model)
     dtype = next(model.parameters()).dtype
-    caches = [
-        (
-            torch.zeros((t, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
-            torch.zeros((t, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
-        )
-        for _ in range(shape.num_layers)
-    ]
-    if record is not None:
-        record.clear()
-        record.extend([] for _ in range(shape.num_layers))
-    table = torch.arange(t, dtype=torch.int32).view(1, t)
-    ce = torch.zeros(t - 1, dtype=torch.float32)
-    ent = torch.zeros(t - 1, dtype=torch.float32)
-    for s, e in chunks(t, budget, interval):
-        plan = engine.begin_step(
-            [StepRequest(key=0, seq_len=e, num_new=e - s, prefill=s == 0)]
-        )
-        slots = torch.arange(s, e, dtype=torch.int64)
+    # Per engine: its lanes (in batch order), one cache per layer holding every lane's slot range.
+    by_engine: Dict[int, List[int]] = {}
+    for i, ln in enumerate(lanes):
+        by_engine.setdefault(id(ln.engine), []).append(i)
+    offsets, tables, caches = {}, {}, {}
+    for eid, members in by_engine.items():
+        total, width = 0, max(lanes[i].ids.numel() for i in members)
+        rows = []
+        for i in members:
+            n = lanes[i].ids.numel()
+            offsets[i] = total
+            row = torch.zeros(width, dtype=torch.int32)
+            row[:n] = torch.arange(total, total + n, dtype=torch.int32)
+            rows.append(row)
+            total += n
+        tables[eid] = dict(zip(members, rows))
+        caches[eid] = [
+            (
+                torch.zeros((total, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
+                torch.zeros((total, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
+            )
+            for _ in range(shape.num_layers)
+        ]
+    for ln in lanes:
+        if ln.record is not None:
+            ln.record.clear()
+            ln.record.extend([] for _ in range(shape.num_layers))
+    schedules = [chunks(ln.ids.numel(), ln.budget, ln.interval) for ln in lanes]
+    ce = [torch.zeros(ln.ids.numel() - 1, dtype=torch.float32) for ln in lanes]
+    ent = [torch.zeros(ln.ids.numel() - 1, dtype=torch.float32) for ln in lanes]
+    dec, head = _decoder_and_head(model)
+    step = 0
+    while True:
+        # this step's chunks, grouped by engine (each engine's tokens contiguous)
+        groups = []
+        pos = 0
+        for eid, members in by_engine.items():
+            active = [i for i in members if step < len(schedules[i])]
+            if not active:
+                continue
+            reqs, slots, spans = [], [], []
+            for i in active:
+                s, e = schedules[i][step]
+                ln = lanes[i]
+                reqs.append(StepRequest(key=ln.key, seq_len=e, num_new=e - s, prefill=s == 0, rng_key=ln.rng_key))
+                slots.append(torch.arange(offsets[i] + s, offsets[i] + e, dtype=torch.int64))
+                spans.append((i, s, e, pos))
+                pos += e - s
+            eng = lanes[active[0]].engine
+            plan = eng.begin_step(reqs)
+            table = torch.stack([tables[eid][i] for i in active])
+            groups.append((eng, plan, table, torch.cat(slots), caches[eid], spans, spans[0][3], pos))
+        if not groups:
+            break
+        ids = torch.cat([lanes[i].ids[s:e] for g in groups for (i, s, e, _) in g[5]])
+        positions = torch.cat([torch.arange(s, e) for g in groups for (_, s, e, _) in g[5]])
 
-        def attend(module, q, k, v, scale, plan=plan, slots=slots):
+        def attend(module, q, k, v, scale, groups=groups):
             layer = layer_index(module)
-            kc, vc = caches[layer]
-            kernels.reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, slots)
             q = q.contiguous()
             out = torch.empty_like(q)
-            engine.attend(plan, layer, q, kc, vc, table, out, scale=scale)
-            if record is not None:
-                record[layer].append((q.clone(), k.clone(), v.clone()))
+            for eng, plan, table, slots, cache, spans, a, b in groups:
+                kc, vc = cache[layer]
+                kernels.reshape_and_cache(k[a:b].contiguous(), v[a:b].contiguous(), kc, vc, slots)
+                eng.attend(plan, layer, q[a:b], kc, vc, table, out[a:b], scale=scale)
+                for i, s, e, p in spans:
+                    rec = lanes[i].record
+                    if rec is not None:
+                        rec[layer].append((q[p : p + e - s].clone(), k[p : p + e - s].clone(), v[p : p + e - s].clone()))
             return out
 
         with routed_attention(model, attend), torch.inference_mode():
-            logits = model(
-                input_ids=ids[s:e].view(1, -1),
-                position_ids=torch.arange(s, e).view(1, -1),
-                use_cache=False,
-            ).logits[0]
-        hi = min(e, t - 1)
-        if hi > s:
-            lp = torch.log_softmax(logits[: hi - s].float(), dim=-1)
-            ce[s:hi] = -lp.gather(1, ids[s + 1 : hi + 1].view(-1, 1)).squeeze(1)
-            ent[s:hi] = -(lp.exp() * lp).sum(-1)
-    return ce, ent
+            kwargs = dict(input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), use_cache=False)
+            if dec is not None:
+                hidden = dec(**kwargs).last_hidden_state[0]
+                logits = None
+            else:
+                logits = model(**kwargs).logits[0]
+            for g in groups:
+                for i, s, e, p in g[5]:
+                    t = lanes[i].ids.numel()
+                    hi = min(e, t - 1)
+                    tgt = lanes[i].ids
+                    for c in range(s, hi, _LOGIT_ROWS):
+                        c_hi = min(c + _LOGIT_ROWS, hi)
+                        rows = slice(p + c - s, p + c_hi - s)
+                        lg = head(hidden[rows]) if logits is None else logits[rows]
+                        lp = torch.log_softmax(lg.float(), dim=-1)
+                        ce[i][c:c_hi] = -lp.gather(1, tgt[c + 1 : c_hi + 1].view(-1, 1)).squeeze(1)
+                        ent[i][c:c_hi] = -(lp.exp() * lp).sum(-1)
+        step += 1
+    return list(zip(ce, ent))
 
 
 def record_full(
     model: Any, input_ids: Any, *, budget: Optional[int] = None, interval: int = 1
 ) -> Tuple[Trace, SimResult]:
     """The full-cache pass of ``input_ids`` (one forward, or chunked like ``simulate`` when
-    ``budget`` is given, which changes full attention only by float rounding) and the ``foresightkv.Trace`` of its post-RoPE queries,
-    keys and values, for Golden Eviction and the fidelity replay."""
+    ``budget`` is given, which changes full attention only by float rounding) and the
+    ``foresightkv.Trace`` of its post-RoPE queries, keys and values, for Golden Eviction and the
+    fidelity replay."""
+    return record_full_many(model, [input_ids], budget=budget, interval=interval)[0]
+
+
+def record_full_many(
+    model: Any, sequences: Sequence[Any], *, budget: Optional[int] = None, interval: int = 1
+) -> List[Tuple[Trace, SimResult]]:
+    """``record_full`` of every sequence, in one packed forward per chunk."""
     from safetensors.torch import save_file
 
-    ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
-    rec: List[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
-    b = ids.numel() if budget is None else max(budget, 1)
-    res = simulate(
-        model,
-        ids,
-        prompt_len=0,
-        policy="full",
-        budget=b,
-        interval=max(interval, 1),
-        record=rec,
-    )
-    tensors = {}
-    for layer, parts in enumerate(rec):
-        for i, name in enumerate(("queries", "keys", "values")):
-            tensors[f"layers.{layer}.{name}"] = (
-                torch.cat([p[i] for p in parts]).float().contiguous()
-            )
-    rec.clear()
-    fd, path = tempfile.mkstemp(prefix="fkv-trace-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, path)
-        del tensors
-        trace = Trace.load(path)
-    finally:
-        os.unlink(path)
-    return trace, res
+    runs, recs = [], []
+    for input_ids in sequences:
+        ids = torch.as_tensor(input_ids, dtype=torch.long).flatten()
+        rec: List[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        b = ids.numel() if budget is None else max(budget, 1)
+        runs.append(SimRun(ids, 0, "full", b, max(interval, 1), record=rec))
+        recs.append(rec)
+    results = simulate_many(model, runs)
+    out = []
+    for rec, res in zip(recs, results):
+        tensors = {}
+        for layer, parts in enumerate(rec):
+            for i, name in enumerate(("queries", "keys", "values")):
+                tensors[f"layers.{layer}.{name}"] = torch.cat([p[i] for p in parts]).float().contiguous()
+        rec.clear()
+        fd, path = tempfile.mkstemp(prefix="fkv-trace-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(tensors, path)
+            del tensors
+            trace = Trace.load(path)
+        finally:
+            os.unlink(path)
+        out.append((trace, res))
+    return out

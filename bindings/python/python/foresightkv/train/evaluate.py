@@ -16,6 +16,7 @@ def loss_ratios(
     limit: Optional[int] = None,
     baselines: Sequence[str] = ("h2o",),
     progress: bool = True,
+    batch: int = 4,
 ) -> Dict[str, Any]:
     """``{"loss_ratio": {subset: {budget: {row: ratio}}}, "runs": {row: harness result}}``; one
     harness run per scorer (policy ``foresight``; the first run adds ``baselines``), rows named by
@@ -28,7 +29,7 @@ def loss_ratios(
         policies = ["foresight"] + (list(baselines) if k == 0 else [])
         res = run_eval(
             model, tokenizer, heldout, policies=policies, budgets=budgets, interval=interval, limit=limit,
-            accuracy_limit=0, mass_limit=0, scorer=str(path), progress=progress,
+            accuracy_limit=0, mass_limit=0, scorer=str(path), progress=progress, batch=batch,
         )
         res.pop("per_sequence", None)
         runs[name] = res

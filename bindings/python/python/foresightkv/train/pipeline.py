@@ -69,7 +69,7 @@ class Pipeline:
         if self._model is None:
             from ..testbed.model import load_model
 
-            self._model, self._tok = load_model(str(self.args.model), threads=self.args.threads)
+            self._model, self._tok = load_model(str(self.args.model), threads=self.args.threads, dtype=getattr(torch, self.args.dtype))
         return self._model
 
     def _timed(self, stage: str, seconds: float) -> None:
@@ -123,7 +123,7 @@ class Pipeline:
         """One label file per (train trace, budget); existing files are kept."""
         from tqdm import tqdm
 
-        from .episodes import golden_labels
+        from .episodes import LabelJob, golden_labels_many
 
         a = self.args
         ldir = self.work / "labels"
@@ -133,13 +133,17 @@ class Pipeline:
         todo = [(j, p) for j, p in zip(jobs, paths) if not p.exists()]
         if todo:
             t0 = time.time()
-            for (i, b), p in tqdm(todo, desc="labels", disable=a.quiet):
-                seq = self.sequence(train, i)
-                ev = golden_labels(
-                    self.model(), seq.input_ids, seq.prompt_len, budget=b, interval=a.interval, keep=a.label_evictions,
-                    seed=a.seed * 1_000_003 + i * 31 + b,
-                )
-                write_labels(p, ev, {"trace": str(i), "budget": str(b), "interval": str(a.interval)})
+            bar = tqdm(total=len(todo), desc="labels", disable=a.quiet)
+            for c in range(0, len(todo), a.batch):
+                chunk = todo[c : c + a.batch]
+                jobs = []
+                for (i, b), _ in chunk:
+                    seq = self.sequence(train, i)
+                    jobs.append(LabelJob(seq.input_ids, seq.prompt_len, b, a.seed * 1_000_003 + i * 31 + b))
+                for ((i, b), p), ev in zip(chunk, golden_labels_many(self.model(), jobs, interval=a.interval, keep=a.label_evictions)):
+                    write_labels(p, ev, {"trace": str(i), "budget": str(b), "interval": str(a.interval)})
+                bar.update(len(chunk))
+            bar.close()
             self._timed("labels", time.time() - t0)
         return paths
 
@@ -180,7 +184,7 @@ class Pipeline:
 
     def reinforce(self, sl: TorchScorer, train) -> TorchScorer:
         """The RL scorer (trained from the supervised one unless ``rl/state.pt`` exists)."""
-        from .episodes import sampled_rollout
+        from .episodes import RolloutJob, sampled_rollouts
 
         a = self.args
         rdir = self.work / "rl"
@@ -198,15 +202,14 @@ class Pipeline:
         model = self.model()
         budgets = self.budgets
 
-        def rollout(scorer, k, request, seed):
-            i = usable[k]
-            seq = self.sequence(train, i)
-            fits = [b for b in budgets if len(seq) > b + a.interval] or [min(budgets)]
-            b = fits[(request // a.group) % len(fits)]
-            return sampled_rollout(
-                model, scorer, seq.input_ids, seq.prompt_len, seq.ce, seq.entropy, budget=b, interval=a.interval,
-                seed=seed, request=request, temperature=a.temperature,
-            )
+        def rollout(scorer, items, seed):
+            jobs = []
+            for k, request in items:
+                seq = self.sequence(train, usable[k])
+                fits = [b for b in budgets if len(seq) > b + a.interval] or [min(budgets)]
+                b = fits[(request // a.group) % len(fits)]
+                jobs.append(RolloutJob(seq.input_ids, seq.prompt_len, seq.ce, seq.entropy, b, request))
+            return sampled_rollouts(model, scorer, jobs, interval=a.interval, seed=seed, temperature=a.temperature)
 
         scorer = TorchScorer(*sl.shape).to(self.device)
         scorer.load_state_dict(sl.state_dict())
@@ -247,7 +250,7 @@ class Pipeline:
         self.model()
         res = loss_ratios(
             self._model, self._tok, load_split(str(heldout)), scorers, self.budgets, a.interval, limit=a.eval_count,
-            progress=not a.quiet,
+            progress=not a.quiet, batch=a.batch,
         )
         out.write_text(json.dumps(res, indent=2))
         self._timed("eval", time.time() - t0)
@@ -326,6 +329,11 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampler softmax temperature")
     p.add_argument("--eval-count", type=int, default=8, help="held-out sequences in the final eval")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--batch", type=int, default=4, help="sequences simulated together (one packed forward) for labels and eval")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="the LLM's weights and KV cache dtype in the simulator (bfloat16: ~2x faster on CPUs with AMX/AVX512-BF16)",
+    )
 
 
 def main(args: Any) -> int:

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -94,9 +94,10 @@ def pool_change(scorer: TorchScorer, d: Decision) -> float:
     return (top != d.pool.sort(dim=1).values).any(1).float().mean().item()
 
 
-RolloutFn = Callable[[TorchScorer, int, int, int], Trajectory]
-"""``rollout(scorer, trace_index, request, seed) -> Trajectory``: one sampled trajectory of a
-training trace (the simulator with the sampler's victims), rewarded."""
+RolloutFn = Callable[[TorchScorer, Sequence[Tuple[int, int]], int], List[Trajectory]]
+"""``rollouts(scorer, [(trace_index, request), ...], seed) -> [Trajectory, ...]``: one sampled
+trajectory of a training trace per item (the simulator with the sampler's victims), rewarded; a
+step's whole set in one call, so that the simulator runs them as one packed batch."""
 
 
 def train_rl(
@@ -130,12 +131,15 @@ def train_rl(
         groups = []
         t_roll = time.time()
         scorer.eval()
-        for ti in traces:
-            trajs = []
-            for g in range(cfg.group):
-                request = (step * cfg.traces_per_step + len(groups)) * cfg.group + g
-                with torch.no_grad():
-                    trajs.append(rollout(scorer, ti, request, cfg.seed))
+        items = [
+            (ti, (step * cfg.traces_per_step + k) * cfg.group + g) for k, ti in enumerate(traces) for g in range(cfg.group)
+        ]
+        with torch.no_grad():
+            done = rollout(scorer, items, cfg.seed)
+        if len(done) != len(items):
+            raise ValueError(f"rollouts returned {len(done)} trajectories for {len(items)} items")
+        for k in range(len(traces)):
+            trajs = done[k * cfg.group : (k + 1) * cfg.group]
             rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
             adv = group_advantages(rewards)
             with torch.no_grad():
