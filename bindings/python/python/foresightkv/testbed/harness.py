@@ -236,7 +236,9 @@ def run_eval(
                 pre = prefill(model, seq.input_ids[: seq.prompt_len])
                 specs, keys = [GenSpec("full", budgets[0], interval)], [(None, "full")]
                 for b in budgets:
+                    t_gold = time.time()
                     g = GoldenRun(trace, b, interval, prompt_len=seq.prompt_len) if "golden" in policies else None
+                    stage_seconds["golden"] += time.time() - t_gold
                     for p in policies:
                         specs.append(GenSpec(p, b, interval, scorer_obj, seed, g if p == "golden" else None))
                         keys.append((b, p))
