@@ -20,7 +20,6 @@
 //!   gives, whatever the engine's chunking. When `P` is unknown, a prompt chunk of more than one
 //!   token is compressed at its end (outside protect mode).
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -134,9 +133,12 @@ impl LiveWindow {
         if self.len <= base || self.prefilling() {
             return None;
         }
-        let due = self.len - base >= s.budget + s.interval || self.compress_pending;
+        if self.len - base < s.budget + s.interval && !self.compress_pending {
+            return None;
+        }
+        // Only when due: the division is most of this call's cost.
         let after = align_down(self.len.saturating_sub(s.budget), s.block_size);
-        if !due || after <= base {
+        if after <= base {
             return None;
         }
         Some(EvictionPlan {
@@ -390,14 +392,29 @@ const MAX_TOKENS: usize = i32::MAX as usize;
 /// Most request keys: keys travel as int64.
 const MAX_KEY: u64 = i64::MAX as u64;
 
+/// Row position marker of a row whose key has no state yet (a new request).
+const NEW_KEY: u32 = u32::MAX;
+
 /// The batched eviction planner of an engine: the live window of every request, keyed by the
 /// engine's request key, planned one forward (all requests of the batch) per call.
+///
+/// States live in a slab indexed by the request slot, found through a key index; the slot each
+/// row position had at the last plan is kept as a hint, so the common step (the same requests in
+/// the same order as the last forward) finds every state without hashing.
 #[derive(Clone, Debug)]
 pub struct WindowPlanner {
     schedule: Schedule,
     evicts: bool,
-    states: KeyMap<RequestWindow>,
-    pending: Vec<u64>,
+    /// `(key, state)` of each request slot in use, `None` for a free slot.
+    slab: Vec<Option<(u64, RequestWindow)>>,
+    /// Slot of each key with state.
+    index: KeyMap<u32>,
+    /// Slot of each row position at the last plan (a hint: checked against the key before use).
+    hints: Vec<u32>,
+    /// Scratch of one plan: the slot of each row's existing state, [`NEW_KEY`] for none.
+    resolved: Vec<u32>,
+    /// `(slot, serial)` of the states whose eviction the last plan made pending.
+    pending: Vec<(u32, u64)>,
     next_serial: u64,
     max_slots: Option<usize>,
     free_slots: Vec<u32>,
@@ -411,7 +428,10 @@ impl WindowPlanner {
         Self {
             schedule,
             evicts,
-            states: KeyMap::default(),
+            slab: Vec::new(),
+            index: KeyMap::default(),
+            hints: Vec::new(),
+            resolved: Vec::new(),
             pending: Vec::new(),
             next_serial: 0,
             max_slots: None,
@@ -424,13 +444,12 @@ impl WindowPlanner {
     /// = unbounded); a plan that would exceed it is refused with [`WindowError::TooManyRequests`].
     /// Refused (returns false) when more requests hold state already.
     pub fn set_max_slots(&mut self, max_slots: Option<usize>) -> bool {
-        if max_slots.is_some_and(|m| m < self.states.len() || m > u32::MAX as usize) {
+        if max_slots.is_some_and(|m| m < self.index.len() || m > u32::MAX as usize) {
             return false;
         }
         if let Some(m) = max_slots {
             // Refused while a request holds a slot at or past the new bound.
-            let used: KeySet = self.states.values().map(|s| u64::from(s.slot)).collect();
-            if used.iter().any(|&s| s as usize >= m) {
+            if self.index.values().any(|&s| s as usize >= m) {
                 return false;
             }
             self.free_slots.retain(|&s| (s as usize) < m);
@@ -447,16 +466,6 @@ impl WindowPlanner {
         self.max_slots
     }
 
-    fn take_slot(&mut self) -> u32 {
-        match self.free_slots.pop() {
-            Some(s) => s,
-            None => {
-                self.next_slot += 1;
-                self.next_slot - 1
-            }
-        }
-    }
-
     /// The schedule the planner follows.
     pub fn schedule(&self) -> &Schedule {
         &self.schedule
@@ -464,83 +473,127 @@ impl WindowPlanner {
 
     /// Requests with state.
     pub fn num_requests(&self) -> usize {
-        self.states.len()
+        self.index.len()
     }
 
     /// Keys of the requests with state (any order).
     pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.states.keys().copied()
+        self.index.keys().copied()
     }
 
     /// The state of request `key`, if any.
     pub fn state(&self, key: u64) -> Option<&RequestWindow> {
-        self.states.get(&key)
+        let slot = *self.index.get(&key)?;
+        self.slab[slot as usize].as_ref().map(|(_, st)| st)
     }
 
     /// Forgets request `key` (finished, aborted or preempted); its pending eviction is dropped.
     /// Returns the serial of the state it had.
     pub fn release(&mut self, key: u64) -> Option<u64> {
-        let st = self.states.remove(&key)?;
-        self.free_slots.push(st.slot);
+        let slot = self.index.remove(&key)?;
+        let (_, st) = self.slab[slot as usize].take()?;
+        self.free_slots.push(slot);
         Some(st.serial)
     }
 
+    /// Slot of the state of `key` at row position `i`: the hint when it still holds `key`, else
+    /// the index; [`NEW_KEY`] when the key has no state.
+    fn lookup(&self, i: usize, key: u64) -> u32 {
+        if let Some(&slot) = self.hints.get(i) {
+            if matches!(self.slab.get(slot as usize), Some(Some((k, _))) if *k == key) {
+                return slot;
+            }
+        }
+        self.index.get(&key).copied().unwrap_or(NEW_KEY)
+    }
+
     /// Checks the rows against the state the plan will see (after committing the pending
-    /// evictions and applying the resets of earlier rows), before anything changes.
-    fn validate(&self, rows: &[StepRequest]) -> Result<(), WindowError> {
+    /// evictions and applying the resets of earlier rows), before anything changes; records each
+    /// row's slot in `resolved` for the plan.
+    fn validate(&mut self, rows: &[StepRequest]) -> Result<(), WindowError> {
         let mut fresh = KeySet::default();
         let mut new_keys = KeySet::default();
         let mut total = 0usize;
-        for r in rows {
+        let mut resolved = std::mem::take(&mut self.resolved);
+        resolved.clear();
+        for (i, r) in rows.iter().enumerate() {
+            let slot = self.lookup(i, r.key);
+            resolved.push(slot);
             if r.key > MAX_KEY {
+                self.resolved = resolved;
                 return Err(WindowError::KeyTooLarge(r.key));
             }
-            if r.num_new > r.seq_len {
-                return Err(WindowError::MoreNewThanLength {
+            let err = if r.num_new > r.seq_len {
+                Some(WindowError::MoreNewThanLength {
                     key: r.key,
                     num_new: r.num_new,
                     seq_len: r.seq_len,
-                });
-            }
-            if r.seq_len > MAX_TOKENS {
-                return Err(WindowError::TooLong {
+                })
+            } else if r.seq_len > MAX_TOKENS {
+                Some(WindowError::TooLong {
                     key: r.key,
                     len: r.seq_len,
-                });
-            }
-            total += r.num_new;
-            if total > MAX_TOKENS {
-                return Err(WindowError::TooManyTokens(total));
+                })
+            } else {
+                total += r.num_new;
+                (total > MAX_TOKENS).then_some(WindowError::TooManyTokens(total))
+            };
+            if let Some(e) = err {
+                self.resolved = resolved;
+                return Err(e);
             }
             if r.reset {
                 fresh.insert(r.key);
             }
-            let live_start = match self.states.get(&r.key) {
-                Some(s) if !fresh.contains(&r.key) => s.pending.unwrap_or(s.window.live_start),
+            let live_start = match self.slab.get(slot as usize) {
+                Some(Some((_, s))) if fresh.is_empty() || !fresh.contains(&r.key) => {
+                    s.pending.unwrap_or(s.window.live_start)
+                }
                 _ => 0,
             };
             let start = r.seq_len - r.num_new;
-            if start < live_start {
-                return Err(WindowError::BeforeWindow {
+            let err = if start < live_start {
+                Some(WindowError::BeforeWindow {
                     key: r.key,
                     start,
                     live_start,
-                });
+                })
+            } else if self.schedule.protect_prompt && r.prefill && r.num_new > 0 && live_start > 0 {
+                Some(WindowError::PromptAfterEviction { key: r.key })
+            } else {
+                None
+            };
+            if let Some(e) = err {
+                self.resolved = resolved;
+                return Err(e);
             }
-            if self.schedule.protect_prompt && r.prefill && r.num_new > 0 && live_start > 0 {
-                return Err(WindowError::PromptAfterEviction { key: r.key });
-            }
-            if !self.states.contains_key(&r.key) {
+            if slot == NEW_KEY {
                 new_keys.insert(r.key);
             }
         }
+        self.resolved = resolved;
         if let Some(max) = self.max_slots {
-            let needed = self.states.len() + new_keys.len();
+            let needed = self.index.len() + new_keys.len();
             if needed > max {
                 return Err(WindowError::TooManyRequests { needed, max });
             }
         }
         Ok(())
+    }
+
+    /// A free slot for a new state (the lowest freed one first, else the next unused).
+    fn take_slot(&mut self) -> u32 {
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None => {
+                self.next_slot += 1;
+                self.next_slot - 1
+            }
+        };
+        if self.slab.len() <= slot as usize {
+            self.slab.resize(slot as usize + 1, None);
+        }
+        slot
     }
 
     /// Plans one forward into `out` (cleared first): commits the evictions planned by the previous
@@ -551,11 +604,14 @@ impl WindowPlanner {
     pub fn plan(&mut self, rows: &[StepRequest], out: &mut StepPlan) -> Result<(), WindowError> {
         self.validate(rows)?;
         out.clear();
-        for key in std::mem::take(&mut self.pending) {
-            if let Some(st) = self.states.get_mut(&key) {
+        for (slot, serial) in std::mem::take(&mut self.pending) {
+            if let Some(Some((key, st))) = self.slab.get_mut(slot as usize) {
+                if st.serial != serial {
+                    continue;
+                }
                 if let Some(to) = st.pending.take() {
                     out.released.push(Advance {
-                        key,
+                        key: *key,
                         old_live_start: st.window.live_start,
                         new_live_start: to,
                         protected_len: st.window.protected_len,
@@ -566,40 +622,37 @@ impl WindowPlanner {
         }
         let s = self.schedule;
         let mut offset = 0usize;
-        for r in rows {
+        let mut hints = std::mem::take(&mut self.hints);
+        hints.clear();
+        for (i, r) in rows.iter().enumerate() {
             let serial = self.next_serial;
-            let slot = if self.states.contains_key(&r.key) {
-                0
-            } else {
-                self.take_slot()
+            let fresh = |slot| RequestWindow {
+                serial,
+                window: LiveWindow::default(),
+                pending: None,
+                slot,
+                queries_from: 0,
             };
-            let st = match self.states.entry(r.key) {
-                Entry::Occupied(e) => {
-                    let st = e.into_mut();
-                    if r.reset {
-                        out.dropped.push(st.serial);
-                        *st = RequestWindow {
-                            serial,
-                            window: LiveWindow::default(),
-                            pending: None,
-                            slot: st.slot,
-                            queries_from: 0,
-                        };
-                        self.next_serial += 1;
-                    }
-                    st
-                }
-                Entry::Vacant(e) => {
-                    self.next_serial += 1;
-                    e.insert(RequestWindow {
-                        serial,
-                        window: LiveWindow::default(),
-                        pending: None,
-                        slot,
-                        queries_from: 0,
-                    })
-                }
+            let mut slot = self.resolved[i];
+            if slot == NEW_KEY {
+                // A new key, or one a previous row of this forward created.
+                slot = self.index.get(&r.key).copied().unwrap_or(NEW_KEY);
+            }
+            if slot == NEW_KEY {
+                slot = self.take_slot();
+                self.index.insert(r.key, slot);
+                self.slab[slot as usize] = Some((r.key, fresh(slot)));
+                self.next_serial += 1;
+            }
+            hints.push(slot);
+            let Some((_, st)) = self.slab[slot as usize].as_mut() else {
+                unreachable!("slot {slot} of key {} holds a state", r.key)
             };
+            if r.reset && st.serial != serial {
+                out.dropped.push(st.serial);
+                *st = fresh(slot);
+                self.next_serial += 1;
+            }
             let w = &mut st.window;
             w.grow(&s, r.seq_len, r.num_new, r.prefill, r.prompt_len);
             let target = if self.evicts {
@@ -611,10 +664,10 @@ impl WindowPlanner {
             let (ls, p, n) = (w.live_start, w.protected_len, r.seq_len);
             out.num_queries
                 .push(n.saturating_sub(st.queries_from.max(p)) as i32);
-            out.slots.push(st.slot as i32);
+            out.slots.push(slot as i32);
             st.pending = target;
             if target.is_some() {
-                self.pending.push(r.key);
+                self.pending.push((slot, st.serial));
                 st.queries_from = n;
             }
             out.seq_lens.push(n as i32);
@@ -637,6 +690,7 @@ impl WindowPlanner {
             out.serials.push(st.serial as i64);
             offset += r.num_new;
         }
+        self.hints = hints;
         out.num_tokens = offset;
         Ok(())
     }
@@ -721,7 +775,10 @@ mod tests {
         let before = p.clone();
         let err = p.plan(&[row(2, 5, 5, true), row(1, 3, 6, false)], &mut out);
         assert!(matches!(err, Err(WindowError::MoreNewThanLength { .. })));
-        assert_eq!(p.states, before.states);
+        for k in [1, 2] {
+            assert_eq!(p.state(k), before.state(k));
+        }
+        assert_eq!(p.num_requests(), before.num_requests());
         assert_eq!(p.pending, before.pending);
         // The window moved to 32 at the commit: new tokens starting before it need a reset.
         let err = p.plan(&[row(1, 101, 80, false)], &mut out);

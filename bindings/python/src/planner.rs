@@ -76,6 +76,59 @@ fn bytes_i64(out: &mut Vec<u8>, vals: impl IntoIterator<Item = i64>) {
     }
 }
 
+/// The integers (or bools) of a list or tuple, read in place: the common case, a few nanoseconds an
+/// element (no iterator, no reference counting; `True`/`False` and exact `int`s are recognised by
+/// pointer, without a call). `None` for any other object or an element that is not an `int` (the
+/// general path after it then handles the object or names the offending element).
+fn int_items(obj: &Bound<'_, PyAny>) -> Option<Vec<i64>> {
+    use pyo3::ffi;
+    type GetItem = unsafe extern "C" fn(*mut ffi::PyObject, ffi::Py_ssize_t) -> *mut ffi::PyObject;
+    let (n, get): (usize, GetItem) = if let Ok(l) = obj.cast::<PyList>() {
+        (l.len(), ffi::PyList_GetItem)
+    } else if let Ok(t) = obj.cast::<PyTuple>() {
+        (t.len(), ffi::PyTuple_GetItem)
+    } else {
+        return None;
+    };
+    // SAFETY: addresses of the interpreter's static singletons and of the `int` type object.
+    let (t, f, int_type) = unsafe {
+        (
+            ffi::Py_True(),
+            ffi::Py_False(),
+            std::ptr::addr_of_mut!(ffi::PyLong_Type),
+        )
+    };
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: the GIL is held and nothing below runs Python code (PyLong_AsLongLong of an
+        // `int` instance reads its value, it calls no `__index__`), so the list cannot change
+        // under the loop and the borrowed item stays alive; `i < n` = its length.
+        let x = unsafe {
+            let item = get(obj.as_ptr(), i as ffi::Py_ssize_t);
+            if item == f {
+                0
+            } else if item == t {
+                1
+            } else {
+                if item.is_null()
+                    || (ffi::Py_TYPE(item) != int_type && ffi::PyLong_Check(item) == 0)
+                {
+                    ffi::PyErr_Clear();
+                    return None;
+                }
+                let x = ffi::PyLong_AsLongLong(item);
+                if x == -1 && !ffi::PyErr_Occurred().is_null() {
+                    ffi::PyErr_Clear(); // out of int64 range: the general path names it
+                    return None;
+                }
+                x
+            }
+        };
+        v.push(x);
+    }
+    Some(v)
+}
+
 /// One column of the batch as int64: a 1-D CPU int32/int64 tensor or ndarray (read in place), or a
 /// sequence of integers (`bools`: of Python bools or integers, nonzero = true).
 pub(crate) fn column(name: &str, obj: &Bound<'_, PyAny>, bools: bool) -> PyResult<Vec<i64>> {
@@ -100,6 +153,9 @@ pub(crate) fn column(name: &str, obj: &Bound<'_, PyAny>, bools: bool) -> PyResul
                 .collect(),
             _ => unsafe { t.read_strided::<i64>() },
         });
+    }
+    if let Some(v) = int_items(obj) {
+        return Ok(v);
     }
     if let Ok(v) = obj.extract::<Vec<i64>>() {
         return Ok(v);

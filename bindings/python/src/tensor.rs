@@ -153,14 +153,52 @@ fn loaded_class<'py>(
     if let Some(cls) = cell.get(py) {
         return Ok(Some(cls.bind(py).clone()));
     }
-    let modules = PyModule::import(py, "sys")?.getattr("modules")?;
-    let modules = modules.cast_into::<PyDict>().map_err(PyErr::from)?;
+    // `sys.modules` is one dict for the interpreter's life: looked up once, not imported per call.
+    static MODULES: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
+    let modules = MODULES.get_or_try_init(py, || {
+        PyModule::import(py, "sys")?
+            .getattr("modules")?
+            .cast_into::<PyDict>()
+            .map(Bound::unbind)
+            .map_err(PyErr::from)
+    })?;
+    let modules = modules.bind(py);
     match modules.get_item(module)? {
         None => Ok(None),
         Some(m) => {
             let cls = m.getattr(name)?;
             Ok(Some(cell.get_or_init(py, || cls.unbind()).bind(py).clone()))
         }
+    }
+}
+
+/// The torch objects a tensor's layout and dtype are compared with (by identity: no strings per
+/// call), looked up once torch is loaded.
+struct TorchObjects {
+    strided: Py<PyAny>,
+    dtypes: Vec<(Py<PyAny>, ElemType)>,
+}
+
+impl TorchObjects {
+    fn get(py: Python<'_>) -> PyResult<&'static TorchObjects> {
+        static CELL: PyOnceLock<TorchObjects> = PyOnceLock::new();
+        CELL.get_or_try_init(py, || {
+            let torch = py.import("torch")?;
+            let dtypes = [
+                ("float32", ElemType::F32),
+                ("float16", ElemType::F16),
+                ("bfloat16", ElemType::Bf16),
+                ("int32", ElemType::I32),
+                ("int64", ElemType::I64),
+            ]
+            .into_iter()
+            .map(|(n, e)| Ok((torch.getattr(n)?.unbind(), e)))
+            .collect::<PyResult<_>>()?;
+            Ok(TorchObjects {
+                strided: torch.getattr("strided")?.unbind(),
+                dtypes,
+            })
+        })
     }
 }
 
@@ -231,33 +269,36 @@ impl<'py> Tensor<'py> {
     }
 
     fn from_torch(name: &str, obj: &Bound<'py, PyAny>) -> PyResult<Self> {
-        let layout = obj.getattr(intern!(obj.py(), "layout"))?.str()?.to_string();
-        if layout != "torch.strided" || obj.getattr(intern!(obj.py(), "is_nested"))?.is_truthy()? {
+        let py = obj.py();
+        let torch = TorchObjects::get(py)?;
+        let layout = obj.getattr(intern!(py, "layout"))?;
+        if !layout.is(&torch.strided) || obj.getattr(intern!(py, "is_nested"))?.is_truthy()? {
             return Err(shape_err(
                 name,
-                format!("has layout {layout}: a dense strided tensor is needed"),
+                format!(
+                    "has layout {}: a dense strided tensor is needed",
+                    layout.str()?
+                ),
             ));
         }
-        let dev = obj.getattr(intern!(obj.py(), "device"))?;
-        let dev_type: String = dev.getattr(intern!(obj.py(), "type"))?.extract()?;
-        let device = match dev_type.as_str() {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda(dev.getattr(intern!(obj.py(), "index"))?.extract::<Option<usize>>()?.unwrap_or(0)),
-            other => {
-                return Err(error(
-                    Kind::Device,
-                    format!("{name} is on device '{other}': only CPU and CUDA tensors hold data foresightkv can use"),
-                ))
-            }
+        // Booleans first (the common case, no strings); the device's type only for a message.
+        let device = if obj.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
+            Device::Cpu
+        } else if obj.getattr(intern!(py, "is_cuda"))?.is_truthy()? {
+            let index: i64 = obj.call_method0(intern!(py, "get_device"))?.extract()?;
+            Device::Cuda(usize::try_from(index).unwrap_or(0))
+        } else {
+            let dev = obj.getattr(intern!(py, "device"))?;
+            let other: String = dev.getattr(intern!(py, "type"))?.extract()?;
+            return Err(error(
+                Kind::Device,
+                format!("{name} is on device '{other}': only CPU and CUDA tensors hold data foresightkv can use"),
+            ));
         };
-        let dtype_name = obj.getattr(intern!(obj.py(), "dtype"))?.str()?.to_string();
-        let dtype = match dtype_name.as_str() {
-            "torch.float32" => ElemType::F32,
-            "torch.float16" => ElemType::F16,
-            "torch.bfloat16" => ElemType::Bf16,
-            "torch.int32" => ElemType::I32,
-            "torch.int64" => ElemType::I64,
-            _ => ElemType::Other,
+        let dt = obj.getattr(intern!(py, "dtype"))?;
+        let (dtype, dtype_name) = match torch.dtypes.iter().find(|(d, _)| dt.is(d)) {
+            Some((_, e)) => (*e, format!("torch.{}", e.name())),
+            None => (ElemType::Other, dt.str()?.to_string()),
         };
         let shape: Vec<i64> = obj.getattr(intern!(obj.py(), "shape"))?.extract()?;
         let strides: Vec<i64> = obj.call_method0(intern!(obj.py(), "stride"))?.extract()?;

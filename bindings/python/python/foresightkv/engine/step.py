@@ -86,7 +86,6 @@ class StepRequest:
     rng_key: Optional[int] = None
 
 
-@dataclass(frozen=True)
 class StepBatch:
     """The requests of one forward as columns (one entry per request row, batch order), what engine
     plugins build from their own per-batch arrays without a Python object per request. ``prompt_lens``
@@ -97,13 +96,31 @@ class StepBatch:
     stable across processes (``request_rng_key(request_id, seed)``; pass it on every forward); without
     it the planner's per-process state serial is used."""
 
-    keys: Sequence[int]
-    seq_lens: Sequence[int]
-    num_new: Sequence[int]
-    prefill: Sequence[bool]
-    reset: Sequence[bool]
-    prompt_lens: Optional[Sequence[int]] = None
-    rng_keys: Optional[Sequence[int]] = None
+    # A plain slotted class, not a frozen dataclass: built once per forward on the hot path, where
+    # a frozen dataclass's ``__init__`` costs about three times the planner's own call at batch 1.
+    __slots__ = ("keys", "seq_lens", "num_new", "prefill", "reset", "prompt_lens", "rng_keys")
+
+    def __init__(
+        self,
+        keys: Sequence[int],
+        seq_lens: Sequence[int],
+        num_new: Sequence[int],
+        prefill: Sequence[bool],
+        reset: Sequence[bool],
+        prompt_lens: Optional[Sequence[int]] = None,
+        rng_keys: Optional[Sequence[int]] = None,
+    ):
+        self.keys = keys
+        self.seq_lens = seq_lens
+        self.num_new = num_new
+        self.prefill = prefill
+        self.reset = reset
+        self.prompt_lens = prompt_lens
+        self.rng_keys = rng_keys
+
+    def __repr__(self) -> str:
+        cols = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"StepBatch({cols})"
 
     @staticmethod
     def of(requests: Sequence[StepRequest]) -> "StepBatch":
