@@ -514,33 +514,32 @@ impl WindowPlanner {
         let mut fresh = KeySet::default();
         let mut new_keys = KeySet::default();
         let mut total = 0usize;
+        // Scratch taken out for the loop (`lookup` borrows `self`); an error drops it (rare, and
+        // the next plan allocates it again).
         let mut resolved = std::mem::take(&mut self.resolved);
         resolved.clear();
         for (i, r) in rows.iter().enumerate() {
             let slot = self.lookup(i, r.key);
             resolved.push(slot);
             if r.key > MAX_KEY {
-                self.resolved = resolved;
                 return Err(WindowError::KeyTooLarge(r.key));
             }
-            let err = if r.num_new > r.seq_len {
-                Some(WindowError::MoreNewThanLength {
+            if r.num_new > r.seq_len {
+                return Err(WindowError::MoreNewThanLength {
                     key: r.key,
                     num_new: r.num_new,
                     seq_len: r.seq_len,
-                })
-            } else if r.seq_len > MAX_TOKENS {
-                Some(WindowError::TooLong {
+                });
+            }
+            if r.seq_len > MAX_TOKENS {
+                return Err(WindowError::TooLong {
                     key: r.key,
                     len: r.seq_len,
-                })
-            } else {
-                total += r.num_new;
-                (total > MAX_TOKENS).then_some(WindowError::TooManyTokens(total))
-            };
-            if let Some(e) = err {
-                self.resolved = resolved;
-                return Err(e);
+                });
+            }
+            total += r.num_new;
+            if total > MAX_TOKENS {
+                return Err(WindowError::TooManyTokens(total));
             }
             if r.reset {
                 fresh.insert(r.key);
@@ -552,20 +551,15 @@ impl WindowPlanner {
                 _ => 0,
             };
             let start = r.seq_len - r.num_new;
-            let err = if start < live_start {
-                Some(WindowError::BeforeWindow {
+            if start < live_start {
+                return Err(WindowError::BeforeWindow {
                     key: r.key,
                     start,
                     live_start,
-                })
-            } else if self.schedule.protect_prompt && r.prefill && r.num_new > 0 && live_start > 0 {
-                Some(WindowError::PromptAfterEviction { key: r.key })
-            } else {
-                None
-            };
-            if let Some(e) = err {
-                self.resolved = resolved;
-                return Err(e);
+                });
+            }
+            if self.schedule.protect_prompt && r.prefill && r.num_new > 0 && live_start > 0 {
+                return Err(WindowError::PromptAfterEviction { key: r.key });
             }
             if slot == NEW_KEY {
                 new_keys.insert(r.key);

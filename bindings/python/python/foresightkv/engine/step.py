@@ -118,6 +118,14 @@ class StepBatch:
         self.prompt_lens = prompt_lens
         self.rng_keys = rng_keys
 
+    def _columns(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StepBatch) and self._columns() == other._columns()
+
+    __hash__ = None  # columns are lists: unhashable, as the dataclass it replaces was in practice
+
     def __repr__(self) -> str:
         cols = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"StepBatch({cols})"
