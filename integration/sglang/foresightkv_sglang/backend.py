@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 import foresightkv
@@ -19,7 +20,10 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 
 from . import hooks
-from .ledger import free_slots, key_generation, key_row, ledger_for, ledger_key
+from .ledger import ROW_BITS, free_slots, host_generations, key_row, ledger_for, ledger_key, ledger_keys
+
+#: The row bits of a ledger key.
+ROW_MASK = (1 << ROW_BITS) - 1
 
 logger = logging.getLogger(__name__)
 
@@ -162,48 +166,54 @@ class ForesightKVAttnBackend(AttentionBackend):
         if mode.is_target_verify() or mode.is_draft_extend_v2():
             raise ConfigError("foresightkv does not support speculative decoding")
         pool = self.req_to_token_pool
-        rows = _as_list(getattr(forward_batch, "req_pool_indices_cpu", None), forward_batch.req_pool_indices)
-        seq_lens = _as_list(getattr(forward_batch, "seq_lens_cpu", None), forward_batch.seq_lens)
+        # The batch's columns as host int64 arrays (SGLang's CPU mirrors when it keeps them), handed to
+        # the planner as CPU tensors it reads in place: no Python object per request on the hot path,
+        # and numpy for the arithmetic (a tenth of a torch CPU op's fixed cost).
+        rows = _host_ints(getattr(forward_batch, "req_pool_indices_cpu", None), forward_batch.req_pool_indices)
+        seq_lens = _host_ints(getattr(forward_batch, "seq_lens_cpu", None), forward_batch.seq_lens)
+        n = rows.size
         decode = mode.is_decode()
         if decode:
-            num_new = [1] * len(rows)
-            prefix = [s - 1 for s in seq_lens]
+            num_new = np.ones(n, dtype=np.int64)
+            prefix = seq_lens - 1
         else:
-            num_new = _as_list(getattr(forward_batch, "extend_seq_lens_cpu", None), forward_batch.extend_seq_lens)
-            prefix = _as_list(getattr(forward_batch, "extend_prefix_lens_cpu", None), forward_batch.extend_prefix_lens)
+            num_new = _host_ints(getattr(forward_batch, "extend_seq_lens_cpu", None), forward_batch.extend_seq_lens)
+            prefix = _host_ints(getattr(forward_batch, "extend_prefix_lens_cpu", None), forward_batch.extend_prefix_lens)
         self._forget_stale()
-        prompt_lens, rng_keys = _row_info(forward_batch, len(rows), decode)
-        real = [i for i, r in enumerate(rows) if r != PADDING_ROW]
+        prompt_lens, rng_keys = _row_info(forward_batch, n, decode)
+        real = rows != PADDING_ROW
         token_index = None
-        if len(real) != len(rows):
+        if not real.all():
             # Padding rows: no request, no state, no attention (their outputs are zeros).
-            starts = [0]
-            for n in num_new:
-                starts.append(starts[-1] + n)
-            token_index = torch.tensor(
-                [t for i in real for t in range(starts[i], starts[i + 1])], dtype=torch.long
-            ).to(self.token_to_kv_pool.device)
-            rows, seq_lens, num_new, prefix = ([x[i] for i in real] for x in (rows, seq_lens, num_new, prefix))
-            prompt_lens = None if prompt_lens is None else [prompt_lens[i] for i in real]
-            rng_keys = None if rng_keys is None else [rng_keys[i] for i in real]
-        if not rows:
+            token_index = torch.from_numpy(np.flatnonzero(np.repeat(real, num_new))).to(self.token_to_kv_pool.device)
+            rows, seq_lens, num_new, prefix = (x[real] for x in (rows, seq_lens, num_new, prefix))
+            kept = np.flatnonzero(real).tolist()
+            prompt_lens = None if prompt_lens is None else [prompt_lens[i] for i in kept]
+            rng_keys = None if rng_keys is None else [rng_keys[i] for i in kept]
+            n = rows.size
+        if not n:
             self.forward_metadata = ForwardMetadata(None, pool.req_to_token[:0], token_index)
             return
-        keys = [ledger_key(pool, r) for r in rows]
-        for key in keys:
-            self.ledger.track(key)
-        prefill = [not decode] * len(rows)
-        reset = [False] * len(rows) if decode else [p == 0 for p in prefix]
-        plan = self.engine.begin_step(StepBatch(keys, seq_lens, num_new, prefill, reset, prompt_lens, rng_keys))
-        for adv in plan.released:
-            row = key_row(adv.key)
-            ranges = self.ledger.take(adv.key, adv.evicted_from, adv.new_live_start)
-            self.freed_slots += free_slots(self.allocator, pool.req_to_token, row, ranges)
-        width = max(seq_lens) if seq_lens else 0
+        keys = ledger_keys(pool, rows)
+        if not decode:
+            # a request's first forward (and its first after a retraction) is an extend
+            self.ledger.track(keys)
+        prefill = [not decode] * n
+        reset = [False] * n if decode else (prefix == 0).tolist()
+        cols = (torch.from_numpy(seq_lens), torch.from_numpy(num_new))
+        plan = self.engine.begin_step(StepBatch(keys, *cols, prefill, reset, prompt_lens, rng_keys))
+        if plan.released:
+            spans = [
+                (key_row(adv.key), self.ledger.take(adv.key, adv.evicted_from, adv.new_live_start))
+                for adv in plan.released
+            ]
+            self.freed_slots += free_slots(self.allocator, pool.req_to_token, spans)
+        width = int(seq_lens.max())
         idx = forward_batch.req_pool_indices.to(pool.req_to_token.device).long()
         if token_index is not None:
             idx = idx[idx != PADDING_ROW]
-        block_tables = pool.req_to_token.index_select(0, idx)[:, :width].contiguous()
+        # one copy: the batch's rows of req_to_token up to the longest request
+        block_tables = pool.req_to_token[:, :width].index_select(0, idx)
         self.forward_metadata = ForwardMetadata(plan, block_tables.to(self.token_to_kv_pool.device), token_index)
 
     def release_rows(self, rows) -> None:
@@ -217,15 +227,17 @@ class ForesightKVAttnBackend(AttentionBackend):
             self.ledger.forget(key)
 
     def _forget_stale(self) -> None:
-        """Drops the engine state and ledger entries of rows SGLang gave to another request."""
-        pool = self.req_to_token_pool
-        gens = pool.req_generation
-        for key in self.ledger.keys():
-            if int(gens[key_row(key)]) != key_generation(key):
-                self.ledger.forget(key)
-        for key in self.engine.keys():
-            if int(gens[key_row(key)]) != key_generation(key):
-                self.engine.release(key)
+        """Drops the engine state and ledger entries of rows SGLang gave to another request (their
+        generation moved on), checking every known key in one pass."""
+        gens = host_generations(self.req_to_token_pool)
+        for keys, drop in ((self.ledger.keys(), self.ledger.forget), (self.engine.keys(), self.engine.release)):
+            if not keys:
+                continue
+            k = np.array(keys, dtype=np.int64)
+            stale = gens[k & ROW_MASK] != k >> ROW_BITS
+            if stale.any():
+                for key in k[stale].tolist():
+                    drop(key)
 
     # ------------------------------------------------------------------ forward
 
@@ -381,11 +393,13 @@ def _row_info(forward_batch, n: int, decode: bool):
     return None, None
 
 
-def _as_list(cpu_values, tensor) -> list:
-    """Host ints from the CPU mirror SGLang keeps when present, else from the tensor."""
-    if cpu_values is not None:
-        return [int(x) for x in (cpu_values.tolist() if hasattr(cpu_values, "tolist") else cpu_values)]
-    return [int(x) for x in tensor.tolist()]
+def _host_ints(cpu_values, tensor) -> np.ndarray:
+    """A host int64 array of the column: from the host mirror SGLang keeps when present (a tensor,
+    array or list), else from the tensor."""
+    src = tensor if cpu_values is None else cpu_values
+    if isinstance(src, torch.Tensor):
+        src = src.cpu().numpy()
+    return np.asarray(src, dtype=np.int64).reshape(-1)
 
 
 def create_foresightkv_backend(model_runner) -> ForesightKVAttnBackend:

@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Tuple
 
+import numpy as np
 import torch
 
 Key = int
@@ -68,11 +69,13 @@ class SlotLedger:
         self._lock = threading.Lock()
         self._entries: Dict[Key, _Entry] = {}
 
-    def track(self, key: Key) -> None:
-        """Starts recording releases of ``key`` (called for every request of a batch, before any
-        eviction of it can be pending)."""
+    def track(self, keys: Iterable[Key]) -> None:
+        """Starts recording releases of ``keys`` (called with the requests of every extend batch: a
+        request's first forward, and the first after a retraction, is one, before any eviction of it
+        can be pending)."""
         with self._lock:
-            self._entries.setdefault(key, _Entry())
+            for key in keys:
+                self._entries.setdefault(key, _Entry())
 
     def taken(self, key: Key) -> List[Range]:
         """The position ranges foresightkv took charge of for ``key``, ascending (empty when unknown)."""
@@ -137,6 +140,25 @@ def ledger_key(req_to_token_pool, row: int) -> Key:
     return pack_key(int(row), int(req_to_token_pool.req_generation[row]))
 
 
+def host_generations(req_to_token_pool) -> np.ndarray:
+    """The pool's row generations as a host int64 array (a view of SGLang's CPU tensor)."""
+    return req_to_token_pool.req_generation.cpu().numpy()
+
+
+def ledger_keys(req_to_token_pool, rows: np.ndarray) -> List[Key]:
+    """``ledger_key`` of each row of ``rows`` (a host int64 array), in one pass over the batch;
+    refuses rows or generations that do not fit a key, naming the first."""
+    bad = (rows < 0) | (rows >= 1 << ROW_BITS)
+    if bad.any():
+        pack_key(int(rows[np.flatnonzero(bad)[0]]), 0)  # raises, naming it
+    gens = host_generations(req_to_token_pool)[rows]
+    bad = (gens < 0) | (gens >= 1 << 31)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        pack_key(int(rows[i]), int(gens[i]))  # raises, naming them
+    return (gens << ROW_BITS | rows).tolist()
+
+
 def pack_key(row: int, generation: int) -> Key:
     """``generation << 32 | row``; refuses values that do not fit (row below 2^32, generation below 2^31)."""
     if not (0 <= row < 1 << ROW_BITS and 0 <= generation < 1 << 31):
@@ -173,16 +195,18 @@ def free_kv_row_hook(original, tree_cache, kv, ranges, *args, **kwargs):
 FREED_SLOT = 0
 
 
-def free_slots(allocator, req_to_token: torch.Tensor, row: int, ranges: List[Range]) -> int:
-    """Gives the slots of ``ranges`` of ``row`` back to SGLang's token allocator in one ``free`` call
-    (which joins a free group the scheduler may have open), then points those positions of the row
-    at ``FREED_SLOT`` (SGLang's page-invariant check flags a row naming a free slot); returns how many
+def free_slots(allocator, req_to_token: torch.Tensor, spans: Iterable[Tuple[int, List[Range]]]) -> int:
+    """Gives the slots of every ``(row, ranges)`` of ``spans`` back to SGLang's token allocator in one
+    ``free`` call (which joins a free group the scheduler may have open; one call per step, as the
+    allocator concatenates its free list on each), then points those positions of their rows at
+    ``FREED_SLOT`` (SGLang's page-invariant check flags a row naming a free slot); returns how many
     slots were freed."""
-    if not ranges:
+    parts = [(row, s, e) for row, ranges in spans for s, e in ranges if e > s]
+    if not parts:
         return 0
-    slots = torch.cat([req_to_token[row, s:e] for s, e in ranges]).to(torch.int64)
+    slots = torch.cat([req_to_token[row, s:e] for row, s, e in parts]).to(torch.int64)
     allocator.free(slots)
-    for s, e in ranges:
+    for row, s, e in parts:
         req_to_token[row, s:e] = FREED_SLOT
     return int(slots.numel())
 

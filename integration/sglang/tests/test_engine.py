@@ -96,7 +96,7 @@ def test_ledger_frees_each_position_once(seed):
     rng = random.Random(seed)
     led = SlotLedger()
     key = (1, 1)
-    led.track(key)
+    led.track([key])
     freed = []
     protected = rng.choice([0, rng.randint(1, 30)])
     start, length = 0, protected

@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from foresightkv._native import NUM_STATS
@@ -156,60 +157,95 @@ class RequestKeys:
     vLLM hands attention backends neither request ids nor sampling seeds, and its request ids are
     randomized per engine (``InputProcessor.assign_request_id``), so the request part of the victim
     RNG key is ``VLLM_RNG_KEY`` for every request: victims depend on the configured seed, layer, head,
-    eviction index and the request's own KV only, never on what the process served before."""
+    eviction index and the request's own KV only, never on what the process served before.
+
+    The table is two host arrays indexed by block id (the key anchored there, -1 for none, and its
+    length), so a step resolves and files every row of the batch with a few array operations, not
+    Python per request (numpy: a tenth of a torch CPU op's fixed cost, which dominates at these
+    sizes)."""
 
     def __init__(self, engine: EvictionEngine, block_size: int) -> None:
         self.engine = engine
         self.block_size = block_size
-        #: block id -> (key, length after the step that wrote its last token there)
-        self._anchors: Dict[int, Tuple[int, int]] = {}
-        #: key -> its anchor block
-        self._block_of: Dict[int, int] = {}
+        #: block id -> key of the request whose last token (after its last step) is there, or -1
+        self._key = np.full(0, -1, dtype=np.int64)
+        #: block id -> that request's length after the step
+        self._len = np.zeros(0, dtype=np.int64)
         self._next = 0
 
     def __len__(self) -> int:
-        return len(self._block_of)
+        return int(np.count_nonzero(self._key >= 0))
 
-    def resolve(self, computed: int, prev_block: int) -> int:
-        """The key of a real row with ``computed`` tokens computed (a new key when 0); ``prev_block``
-        is the block its table gives for position ``computed - 1``."""
-        if computed == 0:
-            self._next += 1
-            return self._next
-        entry = self._anchors.get(prev_block)
-        if entry is None or entry[1] != computed:
+    def _fit(self, blocks: np.ndarray) -> None:
+        """Grows the table to hold every block id of ``blocks`` (doubling)."""
+        top = int(blocks.max()) + 1 if blocks.size else 0
+        size = self._key.size
+        if top > size:
+            grow = max(top, 2 * size, 64) - size
+            self._key = np.concatenate([self._key, np.full(grow, -1, dtype=np.int64)])
+            self._len = np.concatenate([self._len, np.zeros(grow, dtype=np.int64)])
+
+    def resolve(self, computed: np.ndarray, prev_blocks: np.ndarray) -> np.ndarray:
+        """The keys of real rows (int64) with ``computed`` tokens computed (new keys, in row order,
+        where 0); ``prev_blocks`` is the block each row's table gives for position ``computed - 1``."""
+        at = np.maximum(prev_blocks, 0)
+        self._fit(at)
+        key, known = self._key[at], self._len[at]
+        new = computed == 0
+        bad = ~new & ((prev_blocks < 0) | (key < 0) | (known != computed))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            entry = None if key[i] < 0 else (int(key[i]), int(known[i]))
             raise EvictionStateError(
-                f"foresightkv has no state for a request with {computed} computed tokens whose last "
-                f"token is in block {prev_block} (known there: {entry}): its KV was written without "
+                f"foresightkv has no state for a request with {int(computed[i])} computed tokens whose last "
+                f"token is in block {int(prev_blocks[i])} (known there: {entry}): its KV was written without "
                 "the backend (prefix caching, a KV connector, or another backend), which foresightkv "
                 "does not support"
             )
-        return entry[0]
+        fresh = int(np.count_nonzero(new))
+        if fresh:
+            key[new] = np.arange(self._next + 1, self._next + 1 + fresh, dtype=np.int64)
+            self._next += fresh
+        return key
 
-    def claim(self, key: int, length: int, new_blocks, last_block: int) -> None:
-        """Files ``key`` (length ``length`` after the step) under ``last_block``, the block of its
-        last token; releases every other request whose anchor is among ``new_blocks`` (blocks the
-        request got since its last step: vLLM freed them, so their previous owner is gone)."""
-        for b in new_blocks:
-            other = self._anchors.get(b)
-            if other is not None and other[0] != key:
-                self.forget(other[0])
-        old = self._block_of.get(key)
-        if old is not None and old != last_block:
-            self._anchors.pop(old, None)
-        self._anchors[last_block] = (key, length)
-        self._block_of[key] = last_block
+    def claim(
+        self,
+        keys: np.ndarray,
+        lengths: np.ndarray,
+        prev_blocks: np.ndarray,
+        new: np.ndarray,
+        token_blocks: np.ndarray,
+        token_keys: np.ndarray,
+        last_blocks: np.ndarray,
+    ) -> None:
+        """Files each row's key (length ``lengths`` after the step) under ``last_blocks``, the block of
+        its last token, in place of its previous anchor ``prev_blocks`` (rows not ``new``); releases
+        every other request anchored in a block the batch's new tokens were written to
+        (``token_blocks``, of requests ``token_keys``): vLLM freed it, so its previous owner is gone."""
+        self._fit(token_blocks)
+        owner = self._key[token_blocks]
+        stale = (owner >= 0) & (owner != token_keys)
+        if stale.any():
+            for key in np.unique(owner[stale]).tolist():
+                self.forget(key)
+        self._key[prev_blocks[~new]] = -1
+        self._key[last_blocks] = keys
+        self._len[last_blocks] = lengths
 
     def key_at(self, block: int) -> Optional[int]:
         """The key of the request whose last token (after its last step) is in ``block``, if any."""
-        entry = self._anchors.get(block)
-        return None if entry is None else entry[0]
+        if not 0 <= block < self._key.size or self._key[block] < 0:
+            return None
+        return int(self._key[block])
+
+    def block_of(self, key: int) -> Optional[int]:
+        """The block ``key`` is anchored in, if any."""
+        at = np.flatnonzero(self._key == key)
+        return int(at[0]) if at.size else None
 
     def forget(self, key: int) -> None:
         """Releases ``key``'s state in the engine and its anchor."""
-        block = self._block_of.pop(key, None)
-        if block is not None and self._anchors.get(block, (None,))[0] == key:
-            del self._anchors[block]
+        self._key[self._key == key] = -1
         self.engine.release(key)
 
 
@@ -268,35 +304,43 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
         cm = common_attn_metadata
         n = cm.num_reqs
         bs = self.keys.block_size
-        qsl_t = cm.query_start_loc_cpu[: n + 1].long()
-        num_new_t = qsl_t[1:] - qsl_t[:-1]
-        num_tokens = int(qsl_t[n]) if n else 0
+        # Host arithmetic in numpy over vLLM's CPU mirrors (no Python per request; see RequestKeys).
+        qsl = cm.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
+        num_new = np.diff(qsl)
+        num_tokens = int(qsl[n]) if n else 0
         if cm.seq_lens_cpu_upper_bound is not None:
-            seq_lens_t = cm.seq_lens_cpu_upper_bound[:n].long()
+            seq_lens = cm.seq_lens_cpu_upper_bound[:n].numpy().astype(np.int64)
         else:
-            seq_lens_t = cm.seq_lens[:n].long().cpu()
-        computed_t = seq_lens_t - num_new_t
+            seq_lens = cm.seq_lens[:n].cpu().numpy().astype(np.int64)
+        computed = seq_lens - num_new
         table = cm.block_table_tensor[:n]
         width = table.shape[1]
         # one host copy: every new token's slot, and the block of each row's last computed token
-        cols = ((computed_t - 1).clamp(min=0) // bs).clamp(max=max(width - 1, 0))
-        flat = (torch.arange(n) * width + cols).to(table.device)
+        cols = np.minimum(np.maximum(computed - 1, 0) // bs, max(width - 1, 0))
+        flat = torch.from_numpy(np.arange(n) * width + cols).to(table.device)
         prev = table.reshape(-1).index_select(0, flat) if width else flat
-        host = torch.cat([cm.slot_mapping[:num_tokens].long(), prev.long()]).cpu().tolist()
+        host = torch.cat([cm.slot_mapping[:num_tokens].long(), prev.long()]).cpu().numpy()
         slots, prev_blocks = host[:num_tokens], host[num_tokens:]
-        qsl, num_new, seq_lens = qsl_t.tolist(), num_new_t.tolist(), seq_lens_t.tolist()
-        real = [i for i in range(n) if num_new[i] > 0 and slots[qsl[i]] >= 0]
+        # real rows: new tokens with a KV slot (vLLM writes none for dummy rows)
+        if num_tokens:
+            real_mask = (num_new > 0) & (slots[np.minimum(qsl[:-1], num_tokens - 1)] >= 0)
+        else:
+            real_mask = np.zeros(n, dtype=bool)
         meta = dict(
             num_actual_tokens=num_tokens, slot_mapping=cm.slot_mapping[: cm.num_actual_tokens], engine=self.engine
         )
-        if not real:
+        all_real = bool(real_mask.all())
+        real = np.arange(n) if all_real else np.flatnonzero(real_mask)
+        if not real.size:
             return ForesightKVMetadata(plan=None, block_table=table[:0], **meta)
-        keys = [self.keys.resolve(seq_lens[i] - num_new[i], prev_blocks[i]) for i in real]
+        computed_r, seq_r, new_r = computed[real], seq_lens[real], num_new[real]
+        fresh = computed_r == 0
+        keys = self.keys.resolve(computed_r, prev_blocks[real])
         if cm.is_prefilling is not None:
-            prefilling = cm.is_prefilling[:n].cpu().tolist()
+            prefilling = np.asarray(cm.is_prefilling[:n].cpu())[real]
         else:
-            prefilling = (num_new_t > 1).tolist()
-        prompt_lens = None
+            prefilling = new_r > 1
+        rows: Optional[List[int]] = None if all_real else real.tolist()
         if self.settings.engine.protect_prompt:
             if cm.rswa_prefix_lens is None:
                 raise ConfigError(
@@ -304,25 +348,37 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
                     "(CommonAttentionMetadata.rswa_prefix_lens), which vLLM passes when the model "
                     f"config has an R-SWA window (--hf-overrides '{{\"rswa_window\": {self.settings.window}}}')"
                 )
-            prompt_lens = cm.rswa_prefix_lens[:n].cpu().tolist()
-        requests: List[StepRequest] = []
-        rows: List[int] = []
-        for key, i in zip(keys, real):
-            p = None if prompt_lens is None else int(prompt_lens[i])
-            parts = step_requests(key, seq_lens[i], num_new[i], bool(prefilling[i]), p)
-            requests.extend(replace_rng(r) for r in parts)
-            rows.extend([i] * len(parts))
-        plan = self.engine.begin_step(StepBatch.of(requests))
-        for key, i in zip(keys, real):
-            row_slots = slots[qsl[i] : qsl[i + 1]]
-            new_blocks = {s // bs for s in row_slots}
-            self.keys.claim(key, seq_lens[i], new_blocks, row_slots[-1] // bs)
-        if rows != list(range(n)):
+            prompt_lens = np.asarray(cm.rswa_prefix_lens[:n].cpu())[real].tolist()
+            requests: List[StepRequest] = []
+            rows = []
+            for key, i, s_len, k_new, pre, p in zip(
+                keys.tolist(), real.tolist(), seq_r.tolist(), new_r.tolist(), prefilling.tolist(), prompt_lens
+            ):
+                parts = step_requests(key, s_len, k_new, bool(pre), int(p))
+                requests.extend(replace_rng(r) for r in parts)
+                rows.extend([i] * len(parts))
+            batch = StepBatch.of(requests)
+        else:
+            # one plan row per real row, its columns handed over as CPU tensors (the binding reads them
+            # in place; torch.from_numpy shares the memory)
+            cols = (seq_r, new_r, prefilling.astype(np.int64), fresh.astype(np.int64))
+            rng = torch.full((real.size,), VLLM_RNG_KEY, dtype=torch.int64)
+            batch = StepBatch(keys.tolist(), *(torch.from_numpy(c) for c in cols), None, rng)
+        plan = self.engine.begin_step(batch)
+        # file each row under the block of its last token; the blocks its new tokens went to
+        if all_real:
+            token_blocks, token_keys = slots // bs, np.repeat(keys, new_r)
+        else:
+            token_blocks = np.concatenate([slots[qsl[i] : qsl[i + 1]] for i in real.tolist()]) // bs
+            token_keys = np.repeat(keys, new_r)
+        last_blocks = slots[qsl[1:][real] - 1] // bs
+        self.keys.claim(keys, seq_r, prev_blocks[real], fresh, token_blocks, token_keys, last_blocks)
+        if rows is not None and rows != list(range(n)):
             table = table.index_select(0, torch.tensor(rows, dtype=torch.long, device=table.device))
         token_index = None
-        if len(real) != n:
-            idx = [t for i in real for t in range(qsl[i], qsl[i + 1])]
-            token_index = torch.tensor(idx, dtype=torch.long, device=cm.block_table_tensor.device)
+        if not all_real:
+            idx = np.flatnonzero(np.repeat(real_mask, num_new))
+            token_index = torch.from_numpy(idx).to(cm.block_table_tensor.device)
         return ForesightKVMetadata(plan=plan, block_table=table, token_index=token_index, **meta)
 
 

@@ -615,7 +615,7 @@ def test_state_of_finished_aborted_and_preempted_requests_is_released(make_vllm_
         for key in engine.keys():
             if key in mine:
                 continue
-            block = builder.keys._block_of[key]
+            block = builder.keys.block_of(key)
             assert pool.blocks[block].ref_cnt == 0, f"stale state of key {key} whose block {block} is in use"
 
     # short prompts all fit at first; growing to their window they outgrow the pool: preemption
