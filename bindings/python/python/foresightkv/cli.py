@@ -15,17 +15,23 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 
+def _model_arguments(p) -> None:
+    """The model arguments of the commands that load one (``load_model``): ``--model``, ``--threads``."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help="HF model directory (default: $FORESIGHTKV_MODEL or the setup cache)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
 def add_traces(sub) -> None:
     """Arguments of ``traces``."""
     p = sub.add_parser(
         "traces",
         help="build a trace set: the model's own full-cache answers to seeded long prompts",
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="HF model directory (default: $FORESIGHTKV_MODEL or the setup cache)",
-    )
+    _model_arguments(p)
     p.add_argument(
         "--out",
         required=True,
@@ -53,7 +59,6 @@ def add_traces(sub) -> None:
         help="comma-separated task names (kv_retrieval, needle, var_track; default: the one the 135M model solves)",
     )
     p.add_argument("--max-new", type=int, default=12, help="answer tokens at most")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def cmd_traces(args) -> int:
@@ -91,11 +96,7 @@ def add_eval(sub) -> None:
         "eval",
         help="loss ratio, accuracy and attention mass of every policy at every budget",
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="HF model directory (default: $FORESIGHTKV_MODEL or the setup cache)",
-    )
+    _model_arguments(p)
     p.add_argument(
         "--traces",
         required=True,
@@ -149,7 +150,6 @@ def add_eval(sub) -> None:
         action="store_true",
         help="a few short sequences, one budget (the test command)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-loss", action="store_true", help="accuracy only (no loss ratio, no attention mass)")
     p.add_argument("--batch", type=int, default=4, help="held-out sequences evaluated in one packed forward")
     p.add_argument(
