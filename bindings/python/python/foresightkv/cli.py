@@ -15,23 +15,21 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 
-def _model_arguments(p) -> None:
-    """The model arguments of the commands that load one (``load_model``): ``--model``, ``--threads``."""
+def _model_command(sub, name: str, help: str):
+    """The parser of a command that loads a model (``load_model``), with its ``--model`` and ``--threads``."""
+    p = sub.add_parser(name, help=help)
     p.add_argument(
         "--model",
         default=None,
         help="HF model directory (default: $FORESIGHTKV_MODEL or the setup cache)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
 
 
 def add_traces(sub) -> None:
     """Arguments of ``traces``."""
-    p = sub.add_parser(
-        "traces",
-        help="build a trace set: the model's own full-cache answers to seeded long prompts",
-    )
-    _model_arguments(p)
+    p = _model_command(sub, "traces", "build a trace set: the model's own full-cache answers to seeded long prompts")
     p.add_argument(
         "--out",
         required=True,
@@ -92,11 +90,7 @@ def cmd_traces(args) -> int:
 
 def add_eval(sub) -> None:
     """Arguments of ``eval``."""
-    p = sub.add_parser(
-        "eval",
-        help="loss ratio, accuracy and attention mass of every policy at every budget",
-    )
-    _model_arguments(p)
+    p = _model_command(sub, "eval", "loss ratio, accuracy and attention mass of every policy at every budget")
     p.add_argument(
         "--traces",
         required=True,
