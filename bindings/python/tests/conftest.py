@@ -10,6 +10,16 @@ import torch
 import foresightkv as fkv
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    matrices on a busy machine are far faster without OpenMP barriers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def check_consistent(m: fkv.KvCacheManager) -> Dict:
     """Asserts the manager's invariants from its snapshot; returns the snapshot."""
     snap = m.snapshot()

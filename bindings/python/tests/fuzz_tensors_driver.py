@@ -18,23 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import foresightkv as fkv
+from kernel_args import OUTPUTS, DLPackOnly, valid_args
 
-BS, NB, H, D, G = 2, 6, 2, 4, 2
 GUARD = 64
 SENTINEL = 12345
-
-
-class DLPackOnly:
-    """An object that only exports ``__dlpack__`` (a CuPy / JAX stand-in)."""
-
-    def __init__(self, t):
-        self._t = t
-
-    def __dlpack__(self, *args, **kwargs):
-        return self._t.__dlpack__(*args, **kwargs)
-
-    def __dlpack_device__(self):
-        return self._t.__dlpack_device__()
 
 
 def guarded(t):
@@ -44,40 +31,6 @@ def guarded(t):
     view = buf[GUARD:GUARD + n].view(t.shape)
     view.copy_(t)
     return view, buf, n
-
-
-def valid(kernel, gen):
-    kc = torch.randn(NB, BS, H, D, generator=gen)
-    vc = torch.randn(NB, BS, H, D, generator=gen)
-    bt = torch.tensor([[0, 1, 2], [3, 4, -1]], dtype=torch.int32)
-    sl = torch.tensor([6, 3], dtype=torch.int32)
-    ls = torch.tensor([2, 0], dtype=torch.int32)
-    stats = torch.zeros(NB, BS, H, G, 8)
-    if kernel == "reshape_and_cache":
-        return dict(key=torch.randn(3, H, D, generator=gen), value=torch.randn(3, H, D, generator=gen),
-                    key_cache=kc, value_cache=vc, slot_mapping=torch.tensor([0, 5, -1])), ["key_cache", "value_cache"]
-    if kernel == "paged_attention_decode":
-        return dict(query=torch.randn(2, H * G, D, generator=gen), key_cache=kc, value_cache=vc, block_tables=bt,
-                    seq_lens=sl, live_starts=ls, out=torch.zeros(2, H * G, D)), ["out"]
-    if kernel == "window_stats":
-        return dict(queries=torch.randn(2, 3, H * G, D, generator=gen),
-                    num_queries=torch.tensor([3, 1], dtype=torch.int32), key_cache=kc, block_tables=bt, seq_lens=sl,
-                    live_starts=ls, stats=stats), ["stats"]
-    if kernel == "scorer_mlp":
-        in_dim = 2 * D + 8 * G
-        return dict(key_cache=kc, value_cache=vc, block_tables=bt, seq_lens=sl, live_starts=ls, stats=stats,
-                    w1=torch.randn(H, 16, in_dim, generator=gen), b1=torch.zeros(H, 16), w2=torch.zeros(H, 16),
-                    b2=torch.zeros(H), scores=torch.zeros(2, H, 4)), ["scores"]
-    if kernel == "select_survivors":
-        return dict(seq_lens=sl, live_starts=ls, scores=torch.randn(2, H, 4, generator=gen),
-                    num_evict=torch.tensor([2, 1], dtype=torch.int32),
-                    survivors=torch.zeros(2, H, 4, dtype=torch.int32)), ["survivors"]
-    if kernel == "compact":
-        surv = torch.tensor([[[2, 3, 0, 0], [1, 3, 0, 0]], [[0, 1, 2, 0], [0, 1, 2, 0]]], dtype=torch.int32)
-        return dict(key_cache=kc, value_cache=vc, block_tables=bt, seq_lens=sl, live_starts=ls,
-                    num_evict=torch.tensor([2, 0], dtype=torch.int32), survivors=surv,
-                    stats=stats), ["key_cache", "value_cache", "stats"]
-    raise AssertionError(kernel)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.uint8,
@@ -171,7 +124,7 @@ def run(kernel, examples):
     @given(st.data())
     def prop(data):
         gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-        args, outputs = valid(kernel, gen)
+        args, outputs = valid_args(kernel, gen), OUTPUTS[kernel]
         guards = {}
         for o in outputs:
             args[o], buf, n = guarded(args[o])

@@ -8,6 +8,8 @@ import torch
 
 import foresightkv as fkv
 from conftest import check_consistent
+from kernel_args import BS, D, G, H, KERNELS, NB, OUTPUTS
+from kernel_args import valid_args as valid
 
 
 class FakeTensor:
@@ -30,51 +32,6 @@ NOT_TENSORS = [None, [1.0, 2.0], "tensor", 3, FakeTensor()]
 
 # ---------------------------------------------------------------- kernels
 
-BS, NB, H, D, G = 2, 6, 2, 4, 2
-
-
-def valid(kernel):
-    """Valid keyword arguments of each kernel (two sequences over a small cache)."""
-    gen = torch.Generator().manual_seed(0)
-    kc = torch.randn(NB, BS, H, D, generator=gen)
-    vc = torch.randn(NB, BS, H, D, generator=gen)
-    bt = torch.tensor([[0, 1, 2], [3, 4, -1]], dtype=torch.int32)
-    sl = torch.tensor([6, 3], dtype=torch.int32)
-    ls = torch.tensor([2, 0], dtype=torch.int32)
-    stats = torch.zeros(NB, BS, H, G, 8)
-    if kernel == "reshape_and_cache":
-        return dict(key=torch.randn(3, H, D), value=torch.randn(3, H, D), key_cache=kc, value_cache=vc,
-                    slot_mapping=torch.tensor([0, 5, -1]))
-    if kernel == "paged_attention_decode":
-        return dict(query=torch.randn(2, H * G, D), key_cache=kc, value_cache=vc, block_tables=bt, seq_lens=sl,
-                    live_starts=ls, out=torch.zeros(2, H * G, D))
-    if kernel == "window_stats":
-        return dict(queries=torch.randn(2, 3, H * G, D), num_queries=torch.tensor([3, 1], dtype=torch.int32),
-                    key_cache=kc, block_tables=bt, seq_lens=sl, live_starts=ls, stats=stats)
-    if kernel == "scorer_mlp":
-        in_dim = 2 * D + 8 * G
-        return dict(key_cache=kc, value_cache=vc, block_tables=bt, seq_lens=sl, live_starts=ls, stats=stats,
-                    w1=torch.zeros(H, 16, in_dim), b1=torch.zeros(H, 16), w2=torch.zeros(H, 16), b2=torch.zeros(H),
-                    scores=torch.zeros(2, H, 4))
-    if kernel == "select_survivors":
-        return dict(seq_lens=sl, live_starts=ls, scores=torch.zeros(2, H, 4),
-                    num_evict=torch.tensor([2, 1], dtype=torch.int32), survivors=torch.zeros(2, H, 4, dtype=torch.int32))
-    if kernel == "compact":
-        surv = torch.tensor([[[2, 3, 0, 0], [1, 3, 0, 0]], [[0, 1, 2, 0], [0, 1, 2, 0]]], dtype=torch.int32)
-        return dict(key_cache=kc, value_cache=vc, block_tables=bt, seq_lens=sl, live_starts=ls,
-                    num_evict=torch.tensor([2, 0], dtype=torch.int32), survivors=surv, stats=stats)
-    raise AssertionError(kernel)
-
-
-OUTPUTS = {
-    "reshape_and_cache": ["key_cache", "value_cache"],
-    "paged_attention_decode": ["out"],
-    "window_stats": ["stats"],
-    "scorer_mlp": ["scores"],
-    "select_survivors": ["survivors"],
-    "compact": ["key_cache", "value_cache", "stats"],
-}
-KERNELS = sorted(OUTPUTS)
 TENSOR_ARGS = [(k, a) for k in KERNELS for a in valid(k) if isinstance(valid(k)[a], torch.Tensor)]
 
 
@@ -136,6 +93,15 @@ def test_wrong_ranks_raise_shape_error(kernel, arg):
 GROWABLE = {"key_cache", "stats"}
 
 
+# A grown argument whose size is checked against another: the error names that other argument.
+SIZE_ERROR_NAMES = {
+    ("select_survivors", "scores"): "seq_lens",
+    ("scorer_mlp", "scores"): "block_tables",
+    ("compact", "survivors"): "block_tables",
+    ("reshape_and_cache", "key"): "value",
+}
+
+
 @pytest.mark.parametrize(
     "kernel, arg",
     [(k, a) for k, a in TENSOR_ARGS if a not in GROWABLE and (k, a) != ("reshape_and_cache", "value_cache")],
@@ -145,22 +111,11 @@ def test_wrong_sizes_raise_shape_error(kernel, arg):
         t = a[arg]
         a[arg] = torch.cat([t, t[:1]])
 
-    if kernel == "select_survivors" and arg == "scores":
-        expect_untouched(kernel, mutate, fkv.ShapeError, match="seq_lens")
-        return
-    if kernel == "scorer_mlp" and arg == "scores":
-        expect_untouched(kernel, mutate, fkv.ShapeError, match="block_tables")
-        return
-    if kernel == "compact" and arg == "survivors":
-        expect_untouched(kernel, mutate, fkv.ShapeError, match="block_tables")
-        return
-    if kernel == "reshape_and_cache" and arg == "key":
-        expect_untouched(kernel, mutate, fkv.ShapeError, match="value")
-        return
-    if arg in ("block_tables",) or (kernel == "paged_attention_decode" and arg == "query"):
-        expect_untouched(kernel, mutate, fkv.ShapeError)
-        return
-    expect_untouched(kernel, mutate, fkv.ShapeError, match=arg)
+    if arg == "block_tables" or (kernel, arg) == ("paged_attention_decode", "query"):
+        match = None
+    else:
+        match = SIZE_ERROR_NAMES.get((kernel, arg), arg)
+    expect_untouched(kernel, mutate, fkv.ShapeError, match=match)
 
 
 @pytest.mark.parametrize("kernel, arg", TENSOR_ARGS)

@@ -9,6 +9,7 @@ import torch
 
 import foresightkv as fkv
 from conftest import check_consistent, ref_decode, ref_scorer, ref_select, ref_window_stats
+from kernel_args import DLPackOnly
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -271,19 +272,6 @@ def test_empty_batches_are_no_ops():
     surv = torch.empty(0, 1, 4, dtype=torch.int32)
     fkv.select_survivors(torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32),
                          torch.empty(0, 1, 4), torch.empty(0, dtype=torch.int32), surv)
-
-
-class DLPackOnly:
-    """A foreign tensor that only speaks DLPack (as CuPy or JAX arrays do)."""
-
-    def __init__(self, array):
-        self._array = array
-
-    def __dlpack__(self, *args, **kwargs):
-        return self._array.__dlpack__(*args, **kwargs)
-
-    def __dlpack_device__(self):
-        return self._array.__dlpack_device__()
 
 
 def test_dlpack_producers_are_read_and_written_in_place():

@@ -18,13 +18,8 @@ from foresightkv.testbed.model import ModelShape, full_forward_logits, token_los
 sim = importlib.import_module("foresightkv.testbed.simulate")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: tiny matrices on a busy machine are far faster without OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread for the whole module (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed: int = 0, layers: int = 2):
@@ -54,6 +49,11 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     return m
 
 
+def run_sim(m, x, policy, *, prompt_len=0, budget=32, interval=16, **kw):
+    """``sim.simulate`` of ``policy`` from position 0 with B = 32, L = 16 unless told otherwise."""
+    return sim.simulate(m, x, prompt_len=prompt_len, policy=policy, budget=budget, interval=interval, **kw)
+
+
 def ids(n: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 300, (n,), generator=g)
@@ -77,9 +77,9 @@ def test_no_eviction_reproduces_full_cache_ce():
 def test_eviction_changes_loss_and_keeps_budget():
     m = tiny_llama()
     x = ids(200)
-    full = sim.simulate(m, x, prompt_len=0, policy="full", budget=32, interval=16)
+    full = run_sim(m, x, "full")
     for p in ("h2o", "snapkv", "tova", "rkv", "streaming", "random"):
-        r = sim.simulate(m, x, prompt_len=0, policy=p, budget=32, interval=16)
+        r = run_sim(m, x, p)
         assert r.evictions == (200 - 32) // 16, p
         # before the first eviction the cache is full: identical losses
         torch.testing.assert_close(
@@ -169,20 +169,9 @@ def test_foresight_kernel_path_equals_per_head_path():
         16,
         seed=3,
     )
-    kernel = sim.simulate(
-        m, x, prompt_len=0, policy="foresight", budget=32, interval=16, scorer=ck
-    )
+    kernel = run_sim(m, x, "foresight", scorer=ck)
     events = []
-    per_head = sim.simulate(
-        m,
-        x,
-        prompt_len=0,
-        policy="foresight",
-        budget=32,
-        interval=16,
-        scorer=ck,
-        capture=events.append,
-    )
+    per_head = run_sim(m, x, "foresight", scorer=ck, capture=events.append)
     assert events and kernel.evictions == per_head.evictions
     for a, c in zip(kernel.kept, per_head.kept):
         assert torch.equal(a, c)
@@ -193,15 +182,7 @@ def test_golden_victims_are_lowest_future_scores():
     m = tiny_llama()
     x = ids(160)
     events = []
-    r = sim.simulate(
-        m,
-        x,
-        prompt_len=0,
-        policy="golden",
-        budget=32,
-        interval=16,
-        capture=events.append,
-    )
+    r = run_sim(m, x, "golden", capture=events.append)
     assert r.evictions == (160 - 32) // 16 and events
     kept_after = {}
     for ev in events:
@@ -229,7 +210,7 @@ def test_golden_victims_are_lowest_future_scores():
                 <= float(ev.future[kh, keep].min()) + 1e-7
             )
     # Golden beats random on this model
-    rnd = sim.simulate(m, x, prompt_len=0, policy="random", budget=32, interval=16)
+    rnd = run_sim(m, x, "random")
     assert r.ce[48:].mean() < rnd.ce[48:].mean()
 
 
@@ -242,43 +223,19 @@ def test_victims_override_is_obeyed_and_validated():
         seen.append(ev.positions.clone())
         return [list(range(ev.num_evict)) for _ in range(ev.num_kv_heads)]
 
-    r = sim.simulate(
-        m,
-        x,
-        prompt_len=0,
-        policy="h2o",
-        budget=32,
-        interval=16,
-        victims_override=oldest,
-    )
+    r = run_sim(m, x, "h2o", victims_override=oldest)
     # evicting the oldest candidates every time leaves the newest budget entries: a sliding window
     for kept in r.kept:
         assert (kept == torch.arange(112 - kept.shape[1], 112)).all()
     assert seen
     with pytest.raises(fkv.InvalidArgumentError):
-        sim.simulate(
-            m,
-            x,
-            prompt_len=0,
-            policy="h2o",
-            budget=32,
-            interval=16,
-            victims_override=lambda ev: [[0] * ev.num_evict] * ev.num_kv_heads,
-        )
+        run_sim(m, x, "h2o", victims_override=lambda ev: [[0] * ev.num_evict] * ev.num_kv_heads)
     with pytest.raises(fkv.ShapeError):
-        sim.simulate(
-            m,
-            x,
-            prompt_len=0,
-            policy="h2o",
-            budget=32,
-            interval=16,
-            victims_override=lambda ev: [[0]],
-        )
+        run_sim(m, x, "h2o", victims_override=lambda ev: [[0]])
     with pytest.raises(fkv.ConfigError):
-        sim.simulate(m, x, prompt_len=0, policy="nope", budget=32, interval=16)
+        run_sim(m, x, "nope")
     with pytest.raises(fkv.ConfigError):
-        sim.simulate(m, x, prompt_len=0, policy="foresight", budget=32, interval=16)
+        run_sim(m, x, "foresight")
 
 
 def test_generation_through_engine_full_equals_hf_greedy():

@@ -36,13 +36,8 @@ POLICIES = [
 EXACT = ("streaming", "h2o", "random", "foresight", "foresight-top")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: tiny matrices on a busy machine are far faster without OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread for the whole module (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _engine(policy, opts, budget, interval, bs, protect, dims, on_evict):

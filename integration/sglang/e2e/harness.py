@@ -8,12 +8,13 @@ import glob
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, MutableMapping, Optional, Sequence
+
+from engine_server import free_port, wait_healthy
 
 #: SGLang's own checks, on in every run: the busy-time and idle-time pool accounting (a leak raises)
 #: and the page invariants (no row names a free slot, no slot twice on the free list).
@@ -35,18 +36,19 @@ def patched_env(values: Dict[str, Optional[str]]) -> Iterator[None]:
     """Sets (value) or removes (None) environment variables for the block."""
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply_env(os.environ, values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply_env(os.environ, old)
+
+
+def apply_env(env: MutableMapping[str, str], values: Dict[str, Optional[str]]) -> None:
+    """Sets (value) or removes (None) each variable of ``values`` in ``env``."""
+    for k, v in values.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
 
 
 def run_env(fkv: Optional[dict], audit_dir: Optional[Path], extra: Optional[dict] = None) -> Dict[str, Optional[str]]:
@@ -120,19 +122,10 @@ def wait_pool_full(audit_dir: Path, timeout: float = 30.0) -> dict:
         time.sleep(0.2)
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(model: Path, backend: str, fkv: Optional[dict], audit_dir: Path, log: Path, extra: Sequence[str] = ()):
     """``python -m sglang.launch_server`` on 127.0.0.1 (a free port) with ``backend``; yields the base
     URL once ``/health`` answers; stops the server's process group afterwards."""
-    import requests
-
     port = free_port()
     cmd = [
         sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
@@ -140,27 +133,12 @@ def server(model: Path, backend: str, fkv: Optional[dict], audit_dir: Path, log:
         "--host", "127.0.0.1", "--port", str(port), "--random-seed", "0", *extra,
     ]  # fmt: skip
     env = dict(os.environ)
-    for k, v in run_env(fkv, audit_dir).items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
+    apply_env(env, run_env(fkv, audit_dir))
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"launch_server exited with {proc.returncode}:\n{Path(log).read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"launch_server did not answer in 900 s:\n{Path(log).read_text()[-4000:]}")
-            time.sleep(1)
+        wait_healthy(proc, url, log, name="launch_server", timeout_s=900, poll_s=1)
         yield url
     finally:
         if proc.poll() is None:

@@ -18,11 +18,10 @@ def align_up(x, bs):
     return -(-x // bs) * bs
 
 
-@pytest.mark.parametrize("protect", [False, True])
-@pytest.mark.parametrize("seed", range(12))
-def test_schedule_matches_the_core_manager(seed, protect):
-    """The engine's plans (prompt as one prefill, then one token per step) evict exactly when and
-    where the core manager does, one step late."""
+def _core_and_engine(seed, protect):
+    """A random schedule (block size, interval, budget) of ``seed``, the core's ``KvCacheManager``
+    holding one sequence (id 1) with a random prompt, and an ``EvictionEngine`` of the same schedule
+    (h2o); returns ``(rng, bs, budget, interval, manager, engine, prompt length)``."""
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 16])
     interval = bs * rng.randint(1, 4)
@@ -35,6 +34,15 @@ def test_schedule_matches_the_core_manager(seed, protect):
     )
     prompt = rng.randint(1, 3 * budget)
     mgr.add_sequence(1, list(range(prompt)))
+    return rng, bs, budget, interval, mgr, eng, prompt
+
+
+@pytest.mark.parametrize("protect", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_schedule_matches_the_core_manager(seed, protect):
+    """The engine's plans (prompt as one prefill, then one token per step) evict exactly when and
+    where the core manager does, one step late."""
+    rng, bs, budget, interval, mgr, eng, prompt = _core_and_engine(seed, protect)
     protected = align_up(prompt, bs) if protect else 0
     assert mgr.protected_len(1) == protected
     length, n, first = prompt, prompt, True
@@ -53,18 +61,7 @@ def test_schedule_matches_the_core_manager(seed, protect):
 def test_step_plan_matches_the_core_manager_in_protect_mode(seed):
     """``EvictionEngine.begin_step`` in protect mode (the prompt in random chunks, then one token per
     step) plans exactly the core manager's evictions, protected prefix and released positions."""
-    rng = random.Random(seed)
-    bs = rng.choice([1, 2, 16])
-    interval = bs * rng.randint(1, 4)
-    budget = interval * rng.randint(1, 4)
-    mgr = foresightkv.KvCacheManager(
-        foresightkv.CacheConfig(bs, 4096, eviction=foresightkv.EvictionConfig(budget, interval, protect_prompt=True))
-    )
-    eng = EvictionEngine(
-        EngineConfig(budget=budget, interval=interval, policy="h2o", protect_prompt=True), block_size=bs
-    )
-    prompt = rng.randint(1, 3 * budget)
-    mgr.add_sequence(1, list(range(prompt)))
+    rng, bs, budget, interval, mgr, eng, prompt = _core_and_engine(seed, protect=True)
     chunks, done = [], 0
     while done < prompt:
         chunks.append(min(rng.randint(1, budget + interval), prompt - done))
@@ -144,23 +141,27 @@ def test_config_round_trip_and_typed_errors(tmp_path):
     assert EngineConfig.from_env(env={"FORESIGHTKV_CONFIG": str(p)}).budget == 32
 
 
+def _saved_random_foresight(tmp_path, dims, budget, interval, ck_seed, **options):
+    """A random ForesightKV scorer (model ``dims`` = layers, query heads, KV heads, head dim; seed
+    ``ck_seed``) saved in ``tmp_path / "ck"``, and the ``EngineConfig`` of policy ``foresight`` that
+    loads it (``options``: its other fields)."""
+    layers, hq, h, d = dims
+    foresightkv.ScorerCheckpoint.random(layers, h, hq // h, d, budget, interval, seed=ck_seed).save(tmp_path / "ck")
+    return EngineConfig(
+        budget=budget, interval=interval, policy="foresight", checkpoint=str(tmp_path / "ck"), **options
+    )
+
+
 @pytest.mark.parametrize("protect", [False, True])
 @pytest.mark.parametrize("policy", ["h2o", "foresight_topl"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_paged_block16_step_matches_the_dense_reference(policy, seed, protect, tmp_path):
     bs, budget, interval, hq, h, d, layers = 16, 32, 16, 4, 2, 64, 2
     if policy == "h2o":
-        cfg, ck = EngineConfig(budget=budget, interval=interval, policy="h2o", protect_prompt=protect), None
+        cfg = EngineConfig(budget=budget, interval=interval, policy="h2o", protect_prompt=protect)
     else:
-        ck = foresightkv.ScorerCheckpoint.random(layers, h, hq // h, d, budget, interval, seed=seed)
-        ck.save(tmp_path / "ck")
-        cfg = EngineConfig(
-            budget=budget,
-            interval=interval,
-            policy="foresight",
-            checkpoint=str(tmp_path / "ck"),
-            sample=False,
-            protect_prompt=protect,
+        cfg = _saved_random_foresight(
+            tmp_path, (layers, hq, h, d), budget, interval, seed, sample=False, protect_prompt=protect
         )
     eng = EvictionEngine(cfg, block_size=bs)
     g = torch.Generator().manual_seed(seed)
@@ -263,15 +264,8 @@ def test_step_keeps_what_the_core_simulation_keeps(policy, prompt, tmp_path):
     trace.save(tmp_path / "trace.safetensors")
     t = load_file(str(tmp_path / "trace.safetensors"))
     if policy.startswith("foresight"):
-        ck = foresightkv.ScorerCheckpoint.random(layers, h, hq // h, d, budget, interval, seed=2)
-        ck.save(tmp_path / "ck")
-        cfg = EngineConfig(
-            budget=budget,
-            interval=interval,
-            policy="foresight",
-            checkpoint=str(tmp_path / "ck"),
-            sample=policy == "foresight_sample",
-            seed=9,
+        cfg = _saved_random_foresight(
+            tmp_path, (layers, hq, h, d), budget, interval, 2, sample=policy == "foresight_sample", seed=9
         )
     else:
         cfg = EngineConfig(budget=budget, interval=interval, policy=policy)

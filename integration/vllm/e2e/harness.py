@@ -269,6 +269,15 @@ def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
     return res
 
 
+def run_once(model: str, reqs: Sequence[Req], fkv: Optional[dict] = None, **kw) -> Result:
+    """``run`` of ``reqs`` on an engine made for it (``make_llm(model, fkv, **kw)``) and shut down after."""
+    llm = make_llm(model, fkv, **kw)
+    try:
+        return run(llm, reqs)
+    finally:
+        shutdown(llm)
+
+
 def all_finite(values: Sequence[float]) -> bool:
     """True when every value is finite."""
     return all(math.isfinite(v) for v in values)

@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from harness import BlockLedger, Req, all_finite, make_llm, model_runner, run, shutdown
+from harness import BlockLedger, Req, all_finite, make_llm, model_runner, run, run_once, shutdown
 
 BS = 32  # vLLM's block size in these tests (CPU_ATTN needs a multiple of 32)
 B, L = 64, 32  # budget and interval: window W = 96 tokens, 3 blocks
@@ -47,11 +47,7 @@ def ledger():
 @pytest.fixture(scope="module")
 def native(tiny_model):
     """vLLM's native CPU attention on the standard workload (the reference)."""
-    llm = make_llm(tiny_model)
-    try:
-        return run(llm, WORKLOAD)
-    finally:
-        shutdown(llm)
+    return run_once(tiny_model, WORKLOAD)
 
 
 def check_invariants(res, ledger, reqs, *, max_blocks=None):
@@ -86,11 +82,7 @@ def test_native_reference_holds_whole_lengths(native):
 )
 def test_without_eviction_equals_native(tiny_model, native, ledger, fkv):
     """Greedy tokens equal vLLM's native CPU attention token for token, logprobs to float32 noise."""
-    llm = make_llm(tiny_model, fkv)
-    try:
-        res = run(llm, WORKLOAD)
-    finally:
-        shutdown(llm)
+    res = run_once(tiny_model, WORKLOAD, fkv)
     for r in WORKLOAD:
         assert res.tokens[r.rid] == native.tokens[r.rid], r.rid
         worst = max(abs(a - b) for a, b in zip(res.logprobs[r.rid], native.logprobs[r.rid]))
@@ -113,11 +105,7 @@ POLICIES = ["h2o", "tova", "snapkv", "streaming_llm", "random", "rkv"]
 @pytest.mark.parametrize("policy", POLICIES)
 def test_eviction_policies(tiny_model, native, ledger, policy):
     """Each policy: native tokens up to the first eviction, then bounded KV to the end."""
-    llm = make_llm(tiny_model, {"budget": B, "interval": L, "policy": policy})
-    try:
-        res = run(llm, WORKLOAD)
-    finally:
-        shutdown(llm)
+    res = run_once(tiny_model, WORKLOAD, {"budget": B, "interval": L, "policy": policy})
     for r in WORKLOAD:
         k = first_evicted_step(len(r.prompt), protect=False)
         assert res.tokens[r.rid][:k] == native.tokens[r.rid][:k], r.rid
@@ -130,16 +118,8 @@ def test_protect_prompt_chunked_prefill(tiny_model, ledger):
     gen = 160  # past align_up(P) + W + a block for both prompts, so the window must bound them
     reqs = [Req("short", prompt(40, 10), gen), Req("long", prompt(150, 11), gen)]
     kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=64)
-    ref_llm = make_llm(tiny_model, **kw)
-    try:
-        ref = run(ref_llm, reqs)
-    finally:
-        shutdown(ref_llm)
-    llm = make_llm(tiny_model, {"budget": B, "interval": L, "policy": "h2o", "protect_prompt": True}, **kw)
-    try:
-        res = run(llm, reqs)
-    finally:
-        shutdown(llm)
+    ref = run_once(tiny_model, reqs, **kw)
+    res = run_once(tiny_model, reqs, {"budget": B, "interval": L, "policy": "h2o", "protect_prompt": True}, **kw)
     for r in reqs:
         k = first_evicted_step(len(r.prompt), protect=True)
         assert k < gen
@@ -154,17 +134,9 @@ def test_foresight_shipped_scorer_on_testbed(testbed, ledger):
     """``foresight`` with the shipped scorer (scorers/smollm2-135m) on the testbed model it was trained
     for: native tokens up to the first eviction, bounded KV, finite logprobs to the end."""
     reqs = [Req("a", prompt(30, 20, 49152), 112), Req("b", prompt(50, 21, 49152), 112)]
-    ref_llm = make_llm(str(testbed), max_model_len=512, max_num_batched_tokens=512)
-    try:
-        ref = run(ref_llm, reqs)
-    finally:
-        shutdown(ref_llm)
+    ref = run_once(str(testbed), reqs, max_model_len=512, max_num_batched_tokens=512)
     fkv = {"budget": B, "interval": L, "policy": "foresight", "checkpoint": str(SCORER)}
-    llm = make_llm(str(testbed), fkv, max_model_len=512, max_num_batched_tokens=512)
-    try:
-        res = run(llm, reqs)
-    finally:
-        shutdown(llm)
+    res = run_once(str(testbed), reqs, fkv, max_model_len=512, max_num_batched_tokens=512)
     for r in reqs:
         k = first_evicted_step(len(r.prompt), protect=False)
         assert res.tokens[r.rid][:k] == ref.tokens[r.rid][:k], r.rid

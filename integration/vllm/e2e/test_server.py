@@ -4,21 +4,14 @@ OpenAI-compatible API, long enough to evict."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
+from engine_server import free_port, wait_healthy
+
 STARTUP_S = 900  # whole-server start on a loaded 2-core machine (imports dominate)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_command(model: str, port: int, fkv: dict):
@@ -59,8 +52,6 @@ def serve_command(model: str, port: int, fkv: dict):
 @pytest.fixture()
 def server(tiny_model, tmp_path):
     """A running ``vllm serve`` with foresightkv (h2o, B=64, L=32); yields (base url, log path)."""
-    import requests
-
     port = free_port()
     log = tmp_path / "serve.log"
     env = dict(os.environ, FORESIGHTKV_VLLM_CPU="1", VLLM_LOGGING_LEVEL="INFO")
@@ -70,18 +61,7 @@ def server(tiny_model, tmp_path):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vllm serve did not come up in {STARTUP_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
+        wait_healthy(proc, base, log, name="vllm serve", timeout_s=STARTUP_S, poll_s=2)
         yield base, log
     finally:
         proc.terminate()

@@ -115,6 +115,34 @@ def _dummy_metadata(runner, num_reqs, num_tokens, last_table):
     )
 
 
+def _metadata(blocks, starts, qlens, prefilling, **optional):
+    """vLLM's ``CommonAttentionMetadata`` of one step: row ``i`` computes ``qlens[i]`` tokens from
+    position ``starts[i]`` over the block ids ``blocks[i]`` (``BS`` tokens each), prefilling or not;
+    ``optional``: its optional fields (``req_idx``, ``rswa_prefix_lens``)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    seq_lens = [a + q for a, q in zip(starts, qlens)]
+    table = torch.zeros(len(blocks), max(len(row) for row in blocks), dtype=torch.int32)
+    slots = []
+    for i, row in enumerate(blocks):
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        slots += [row[p // BS] * BS + p % BS for p in range(starts[i], seq_lens[i])]
+    qsl = torch.tensor([0] + list(np.cumsum(qlens)), dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        num_reqs=len(blocks),
+        num_actual_tokens=int(qsl[-1]),
+        max_query_len=max(qlens),
+        max_seq_len=max(seq_lens),
+        block_table_tensor=table,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        is_prefilling=torch.tensor(prefilling),
+        **optional,
+    )
+
+
 def _run(
     make_vllm_config, fkv, seed, steps, max_chunk, dtype=torch.float32, with_req_idx=True, dummies=None, checks=None
 ):
@@ -129,8 +157,6 @@ def _run(
     ``dummies`` ("v1" / "v2"): now and then a dummy batch of that runner between two steps (DP busy
     loop, warm-up), which must change no request's state and read nothing. ``checks(engine, builder,
     reqs, key)`` runs after every step."""
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-
     from foresightkv_vllm.backend import VLLM_RNG_KEY
 
     rng = random.Random(seed)
@@ -193,29 +219,16 @@ def _run(
                 r["blocks"].append(free.pop())
             qlens.append(q)
             prefilling.append(r["len"] < r["prompt"])
-        width = max(len(reqs[i]["blocks"]) for i in order)
-        table = torch.zeros(len(order), width, dtype=torch.int32)
-        slots, seq_lens = [], []
-        for row, i in enumerate(order):
-            r = reqs[i]
-            table[row, : len(r["blocks"])] = torch.tensor(r["blocks"], dtype=torch.int32)
-            slots += [r["blocks"][p // BS] * BS + p % BS for p in range(r["len"], r["len"] + qlens[row])]
-            seq_lens.append(r["len"] + qlens[row])
-        qsl = torch.tensor([0] + list(np.cumsum(qlens)), dtype=torch.int32)
-        cm = CommonAttentionMetadata(
-            query_start_loc=qsl,
-            query_start_loc_cpu=qsl,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            num_reqs=len(order),
-            num_actual_tokens=int(qsl[-1]),
-            max_query_len=max(qlens),
-            max_seq_len=max(seq_lens),
-            block_table_tensor=table,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            is_prefilling=torch.tensor(prefilling),
+        cm = _metadata(
+            [reqs[i]["blocks"] for i in order],
+            [reqs[i]["len"] for i in order],
+            qlens,
+            prefilling,
             req_idx=np.array(order, dtype=np.int32) if with_req_idx else None,
             rswa_prefix_lens=torch.tensor([reqs[i]["orig"] for i in order], dtype=torch.int32) if protect else None,
         )
+        qsl, table = cm.query_start_loc, cm.block_table_tensor
+        seq_lens = [reqs[i]["len"] + q for i, q in zip(order, qlens)]
         meta = builder.build(0, cm)
         # each request's engine key, found by the block of its last token (RequestKeys)
         key = {i: builder.keys.key_at(reqs[i]["blocks"][(seq_lens[row] - 1) // BS]) for row, i in enumerate(order)}
@@ -394,8 +407,6 @@ def _serve_one(builder, impl, layers, caches, stream, prompt, total, first_block
     ``chunks``, chunked prefill), then one token per step, blocks ``first_block, first_block + 1,
     ...``; in protect mode with vLLM's ``rswa_prefix_lens``. Returns its key and the attention
     output of every position ``[total, layers, HQ, D]``."""
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-
     n, key = 0, None
     blocks = []
     steps = list(chunks or [prompt]) + [1] * (total - prompt)
@@ -403,19 +414,8 @@ def _serve_one(builder, impl, layers, caches, stream, prompt, total, first_block
     for q in steps:
         while len(blocks) * BS < n + q:
             blocks.append(first_block + len(blocks))
-        qsl = torch.tensor([0, q], dtype=torch.int32)
-        cm = CommonAttentionMetadata(
-            query_start_loc=qsl,
-            query_start_loc_cpu=qsl,
-            seq_lens=torch.tensor([n + q], dtype=torch.int32),
-            num_reqs=1,
-            num_actual_tokens=q,
-            max_query_len=q,
-            max_seq_len=n + q,
-            block_table_tensor=torch.tensor([blocks], dtype=torch.int32),
-            slot_mapping=torch.tensor([blocks[p // BS] * BS + p % BS for p in range(n, n + q)]),
-            is_prefilling=torch.tensor([n < prompt]),
-            rswa_prefix_lens=torch.tensor([prompt], dtype=torch.int32) if protect else None,
+        cm = _metadata(
+            [blocks], [n], [q], [n < prompt], rswa_prefix_lens=torch.tensor([prompt], dtype=torch.int32) if protect else None
         )
         meta = builder.build(0, cm)
         for layer in range(LAYERS):
@@ -514,7 +514,6 @@ class _Worker:
         self.gen = torch.Generator().manual_seed(seed)
 
     def step(self, so):
-        from vllm.v1.attention.backend import CommonAttentionMetadata
         from vllm.v1.outputs import ModelRunnerOutput
 
         for rid in so.finished_req_ids:
@@ -535,29 +534,14 @@ class _Worker:
         rows = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] > 1)
         if not rows:
             return ModelRunnerOutput(req_ids=[], req_id_to_index={})
-        qlens = [so.num_scheduled_tokens[r] for r in rows]
-        seq_lens = [computed[r] + q for r, q in zip(rows, qlens)]
-        width = max(len(self.blocks[r]) for r in rows)
-        table = torch.zeros(len(rows), width, dtype=torch.int32)
-        slots = []
-        for i, r in enumerate(rows):
-            table[i, : len(self.blocks[r])] = torch.tensor(self.blocks[r], dtype=torch.int32)
-            slots += [self.blocks[r][p // BS] * BS + p % BS for p in range(computed[r], seq_lens[i])]
-        qsl = torch.tensor([0] + list(np.cumsum(qlens)), dtype=torch.int32)
-        cm = CommonAttentionMetadata(
-            query_start_loc=qsl,
-            query_start_loc_cpu=qsl,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            num_reqs=len(rows),
-            num_actual_tokens=int(qsl[-1]),
-            max_query_len=max(qlens),
-            max_seq_len=max(seq_lens),
-            block_table_tensor=table,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            is_prefilling=torch.tensor([computed[r] < self.prompt[r] for r in rows]),
+        cm = _metadata(
+            [self.blocks[r] for r in rows],
+            [computed[r] for r in rows],
+            [so.num_scheduled_tokens[r] for r in rows],
+            [computed[r] < self.prompt[r] for r in rows],
         )
         meta = self.builder.build(0, cm)
-        t = int(qsl[-1])
+        t = cm.num_actual_tokens
         for layer in range(LAYERS):
             q = torch.randn(t, HQ * D, generator=self.gen)
             k, v = torch.randn(t, H, D, generator=self.gen), torch.randn(t, H, D, generator=self.gen)

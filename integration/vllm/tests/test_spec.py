@@ -20,22 +20,53 @@ def _full_spec(block_size, num_kv_heads=8, head_size=128, dtype=torch.float16):
     return FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype)
 
 
-def _settings(budget, interval, block_size):
-    engine = EngineConfig.from_dict({"budget": budget, "interval": interval, "policy": "h2o"}, block_size=block_size)
+def _settings(budget, interval, block_size, policy="h2o", protect=False):
+    """The plugin's settings for a model of 2 layers, 8 KV heads (group 2), head size 128, fp16."""
+    fkv = {"budget": budget, "interval": interval, "policy": policy}
+    if protect:
+        fkv["protect_prompt"] = True
+    engine = EngineConfig.from_dict(fkv, block_size=block_size)
     return PluginSettings(engine=engine, block_size=block_size, shape=ModelShape(2, 8, 16, 128, torch.float16))
 
 
-def test_customize_spec_gives_the_sliding_window_and_packs_the_statistics_in_the_page():
-    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+def _manager(spec, bs, *, chunk, max_model_len, num_blocks):
+    """vLLM's ``BlockPool`` of ``num_blocks`` (no prefix caching) and the manager vLLM's registry picks
+    for ``spec``."""
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+
+    pool = BlockPool(num_blocks, enable_caching=False, hash_block_size=bs)
+    mgr = get_manager_for_kv_cache_spec(
+        spec,
+        max_in_flight_tokens=chunk,
+        max_model_len=max_model_len,
+        block_pool=pool,
+        enable_caching=False,
+        kv_cache_group_id=0,
+        scheduler_block_size=bs,
+    )
+    return pool, mgr
+
+
+@pytest.mark.parametrize("protect", [False, True], ids=["sliding-window", "protect-r-swa"])
+def test_customize_spec_gives_the_live_window_and_packs_the_statistics_in_the_page(protect):
+    """Outside protect mode the spec is vLLM's sliding window of W = B + L; in protect mode it is
+    R-SWA's window (``rswa_window``, no sliding window); either way the page holds the statistics."""
+    from vllm.v1.kv_cache_interface import RSWASpec, SlidingWindowSpec
 
     from foresightkv_vllm import config
     from foresightkv_vllm.backend import ForesightKVBackend
 
     full = _full_spec(16)
-    config.activate(_settings(1024, 128, 16))
+    config.activate(_settings(1024, 128, 16, protect=protect))
     spec = ForesightKVBackend.customize_spec(full)
-    assert type(spec) is SlidingWindowSpec
-    assert spec.sliding_window == 1024 + 128
+    if protect:
+        assert type(spec) is RSWASpec
+        assert spec.rswa_window == 1024 + 128
+        assert spec.sliding_window is None
+    else:
+        assert type(spec) is SlidingWindowSpec
+        assert spec.sliding_window == 1024 + 128
     # each (block, slot, KV head) cell: K and V (2 x 128 fp16) then float32 statistics [G = 2, 8]
     assert full.page_size_bytes == 16 * 8 * 2 * 128 * 2
     assert spec.page_size_bytes == 16 * 8 * (2 * 128 * 2 + 2 * 8 * 4)
@@ -48,8 +79,7 @@ def test_customize_spec_keeps_full_attention_under_the_full_cache_policy():
     from foresightkv_vllm import config
     from foresightkv_vllm.backend import ForesightKVBackend
 
-    engine = EngineConfig.from_dict({"budget": 1024, "interval": 128, "policy": "full_cache"}, block_size=16)
-    config.activate(PluginSettings(engine=engine, block_size=16, shape=ModelShape(2, 8, 16, 128, torch.float16)))
+    config.activate(_settings(1024, 128, 16, policy="full_cache"))
     full = _full_spec(16)
     # full_cache never evicts, so vLLM must keep (and the backend reads) every block of the sequence
     assert ForesightKVBackend.customize_spec(full) is full
@@ -63,19 +93,39 @@ def test_customize_spec_without_configuration_is_a_clear_error():
         ForesightKVBackend.customize_spec(_full_spec(16))
 
 
-def _cases():
-    rng = random.Random(20261123)
+def _chunks(total, chunk):
+    """The steps of a prefill of ``total`` tokens in chunks of at most ``chunk``: ``(committed, new)``."""
+    n = 0
+    while n < total:
+        q = min(chunk, total - n)
+        yield n, q
+        n += q
+
+
+def _preempt(mgr, pool, engine, rid, key, usable):
+    """Preemption by recompute: vLLM frees every block of the request (the pool is whole again) and
+    the engine forgets it; the caller then prefills the whole sequence again."""
+    mgr.free(rid)
+    assert pool.get_num_free_blocks() == usable
+    engine.release(key)
+
+
+def _cases(protect=False):
+    """Random ``(budget, interval, bs, prompt, chunk, decode, preempt_at)`` cases and one fixed one;
+    in protect mode shorter prompts, decodes of at least ``2 W``, and preemptions also past ``W``."""
+    rng = random.Random(20261124 if protect else 20261123)
     out = []
     for _ in range(12):
         bs = rng.choice([16, 32])
         interval = bs * rng.randint(1, 4)
         budget = interval + bs * rng.randint(0, 10)  # the core requires interval <= budget
-        prompt = rng.randint(1, 5 * (budget + interval))
+        w = budget + interval
+        prompt = rng.randint(1, (3 if protect else 5) * w)
         chunk = rng.choice([prompt, bs * rng.randint(1, 8), rng.randint(1, 300)])
-        decode = rng.randint(1, 6 * (budget + interval))
-        preempt_at = rng.choice([None, rng.randint(0, decode - 1)])
+        decode = rng.randint(2 * w if protect else 1, 6 * w)
+        preempt_at = rng.choice([None, rng.randint(0, decode - 1), *([rng.randint(w, decode - 1)] if protect else [])])
         out.append((budget, interval, bs, prompt, chunk, decode, preempt_at))
-    out.append((1024, 128, 16, 3000, 3000, 3000, None))
+    out.append((64, 16, 16, 100, 37, 700, 400) if protect else (1024, 128, 16, 3000, 3000, 3000, None))
     return out
 
 
@@ -83,22 +133,12 @@ def _cases():
 def test_vllm_manager_frees_before_the_window_and_never_a_live_block(
     budget, interval, bs, prompt, chunk, decode, preempt_at
 ):
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager, get_manager_for_kv_cache_spec
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 
     spec = live_window_spec(_full_spec(bs), _settings(budget, interval, bs))
     max_len = prompt + decode
     num_blocks = max_len // bs + 8
-    pool = BlockPool(num_blocks, enable_caching=False, hash_block_size=bs)
-    mgr = get_manager_for_kv_cache_spec(
-        spec,
-        max_in_flight_tokens=chunk,
-        max_model_len=max_len + 1,
-        block_pool=pool,
-        enable_caching=False,
-        kv_cache_group_id=0,
-        scheduler_block_size=bs,
-    )
+    pool, mgr = _manager(spec, bs, chunk=chunk, max_model_len=max_len + 1, num_blocks=num_blocks)
     assert type(mgr) is SlidingWindowManager
     cap = spec.max_admission_blocks_per_request(max_in_flight_tokens=chunk, max_model_len=max_len + 1)
     engine = EvictionEngine(_settings(budget, interval, bs).engine, block_size=bs)
@@ -124,23 +164,14 @@ def test_vllm_manager_frees_before_the_window_and_never_a_live_block(
         return held
 
     peak_after_prompt, steady = 0, []
-    total = prompt
-    n = 0
-    while n < total:
-        q = min(chunk, total - n)
+    for n, q in _chunks(prompt, chunk):
         peak_after_prompt = max(peak_after_prompt, step(n, q, True))
-        n += q
+    n = prompt
     for t in range(decode):
         if preempt_at is not None and t == preempt_at:
-            # preemption by recompute: vLLM frees everything and prefills the whole sequence again
-            mgr.free(rid)
-            assert pool.get_num_free_blocks() == usable
-            engine.release(key)
-            total, n = n, 0
-            while n < total:
-                q = min(chunk, total - n)
-                step(n, q, True)
-                n += q
+            _preempt(mgr, pool, engine, rid, key, usable)
+            for m, q in _chunks(n, chunk):
+                step(m, q, True)
         steady.append(step(n, 1, False))
         n += 1
     # the window bounds what a request holds, however long it runs
@@ -154,26 +185,14 @@ def test_a_pool_sized_by_the_window_admits_and_runs_long_requests_concurrently(s
     """vLLM sizes and admits sliding-window requests by ``max_admission_blocks_per_request``: a pool of
     ``k`` such caps (far fewer blocks than ``k`` full sequences) runs ``k`` long requests side by side,
     interleaved, without ever lacking a block."""
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
-
     rng = random.Random(seed)
     budget, interval, bs, chunk, k = 64, 32, 16, 48, 4
     lengths = [rng.randint(600, 1200) for _ in range(k)]
     settings = _settings(budget, interval, bs)
     spec = live_window_spec(_full_spec(bs), settings)
     cap = spec.max_admission_blocks_per_request(max_in_flight_tokens=chunk, max_model_len=2048)
-    pool = BlockPool(k * cap + 1, enable_caching=False, hash_block_size=bs)
+    pool, mgr = _manager(spec, bs, chunk=chunk, max_model_len=2048, num_blocks=k * cap + 1)
     assert k * cap + 1 < sum(-(-n // bs) for n in lengths) // 4  # full attention would need > 4x the pool
-    mgr = get_manager_for_kv_cache_spec(
-        spec,
-        max_in_flight_tokens=chunk,
-        max_model_len=2048,
-        block_pool=pool,
-        enable_caching=False,
-        kv_cache_group_id=0,
-        scheduler_block_size=bs,
-    )
     engine = EvictionEngine(settings.engine, block_size=bs)
     done = [0] * k
     prompts = [rng.randint(1, 300) for _ in range(k)]
@@ -201,47 +220,7 @@ def test_a_pool_sized_by_the_window_admits_and_runs_long_requests_concurrently(s
     assert pool.get_num_free_blocks() == k * cap
 
 
-def _protect_settings(budget, interval, block_size, policy="h2o"):
-    engine = EngineConfig.from_dict(
-        {"budget": budget, "interval": interval, "policy": policy, "protect_prompt": True}, block_size=block_size
-    )
-    return PluginSettings(engine=engine, block_size=block_size, shape=ModelShape(2, 8, 16, 128, torch.float16))
-
-
-def test_customize_spec_in_protect_mode_gives_the_r_swa_window_and_packs_the_statistics():
-    from vllm.v1.kv_cache_interface import RSWASpec
-
-    from foresightkv_vllm import config
-    from foresightkv_vllm.backend import ForesightKVBackend
-
-    full = _full_spec(16)
-    config.activate(_protect_settings(1024, 128, 16))
-    spec = ForesightKVBackend.customize_spec(full)
-    assert type(spec) is RSWASpec
-    assert spec.rswa_window == 1024 + 128
-    assert spec.sliding_window is None
-    assert spec.page_size_bytes == 16 * 8 * (2 * 128 * 2 + 2 * 8 * 4)
-    assert (spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype) == (16, 8, 128, torch.float16)
-    assert ForesightKVBackend.customize_spec(spec) is spec
-
-
-def _protect_cases():
-    rng = random.Random(20261124)
-    out = []
-    for _ in range(12):
-        bs = rng.choice([16, 32])
-        interval = bs * rng.randint(1, 4)
-        budget = interval + bs * rng.randint(0, 10)
-        prompt = rng.randint(1, 3 * (budget + interval))
-        chunk = rng.choice([prompt, bs * rng.randint(1, 8), rng.randint(1, 300)])
-        decode = rng.randint(2 * (budget + interval), 6 * (budget + interval))
-        preempt_at = rng.choice([None, rng.randint(0, decode - 1), rng.randint(budget + interval, decode - 1)])
-        out.append((budget, interval, bs, prompt, chunk, decode, preempt_at))
-    out.append((64, 16, 16, 100, 37, 700, 400))
-    return out
-
-
-@pytest.mark.parametrize("budget,interval,bs,prompt,chunk,decode,preempt_at", _protect_cases())
+@pytest.mark.parametrize("budget,interval,bs,prompt,chunk,decode,preempt_at", _cases(protect=True))
 def test_vllm_r_swa_manager_keeps_the_prompt_and_never_frees_a_block_the_backend_reads(
     budget, interval, bs, prompt, chunk, decode, preempt_at
 ):
@@ -249,25 +228,15 @@ def test_vllm_r_swa_manager_keeps_the_prompt_and_never_frees_a_block_the_backend
     not even after preemption and a resumed re-prefill of prompt + generated tokens; no block the
     engine reads (protected prompt, then its evictable window) is freed; a request holds at most the
     prompt's blocks plus ``cdiv(W, bs) + 1``; the gap blocks really go back to the pool."""
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import RSWAManager, get_manager_for_kv_cache_spec
+    from vllm.v1.core.single_type_kv_cache_manager import RSWAManager
 
     from foresightkv_vllm.backend import step_requests
 
-    settings = _protect_settings(budget, interval, bs)
+    settings = _settings(budget, interval, bs, protect=True)
     spec = live_window_spec(_full_spec(bs), settings)
     max_len = prompt + decode
     num_blocks = max_len // bs + 8
-    pool = BlockPool(num_blocks, enable_caching=False, hash_block_size=bs)
-    mgr = get_manager_for_kv_cache_spec(
-        spec,
-        max_in_flight_tokens=chunk,
-        max_model_len=max_len + 1,
-        block_pool=pool,
-        enable_caching=False,
-        kv_cache_group_id=0,
-        scheduler_block_size=bs,
-    )
+    pool, mgr = _manager(spec, bs, chunk=chunk, max_model_len=max_len + 1, num_blocks=num_blocks)
     assert type(mgr) is RSWAManager
     engine = EvictionEngine(settings.engine, block_size=bs)
     rid, key = "req-0", 7
@@ -294,22 +263,15 @@ def test_vllm_r_swa_manager_keeps_the_prompt_and_never_frees_a_block_the_backend
         assert held + pool.get_num_free_blocks() == usable
         return plan, held
 
-    n = 0
-    while n < prompt:
-        q = min(chunk, prompt - n)
+    for n, q in _chunks(prompt, chunk):
         step(n, q)
-        n += q
+    n = prompt
     steady, evictions = [], 0
     for t in range(decode):
         if preempt_at is not None and t == preempt_at:
-            mgr.free(rid)
-            assert pool.get_num_free_blocks() == usable
-            engine.release(key)
-            total, n = n, 0
-            while n < total:
-                q = min(chunk, total - n)
-                step(n, q)
-                n += q
+            _preempt(mgr, pool, engine, rid, key, usable)
+            for m, q in _chunks(n, chunk):
+                step(m, q)
         plan, held = step(n, 1)
         evictions += sum(t is not None for t in plan.evict_to)
         assert all(not b.is_null for b in mgr.req_to_blocks[rid][:prompt_blocks]), "a prompt block was freed"
@@ -336,7 +298,7 @@ def test_a_resumed_chunk_crossing_the_prompt_is_split_at_the_original_prompt():
     assert not gen.prefill and not gen.reset
     (plain,) = step_requests(3, 330, 330, True, None)
     assert plain.prefill and plain.num_new == 330
-    engine = EvictionEngine(_protect_settings(64, 16, 16).engine, block_size=16)
+    engine = EvictionEngine(_settings(64, 16, 16, protect=True).engine, block_size=16)
     engine.begin_step(step_requests(3, 330, 330, True, 100))
     assert engine.protected_len(3) == 112
 

@@ -50,15 +50,7 @@ from .errors import (
     ShapeError,
 )
 from .evict import scorer_weights
-from .kernels import (
-    compact,
-    paged_attention_decode,
-    reshape_and_cache,
-    sample_survivors,
-    scorer_mlp,
-    select_survivors,
-    window_stats,
-)
+from .kernels import *  # noqa: F403 (the kernel functions: the names of kernels.__all__, added to __all__ below)
 
 __all__ = [
     "__version__",
@@ -96,11 +88,6 @@ __all__ = [
     "CapacityError",
     "SequenceError",
     "ShapeError",
-    "compact",
-    "paged_attention_decode",
-    "reshape_and_cache",
-    "sample_survivors",
-    "scorer_mlp",
-    "select_survivors",
-    "window_stats",
 ]
+# the kernel functions, re-exported under the names ``kernels`` lists
+__all__ += kernels.__all__

@@ -15,17 +15,21 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 
-def add_traces(sub) -> None:
-    """Arguments of ``traces``."""
-    p = sub.add_parser(
-        "traces",
-        help="build a trace set: the model's own full-cache answers to seeded long prompts",
-    )
+def _model_command(sub, name: str, help: str):
+    """The parser of a command that loads a model (``load_model``), with its ``--model`` and ``--threads``."""
+    p = sub.add_parser(name, help=help)
     p.add_argument(
         "--model",
         default=None,
         help="HF model directory (default: $FORESIGHTKV_MODEL or the setup cache)",
     )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def add_traces(sub) -> None:
+    """Arguments of ``traces``."""
+    p = _model_command(sub, "traces", "build a trace set: the model's own full-cache answers to seeded long prompts")
     p.add_argument(
         "--out",
         required=True,
@@ -53,7 +57,6 @@ def add_traces(sub) -> None:
         help="comma-separated task names (kv_retrieval, needle, var_track; default: the one the 135M model solves)",
     )
     p.add_argument("--max-new", type=int, default=12, help="answer tokens at most")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def cmd_traces(args) -> int:
@@ -87,15 +90,7 @@ def cmd_traces(args) -> int:
 
 def add_eval(sub) -> None:
     """Arguments of ``eval``."""
-    p = sub.add_parser(
-        "eval",
-        help="loss ratio, accuracy and attention mass of every policy at every budget",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="HF model directory (default: $FORESIGHTKV_MODEL or the setup cache)",
-    )
+    p = _model_command(sub, "eval", "loss ratio, accuracy and attention mass of every policy at every budget")
     p.add_argument(
         "--traces",
         required=True,
@@ -149,7 +144,6 @@ def add_eval(sub) -> None:
         action="store_true",
         help="a few short sequences, one budget (the test command)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-loss", action="store_true", help="accuracy only (no loss ratio, no attention mass)")
     p.add_argument("--batch", type=int, default=4, help="held-out sequences evaluated in one packed forward")
     p.add_argument(

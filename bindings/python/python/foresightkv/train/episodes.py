@@ -153,21 +153,13 @@ def sampled_rollout(
     entropy_full: torch.Tensor,
     *,
     budget: int,
-    interval: int,
-    seed: int,
     request: int,
-    temperature: float = 1.0,
-    keep_fraction: float = 0.8,
-    threshold: float = 1.5,
-    diagnose_every: int = 8,
+    **options: Any,
 ) -> Trajectory:
     """One trajectory of a sequence with victims sampled from ``scorer`` (``sampled_rollouts`` of
-    one job)."""
+    one job; ``options``: its keyword arguments, ``interval`` and ``seed`` required)."""
     job = RolloutJob(input_ids, prompt_len, ce_full, entropy_full, budget, request)
-    return sampled_rollouts(
-        model, scorer, [job], interval=interval, seed=seed, temperature=temperature, keep_fraction=keep_fraction,
-        threshold=threshold, diagnose_every=diagnose_every,
-    )[0]
+    return sampled_rollouts(model, scorer, [job], **options)[0]
 
 
 def sampled_rollouts(

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -160,12 +160,9 @@ class Pipeline:
     def supervised(self, paths: Sequence[Path]) -> TorchScorer:
         """The supervised scorer (trained unless ``sl/state.pt`` exists)."""
         a = self.args
-        sdir = self.work / "sl"
-        state = sdir / "state.pt"
-        if state.exists():
-            _log(f"supervised stage done ({state}); skipping")
-            return _load_state(state, self.device)
-        sdir.mkdir(parents=True, exist_ok=True)
+        sdir, done = self._resume("sl", "supervised")
+        if done is not None:
+            return done
         shp = self.shape()
         t0 = time.time()
         train, val = self.split_labels(paths)
@@ -177,9 +174,7 @@ class Pipeline:
         )
         hist = train_supervised(scorer, train, val, cfg, device=self.device, log=lambda e: _log(f"sl {json.dumps(e)}"), progress=not a.quiet)
         save_sl(sdir / "history.json", cfg, hist)
-        self._export(scorer, sdir / "scorer", stage="sl")
-        _save_state(state, scorer)
-        self._timed("sl", time.time() - t0)
+        self._finish("sl", scorer, t0)
         return scorer
 
     def reinforce(self, sl: TorchScorer, train) -> TorchScorer:
@@ -187,12 +182,9 @@ class Pipeline:
         from .episodes import RolloutJob, sampled_rollouts
 
         a = self.args
-        rdir = self.work / "rl"
-        state = rdir / "state.pt"
-        if state.exists():
-            _log(f"RL stage done ({state}); skipping")
-            return _load_state(state, self.device)
-        rdir.mkdir(parents=True, exist_ok=True)
+        rdir, done = self._resume("rl", "RL")
+        if done is not None:
+            return done
         t0 = time.time()
         n = min(len(train), a.max_traces) if a.max_traces else len(train)
         nval = max(1, round(n * a.val_fraction)) if n > 1 else 0
@@ -216,10 +208,26 @@ class Pipeline:
         cfg = RlConfig(steps=a.rl_steps, group=a.group, traces_per_step=a.rl_traces, lr=a.rl_lr, ppo_epochs=a.ppo_epochs, temperature=a.temperature, seed=a.seed)
         hist = train_rl(scorer, len(usable), rollout, cfg, device=self.device, log=lambda e: _log(f"rl {json.dumps(e)}"), progress=not a.quiet)
         save_rl(rdir / "history.json", cfg, hist)
-        self._export(scorer, rdir / "scorer", stage="rl")
-        _save_state(state, scorer)
-        self._timed("rl", time.time() - t0)
+        self._finish("rl", scorer, t0)
         return scorer
+
+    def _resume(self, stage: str, label: str) -> Tuple[Path, Optional[TorchScorer]]:
+        """A training stage's directory (made) and, when the stage is done, the scorer it saved
+        (``<stage>/state.pt``; None when it still has to run)."""
+        d = self.work / stage
+        state = d / "state.pt"
+        if state.exists():
+            _log(f"{label} stage done ({state}); skipping")
+            return d, _load_state(state, self.device)
+        d.mkdir(parents=True, exist_ok=True)
+        return d, None
+
+    def _finish(self, stage: str, scorer: TorchScorer, t0: float) -> None:
+        """Saves a trained stage: its exported scorer, the state a rerun resumes from, its time."""
+        d = self.work / stage
+        self._export(scorer, d / "scorer", stage=stage)
+        _save_state(d / "state.pt", scorer)
+        self._timed(stage, time.time() - t0)
 
     def _export(self, scorer: TorchScorer, path: Path, *, stage: str) -> None:
         a = self.args
