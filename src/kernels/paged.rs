@@ -373,6 +373,42 @@ impl StatsLayout {
     }
 }
 
+/// One sequence of `n` dense rows of one KV head as the paged kernels take it: block size 1,
+/// block `i` holding slot `i`, so `[n, head_dim]` keys and values and `[n, group_size, 8]`
+/// statistics are read in place (how the eviction layer runs a kernel over one head's live set).
+#[derive(Debug, Clone)]
+pub struct DenseRows {
+    /// The `[n, head_dim]` cache layout.
+    pub kv: PagedKvLayout,
+    /// The `[n, group_size, 8]` statistics layout.
+    pub stats: StatsLayout,
+    table: Vec<i32>,
+    seq_len: [i32; 1],
+}
+
+impl DenseRows {
+    /// `n` rows of `head_dim` with statistics for `group_size` query heads.
+    pub fn new(n: usize, head_dim: usize, group_size: usize) -> Self {
+        let rows = n as i64;
+        Self {
+            kv: PagedKvLayout::contiguous(rows, 1, 1, head_dim as i64),
+            stats: StatsLayout::contiguous(rows, 1, 1, group_size as i64),
+            table: (0..n as i32).collect(),
+            seq_len: [n as i32],
+        }
+    }
+
+    /// The one window: all `n` rows live, from position 0.
+    pub fn windows(&self) -> LiveWindows<'_> {
+        LiveWindows {
+            block_tables: &self.table,
+            block_table_stride: self.table.len() as i64,
+            seq_lens: &self.seq_len,
+            live_starts: &[0],
+        }
+    }
+}
+
 /// Checks the query head count is a positive multiple of the KV head count; returns the group size.
 pub fn group_size(num_q_heads: i64, num_kv_heads: i64) -> Result<i64, KernelError> {
     positive("num_q_heads", num_q_heads)?;
