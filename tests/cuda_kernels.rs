@@ -10,13 +10,12 @@ use foresightkv::cuda::{
     launch_window_stats_folded, plan_decode, window_stats_workspace_len, CudaError, DeviceArray,
     DeviceBuffer, DeviceCache, DeviceScorerWeights, DeviceWindows, PagedLaunch,
 };
-use foresightkv::kernels::{
-    DecodeArgs, KernelError, ScorerWeights, SelectArgs, WindowStatsArgs, NUM_STATS,
-};
+use foresightkv::kernels::{DecodeArgs, KernelError, SelectArgs, WindowStatsArgs};
 use foresightkv::Element;
 use half::{bf16, f16};
 use kernels_support::{
-    assert_close, eps, require_gpu, runner, shapes, CacheKind, Scenario, SelectCase, Shape,
+    assert_close, eps, require_gpu, runner, shapes, CacheKind, Scenario, ScorerCase, SelectCase,
+    Shape,
 };
 
 /// A launch on device 0, legacy default stream.
@@ -26,14 +25,7 @@ fn on_device_0<'a>(
     cache: DeviceCache,
     windows: &'a DeviceWindows<'a>,
 ) -> PagedLaunch<'a> {
-    PagedLaunch {
-        ordinal: 0,
-        stream: 0,
-        dtype,
-        kv,
-        cache,
-        windows,
-    }
+    PagedLaunch::new((0, 0), dtype, kv, cache, windows)
 }
 
 fn up<T: bytemuck::Pod>(data: &[T]) -> DeviceBuffer {
@@ -191,26 +183,13 @@ fn cuda_window_stats_matches_reference() {
 
 fn scorer_case<T: Element + bytemuck::Pod>(shape: Shape) {
     let mut sc = Scenario::<T>::new(shape);
-    let (n, hd, g, kvh) = (
-        sc.seq_lens.len(),
-        sc.shape.head_dim,
-        sc.shape.group,
-        sc.shape.kv_heads,
-    );
-    let in_dim = 2 * hd + NUM_STATS * g;
-    let (layout, stats) = sc.random_stats();
-    let (w1, b1, w2, b2) = sc.random_weights(in_dim, 0.1);
+    let case = ScorerCase::new(&mut sc, |_| 0.1);
+    let (layout, stats) = (&case.layout, &case.stats);
+    let (w1, b1, w2, b2) = (&case.w1, &case.b1, &case.w2, &case.b2);
     let max_live = sc.max_live() + 3;
-    let mut want = vec![-1.5f32; n * kvh * max_live];
-    let weights = ScorerWeights {
-        w1: &w1,
-        b1: &b1,
-        w2: &w2,
-        b2: &b2,
-    };
-    sc.score(&layout, &stats, &weights, max_live, &mut want);
+    let want = case.reference(&sc, max_live, -1.5);
     let dev = Dev::new(&sc);
-    let (st, dw1, db1, dw2, db2) = (up(&stats), up(&w1), up(&b1), up(&w2), up(&b2));
+    let (st, dw1, db1, dw2, db2) = (up(stats), up(w1), up(b1), up(w2), up(b2));
     let scores = up(&vec![-1.5f32; want.len()]);
     let dweights = DeviceScorerWeights {
         w1: arr(&dw1, w1.len()),
@@ -221,7 +200,7 @@ fn scorer_case<T: Element + bytemuck::Pod>(shape: Shape) {
     unsafe {
         launch_scorer_mlp(
             &on_device_0(T::DTYPE, &sc.kv, dev.cache(&sc), &dev.windows(&sc)),
-            &layout,
+            layout,
             arr(&st, stats.len()),
             dweights,
             max_live as i64,

@@ -1,6 +1,8 @@
 //! Trace replay and the fidelity table: invariants of the replay, reproducibility of sampled runs,
 //! trace files, and Golden Eviction leading the synthetic table.
 
+mod common;
+
 use foresightkv::evict::fidelity::{fidelity_table, FidelityOptions, PolicyName};
 use foresightkv::evict::{
     simulate, synthetic_trace, EvictError, ForesightPolicy, FullCache, H2o, ModelShape,
@@ -288,16 +290,7 @@ fn replay_refuses_a_scorer_of_another_stats_mode() {
     let ck = Arc::new(ScorerCheckpoint::random(cfg, 1, 0.3).unwrap());
     let p = ForesightPolicy::new(ck, VictimMode::TopL);
     let err = simulate(&t, &p, &opts(32, 8, false)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EvictError::StatsModeMismatch {
-                checkpoint: StatsMode::Official,
-                computed: StatsMode::Paper
-            }
-        ),
-        "{err}"
-    );
+    common::assert_official_scorer_refused(&err);
     let msg = err.to_string();
     assert!(
         msg.contains("'official'") && msg.contains("'paper'"),

@@ -13,7 +13,7 @@ use foresightkv::evict::{
     normals, EvictionPolicy, EvictionView, ForesightPolicy, ModelShape, SampleKey, StatsMode,
     VictimMode,
 };
-use foresightkv::kernels::{window_stats, DenseRows, WindowStatsArgs, NUM_STATS};
+use foresightkv::kernels::{DenseRows, WindowStatsArgs, NUM_STATS};
 use rand::SeedableRng;
 use std::sync::Arc;
 
@@ -202,17 +202,8 @@ fn converted_official_checkpoint_scores_the_official_features() {
             let rows = DenseRows::new(live, D, G);
             let args = WindowStatsArgs::contiguous(G as i64, m as i64, D as i64)
                 .with_stats(L as i64, StatsMode::Official);
-            window_stats::<f32>(
-                &rows.kv,
-                &rows.windows(),
-                &args,
-                &queries,
-                &[m as i32],
-                &kbuf,
-                &rows.stats,
-                &mut stats,
-            )
-            .unwrap();
+            rows.window_stats(&args, &queries, m as i32, &kbuf, &mut stats)
+                .unwrap();
             let positions: Vec<u32> = live_pos.iter().map(|&t| t as u32).collect();
             let view = EvictionView {
                 key: SampleKey {

@@ -10,12 +10,14 @@ use foresightkv::kernels::window_stats::{
     STAT_SUM8,
 };
 use foresightkv::kernels::{
-    select_survivors, window_stats, DecodeArgs, DenseRows, ScorerWeights, SelectArgs, StatsMode,
-    WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
+    select_survivors, window_stats, DecodeArgs, DenseRows, SelectArgs, StatsMode, WindowStatsArgs,
+    NUM_STATS, SCORER_HIDDEN,
 };
 use foresightkv::Element;
 use half::{bf16, f16};
-use kernels_support::{assert_close, eps, shapes, uniform, Scenario, SelectCase, Shape};
+use kernels_support::{
+    assert_close, eps, shapes, uniform, Scenario, ScorerCase, SelectCase, Shape,
+};
 use proptest::prelude::*;
 use rand::RngExt;
 
@@ -211,24 +213,12 @@ fn check_window_stats<T: Element>(shape: Shape, max_queries: usize) {
 
 fn check_scorer<T: Element>(shape: Shape) {
     let mut sc = Scenario::<T>::new(shape);
-    let (n, hd, g, kvh) = (
-        sc.seq_lens.len(),
-        sc.shape.head_dim,
-        sc.shape.group,
-        sc.shape.kv_heads,
-    );
-    let in_dim = 2 * hd + NUM_STATS * g;
-    let (layout, stats) = sc.random_stats();
-    let (w1, b1, w2, b2) = sc.random_weights(in_dim, 1.0 / (in_dim as f32).sqrt() * 2.0);
+    let (n, kvh) = (sc.seq_lens.len(), sc.shape.kv_heads);
+    let case = ScorerCase::new(&mut sc, |in_dim| 1.0 / (in_dim as f32).sqrt() * 2.0);
+    let (in_dim, layout, stats) = (case.in_dim, &case.layout, &case.stats);
+    let (w1, b1, w2, b2) = (&case.w1, &case.b1, &case.w2, &case.b2);
     let max_live = sc.max_live() + 2;
-    let mut scores = vec![f32::NAN; n * kvh * max_live];
-    let weights = ScorerWeights {
-        w1: &w1,
-        b1: &b1,
-        w2: &w2,
-        b2: &b2,
-    };
-    sc.score(&layout, &stats, &weights, max_live, &mut scores);
+    let scores = case.reference(&sc, max_live, f32::NAN);
     for s in 0..n {
         for kh in 0..kvh {
             for i in 0..max_live {
@@ -240,7 +230,7 @@ fn check_scorer<T: Element>(shape: Shape) {
                 let mut x: Vec<f64> = sc.dense_k[s][kh][i].iter().map(|&v| v as f64).collect();
                 x.extend(sc.dense_v[s][kh][i].iter().map(|&v| v as f64));
                 x.extend(
-                    sc.stats_row(&layout, &stats, s, kh, i)
+                    sc.stats_row(layout, stats, s, kh, i)
                         .iter()
                         .map(|&v| v as f64),
                 );

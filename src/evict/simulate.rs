@@ -9,7 +9,7 @@ use super::select::{select_victims, VictimRequest};
 use super::trace::{LayerTrace, Trace, TraceShape};
 use super::view::EvictionView;
 use super::EvictError;
-use crate::kernels::{window_stats, DenseRows, StatsMode, WindowStatsArgs, NUM_STATS};
+use crate::kernels::{DenseRows, StatsMode, WindowStatsArgs, NUM_STATS};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::sync::Arc;
@@ -210,16 +210,7 @@ fn simulate_head(
         let mut args = WindowStatsArgs::contiguous(g as i64, m as i64, d as i64)
             .with_stats(interval as i64, opts.stats_mode);
         args.scale = scale;
-        window_stats::<f32>(
-            &rows.kv,
-            &rows.windows(),
-            &args,
-            &queries,
-            &[m as i32],
-            &live.keys,
-            &rows.stats,
-            &mut live.stats,
-        )?;
+        rows.window_stats(&args, &queries, m as i32, &live.keys, &mut live.stats)?;
         let key = SampleKey {
             seed: 0,
             request: opts.request,

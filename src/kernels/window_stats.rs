@@ -38,7 +38,7 @@
 //! row order, the result is bit for bit the one-call result over all the rows.
 
 use super::paged::{
-    check_strides, extent, fits, group_size, LiveWindows, PagedKvLayout, StatsLayout,
+    check_strides, extent, fits, group_size, DenseRows, LiveWindows, PagedKvLayout, StatsLayout,
 };
 use super::KernelError;
 use crate::Element;
@@ -311,6 +311,30 @@ pub fn window_stats<T: Element>(
         stats_layout,
         stats,
     )
+}
+
+impl DenseRows {
+    /// [`window_stats()`] of the one sequence's `num_queries` queries (f32) over the rows' `keys`,
+    /// updating `stats` in the rows' statistics layout.
+    pub fn window_stats(
+        &self,
+        args: &WindowStatsArgs,
+        queries: &[f32],
+        num_queries: i32,
+        keys: &[f32],
+        stats: &mut [f32],
+    ) -> Result<(), KernelError> {
+        window_stats(
+            &self.kv,
+            &self.windows(),
+            args,
+            queries,
+            &[num_queries],
+            keys,
+            &self.stats,
+            stats,
+        )
+    }
 }
 
 /// [`window_stats()`] continuing a streaming fold (module doc): `folded[s]` rows of sequence `s`

@@ -1,7 +1,9 @@
-//! Dense f64 math shared by the tests' brute-force references, written from the definitions and
-//! independent of the library: erf by its Taylor series, f64 dot products and a max-shifted
-//! softmax.
+//! Helpers shared by the integration tests: dense f64 math for the brute-force references,
+//! written from the definitions and independent of the library (erf by its Taylor series, f64 dot
+//! products, a max-shifted softmax), and assertions several test files make.
 #![allow(dead_code)]
+
+use foresightkv::evict::{EvictError, StatsMode};
 
 /// erf by its Taylor series (exact to f64 for |x| < 4, ±1 beyond; torch's `nn.GELU()` is the erf
 /// form); independent of the CPU reference's Chebyshev fit.
@@ -31,4 +33,19 @@ pub fn softmax(logits: &[f64]) -> Vec<f64> {
     let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
     logits.iter().map(|l| (l - m).exp() / z).collect()
+}
+
+/// Asserts `err` is the refusal of a scorer trained on `official` statistics where `paper` ones
+/// are computed.
+pub fn assert_official_scorer_refused(err: &EvictError) {
+    assert!(
+        matches!(
+            err,
+            EvictError::StatsModeMismatch {
+                checkpoint: StatsMode::Official,
+                computed: StatsMode::Paper
+            }
+        ),
+        "{err}"
+    );
 }

@@ -327,24 +327,6 @@ impl<T: Element> Scenario<T> {
         (num_queries, args, queries)
     }
 
-    /// Random scorer weights `(w1, b1, w2, b2)` for inputs of `in_dim` features: w1 in
-    /// [-w1_scale, w1_scale], the rest in [-0.5, 0.5].
-    pub fn random_weights(
-        &mut self,
-        in_dim: usize,
-        w1_scale: f32,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
-        let kvh = self.shape.kv_heads;
-        let mut r = |len: usize, scale: f32| -> Vec<f32> {
-            (0..len).map(|_| uniform(&mut self.rng, scale)).collect()
-        };
-        let w1 = r(kvh * SCORER_HIDDEN * in_dim, w1_scale);
-        let b1 = r(kvh * SCORER_HIDDEN, 0.5);
-        let w2 = r(kvh * SCORER_HIDDEN, 0.5);
-        let b2 = r(kvh, 0.5);
-        (w1, b1, w2, b2)
-    }
-
     /// A random compaction: per sequence a whole number of blocks to evict, per (sequence, KV head)
     /// a random set of survivors; returns `num_evict`, the survivors `[num_seqs, kv_heads,
     /// max_live]` (ascending, zero-padded) and each head's survivors as slot lists.
@@ -413,29 +395,6 @@ impl<T: Element> Scenario<T> {
             self.key_view(),
             layout,
             stats,
-        )
-        .unwrap();
-    }
-
-    /// The CPU `scorer_mlp` over the cache into `scores` `[num_seqs, kv_heads, max_live]`.
-    pub fn score(
-        &self,
-        layout: &StatsLayout,
-        stats: &[f32],
-        weights: &ScorerWeights<'_>,
-        max_live: usize,
-        scores: &mut [f32],
-    ) {
-        scorer_mlp(
-            &self.kv,
-            &self.windows(),
-            self.key_view(),
-            self.value_view(),
-            layout,
-            stats,
-            weights,
-            max_live as i64,
-            scores,
         )
         .unwrap();
     }
@@ -559,6 +518,71 @@ impl SelectCase {
             &self.args,
             &self.scores,
             &self.num_evict,
+            &mut out,
+        )
+        .unwrap();
+        out
+    }
+}
+
+/// A random `scorer_mlp` case over a scenario: statistics (as [`Scenario::random_stats`]) and
+/// per-KV-head weights for its `in_dim = 2 head_dim + 8 G` input features.
+pub struct ScorerCase {
+    pub in_dim: usize,
+    pub layout: StatsLayout,
+    pub stats: Vec<f32>,
+    pub w1: Vec<f32>,
+    pub b1: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub b2: Vec<f32>,
+}
+
+impl ScorerCase {
+    /// w1 in [-s, s] with `s = w1_scale(in_dim)`, the biases and w2 in [-0.5, 0.5].
+    pub fn new<T: Element>(sc: &mut Scenario<T>, w1_scale: impl Fn(usize) -> f32) -> Self {
+        let (kvh, hd, g) = (sc.shape.kv_heads, sc.shape.head_dim, sc.shape.group);
+        let in_dim = 2 * hd + NUM_STATS * g;
+        let (layout, stats) = sc.random_stats();
+        let mut r = |len: usize, scale: f32| -> Vec<f32> {
+            (0..len).map(|_| uniform(&mut sc.rng, scale)).collect()
+        };
+        let w1 = r(kvh * SCORER_HIDDEN * in_dim, w1_scale(in_dim));
+        let b1 = r(kvh * SCORER_HIDDEN, 0.5);
+        let w2 = r(kvh * SCORER_HIDDEN, 0.5);
+        let b2 = r(kvh, 0.5);
+        ScorerCase {
+            in_dim,
+            layout,
+            stats,
+            w1,
+            b1,
+            w2,
+            b2,
+        }
+    }
+
+    /// The weights as the kernels take them.
+    pub fn weights(&self) -> ScorerWeights<'_> {
+        ScorerWeights {
+            w1: &self.w1,
+            b1: &self.b1,
+            w2: &self.w2,
+            b2: &self.b2,
+        }
+    }
+
+    /// The CPU reference's scores `[num_seqs, kv_heads, max_live]` (unused slots hold `fill`).
+    pub fn reference<T: Element>(&self, sc: &Scenario<T>, max_live: usize, fill: f32) -> Vec<f32> {
+        let mut out = vec![fill; sc.seq_lens.len() * sc.shape.kv_heads * max_live];
+        scorer_mlp(
+            &sc.kv,
+            &sc.windows(),
+            sc.key_view(),
+            sc.value_view(),
+            &self.layout,
+            &self.stats,
+            &self.weights(),
+            max_live as i64,
             &mut out,
         )
         .unwrap();
