@@ -14,8 +14,8 @@ use foresightkv::kernels::{DecodeArgs, KernelError, SelectArgs, WindowStatsArgs}
 use foresightkv::Element;
 use half::{bf16, f16};
 use kernels_support::{
-    assert_close, eps, require_gpu, runner, shapes, CacheKind, Scenario, ScorerCase, SelectCase,
-    Shape,
+    assert_close, assert_same_bits, eps, require_gpu, runner, shapes, CacheKind, Scenario,
+    ScorerCase, SelectCase, Shape,
 };
 
 /// A launch on device 0, legacy default stream.
@@ -301,13 +301,7 @@ fn compact_case<T: Element + bytemuck::Pod>(shape: Shape, with_stats: bool) {
         got_value == sc.value,
         "value cache differs from the reference compaction"
     );
-    assert!(
-        got_stats
-            .iter()
-            .zip(&want_stats)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
-        "stats differ"
-    );
+    assert_same_bits("stats differ", &got_stats, &want_stats);
 }
 
 #[test]

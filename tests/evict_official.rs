@@ -249,18 +249,15 @@ fn converted_official_checkpoint_scores_the_official_features() {
             let keep: Vec<usize> = (0..n).filter(|i| !drop.contains(i)).collect();
             pos = keep.iter().map(|&i| pos[i]).collect();
             let new_from = cum.len();
-            cum = keep
-                .iter()
-                .filter(|&&i| i < new_from)
-                .map(|&i| cum[i])
-                .chain((B..n).map(|i| sum[i]))
-                .collect();
-            dec = keep
-                .iter()
-                .filter(|&&i| i < new_from)
-                .map(|&i| dec[i])
-                .chain((B..n).map(|i| sum[i]))
-                .collect();
+            let carried = |old: &[[f64; G]]| -> Vec<[f64; G]> {
+                keep.iter()
+                    .filter(|&&i| i < new_from)
+                    .map(|&i| old[i])
+                    .chain((B..n).map(|i| sum[i]))
+                    .collect()
+            };
+            cum = carried(&cum);
+            dec = carried(&dec);
             let row = G * NUM_STATS;
             let mut kept_stats = Vec::with_capacity(B * row);
             for &i in &keep {

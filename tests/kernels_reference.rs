@@ -16,7 +16,7 @@ use foresightkv::kernels::{
 use foresightkv::Element;
 use half::{bf16, f16};
 use kernels_support::{
-    assert_close, eps, shapes, uniform, Scenario, ScorerCase, SelectCase, Shape,
+    assert_close, assert_same_bits, eps, shapes, uniform, Scenario, ScorerCase, SelectCase, Shape,
 };
 use proptest::prelude::*;
 use rand::RngExt;
@@ -361,13 +361,7 @@ fn check_compact<T: Element>(shape: Shape, with_stats: bool) {
         sc.value == ev,
         "value cache differs from the expected compaction"
     );
-    assert!(
-        stats
-            .iter()
-            .zip(&es)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
-        "stats differ from the expected compaction"
-    );
+    assert_same_bits("stats differ from the expected compaction", &stats, &es);
 }
 
 proptest! {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: dense f64 math for the brute-force references,
 //! written from the definitions and independent of the library (erf by its Taylor series, f64 dot
-//! products, a max-shifted softmax), and assertions several test files make.
+//! products, a max-shifted softmax), assertions several test files make, and the proptest case
+//! count.
 #![allow(dead_code)]
 
 use foresightkv::evict::{EvictError, StatsMode};
@@ -48,4 +49,12 @@ pub fn assert_official_scorer_refused(err: &EvictError) {
         ),
         "{err}"
     );
+}
+
+/// Proptest cases: `FORESIGHTKV_PROPTEST_CASES` when set (and a number), else `default`.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("FORESIGHTKV_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

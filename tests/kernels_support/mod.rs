@@ -469,6 +469,18 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
     }
 }
 
+/// Asserts two f32 buffers are equal bit for bit.
+pub fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert!(
+        got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{what}"
+    );
+}
+
 /// A random `select_survivors` case over a scenario's windows: scores per (sequence, KV head, live
 /// slot) with one spare column, and per sequence `frac` of its unprotected entries to evict.
 pub struct SelectCase {
