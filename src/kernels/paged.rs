@@ -267,6 +267,17 @@ pub fn validate_window_lengths(
     Ok(())
 }
 
+/// Checks a per-sequence array holds one entry per sequence: `len` `what` for `num_seqs` sequences
+/// is a `ShapeMismatch` otherwise.
+pub(crate) fn per_sequence(what: &str, len: usize, num_seqs: usize) -> Result<(), KernelError> {
+    if len != num_seqs {
+        return Err(KernelError::ShapeMismatch(format!(
+            "{len} {what} for {num_seqs} sequences"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks `0 <= live_start <= len` and `live_start % block_size == 0` for every sequence.
 pub fn validate_starts(
     seq_lens: &[i32],
@@ -274,13 +285,7 @@ pub fn validate_starts(
     block_size: i64,
 ) -> Result<(), KernelError> {
     positive("block_size", block_size)?;
-    if live_starts.len() != seq_lens.len() {
-        return Err(KernelError::ShapeMismatch(format!(
-            "{} live starts for {} sequences",
-            live_starts.len(),
-            seq_lens.len()
-        )));
-    }
+    per_sequence("live starts", live_starts.len(), seq_lens.len())?;
     for (s, (&len, &start)) in seq_lens.iter().zip(live_starts).enumerate() {
         if len < 0 || start < 0 || start > len || start as i64 % block_size != 0 {
             return Err(KernelError::BadWindow {
