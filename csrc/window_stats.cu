@@ -70,18 +70,45 @@ struct WsShared {
   int valid[WS_TILE];
 };
 
+// The block of the partial and reduce passes: grid (KV head, sequence, tile), n query rows since
+// the last eviction against live slots [start, start + WS_TILE), the first `base` slots older than
+// every row; the tile's keys (ks, valid) and each warp's query row (qs) in shared memory.
+template <int HD>
+struct WsTile {
+  int64_t kvh, s, tile, n, live, start, G, base;
+  int lane, warp;
+  const float (*ks)[HD + 1];
+  float (*qs)[HD];
+  const int *valid;
+};
+
+// This block's tile, its key rows loaded into shared memory; false (block-uniform, before any
+// barrier) when the block has no rows or no slots.
+template <typename T, int HD>
+__device__ __forceinline__ bool ws_tile(const fkv_window_stats_params &p, WsShared &sh, WsTile<HD> &t) {
+  t.kvh = blockIdx.x;
+  t.s = blockIdx.y;
+  t.tile = blockIdx.z;
+  t.n = p.num_queries[t.s];
+  t.live = fkv::live_len(p.win, t.s);
+  t.start = t.tile * WS_TILE;
+  if (t.n <= 0 || t.n > t.live || t.start >= t.live) return false;
+  load_key_tile<T, HD>(p, t.s, t.kvh, t.start, t.live, reinterpret_cast<float (*)[HD + 1]>(sh.ks), sh.valid);
+  t.lane = threadIdx.x & 31;
+  t.warp = threadIdx.x >> 5;
+  t.G = p.num_q_heads / p.kv.num_kv_heads;
+  t.base = t.live - t.n;
+  t.ks = reinterpret_cast<const float (*)[HD + 1]>(sh.ks);
+  t.qs = reinterpret_cast<float (*)[HD]>(sh.qs);
+  t.valid = sh.valid;
+  return true;
+}
+
 template <typename T, int HD>
 __device__ void ws_partial(const fkv_window_stats_params &p, WsShared &sh) {
-  auto ks = reinterpret_cast<float (*)[HD + 1]>(sh.ks);
-  auto qs = reinterpret_cast<float (*)[HD]>(sh.qs);
-  int *valid = sh.valid;
-  const int64_t kvh = blockIdx.x, s = blockIdx.y, tile = blockIdx.z;
-  const int64_t n = p.num_queries[s], live = fkv::live_len(p.win, s);
-  const int64_t start = tile * WS_TILE;
-  if (n <= 0 || n > live || start >= live) return;
-  load_key_tile<T, HD>(p, s, kvh, start, live, ks, valid);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t G = p.num_q_heads / p.kv.num_kv_heads, base = live - n;
+  WsTile<HD> t;
+  if (!ws_tile<T, HD>(p, sh, t)) return;
+  const auto [kvh, s, tile, n, live, start, G, base, lane, warp, ks, qs, valid] = t;
   for (int64_t r = warp; r < n * G; r += WS_WARPS) {
     const int64_t j = r / G, h = kvh * G + r % G;
     load_query<T>(p, s, j, h, HD, lane, qs[warp]);
@@ -124,16 +151,9 @@ __device__ void ws_lse(const fkv_window_stats_params &p) {
 
 template <typename T, int HD>
 __device__ void ws_reduce(const fkv_window_stats_params &p, WsShared &sh) {
-  auto ks = reinterpret_cast<float (*)[HD + 1]>(sh.ks);
-  auto qs = reinterpret_cast<float (*)[HD]>(sh.qs);
-  int *valid = sh.valid;
-  const int64_t kvh = blockIdx.x, s = blockIdx.y, tile = blockIdx.z;
-  const int64_t n = p.num_queries[s], live = fkv::live_len(p.win, s);
-  const int64_t start = tile * WS_TILE;
-  if (n <= 0 || n > live || start >= live) return;
-  load_key_tile<T, HD>(p, s, kvh, start, live, ks, valid);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t G = p.num_q_heads / p.kv.num_kv_heads, base = live - n;
+  WsTile<HD> t;
+  if (!ws_tile<T, HD>(p, sh, t)) return;
+  const auto [kvh, s, tile, n, live, start, G, base, lane, warp, ks, qs, valid] = t;
   const int64_t rows_total = p.win.num_seqs * p.num_q_heads * p.max_queries;
   const float *lse = p.workspace + 2 * rows_total * p.num_tiles;
   const int64_t slot = start + lane;

@@ -7,6 +7,8 @@
 //! sequence attends to must read back its own content (so collisions, missed copy-on-write, stale
 //! prefix-cache entries and reads of released blocks all show up). Cases: FORESIGHTKV_PROPTEST_CASES.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 
 use foresightkv::block::{
@@ -16,13 +18,6 @@ use proptest::prelude::*;
 
 const MAX_APPEND: usize = 4;
 const SEQS: u64 = 5;
-
-fn cases(default: u32) -> u32 {
-    std::env::var("FORESIGHTKV_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -478,7 +473,7 @@ fn step(h: &mut Harness, op: &Op) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(3000), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(3000), ..ProptestConfig::default() })]
 
     /// Random operation sequences keep every invariant, and freeing everything refills the pool.
     #[test]

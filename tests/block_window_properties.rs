@@ -12,6 +12,8 @@
 //! committed exactly one step later, and the released ranges of a request tiling
 //! `[protected_len, live_start)` without overlap. Cases: FORESIGHTKV_PROPTEST_CASES.
 
+mod common;
+
 use std::collections::HashMap;
 
 use foresightkv::block::{
@@ -21,13 +23,6 @@ use proptest::prelude::*;
 
 const KEYS: u64 = 6;
 const MAX_CHUNK: usize = 40;
-
-fn cases(default: u32) -> u32 {
-    std::env::var("FORESIGHTKV_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// What the driver does with one request in one step.
 #[derive(Clone, Copy, Debug)]
@@ -521,7 +516,7 @@ fn run(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(128)))]
+    #![proptest_config(ProptestConfig::with_cases(common::proptest_cases(128)))]
 
     #[test]
     fn planner_follows_the_rules(
@@ -588,7 +583,7 @@ fn chunked_run(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
+    #![proptest_config(ProptestConfig::with_cases(common::proptest_cases(256)))]
 
     /// Chunked prefill is independent of the chunking: with the prompt's length known, a prompt in
     /// any chunks plans no eviction before its last chunk, and from the last chunk on (that chunk's

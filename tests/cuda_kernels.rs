@@ -7,19 +7,16 @@ mod kernels_support;
 
 use foresightkv::cuda::{
     launch_compact, launch_paged_attention_decode, launch_scorer_mlp, launch_select_survivors,
-    launch_window_stats, plan_decode, window_stats_workspace_len, CudaError, DeviceArray,
+    launch_window_stats_folded, plan_decode, window_stats_workspace_len, CudaError, DeviceArray,
     DeviceBuffer, DeviceCache, DeviceScorerWeights, DeviceWindows, PagedLaunch,
 };
-use foresightkv::kernels::{
-    compact, paged_attention_decode, scorer_mlp, window_stats, DecodeArgs, KernelError, KvCacheMut,
-    ScorerWeights, SelectArgs, StatsMode, WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
-};
+use foresightkv::kernels::{DecodeArgs, KernelError, SelectArgs, WindowStatsArgs};
 use foresightkv::Element;
 use half::{bf16, f16};
 use kernels_support::{
-    assert_close, eps, require_gpu, runner, shapes, uniform, CacheKind, Scenario, SelectCase, Shape,
+    assert_close, assert_same_bits, eps, require_gpu, runner, shapes, CacheKind, Scenario,
+    ScorerCase, SelectCase, Shape,
 };
-use rand::RngExt;
 
 /// A launch on device 0, legacy default stream.
 fn on_device_0<'a>(
@@ -28,14 +25,7 @@ fn on_device_0<'a>(
     cache: DeviceCache,
     windows: &'a DeviceWindows<'a>,
 ) -> PagedLaunch<'a> {
-    PagedLaunch {
-        ordinal: 0,
-        stream: 0,
-        dtype,
-        kv,
-        cache,
-        windows,
-    }
+    PagedLaunch::new((0, 0), dtype, kv, cache, windows)
 }
 
 fn up<T: bytemuck::Pod>(data: &[T]) -> DeviceBuffer {
@@ -101,16 +91,7 @@ fn decode_case<T: Element + bytemuck::Pod>(shape: Shape) {
     let args = DecodeArgs::contiguous(hq as i64, hd as i64);
     let query = sc.random_t(n * hq * hd, 2.0);
     let mut want = vec![T::default(); n * hq * hd];
-    paged_attention_decode(
-        &sc.kv,
-        &sc.windows(),
-        &args,
-        &query,
-        sc.key_view(),
-        sc.value_view(),
-        &mut want,
-    )
-    .unwrap();
+    sc.decode(&sc.windows(), &args, &query, &mut want);
     let dev = Dev::new(&sc);
     let plan = plan_decode(&sc.kv, hq as i64, n, sc.max_live()).unwrap();
     let (q, out) = (
@@ -157,46 +138,24 @@ fn cuda_decode_matches_reference() {
 
 fn window_stats_case<T: Element + bytemuck::Pod>(shape: Shape, max_queries: usize) {
     let mut sc = Scenario::<T>::new(shape);
-    let (n, hq, hd) = (sc.seq_lens.len(), sc.num_q_heads(), sc.shape.head_dim);
-    let lens = sc.shape.live_lens.clone();
-    let num_queries: Vec<i32> = lens
-        .iter()
-        .map(|&l| sc.rng.random_range(0..=l.min(max_queries)) as i32)
-        .collect();
+    let (n, hq) = (sc.seq_lens.len(), sc.num_q_heads());
     // Random statistics window (0 = every row) and mode: the fold and the official sums too.
-    let window = sc.rng.random_range(0..=max_queries) as i64;
-    let mode = if sc.rng.random_range(0..2) == 0 {
-        StatsMode::Paper
-    } else {
-        StatsMode::Official
-    };
-    let args = WindowStatsArgs::contiguous(hq as i64, max_queries as i64, hd as i64)
-        .with_stats(window, mode);
-    let queries = sc.random_t(n * max_queries * hq * hd, 2.0);
+    let (num_queries, args, queries) = sc.random_window_stats(max_queries);
     let (layout, stats) = sc.random_stats();
     let mut want = stats.clone();
-    window_stats(
-        &sc.kv,
-        &sc.windows(),
-        &args,
-        &queries,
-        &num_queries,
-        sc.key_view(),
-        &layout,
-        &mut want,
-    )
-    .unwrap();
+    sc.window_stats(&args, &queries, &num_queries, &layout, &mut want);
     let dev = Dev::new(&sc);
     let (q, nq, st) = (up(&queries), up(&num_queries), up(&stats));
     let wl = window_stats_workspace_len(n, hq, max_queries, sc.max_live());
     let ws = DeviceBuffer::zeros(0, wl * 4).unwrap();
     unsafe {
-        launch_window_stats(
+        launch_window_stats_folded(
             &on_device_0(T::DTYPE, &sc.kv, dev.cache(&sc), &dev.windows(&sc)),
             &args,
             arr(&q, queries.len()),
             arr(&nq, n),
             &num_queries,
+            None,
             &layout,
             arr(&st, stats.len()),
             arr(&ws, wl),
@@ -224,45 +183,13 @@ fn cuda_window_stats_matches_reference() {
 
 fn scorer_case<T: Element + bytemuck::Pod>(shape: Shape) {
     let mut sc = Scenario::<T>::new(shape);
-    let (n, hd, g, kvh) = (
-        sc.seq_lens.len(),
-        sc.shape.head_dim,
-        sc.shape.group,
-        sc.shape.kv_heads,
-    );
-    let in_dim = 2 * hd + NUM_STATS * g;
-    let (layout, stats) = sc.random_stats();
-    let mut r = |len: usize, scale: f32| -> Vec<f32> {
-        (0..len).map(|_| uniform(&mut sc.rng, scale)).collect()
-    };
-    let (w1, b1, w2, b2) = (
-        r(kvh * SCORER_HIDDEN * in_dim, 0.1),
-        r(kvh * SCORER_HIDDEN, 0.5),
-        r(kvh * SCORER_HIDDEN, 0.5),
-        r(kvh, 0.5),
-    );
+    let case = ScorerCase::new(&mut sc, |_| 0.1);
+    let (layout, stats) = (&case.layout, &case.stats);
+    let (w1, b1, w2, b2) = (&case.w1, &case.b1, &case.w2, &case.b2);
     let max_live = sc.max_live() + 3;
-    let mut want = vec![-1.5f32; n * kvh * max_live];
-    let weights = ScorerWeights {
-        w1: &w1,
-        b1: &b1,
-        w2: &w2,
-        b2: &b2,
-    };
-    scorer_mlp(
-        &sc.kv,
-        &sc.windows(),
-        sc.key_view(),
-        sc.value_view(),
-        &layout,
-        &stats,
-        &weights,
-        max_live as i64,
-        &mut want,
-    )
-    .unwrap();
+    let want = case.reference(&sc, max_live, -1.5);
     let dev = Dev::new(&sc);
-    let (st, dw1, db1, dw2, db2) = (up(&stats), up(&w1), up(&b1), up(&w2), up(&b2));
+    let (st, dw1, db1, dw2, db2) = (up(stats), up(w1), up(b1), up(w2), up(b2));
     let scores = up(&vec![-1.5f32; want.len()]);
     let dweights = DeviceScorerWeights {
         w1: arr(&dw1, w1.len()),
@@ -273,7 +200,7 @@ fn scorer_case<T: Element + bytemuck::Pod>(shape: Shape) {
     unsafe {
         launch_scorer_mlp(
             &on_device_0(T::DTYPE, &sc.kv, dev.cache(&sc), &dev.windows(&sc)),
-            &layout,
+            layout,
             arr(&st, stats.len()),
             dweights,
             max_live as i64,
@@ -339,29 +266,9 @@ fn cuda_select_matches_reference() {
 
 fn compact_case<T: Element + bytemuck::Pod>(shape: Shape, with_stats: bool) {
     let mut sc = Scenario::<T>::new(shape);
-    let (n, kvh, bs) = (sc.seq_lens.len(), sc.shape.kv_heads, sc.shape.block_size);
+    let n = sc.seq_lens.len();
     let max_live = sc.max_live();
-    let lens = sc.shape.live_lens.clone();
-    let num_evict: Vec<i32> = lens
-        .iter()
-        .map(|&l| (sc.rng.random_range(0..=l / bs) * bs) as i32)
-        .collect();
-    let mut survivors = vec![0i32; n * kvh * max_live];
-    for s in 0..n {
-        let live = lens[s];
-        for kh in 0..kvh {
-            let mut idx: Vec<usize> = (0..live).collect();
-            for i in (1..idx.len()).rev() {
-                let j = sc.rng.random_range(0..=i);
-                idx.swap(i, j);
-            }
-            let mut keep = idx[..live - num_evict[s] as usize].to_vec();
-            keep.sort();
-            for (k, &i) in keep.iter().enumerate() {
-                survivors[(s * kvh + kh) * max_live + k] = i as i32;
-            }
-        }
-    }
+    let (num_evict, survivors, _) = sc.random_compaction();
     let (layout, stats) = sc.random_stats();
     let dev = Dev::new(&sc);
     let (dsv, de, dst) = (up(&survivors), up(&num_evict), up(&stats));
@@ -384,37 +291,8 @@ fn compact_case<T: Element + bytemuck::Pod>(shape: Shape, with_stats: bool) {
     };
     let got_stats: Vec<f32> = dst.to_host().unwrap();
     let mut want_stats = stats.clone();
-    let (tables, seq_lens, starts) = (
-        sc.block_tables.clone(),
-        sc.seq_lens.clone(),
-        sc.live_starts.clone(),
-    );
-    let windows = foresightkv::kernels::LiveWindows {
-        block_tables: &tables,
-        block_table_stride: sc.bt_stride,
-        seq_lens: &seq_lens,
-        live_starts: &starts,
-    };
-    let kv = sc.kv;
-    let cache = if sc.shape.kind.is_fused() {
-        KvCacheMut::Fused(&mut sc.key)
-    } else {
-        KvCacheMut::Split {
-            key: &mut sc.key,
-            value: &mut sc.value,
-        }
-    };
     let st = with_stats.then_some((&layout, &mut want_stats[..]));
-    compact(
-        &kv,
-        &windows,
-        max_live as i64,
-        &num_evict,
-        &survivors,
-        cache,
-        st,
-    )
-    .unwrap();
+    sc.compact(max_live, &num_evict, &survivors, st);
     assert!(
         got_key == sc.key,
         "key cache differs from the reference compaction"
@@ -423,13 +301,7 @@ fn compact_case<T: Element + bytemuck::Pod>(shape: Shape, with_stats: bool) {
         got_value == sc.value,
         "value cache differs from the reference compaction"
     );
-    assert!(
-        got_stats
-            .iter()
-            .zip(&want_stats)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
-        "stats differ"
-    );
+    assert_same_bits("stats differ", &got_stats, &want_stats);
 }
 
 #[test]
@@ -606,12 +478,13 @@ fn launchers_reject_bad_arguments_before_launch() {
     let layout = foresightkv::kernels::StatsLayout::contiguous(sc.kv.num_blocks, 16, 2, 2);
     let stats_len = layout.strides[0] as usize * layout.num_blocks as usize;
     let r = unsafe {
-        launch_window_stats(
+        launch_window_stats_folded(
             &on_device_0(foresightkv::DType::F32, &sc.kv, cache, &windows),
             &wargs,
             fake(2 * 8 * 4 * 64),
             fake(2),
             &[4, 2],
+            None,
             &layout,
             fake(stats_len),
             fake(1),

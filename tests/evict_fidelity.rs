@@ -1,11 +1,13 @@
 //! Trace replay and the fidelity table: invariants of the replay, reproducibility of sampled runs,
 //! trace files, and Golden Eviction leading the synthetic table.
 
+mod common;
+
 use foresightkv::evict::fidelity::{fidelity_table, FidelityOptions, PolicyName};
 use foresightkv::evict::{
     simulate, synthetic_trace, EvictError, ForesightPolicy, FullCache, H2o, ModelShape,
-    RandomEviction, Schedule, ScorerCheckpoint, ScorerConfig, SimOptions, StatsMode, StreamingLlm,
-    SyntheticConfig, Trace, TraceShape, VictimMode,
+    RandomEviction, Schedule, ScorerCheckpoint, ScorerConfig, SimOptions, SimResult, StatsMode,
+    StreamingLlm, SyntheticConfig, Trace, TraceShape, VictimMode,
 };
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -32,12 +34,17 @@ fn opts(budget: usize, interval: usize, record: bool) -> SimOptions {
     }
 }
 
+/// Asserts a replay evicted nothing and so kept all the attention mass.
+fn assert_nothing_evicted(r: &SimResult) {
+    assert_eq!(r.fidelity.evictions, 0);
+    assert!((r.fidelity.mass() - 1.0).abs() < 1e-9);
+}
+
 #[test]
 fn full_cache_keeps_everything() {
     let t = trace(200, 1);
     let r = simulate(&t, &FullCache, &opts(32, 8, false)).unwrap();
-    assert_eq!(r.fidelity.evictions, 0);
-    assert!((r.fidelity.mass() - 1.0).abs() < 1e-9);
+    assert_nothing_evicted(&r);
     assert!(r.fidelity.rel_err() < 1e-6);
 }
 
@@ -45,8 +52,7 @@ fn full_cache_keeps_everything() {
 fn budget_beyond_the_trace_is_the_full_cache() {
     let t = trace(100, 2);
     let r = simulate(&t, &H2o, &opts(96, 8, false)).unwrap();
-    assert_eq!(r.fidelity.evictions, 0);
-    assert!((r.fidelity.mass() - 1.0).abs() < 1e-9);
+    assert_nothing_evicted(&r);
 }
 
 proptest! {
@@ -288,16 +294,7 @@ fn replay_refuses_a_scorer_of_another_stats_mode() {
     let ck = Arc::new(ScorerCheckpoint::random(cfg, 1, 0.3).unwrap());
     let p = ForesightPolicy::new(ck, VictimMode::TopL);
     let err = simulate(&t, &p, &opts(32, 8, false)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EvictError::StatsModeMismatch {
-                checkpoint: StatsMode::Official,
-                computed: StatsMode::Paper
-            }
-        ),
-        "{err}"
-    );
+    common::assert_official_scorer_refused(&err);
     let msg = err.to_string();
     assert!(
         msg.contains("'official'") && msg.contains("'paper'"),

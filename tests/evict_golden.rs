@@ -1,5 +1,7 @@
 //! Golden Eviction against a brute-force reference on small traces, and its greedy record.
 
+mod common;
+
 use foresightkv::evict::{
     brute_force_future, golden_eviction, synthetic_trace, GoldenScores, Schedule, SyntheticConfig,
     Trace, TraceShape,
@@ -113,19 +115,10 @@ fn partial_last_block_divides_by_l_and_no_eviction_at_the_end() {
                 for gi in 0..g {
                     let q = lt.query(&s, j, kh * g + gi);
                     let logits: Vec<f64> = (0..=j)
-                        .map(|i| {
-                            let k = lt.key(&s, i, kh);
-                            q.iter()
-                                .zip(k)
-                                .map(|(a, b)| *a as f64 * *b as f64)
-                                .sum::<f64>()
-                                * s.scale() as f64
-                        })
+                        .map(|i| common::dot64(q, lt.key(&s, i, kh)) * s.scale() as f64)
                         .collect();
-                    let mx = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = logits.iter().map(|x| (x - mx).exp()).sum();
-                    for (o, x) in block.iter_mut().zip(&logits) {
-                        *o += (x - mx).exp() / z;
+                    for (o, p) in block.iter_mut().zip(common::softmax(&logits)) {
+                        *o += p;
                     }
                 }
             }

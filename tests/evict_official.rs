@@ -5,15 +5,16 @@
 //! the carried cumulative statistics are exercised.
 #![allow(clippy::needless_range_loop)]
 
+mod common;
+
 use foresightkv::evict::convert::{convert_official, OfficialTensors};
 use foresightkv::evict::tensors::{serialize, OwnedTensor};
 use foresightkv::evict::{
-    EvictionPolicy, EvictionView, ForesightPolicy, ModelShape, SampleKey, StatsMode, VictimMode,
+    normals, EvictionPolicy, EvictionView, ForesightPolicy, ModelShape, SampleKey, StatsMode,
+    VictimMode,
 };
-use foresightkv::kernels::{
-    window_stats, LiveWindows, PagedKvLayout, StatsLayout, WindowStatsArgs, NUM_STATS,
-};
-use rand::{RngExt, SeedableRng};
+use foresightkv::kernels::{DenseRows, WindowStatsArgs, NUM_STATS};
+use rand::SeedableRng;
 use std::sync::Arc;
 
 const KV: usize = 2;
@@ -23,30 +24,6 @@ const B: usize = 48;
 const L: usize = 40; // > 32: the paper's sum8/16/32 all differ from the official ones
 const T: usize = B + 2 * L;
 const H: usize = 16;
-
-fn normals(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1: f32 = rng.random::<f32>().max(1e-7);
-            let u2: f32 = rng.random::<f32>();
-            std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-        })
-        .collect()
-}
-
-/// erf by its Taylor series (exact to f64 for |x| < 4; torch's `nn.GELU()` is the erf form).
-fn erf(x: f64) -> f64 {
-    if x.abs() >= 4.0 {
-        return x.signum();
-    }
-    let (mut term, mut sum, mut n) = (x, x, 0.0f64);
-    while term.abs() > 1e-17 {
-        n += 1.0;
-        term *= -x * x / n;
-        sum += term / (2.0 * n + 1.0);
-    }
-    sum * 2.0 / std::f64::consts::PI.sqrt()
-}
 
 /// The official judge model's tensors: fc1 `[kv, in, 16]`, fc2 `[kv, 16, 1]`, biases.
 struct Official {
@@ -66,7 +43,7 @@ impl Official {
             for (c, xc) in x.iter().enumerate() {
                 h += xc * self.fc1[(kh * i + c) * H + u] as f64;
             }
-            let gelu = 0.5 * h * (1.0 + erf(h / std::f64::consts::SQRT_2));
+            let gelu = 0.5 * h * (1.0 + common::erf(h / std::f64::consts::SQRT_2));
             out += gelu * self.fc2[kh * H + u] as f64;
         }
         out
@@ -79,17 +56,9 @@ fn probs(q: &[f32], keys: &[Vec<f32>], visible: usize) -> Vec<f64> {
     let scale = 1.0 / (D as f64).sqrt();
     let logits: Vec<f64> = keys[..visible]
         .iter()
-        .map(|k| {
-            q.iter()
-                .zip(k)
-                .map(|(a, b)| *a as f64 * *b as f64)
-                .sum::<f64>()
-                * scale
-        })
+        .map(|k| common::dot64(q, k) * scale)
         .collect();
-    let mx = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let z: f64 = logits.iter().map(|x| (x - mx).exp()).sum();
-    let mut p: Vec<f64> = logits.iter().map(|x| (x - mx).exp() / z).collect();
+    let mut p = common::softmax(&logits);
     p.resize(keys.len(), 0.0);
     p
 }
@@ -230,28 +199,11 @@ fn converted_official_checkpoint_scores_the_official_features() {
                 .collect();
             let kbuf: Vec<f32> = live_pos.iter().flat_map(|&t| krow(t, kh)).collect();
             let vbuf: Vec<f32> = live_pos.iter().flat_map(|&t| vrow(t, kh)).collect();
-            let kv = PagedKvLayout::contiguous(live as i64, 1, 1, D as i64);
-            let sl = StatsLayout::contiguous(live as i64, 1, 1, G as i64);
-            let table: Vec<i32> = (0..live as i32).collect();
-            let windows = LiveWindows {
-                block_tables: &table,
-                block_table_stride: live as i64,
-                seq_lens: &[live as i32],
-                live_starts: &[0],
-            };
+            let rows = DenseRows::new(live, D, G);
             let args = WindowStatsArgs::contiguous(G as i64, m as i64, D as i64)
                 .with_stats(L as i64, StatsMode::Official);
-            window_stats::<f32>(
-                &kv,
-                &windows,
-                &args,
-                &queries,
-                &[m as i32],
-                &kbuf,
-                &sl,
-                &mut stats,
-            )
-            .unwrap();
+            rows.window_stats(&args, &queries, m as i32, &kbuf, &mut stats)
+                .unwrap();
             let positions: Vec<u32> = live_pos.iter().map(|&t| t as u32).collect();
             let view = EvictionView {
                 key: SampleKey {
@@ -297,18 +249,15 @@ fn converted_official_checkpoint_scores_the_official_features() {
             let keep: Vec<usize> = (0..n).filter(|i| !drop.contains(i)).collect();
             pos = keep.iter().map(|&i| pos[i]).collect();
             let new_from = cum.len();
-            cum = keep
-                .iter()
-                .filter(|&&i| i < new_from)
-                .map(|&i| cum[i])
-                .chain((B..n).map(|i| sum[i]))
-                .collect();
-            dec = keep
-                .iter()
-                .filter(|&&i| i < new_from)
-                .map(|&i| dec[i])
-                .chain((B..n).map(|i| sum[i]))
-                .collect();
+            let carried = |old: &[[f64; G]]| -> Vec<[f64; G]> {
+                keep.iter()
+                    .filter(|&&i| i < new_from)
+                    .map(|&i| old[i])
+                    .chain((B..n).map(|i| sum[i]))
+                    .collect()
+            };
+            cum = carried(&cum);
+            dec = carried(&dec);
             let row = G * NUM_STATS;
             let mut kept_stats = Vec::with_capacity(B * row);
             for &i in &keep {

@@ -12,6 +12,15 @@ fn req(n: usize, key: SampleKey) -> VictimRequest {
     }
 }
 
+/// The `n` victims sampled at temperature 1 from `scores` (none protected), seeded by `key.seed`.
+fn sampled(scores: &[f32], n: usize, key: SampleKey) -> Vec<usize> {
+    let mode = VictimMode::Sample {
+        seed: key.seed,
+        temperature: 1.0,
+    };
+    select_victims(scores, &req(n, key), &mode).unwrap()
+}
+
 #[test]
 fn frequencies_follow_the_softmax() {
     // Two candidates, one victim: P(first) = e^a / (e^a + e^b).
@@ -22,21 +31,9 @@ fn frequencies_follow_the_softmax() {
         let key = SampleKey {
             seed: 5,
             request,
-            layer: 0,
-            head: 0,
-            eviction: 0,
+            ..SampleKey::default()
         };
-        if select_victims(
-            &scores,
-            &req(1, key),
-            &VictimMode::Sample {
-                seed: 5,
-                temperature: 1.0,
-            },
-        )
-        .unwrap()
-            == [0]
-        {
+        if sampled(&scores, 1, key) == [0] {
             first += 1;
         }
     }
@@ -68,19 +65,7 @@ fn second_draw_is_without_replacement() {
             head: 2,
             eviction: 3,
         };
-        let v = select_victims(
-            &scores,
-            &VictimRequest {
-                num_protected: 0,
-                num_evict: 2,
-                key,
-            },
-            &VictimMode::Sample {
-                seed: 9,
-                temperature: 1.0,
-            },
-        )
-        .unwrap();
+        let v = sampled(&scores, 2, key);
         kept[(0..3).find(|i| !v.contains(i)).unwrap()] += 1;
     }
     for (k, &count) in kept.iter().enumerate() {

@@ -23,6 +23,13 @@ fn small_checkpoint() -> (Vec<u8>, Vec<u8>) {
     ck.to_bytes().expect("serialises")
 }
 
+/// The message of the error `from_bytes` refuses a hostile checkpoint with.
+fn refusal(json: &[u8], weights: &[u8]) -> String {
+    ScorerCheckpoint::from_bytes(json, weights, "hostile")
+        .unwrap_err()
+        .to_string()
+}
+
 fn config_with(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
     let (json, _) = small_checkpoint();
     let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
@@ -50,9 +57,7 @@ fn checkpoint_config_with_a_trillion_layers_is_an_error_not_an_abort() {
     // Many layers that would fit in memory but not in this 1-layer weights file: refused before
     // the per-layer vector is allocated.
     let json = config_with(|v| v["num_layers"] = 10_000_000u64.into());
-    let msg = ScorerCheckpoint::from_bytes(&json, &weights, "hostile")
-        .unwrap_err()
-        .to_string();
+    let msg = refusal(&json, &weights);
     assert!(msg.contains("only"), "{msg}");
 }
 
@@ -88,9 +93,7 @@ fn checkpoint_with_interval_above_budget_is_refused() {
         v["budget"] = 16.into();
         v["interval"] = 32.into();
     });
-    let msg = ScorerCheckpoint::from_bytes(&json, &weights, "hostile")
-        .unwrap_err()
-        .to_string();
+    let msg = refusal(&json, &weights);
     assert!(msg.contains("interval 32 exceeds budget 16"), "{msg}");
     assert!(
         ScorerCheckpoint::random(ScorerConfig::new(shape(1, 1, 1, 2), 16, 32), 0, 0.1).is_err()
@@ -106,17 +109,13 @@ fn checkpoint_config_with_an_unknown_key_names_it_and_suggests_the_closest() {
         obj.remove("budget");
         obj.insert("budgt".into(), budget);
     });
-    let msg = ScorerCheckpoint::from_bytes(&json, &weights, "hostile")
-        .unwrap_err()
-        .to_string();
+    let msg = refusal(&json, &weights);
     assert!(
         msg.contains("`budgt`") && msg.contains("did you mean `budget`"),
         "{msg}"
     );
     let json = config_with(|v| v["stats_verison"] = 1.into());
-    let msg = ScorerCheckpoint::from_bytes(&json, &weights, "hostile")
-        .unwrap_err()
-        .to_string();
+    let msg = refusal(&json, &weights);
     assert!(msg.contains("did you mean `stats_version`"), "{msg}");
 }
 

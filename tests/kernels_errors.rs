@@ -8,6 +8,16 @@ use foresightkv::kernels::{
 
 const HD: i64 = 16;
 
+/// Whether `r` is the `InvalidArgument` error of argument `want`.
+fn invalid<T>(r: Result<T, KernelError>, want: &str) -> bool {
+    matches!(r, Err(KernelError::InvalidArgument { name, .. }) if name == want)
+}
+
+/// Whether `r` is the `BufferTooSmall` error of buffer `want`.
+fn too_small<T>(r: Result<T, KernelError>, want: &str) -> bool {
+    matches!(r, Err(KernelError::BufferTooSmall { name, .. }) if name == want)
+}
+
 /// Two sequences (lengths 20 and 5, live from 16 and 0) over 4 blocks of 16, one KV head.
 struct Fixture {
     kv: PagedKvLayout,
@@ -67,10 +77,7 @@ fn decode_rejects_bad_shapes() {
     let mut f = Fixture::new();
     let mut a = DecodeArgs::contiguous(2, HD);
     a.scale = f32::NAN;
-    assert!(matches!(
-        f.decode(&a),
-        Err(KernelError::InvalidArgument { name: "scale", .. })
-    ));
+    assert!(invalid(f.decode(&a), "scale"));
     let mut a = DecodeArgs::contiguous(2, HD);
     a.query_strides = [2 * HD, 4];
     assert!(matches!(
@@ -84,12 +91,9 @@ fn decode_rejects_bad_shapes() {
         Err(KernelError::InvalidStride { name: "out", .. })
     ));
     f.key.truncate(10);
-    assert!(matches!(
+    assert!(too_small(
         f.decode(&DecodeArgs::contiguous(2, HD)),
-        Err(KernelError::BufferTooSmall {
-            name: "key_cache",
-            ..
-        })
+        "key_cache"
     ));
 }
 
@@ -165,27 +169,21 @@ fn window_stats_rejects_bad_arguments() {
         window_stats(&f.kv, &f.windows(), args, &q, nq, &f.key, layout, stats)
     };
     run(&[4, 2], &layout, &mut stats, &args).unwrap();
-    assert!(matches!(
+    assert!(invalid(
         run(&[5, 2], &layout, &mut stats, &args),
-        Err(KernelError::InvalidArgument {
-            name: "num_queries",
-            ..
-        })
+        "num_queries"
     ));
-    assert!(matches!(
+    assert!(invalid(
         run(&[4, 6], &layout, &mut stats, &args),
-        Err(KernelError::InvalidArgument {
-            name: "num_queries",
-            ..
-        })
+        "num_queries"
     ));
     assert!(matches!(
         run(&[4], &layout, &mut stats, &args),
         Err(KernelError::ShapeMismatch(_))
     ));
-    assert!(matches!(
+    assert!(too_small(
         run(&[1, 1], &layout, &mut stats[..100], &args),
-        Err(KernelError::BufferTooSmall { name: "stats", .. })
+        "stats"
     ));
     let wrong_group = StatsLayout::contiguous(4, 16, 1, 4);
     let mut big = vec![0f32; 4 * 16 * 32];
@@ -200,12 +198,9 @@ fn window_stats_rejects_bad_arguments() {
     ));
     let mut short = args;
     short.max_queries = 8;
-    assert!(matches!(
+    assert!(too_small(
         run(&[1, 1], &layout, &mut stats, &short),
-        Err(KernelError::BufferTooSmall {
-            name: "queries",
-            ..
-        })
+        "queries"
     ));
 }
 
@@ -228,64 +223,27 @@ fn scorer_rejects_bad_weights_and_scores() {
         w2: &w2,
         b2: &b2,
     };
-    scorer_mlp(
-        &f.kv,
-        &f.windows(),
-        &f.key,
-        &f.value,
-        &layout,
-        &stats,
-        &ok,
-        5,
-        &mut scores[..10],
-    )
-    .unwrap();
+    let run = |weights: &ScorerWeights<'_>, max_live: i64, scores: &mut [f32]| {
+        scorer_mlp(
+            &f.kv,
+            &f.windows(),
+            &f.key,
+            &f.value,
+            &layout,
+            &stats,
+            weights,
+            max_live,
+            scores,
+        )
+    };
+    run(&ok, 5, &mut scores[..10]).unwrap();
     let bad = ScorerWeights { w1: &w1[1..], ..ok };
     assert!(matches!(
-        scorer_mlp(
-            &f.kv,
-            &f.windows(),
-            &f.key,
-            &f.value,
-            &layout,
-            &stats,
-            &bad,
-            5,
-            &mut scores
-        ),
+        run(&bad, 5, &mut scores),
         Err(KernelError::ShapeMismatch(_))
     ));
-    assert!(matches!(
-        scorer_mlp(
-            &f.kv,
-            &f.windows(),
-            &f.key,
-            &f.value,
-            &layout,
-            &stats,
-            &ok,
-            4,
-            &mut scores
-        ),
-        Err(KernelError::InvalidArgument {
-            name: "max_live",
-            ..
-        })
-    ));
-    assert!(matches!(
-        scorer_mlp(
-            &f.kv,
-            &f.windows(),
-            &f.key,
-            &f.value,
-            &layout,
-            &stats,
-            &ok,
-            5,
-            &mut scores[..9]
-        ),
-        Err(KernelError::BufferTooSmall { name: "scores", .. })
-    ));
+    assert!(invalid(run(&ok, 4, &mut scores), "max_live"));
+    assert!(too_small(run(&ok, 5, &mut scores[..9]), "scores"));
 }
 
 #[test]
@@ -300,19 +258,13 @@ fn select_rejects_bad_counts() {
     let mut out = vec![0i32; 10];
     select_survivors(&lens, &starts, &args, &scores, &[2, 3], &mut out).unwrap();
     assert_eq!(&out[..2], &[2, 3]);
-    assert!(matches!(
+    assert!(invalid(
         select_survivors(&lens, &starts, &args, &scores, &[3, 0], &mut out),
-        Err(KernelError::InvalidArgument {
-            name: "num_evict",
-            ..
-        })
+        "num_evict"
     ));
-    assert!(matches!(
+    assert!(invalid(
         select_survivors(&lens, &starts, &args, &scores, &[-1, 0], &mut out),
-        Err(KernelError::InvalidArgument {
-            name: "num_evict",
-            ..
-        })
+        "num_evict"
     ));
     assert!(matches!(
         select_survivors(&lens, &starts, &args, &scores, &[0], &mut out),
@@ -326,12 +278,9 @@ fn select_rejects_bad_counts() {
         num_protected: -1,
         ..args
     };
-    assert!(matches!(
+    assert!(invalid(
         select_survivors(&lens, &starts, &neg, &scores, &[0, 0], &mut out),
-        Err(KernelError::InvalidArgument {
-            name: "num_protected",
-            ..
-        })
+        "num_protected"
     ));
 }
 
@@ -366,43 +315,13 @@ fn compact_rejects_bad_survivors_and_counts() {
     good[17] = 16;
     good[..4].copy_from_slice(&[0, 1, 2, 3]);
     run(&[0, 16], &good).unwrap();
-    assert!(matches!(
-        run(&[0, 8], &good),
-        Err(KernelError::InvalidArgument {
-            name: "num_evict",
-            ..
-        })
-    ));
-    assert!(matches!(
-        run(&[0, 32], &good),
-        Err(KernelError::InvalidArgument {
-            name: "num_evict",
-            ..
-        })
-    ));
+    assert!(invalid(run(&[0, 8], &good), "num_evict"));
+    assert!(invalid(run(&[0, 32], &good), "num_evict"));
     let mut unsorted = good.clone();
     unsorted[..4].copy_from_slice(&[0, 2, 1, 3]);
-    assert!(matches!(
-        run(&[0, 16], &unsorted),
-        Err(KernelError::InvalidArgument {
-            name: "survivors",
-            ..
-        })
-    ));
+    assert!(invalid(run(&[0, 16], &unsorted), "survivors"));
     let mut beyond = good.clone();
     beyond[3] = 4;
-    assert!(matches!(
-        run(&[0, 16], &beyond),
-        Err(KernelError::InvalidArgument {
-            name: "survivors",
-            ..
-        })
-    ));
-    assert!(matches!(
-        run(&[0, 16], &good[..20]),
-        Err(KernelError::BufferTooSmall {
-            name: "survivors",
-            ..
-        })
-    ));
+    assert!(invalid(run(&[0, 16], &beyond), "survivors"));
+    assert!(too_small(run(&[0, 16], &good[..20]), "survivors"));
 }

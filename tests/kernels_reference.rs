@@ -2,6 +2,7 @@
 //! caches (shapes, dtypes, GQA ratios, ragged lengths, live_start > 0, block sizes 1 and 16).
 #![allow(clippy::needless_range_loop)]
 
+mod common;
 mod kernels_support;
 
 use foresightkv::kernels::window_stats::{
@@ -9,12 +10,14 @@ use foresightkv::kernels::window_stats::{
     STAT_SUM8,
 };
 use foresightkv::kernels::{
-    compact, paged_attention_decode, scorer_mlp, select_survivors, window_stats, DecodeArgs,
-    KvCacheMut, ScorerWeights, SelectArgs, StatsMode, WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
+    select_survivors, window_stats, DecodeArgs, DenseRows, SelectArgs, StatsMode, WindowStatsArgs,
+    NUM_STATS, SCORER_HIDDEN,
 };
 use foresightkv::Element;
 use half::{bf16, f16};
-use kernels_support::{assert_close, eps, shapes, uniform, Scenario, SelectCase, Shape};
+use kernels_support::{
+    assert_close, assert_same_bits, eps, shapes, uniform, Scenario, ScorerCase, SelectCase, Shape,
+};
 use proptest::prelude::*;
 use rand::RngExt;
 
@@ -32,16 +35,13 @@ fn naive_attend(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -
         .iter()
         .map(|k| dot(q, k) as f64 * scale as f64)
         .collect();
-    let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let w: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
-    let z: f64 = w.iter().sum();
+    let p = common::softmax(&logits);
     (0..hd)
         .map(|d| {
-            (w.iter()
+            p.iter()
                 .zip(values)
                 .map(|(p, v)| p * v[d] as f64)
-                .sum::<f64>()
-                / z) as f32
+                .sum::<f64>() as f32
         })
         .collect()
 }
@@ -59,16 +59,7 @@ fn check_decode<T: Element>(shape: Shape) {
     args.query_strides = [(hq * hd + 3 * hd) as i64, hd as i64];
     let query = sc.random_t(n * (hq * hd + 3 * hd), 2.0);
     let mut out = vec![T::from_f32(f32::NAN); n * hq * hd];
-    paged_attention_decode(
-        &sc.kv,
-        &sc.windows(),
-        &args,
-        &query,
-        sc.key_view(),
-        sc.value_view(),
-        &mut out,
-    )
-    .unwrap();
+    sc.decode(&sc.windows(), &args, &query, &mut out);
     for s in 0..n {
         for h in 0..hq {
             let q0 = s * args.query_strides[0] as usize + h * hd;
@@ -87,20 +78,6 @@ fn check_decode<T: Element>(shape: Shape) {
             );
         }
     }
-}
-
-/// Erf by its Taylor series (|x| < 4) in f64; independent of the reference's Chebyshev fit.
-fn naive_erf(x: f64) -> f64 {
-    if x.abs() >= 4.0 {
-        return x.signum();
-    }
-    let (mut term, mut sum, mut n) = (x, x, 0.0f64);
-    while term.abs() > 1e-17 {
-        n += 1.0;
-        term *= -x * x / n;
-        sum += term / (2.0 * n + 1.0);
-    }
-    sum * 2.0 / std::f64::consts::PI.sqrt()
 }
 
 /// Naive stats of one (s, query head) from the definition: the full masked probability matrix,
@@ -154,35 +131,11 @@ fn check_window_stats<T: Element>(shape: Shape, max_queries: usize) {
         sc.shape.group,
         sc.shape.kv_heads,
     );
-    let num_queries: Vec<i32> = sc
-        .shape
-        .live_lens
-        .clone()
-        .iter()
-        .map(|&l| sc.rng.random_range(0..=l.min(max_queries)) as i32)
-        .collect();
-    let window = sc.rng.random_range(0..=max_queries);
-    let mode = if sc.rng.random_range(0..2) == 0 {
-        StatsMode::Paper
-    } else {
-        StatsMode::Official
-    };
-    let args = WindowStatsArgs::contiguous(hq as i64, max_queries as i64, hd as i64)
-        .with_stats(window as i64, mode);
-    let queries = sc.random_t(n * max_queries * hq * hd, 2.0);
+    let (num_queries, args, queries) = sc.random_window_stats(max_queries);
+    let (window, mode) = (args.window as usize, args.mode);
     let (layout, mut stats) = sc.random_stats();
     let before = stats.clone();
-    window_stats(
-        &sc.kv,
-        &sc.windows(),
-        &args,
-        &queries,
-        &num_queries,
-        sc.key_view(),
-        &layout,
-        &mut stats,
-    )
-    .unwrap();
+    sc.window_stats(&args, &queries, &num_queries, &layout, &mut stats);
     for s in 0..n {
         let nq = num_queries[s] as usize;
         let live = sc.shape.live_lens[s];
@@ -203,9 +156,7 @@ fn check_window_stats<T: Element>(shape: Shape, max_queries: usize) {
                                 }
                             })
                             .collect();
-                        let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                        let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
-                        logits.iter().map(|l| (l - m).exp() / z).collect()
+                        common::softmax(&logits)
                     })
                     .collect();
                 for i in 0..live {
@@ -260,55 +211,14 @@ fn check_window_stats<T: Element>(shape: Shape, max_queries: usize) {
     }
 }
 
-fn random_weights(
-    sc: &mut Scenario<impl Element>,
-    in_dim: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
-    let kvh = sc.shape.kv_heads;
-    let mut r = |len: usize, scale: f32| -> Vec<f32> {
-        (0..len).map(|_| uniform(&mut sc.rng, scale)).collect()
-    };
-    let w1 = r(
-        kvh * SCORER_HIDDEN * in_dim,
-        1.0 / (in_dim as f32).sqrt() * 2.0,
-    );
-    let b1 = r(kvh * SCORER_HIDDEN, 0.5);
-    let w2 = r(kvh * SCORER_HIDDEN, 0.5);
-    let b2 = r(kvh, 0.5);
-    (w1, b1, w2, b2)
-}
-
 fn check_scorer<T: Element>(shape: Shape) {
     let mut sc = Scenario::<T>::new(shape);
-    let (n, hd, g, kvh) = (
-        sc.seq_lens.len(),
-        sc.shape.head_dim,
-        sc.shape.group,
-        sc.shape.kv_heads,
-    );
-    let in_dim = 2 * hd + NUM_STATS * g;
-    let (layout, stats) = sc.random_stats();
-    let (w1, b1, w2, b2) = random_weights(&mut sc, in_dim);
+    let (n, kvh) = (sc.seq_lens.len(), sc.shape.kv_heads);
+    let case = ScorerCase::new(&mut sc, |in_dim| 1.0 / (in_dim as f32).sqrt() * 2.0);
+    let (in_dim, layout, stats) = (case.in_dim, &case.layout, &case.stats);
+    let (w1, b1, w2, b2) = (&case.w1, &case.b1, &case.w2, &case.b2);
     let max_live = sc.max_live() + 2;
-    let mut scores = vec![f32::NAN; n * kvh * max_live];
-    let weights = ScorerWeights {
-        w1: &w1,
-        b1: &b1,
-        w2: &w2,
-        b2: &b2,
-    };
-    scorer_mlp(
-        &sc.kv,
-        &sc.windows(),
-        sc.key_view(),
-        sc.value_view(),
-        &layout,
-        &stats,
-        &weights,
-        max_live as i64,
-        &mut scores,
-    )
-    .unwrap();
+    let scores = case.reference(&sc, max_live, f32::NAN);
     for s in 0..n {
         for kh in 0..kvh {
             for i in 0..max_live {
@@ -320,7 +230,7 @@ fn check_scorer<T: Element>(shape: Shape) {
                 let mut x: Vec<f64> = sc.dense_k[s][kh][i].iter().map(|&v| v as f64).collect();
                 x.extend(sc.dense_v[s][kh][i].iter().map(|&v| v as f64));
                 x.extend(
-                    sc.stats_row(&layout, &stats, s, kh, i)
+                    sc.stats_row(layout, stats, s, kh, i)
                         .iter()
                         .map(|&v| v as f64),
                 );
@@ -329,7 +239,7 @@ fn check_scorer<T: Element>(shape: Shape) {
                     let w = &w1[(kh * SCORER_HIDDEN + u) * in_dim..][..in_dim];
                     let pre: f64 = b1[kh * SCORER_HIDDEN + u] as f64
                         + w.iter().zip(&x).map(|(a, b)| *a as f64 * b).sum::<f64>();
-                    let gelu = 0.5 * pre * (1.0 + naive_erf(pre / std::f64::consts::SQRT_2));
+                    let gelu = 0.5 * pre * (1.0 + common::erf(pre / std::f64::consts::SQRT_2));
                     want += w2[kh * SCORER_HIDDEN + u] as f64 * gelu;
                 }
                 assert_close(
@@ -396,77 +306,19 @@ fn check_select(shape: Shape, protected: usize, frac: f64, ties: bool) {
 
 fn check_compact<T: Element>(shape: Shape, with_stats: bool) {
     let mut sc = Scenario::<T>::new(shape);
-    let (n, kvh, hd, bs) = (
-        sc.seq_lens.len(),
-        sc.shape.kv_heads,
-        sc.shape.head_dim,
-        sc.shape.block_size,
-    );
+    let (n, kvh, hd) = (sc.seq_lens.len(), sc.shape.kv_heads, sc.shape.head_dim);
     let max_live = sc.max_live();
-    let num_evict: Vec<i32> = sc
-        .shape
-        .live_lens
-        .clone()
-        .iter()
-        .map(|&l| (sc.rng.random_range(0..=l / bs) * bs) as i32)
-        .collect();
-    let mut survivors = vec![0i32; n * kvh * max_live];
-    let mut chosen = vec![vec![Vec::new(); kvh]; n];
-    for s in 0..n {
-        let live = sc.shape.live_lens[s];
-        for kh in 0..kvh {
-            let mut idx: Vec<usize> = (0..live).collect();
-            for i in (1..idx.len()).rev() {
-                let j = sc.rng.random_range(0..=i);
-                idx.swap(i, j);
-            }
-            let mut keep: Vec<usize> = idx[..live - num_evict[s] as usize].to_vec();
-            keep.sort();
-            for (k, &i) in keep.iter().enumerate() {
-                survivors[(s * kvh + kh) * max_live + k] = i as i32;
-            }
-            chosen[s][kh] = keep;
-        }
-    }
+    let (num_evict, survivors, chosen) = sc.random_compaction();
     let (layout, mut stats) = sc.random_stats();
     let stats_before = stats.clone();
     let (key_before, value_before) = (sc.key.clone(), sc.value.clone());
-    let windows_owned = (
-        sc.block_tables.clone(),
-        sc.seq_lens.clone(),
-        sc.live_starts.clone(),
-    );
-    let windows = foresightkv::kernels::LiveWindows {
-        block_tables: &windows_owned.0,
-        block_table_stride: sc.bt_stride,
-        seq_lens: &windows_owned.1,
-        live_starts: &windows_owned.2,
-    };
-    let kv = sc.kv;
-    let fused = sc.shape.kind.is_fused();
-    let cache = if fused {
-        KvCacheMut::Fused(&mut sc.key)
-    } else {
-        KvCacheMut::Split {
-            key: &mut sc.key,
-            value: &mut sc.value,
-        }
-    };
     let st = if with_stats {
         Some((&layout, &mut stats[..]))
     } else {
         None
     };
-    compact(
-        &kv,
-        &windows,
-        max_live as i64,
-        &num_evict,
-        &survivors,
-        cache,
-        st,
-    )
-    .unwrap();
+    sc.compact(max_live, &num_evict, &survivors, st);
+    let (windows, kv, fused) = (sc.windows(), sc.kv, sc.shape.kind.is_fused());
     // Expected buffers: the originals with each destination row replaced by its survivor's row.
     let (mut ek, mut ev, mut es) = (
         key_before.clone(),
@@ -509,13 +361,7 @@ fn check_compact<T: Element>(shape: Shape, with_stats: bool) {
         sc.value == ev,
         "value cache differs from the expected compaction"
     );
-    assert!(
-        stats
-            .iter()
-            .zip(&es)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
-        "stats differ from the expected compaction"
-    );
+    assert_same_bits("stats differ from the expected compaction", &stats, &es);
 }
 
 proptest! {
@@ -590,63 +436,24 @@ fn check_evict_then_decode(shape: Shape, protected: usize) {
         &mut survivors,
     )
     .unwrap();
-    let (mut tables, lens32, starts) = (
-        sc.block_tables.clone(),
-        sc.seq_lens.clone(),
-        sc.live_starts.clone(),
-    );
-    {
-        let windows = foresightkv::kernels::LiveWindows {
-            block_tables: &tables,
-            block_table_stride: sc.bt_stride,
-            seq_lens: &lens32,
-            live_starts: &starts,
-        };
-        let kv = sc.kv;
-        let cache = if sc.shape.kind.is_fused() {
-            KvCacheMut::Fused(&mut sc.key)
-        } else {
-            KvCacheMut::Split {
-                key: &mut sc.key,
-                value: &mut sc.value,
-            }
-        };
-        compact(
-            &kv,
-            &windows,
-            max_live as i64,
-            &num_evict,
-            &survivors,
-            cache,
-            None,
-        )
-        .unwrap();
-    }
-    let new_starts: Vec<i32> = (0..n).map(|s| starts[s] + num_evict[s]).collect();
+    sc.compact(max_live, &num_evict, &survivors, None);
+    let mut tables = sc.block_tables.clone();
+    let new_starts: Vec<i32> = (0..n).map(|s| sc.live_starts[s] + num_evict[s]).collect();
     for s in 0..n {
         for b in 0..(new_starts[s] as usize / bs) {
             tables[s * sc.bt_stride as usize + b] = -1;
         }
     }
+    let dargs = DecodeArgs::contiguous(hq as i64, hd as i64);
+    let query = sc.random_t(n * hq * hd, 2.0);
     let windows = foresightkv::kernels::LiveWindows {
         block_tables: &tables,
         block_table_stride: sc.bt_stride,
-        seq_lens: &lens32,
+        seq_lens: &sc.seq_lens,
         live_starts: &new_starts,
     };
-    let dargs = DecodeArgs::contiguous(hq as i64, hd as i64);
-    let query = sc.random_t(n * hq * hd, 2.0);
     let mut out = vec![0f32; n * hq * hd];
-    paged_attention_decode(
-        &sc.kv,
-        &windows,
-        &dargs,
-        &query,
-        sc.key_view(),
-        sc.value_view(),
-        &mut out,
-    )
-    .unwrap();
+    sc.decode(&windows, &dargs, &query, &mut out);
     for s in 0..n {
         let keep = lens[s] - num_evict[s] as usize;
         for h in 0..hq {
@@ -691,29 +498,20 @@ fn uniform_stats(
     mode: StatsMode,
     old: [f32; 8],
 ) -> Vec<[f32; 8]> {
-    use foresightkv::kernels::{LiveWindows, PagedKvLayout, StatsLayout};
     let d = 4;
-    let kv = PagedKvLayout::contiguous(live as i64, 1, 1, d as i64);
-    let layout = StatsLayout::contiguous(live as i64, 1, 1, 1);
-    let table: Vec<i32> = (0..live as i32).collect();
-    let windows = LiveWindows {
-        block_tables: &table,
-        block_table_stride: live as i64,
-        seq_lens: &[live as i32],
-        live_starts: &[0],
-    };
+    let rows = DenseRows::new(live, d, 1);
     let args = WindowStatsArgs::contiguous(1, n as i64, d as i64).with_stats(window, mode);
     let keys = vec![0f32; live * d];
     let queries = vec![0.5f32; n * d];
     let mut stats: Vec<f32> = (0..live).flat_map(|_| old).collect();
     window_stats(
-        &kv,
-        &windows,
+        &rows.kv,
+        &rows.windows(),
         &args,
         &queries,
         &[n as i32],
         &keys,
-        &layout,
+        &rows.stats,
         &mut stats,
     )
     .unwrap();

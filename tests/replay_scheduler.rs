@@ -171,6 +171,16 @@ proptest! {
     }
 }
 
+/// `n` requests of `prompt` prompt and `output` output tokens, all arriving at time 0.
+fn burst(n: usize, prompt: u32, output: u32) -> Vec<TraceRequest> {
+    let one = TraceRequest {
+        arrival_s: 0.0,
+        prompt_tokens: prompt,
+        output_tokens: output,
+    };
+    vec![one; n]
+}
+
 #[test]
 fn greedy_admission_preempts_by_recompute_and_still_finishes() {
     let requests: Vec<TraceRequest> = (0..12)
@@ -222,13 +232,7 @@ fn greedy_admission_preempts_by_recompute_and_still_finishes() {
 
 #[test]
 fn eviction_raises_concurrency_under_memory_pressure() {
-    let requests: Vec<TraceRequest> = (0..40)
-        .map(|_| TraceRequest {
-            arrival_s: 0.0,
-            prompt_tokens: 64,
-            output_tokens: 2000,
-        })
-        .collect();
+    let requests: Vec<TraceRequest> = burst(40, 64, 2000);
     let full = SchedulerConfig {
         policy: Policy::Full,
         budget: None,
@@ -281,11 +285,7 @@ fn eviction_raises_concurrency_under_memory_pressure() {
 
 #[test]
 fn a_request_larger_than_the_pool_is_a_typed_error() {
-    let requests = vec![TraceRequest {
-        arrival_s: 0.0,
-        prompt_tokens: 100,
-        output_tokens: 2000,
-    }];
+    let requests = burst(1, 100, 2000);
     let cfg = SchedulerConfig {
         policy: Policy::Full,
         budget: None,
@@ -334,13 +334,7 @@ fn a_request_larger_than_the_pool_is_a_typed_error() {
 
 #[test]
 fn protected_prompts_add_their_blocks_to_the_footprint() {
-    let requests: Vec<TraceRequest> = (0..30)
-        .map(|_| TraceRequest {
-            arrival_s: 0.0,
-            prompt_tokens: 100,
-            output_tokens: 1000,
-        })
-        .collect();
+    let requests: Vec<TraceRequest> = burst(30, 100, 1000);
     let base = SchedulerConfig {
         policy: Policy::Foresight,
         budget: Some(128),
@@ -378,11 +372,7 @@ fn protected_prompts_add_their_blocks_to_the_footprint() {
 fn the_window_check_sees_real_windows() {
     // The same check with the limit at B instead of B + L + one block must flag the windows that
     // grow past B between evictions: the property above is not vacuous.
-    let requests = vec![TraceRequest {
-        arrival_s: 0.0,
-        prompt_tokens: 10,
-        output_tokens: 500,
-    }];
+    let requests = burst(1, 10, 500);
     let cfg = SchedulerConfig {
         policy: Policy::Foresight,
         budget: Some(64),

@@ -522,7 +522,7 @@ mod imp {
         let us = |t: f64| t * 1e6;
         // SAFETY (all four closures): every buffer above is alive and sized as declared.
         let t_stats = time_it(rt, a.iters, || unsafe {
-            ops::window_stats::window_stats(
+            ops::window_stats::window_stats_folded(
                 at,
                 a.dtype,
                 &kv,
@@ -532,6 +532,7 @@ mod imp {
                 Buf::new(queries.ptr(), qn),
                 Buf::new(nq.ptr(), batch),
                 &nq_host,
+                None,
                 &sl,
                 st,
                 Buf::new(ws.ptr(), wl),

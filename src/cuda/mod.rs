@@ -30,6 +30,4 @@ pub use paged_attention_decode::{launch_paged_attention_decode, plan_decode, Dec
 pub use sample_survivors::{launch_sample_survivors, DeviceSample};
 pub use scorer_mlp::{launch_scorer_mlp, DeviceScorerWeights};
 pub use select_survivors::launch_select_survivors;
-pub use window_stats::{
-    launch_window_stats, launch_window_stats_folded, window_stats_workspace_len,
-};
+pub use window_stats::{launch_window_stats_folded, window_stats_workspace_len};

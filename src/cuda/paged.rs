@@ -149,7 +149,25 @@ pub struct PagedLaunch<'a> {
     pub windows: &'a DeviceWindows<'a>,
 }
 
-impl PagedLaunch<'_> {
+impl<'a> PagedLaunch<'a> {
+    /// A launch on device `ordinal`, stream `stream`, over a `dtype` cache laid out as `kv`.
+    pub fn new(
+        (ordinal, stream): (usize, u64),
+        dtype: DType,
+        kv: &'a PagedKvLayout,
+        cache: DeviceCache,
+        windows: &'a DeviceWindows<'a>,
+    ) -> Self {
+        Self {
+            ordinal,
+            stream,
+            dtype,
+            kv,
+            cache,
+            windows,
+        }
+    }
+
     /// Validates the cache for the CUDA kernels and the windows against it.
     pub(crate) fn validate(&self) -> Result<(), KernelError> {
         validate_cache(self.kv, &self.cache)?;

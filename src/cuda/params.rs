@@ -9,18 +9,24 @@
 
 include!(concat!(env!("OUT_DIR"), "/params.rs"));
 
-// SAFETY: the structs are plain C data (integers and raw pointers) passed to kernels by value.
-#[cfg(feature = "cuda")]
-unsafe impl cudarc::driver::DeviceRepr for fkv_reshape_and_cache_params {}
-#[cfg(feature = "cuda")]
-unsafe impl cudarc::driver::DeviceRepr for fkv_decode_params {}
-#[cfg(feature = "cuda")]
-unsafe impl cudarc::driver::DeviceRepr for fkv_window_stats_params {}
-#[cfg(feature = "cuda")]
-unsafe impl cudarc::driver::DeviceRepr for fkv_scorer_params {}
-#[cfg(feature = "cuda")]
-unsafe impl cudarc::driver::DeviceRepr for fkv_select_params {}
-#[cfg(feature = "cuda")]
-unsafe impl cudarc::driver::DeviceRepr for fkv_compact_params {}
-#[cfg(feature = "cuda")]
-unsafe impl cudarc::driver::DeviceRepr for fkv_sample_params {}
+/// Implements `DeviceRepr` (kernel arguments passed by value) for each params struct.
+macro_rules! device_repr {
+    ($($t:ty),* $(,)?) => {
+        $(
+            // SAFETY: the structs are plain C data (integers and raw pointers) passed to kernels by
+            // value.
+            #[cfg(feature = "cuda")]
+            unsafe impl cudarc::driver::DeviceRepr for $t {}
+        )*
+    };
+}
+
+device_repr!(
+    fkv_reshape_and_cache_params,
+    fkv_decode_params,
+    fkv_window_stats_params,
+    fkv_scorer_params,
+    fkv_select_params,
+    fkv_compact_params,
+    fkv_sample_params,
+);

@@ -28,44 +28,15 @@ pub fn window_stats_workspace_len(
 }
 
 /// Enqueues `window_stats` on `at`'s stream and device: same contract as
-/// [`crate::kernels::window_stats()`]. `cache.value` is not read (pass the key view twice if you
-/// like). `num_queries_host` mirrors the device `num_queries` (int32). `workspace` (f32) must hold
-/// [`window_stats_workspace_len`] elements.
+/// [`crate::kernels::window_stats_folded()`] (`folded` `None`: [`crate::kernels::window_stats()`]).
+/// `cache.value` is not read (pass the key view twice if you like). `num_queries_host` mirrors the
+/// device `num_queries` (int32); `folded` is the device int32 `[num_seqs]` array and its host
+/// mirror. `workspace` (f32) must hold [`window_stats_workspace_len`] elements.
 ///
 /// # Safety
 /// The pointers must be device memory of `at.ordinal` holding the lengths given, alive until the
 /// kernels complete; the device arrays must match their host mirrors; `at.stream` must belong to
 /// that device.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn launch_window_stats(
-    at: &PagedLaunch<'_>,
-    args: &WindowStatsArgs,
-    queries: DeviceArray,
-    num_queries: DeviceArray,
-    num_queries_host: &[i32],
-    stats_layout: &StatsLayout,
-    stats: DeviceArray,
-    workspace: DeviceArray,
-) -> Result<(), CudaError> {
-    launch_window_stats_folded(
-        at,
-        args,
-        queries,
-        num_queries,
-        num_queries_host,
-        None,
-        stats_layout,
-        stats,
-        workspace,
-    )
-}
-
-/// [`launch_window_stats`] continuing a streaming fold: same contract as
-/// [`crate::kernels::window_stats_folded()`]; `folded` is the device int32 `[num_seqs]` array and
-/// its host mirror.
-///
-/// # Safety
-/// As [`launch_window_stats`]; `folded`'s device array must match its host mirror.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn launch_window_stats_folded(
     at: &PagedLaunch<'_>,

@@ -242,20 +242,17 @@ impl ScorerCheckpoint {
     pub fn new(config: ScorerConfig, layers: Vec<LayerWeights>) -> Result<Self, EvictError> {
         let bad = config.validate();
         if !bad.is_empty() {
-            return Err(EvictError::BadCheckpoint {
-                path: "<memory>".into(),
-                why: bad.join("; "),
-            });
+            return Err(EvictError::bad_checkpoint("<memory>", bad.join("; ")));
         }
         if layers.len() != config.num_layers {
-            return Err(EvictError::BadCheckpoint {
-                path: "<memory>".into(),
-                why: format!(
+            return Err(EvictError::bad_checkpoint(
+                "<memory>",
+                format!(
                     "{} layers of weights, config says {}",
                     layers.len(),
                     config.num_layers
                 ),
-            });
+            ));
         }
         for (l, w) in layers.iter().enumerate() {
             let [(n1, s1), (n2, s2), (n3, s3), (n4, s4)] = layer_shapes(&config, l);
@@ -267,18 +264,18 @@ impl ScorerCheckpoint {
             ] {
                 let want: usize = shape.iter().product();
                 if have != want {
-                    return Err(EvictError::BadCheckpoint {
-                        path: "<memory>".into(),
-                        why: format!("{name} has {have} floats, shape {shape:?} needs {want}"),
-                    });
+                    return Err(EvictError::bad_checkpoint(
+                        "<memory>",
+                        format!("{name} has {have} floats, shape {shape:?} needs {want}"),
+                    ));
                 }
             }
             for (name, values) in [("w1", &w.w1), ("b1", &w.b1), ("w2", &w.w2), ("b2", &w.b2)] {
                 if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-                    return Err(EvictError::BadCheckpoint {
-                        path: "<memory>".into(),
-                        why: format!("layers.{l}.{name} has a non-finite value at flat index {i}"),
-                    });
+                    return Err(EvictError::bad_checkpoint(
+                        "<memory>",
+                        format!("layers.{l}.{name} has a non-finite value at flat index {i}"),
+                    ));
                 }
             }
         }
@@ -289,10 +286,10 @@ impl ScorerCheckpoint {
     pub fn from_bytes(config_json: &[u8], weights: &[u8], label: &str) -> Result<Self, EvictError> {
         let config: ScorerConfig = serde_json::from_slice(config_json).map_err(|source| {
             if crate::config_keys::is_unknown_field(&source) {
-                EvictError::BadCheckpoint {
-                    path: format!("{label} ({CONFIG_FILE})"),
-                    why: crate::config_keys::explain(&source),
-                }
+                EvictError::bad_checkpoint(
+                    format!("{label} ({CONFIG_FILE})"),
+                    crate::config_keys::explain(&source),
+                )
             } else {
                 EvictError::Json {
                     path: label.to_string(),
@@ -302,10 +299,7 @@ impl ScorerCheckpoint {
         })?;
         let bad = config.validate();
         if !bad.is_empty() {
-            return Err(EvictError::BadCheckpoint {
-                path: label.to_string(),
-                why: bad.join("; "),
-            });
+            return Err(EvictError::bad_checkpoint(label, bad.join("; ")));
         }
         let st = safetensors::SafeTensors::deserialize(weights).map_err(|source| {
             EvictError::SafeTensors {
@@ -313,10 +307,7 @@ impl ScorerCheckpoint {
                 source,
             }
         })?;
-        let bad = |why: String| EvictError::BadCheckpoint {
-            path: label.to_string(),
-            why,
-        };
+        let bad = |why: String| EvictError::bad_checkpoint(label, why);
         // Every weight takes at least 2 bytes (f16/bf16): a config claiming more than the file
         // holds is refused before anything is allocated for it.
         let floats = config.weight_count().map_err(|e| bad(e.to_string()))?;
@@ -451,13 +442,10 @@ impl ScorerCheckpoint {
     /// A checkpoint with weights drawn from a seeded normal(0, std) (tests and demos only: an
     /// untrained scorer).
     pub fn random(config: ScorerConfig, seed: u64, std: f32) -> Result<Self, EvictError> {
-        use rand::{RngExt, SeedableRng};
+        use rand::SeedableRng;
         let bad = config.validate();
         if !bad.is_empty() {
-            return Err(EvictError::BadCheckpoint {
-                path: "<memory>".into(),
-                why: bad.join("; "),
-            });
+            return Err(EvictError::bad_checkpoint("<memory>", bad.join("; ")));
         }
         // Box-Muller draws reach |z| <= sqrt(-2 ln 1e-7) < 5.7: every weight stays finite.
         if !(std.is_finite() && std >= 0.0 && (std * 6.0).is_finite()) {
@@ -470,15 +458,7 @@ impl ScorerCheckpoint {
             });
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut normal = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    let u1: f32 = rng.random::<f32>().max(1e-7);
-                    let u2: f32 = rng.random::<f32>();
-                    std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-                })
-                .collect()
-        };
+        let mut normal = |n: usize| normals(&mut rng, n, std);
         let (h, k, i) = (SCORER_HIDDEN, config.num_kv_heads, config.in_dim());
         let layers = (0..config.num_layers)
             .map(|_| LayerWeights {
@@ -490,4 +470,17 @@ impl ScorerCheckpoint {
             .collect();
         Self::new(config, layers)
     }
+}
+
+/// `n` draws of N(0, std^2) by Box-Muller (`u1` clamped to 1e-7, so |z| < 5.7 std), the weights of
+/// [`ScorerCheckpoint::random`].
+pub fn normals(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+    use rand::RngExt;
+    (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(1e-7);
+            let u2: f32 = rng.random::<f32>();
+            std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect()
 }

@@ -97,12 +97,14 @@ impl OfficialTensors {
             let Some((l, part)) = parse_official_name(name) else {
                 continue;
             };
-            let values = to_f32(&view).ok_or_else(|| EvictError::BadCheckpoint {
-                path: label.to_string(),
-                why: format!(
-                    "tensor {name} has dtype {:?}, expected F32, F16 or BF16",
-                    view.dtype()
-                ),
+            let values = to_f32(&view).ok_or_else(|| {
+                EvictError::bad_checkpoint(
+                    label,
+                    format!(
+                        "tensor {name} has dtype {:?}, expected F32, F16 or BF16",
+                        view.dtype()
+                    ),
+                )
             })?;
             self.layers
                 .entry(l)
@@ -129,10 +131,7 @@ pub fn convert_official(
 ) -> Result<ScorerCheckpoint, EvictError> {
     let config = ScorerConfig::new(shape, budget, interval).with_stats_mode(StatsMode::Official);
     let label = official.sources.join(", ");
-    let bad = |why: String| EvictError::BadCheckpoint {
-        path: label.clone(),
-        why,
-    };
+    let bad = |why: String| EvictError::bad_checkpoint(label.as_str(), why);
     if shape.group_size > OFFICIAL_MAX_GROUP {
         return Err(bad(format!(
             "the model has {} query heads per KV head; the official feature code slices the GQA \
@@ -259,10 +258,7 @@ pub fn model_shape_from_hf_json(bytes: &[u8], label: &str) -> Result<ModelShape,
             path: label.to_string(),
             source,
         })?;
-    let bad = |why: String| EvictError::BadCheckpoint {
-        path: label.to_string(),
-        why,
-    };
+    let bad = |why: String| EvictError::bad_checkpoint(label, why);
     let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
     let layers = get("num_hidden_layers").ok_or_else(|| bad("no num_hidden_layers".into()))?;
     let heads = get("num_attention_heads").ok_or_else(|| bad("no num_attention_heads".into()))?;
@@ -304,10 +300,10 @@ pub fn convert_official_dir(
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(EvictError::BadCheckpoint {
-            path: model_dir.display().to_string(),
-            why: "no *.safetensors shards".into(),
-        });
+        return Err(EvictError::bad_checkpoint(
+            model_dir.display().to_string(),
+            "no *.safetensors shards",
+        ));
     }
     let mut official = OfficialTensors::default();
     for p in &files {

@@ -87,6 +87,14 @@ impl EvictError {
         }
     }
 
+    /// Shorthand for [`EvictError::BadCheckpoint`].
+    pub(crate) fn bad_checkpoint(path: impl Into<String>, why: impl Into<String>) -> Self {
+        EvictError::BadCheckpoint {
+            path: path.into(),
+            why: why.into(),
+        }
+    }
+
     /// Shorthand for [`EvictError::Io`].
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         EvictError::Io {

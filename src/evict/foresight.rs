@@ -6,7 +6,7 @@ use super::policy::{check_scores, EvictionPolicy};
 use super::select::VictimMode;
 use super::view::EvictionView;
 use super::EvictError;
-use crate::kernels::{scorer_mlp, LiveWindows, PagedKvLayout, StatsLayout, StatsMode};
+use crate::kernels::{scorer_mlp, DenseRows, StatsMode};
 use std::sync::Arc;
 
 /// ForesightKV: scores = the checkpoint's MLP output (eviction propensity) on `concat(k, v, stats)`.
@@ -78,23 +78,14 @@ impl EvictionPolicy for ForesightPolicy {
         if n == 0 {
             return Ok(());
         }
-        let (d, g) = (c.head_dim as i64, c.group_size as i64);
-        let kv = PagedKvLayout::contiguous(n as i64, 1, 1, d);
-        let stats_layout = StatsLayout::contiguous(n as i64, 1, 1, g);
-        let table: Vec<i32> = (0..n as i32).collect();
-        let windows = LiveWindows {
-            block_tables: &table,
-            block_table_stride: n as i64,
-            seq_lens: &[n as i32],
-            live_starts: &[0],
-        };
+        let rows = DenseRows::new(n, c.head_dim, c.group_size);
         let weights = self.checkpoint.layers[layer].head(head, c.in_dim());
         scorer_mlp::<f32>(
-            &kv,
-            &windows,
+            &rows.kv,
+            &rows.windows(),
             view.keys,
             view.values,
-            &stats_layout,
+            &rows.stats,
             view.stats,
             &weights,
             n as i64,

@@ -25,7 +25,9 @@ pub mod view;
 
 pub use crate::kernels::StatsMode;
 pub use baselines::{FullCache, H2o, RandomEviction, Rkv, SnapKv, StreamingLlm, Tova};
-pub use checkpoint::{LayerWeights, ModelShape, ScorerCheckpoint, ScorerConfig, STATS_VERSION};
+pub use checkpoint::{
+    normals, LayerWeights, ModelShape, ScorerCheckpoint, ScorerConfig, STATS_VERSION,
+};
 pub use error::EvictError;
 pub use foresight::ForesightPolicy;
 pub use golden::{brute_force_future, GoldenPolicy, GoldenScores, Schedule};

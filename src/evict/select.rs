@@ -35,19 +35,9 @@ pub struct VictimRequest {
     pub key: SampleKey,
 }
 
-/// Chooses victims among the unprotected live slots `0..scores.len() - num_protected`; returns their
-/// slot indices ascending.
-///
-/// Sampling: candidates are the top `min(2 n, unprotected)` slots in the same total order as
-/// [`select_survivors`]; each candidate slot `c` gets the key `score_c / temperature + G_c` (binary64,
-/// `score` widened from f32, one division, one addition) where `G_c = key.gumbel(c)`, and the `n`
-/// largest keys are the victims (equal keys: the smaller slot). Identical choices on any machine
-/// that follows the [`super::philox`] contract.
-pub fn select_victims(
-    scores: &[f32],
-    req: &VictimRequest,
-    mode: &VictimMode,
-) -> Result<Vec<usize>, EvictError> {
+/// Checks that `req` asks for no more victims than `scores` has unprotected slots, and that the
+/// slots fit int32 indices.
+fn check_request(scores: &[f32], req: &VictimRequest) -> Result<(), EvictError> {
     let live = scores.len();
     let unprotected = live.saturating_sub(req.num_protected);
     if req.num_evict > unprotected {
@@ -65,6 +55,23 @@ pub fn select_victims(
             format!("{live} live entries exceed i32 slot indices"),
         ));
     }
+    Ok(())
+}
+
+/// Chooses victims among the unprotected live slots `0..scores.len() - num_protected`; returns their
+/// slot indices ascending.
+///
+/// Sampling: candidates are the top `min(2 n, unprotected)` slots in the same total order as
+/// [`select_survivors`]; each candidate slot `c` gets the key `score_c / temperature + G_c` (binary64,
+/// `score` widened from f32, one division, one addition) where `G_c = key.gumbel(c)`, and the `n`
+/// largest keys are the victims (equal keys: the smaller slot). Identical choices on any machine
+/// that follows the [`super::philox`] contract.
+pub fn select_victims(
+    scores: &[f32],
+    req: &VictimRequest,
+    mode: &VictimMode,
+) -> Result<Vec<usize>, EvictError> {
+    check_request(scores, req)?;
     match *mode {
         VictimMode::TopL => Ok(top_victims(scores, req.num_protected, req.num_evict)?),
         VictimMode::Sample { seed, temperature } => {
@@ -95,23 +102,7 @@ pub fn sample_victims(
     seed: u64,
     temperature: f32,
 ) -> Result<SampledVictims, EvictError> {
-    let live = scores.len();
-    let unprotected = live.saturating_sub(req.num_protected);
-    if req.num_evict > unprotected {
-        return Err(EvictError::arg(
-            "num_evict",
-            format!(
-                "{} victims, only {unprotected} unprotected of {live} live entries",
-                req.num_evict
-            ),
-        ));
-    }
-    if live > i32::MAX as usize {
-        return Err(EvictError::arg(
-            "scores",
-            format!("{live} live entries exceed i32 slot indices"),
-        ));
-    }
+    check_request(scores, req)?;
     if !(temperature.is_finite() && temperature > 0.0) {
         return Err(EvictError::arg(
             "temperature",

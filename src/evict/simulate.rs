@@ -9,9 +9,7 @@ use super::select::{select_victims, VictimRequest};
 use super::trace::{LayerTrace, Trace, TraceShape};
 use super::view::EvictionView;
 use super::EvictError;
-use crate::kernels::{
-    window_stats, LiveWindows, PagedKvLayout, StatsLayout, StatsMode, WindowStatsArgs, NUM_STATS,
-};
+use crate::kernels::{DenseRows, StatsMode, WindowStatsArgs, NUM_STATS};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::sync::Arc;
@@ -208,28 +206,11 @@ fn simulate_head(
                 (0..g).flat_map(move |gi| layer.query(shape, j, kh * g + gi).iter().copied())
             })
             .collect();
-        let kv = PagedKvLayout::contiguous(n as i64, 1, 1, d as i64);
-        let stats_layout = StatsLayout::contiguous(n as i64, 1, 1, g as i64);
-        let table: Vec<i32> = (0..n as i32).collect();
-        let windows = LiveWindows {
-            block_tables: &table,
-            block_table_stride: n as i64,
-            seq_lens: &[n as i32],
-            live_starts: &[0],
-        };
+        let rows = DenseRows::new(n, d, g);
         let mut args = WindowStatsArgs::contiguous(g as i64, m as i64, d as i64)
             .with_stats(interval as i64, opts.stats_mode);
         args.scale = scale;
-        window_stats::<f32>(
-            &kv,
-            &windows,
-            &args,
-            &queries,
-            &[m as i32],
-            &live.keys,
-            &stats_layout,
-            &mut live.stats,
-        )?;
+        rows.window_stats(&args, &queries, m as i32, &live.keys, &mut live.stats)?;
         let key = SampleKey {
             seed: 0,
             request: opts.request,

@@ -13,12 +13,8 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, EvictError> {
     let len = std::fs::metadata(path)
         .map_err(|e| EvictError::io(path, e))?
         .len();
-    crate::limits::check_bytes(&format!("reading {}", path.display()), len as u128, 1).map_err(
-        |e| EvictError::BadCheckpoint {
-            path: path.display().to_string(),
-            why: e.to_string(),
-        },
-    )?;
+    crate::limits::check_bytes(&format!("reading {}", path.display()), len as u128, 1)
+        .map_err(|e| EvictError::bad_checkpoint(path.display().to_string(), e.to_string()))?;
     std::fs::read(path).map_err(|e| EvictError::io(path, e))
 }
 

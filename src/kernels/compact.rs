@@ -1,7 +1,7 @@
 //! CPU reference of `compact`: per (sequence, KV head), move the survivors' K, V and statistics to
 //! the tail of the live window in their original order, in place.
 
-use super::paged::{LiveWindows, PagedKvLayout, StatsLayout};
+use super::paged::{per_sequence, LiveWindows, PagedKvLayout, StatsLayout};
 use super::scorer_mlp::validate_slot_matrix;
 use super::KernelError;
 use crate::Element;
@@ -36,20 +36,8 @@ pub fn validate_num_evict(
             why: "must be positive",
         });
     }
-    if live_starts.len() != seq_lens.len() {
-        return Err(KernelError::ShapeMismatch(format!(
-            "{} live starts for {} sequences",
-            live_starts.len(),
-            seq_lens.len()
-        )));
-    }
-    if num_evict.len() != seq_lens.len() {
-        return Err(KernelError::ShapeMismatch(format!(
-            "{} eviction counts for {} sequences",
-            num_evict.len(),
-            seq_lens.len()
-        )));
-    }
+    per_sequence("live starts", live_starts.len(), seq_lens.len())?;
+    per_sequence("eviction counts", num_evict.len(), seq_lens.len())?;
     for (s, &e) in num_evict.iter().enumerate() {
         let live = seq_lens[s] - live_starts[s];
         if e < 0 || e > live || e as i64 % block_size != 0 {

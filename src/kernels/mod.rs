@@ -33,7 +33,7 @@ pub use compact::{compact, KvCacheMut};
 pub use error::KernelError;
 pub use layout::CacheWriteLayout;
 pub use paged::{
-    LiveWindows, PagedKvLayout, StatsLayout, CUDA_HEAD_DIMS, NUM_STATS, SCORER_HIDDEN,
+    DenseRows, LiveWindows, PagedKvLayout, StatsLayout, CUDA_HEAD_DIMS, NUM_STATS, SCORER_HIDDEN,
 };
 pub use paged_attention_decode::{paged_attention_decode, DecodeArgs};
 pub use reshape_and_cache::{reshape_and_cache, reshape_and_cache_into};

@@ -267,6 +267,17 @@ pub fn validate_window_lengths(
     Ok(())
 }
 
+/// Checks a per-sequence array holds one entry per sequence: `len` `what` for `num_seqs` sequences
+/// is a `ShapeMismatch` otherwise.
+pub(crate) fn per_sequence(what: &str, len: usize, num_seqs: usize) -> Result<(), KernelError> {
+    if len != num_seqs {
+        return Err(KernelError::ShapeMismatch(format!(
+            "{len} {what} for {num_seqs} sequences"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks `0 <= live_start <= len` and `live_start % block_size == 0` for every sequence.
 pub fn validate_starts(
     seq_lens: &[i32],
@@ -274,13 +285,7 @@ pub fn validate_starts(
     block_size: i64,
 ) -> Result<(), KernelError> {
     positive("block_size", block_size)?;
-    if live_starts.len() != seq_lens.len() {
-        return Err(KernelError::ShapeMismatch(format!(
-            "{} live starts for {} sequences",
-            live_starts.len(),
-            seq_lens.len()
-        )));
-    }
+    per_sequence("live starts", live_starts.len(), seq_lens.len())?;
     for (s, (&len, &start)) in seq_lens.iter().zip(live_starts).enumerate() {
         if len < 0 || start < 0 || start > len || start as i64 % block_size != 0 {
             return Err(KernelError::BadWindow {
@@ -370,6 +375,42 @@ impl StatsLayout {
         let row = self.row() as i64;
         check_strides("stats", &self.strides, &dims, row)?;
         fits("stats", len, extent(&self.strides, &dims, row))
+    }
+}
+
+/// One sequence of `n` dense rows of one KV head as the paged kernels take it: block size 1,
+/// block `i` holding slot `i`, so `[n, head_dim]` keys and values and `[n, group_size, 8]`
+/// statistics are read in place (how the eviction layer runs a kernel over one head's live set).
+#[derive(Debug, Clone)]
+pub struct DenseRows {
+    /// The `[n, head_dim]` cache layout.
+    pub kv: PagedKvLayout,
+    /// The `[n, group_size, 8]` statistics layout.
+    pub stats: StatsLayout,
+    table: Vec<i32>,
+    seq_len: [i32; 1],
+}
+
+impl DenseRows {
+    /// `n` rows of `head_dim` with statistics for `group_size` query heads.
+    pub fn new(n: usize, head_dim: usize, group_size: usize) -> Self {
+        let rows = n as i64;
+        Self {
+            kv: PagedKvLayout::contiguous(rows, 1, 1, head_dim as i64),
+            stats: StatsLayout::contiguous(rows, 1, 1, group_size as i64),
+            table: (0..n as i32).collect(),
+            seq_len: [n as i32],
+        }
+    }
+
+    /// The one window: all `n` rows live, from position 0.
+    pub fn windows(&self) -> LiveWindows<'_> {
+        LiveWindows {
+            block_tables: &self.table,
+            block_table_stride: self.table.len() as i64,
+            seq_lens: &self.seq_len,
+            live_starts: &[0],
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! CPU reference of `select_survivors`: per (sequence, KV head), the deterministic top-k eviction
 //! choice over scored live entries, returned as the sorted list of survivors `compact` consumes.
 
-use super::paged::validate_starts;
+use super::paged::{per_sequence, validate_starts};
 use super::scorer_mlp::validate_slot_matrix;
 use super::KernelError;
 use serde::{Deserialize, Serialize};
@@ -46,13 +46,7 @@ pub fn validate_select(
             why: "must be >= 0".into(),
         });
     }
-    if num_evict.len() != seq_lens.len() {
-        return Err(KernelError::ShapeMismatch(format!(
-            "{} eviction counts for {} sequences",
-            num_evict.len(),
-            seq_lens.len()
-        )));
-    }
+    per_sequence("eviction counts", num_evict.len(), seq_lens.len())?;
     let mut max_live = 0usize;
     for (s, &e) in num_evict.iter().enumerate() {
         let live = (seq_lens[s] - live_starts[s]) as i64;

@@ -38,7 +38,8 @@
 //! row order, the result is bit for bit the one-call result over all the rows.
 
 use super::paged::{
-    check_strides, extent, fits, group_size, LiveWindows, PagedKvLayout, StatsLayout,
+    check_strides, extent, fits, group_size, per_sequence, DenseRows, LiveWindows, PagedKvLayout,
+    StatsLayout,
 };
 use super::KernelError;
 use crate::Element;
@@ -212,13 +213,7 @@ impl WindowStatsArgs {
         stats_len: usize,
     ) -> Result<i64, KernelError> {
         if let Some(f) = folded {
-            if f.len() != num_queries.len() {
-                return Err(KernelError::ShapeMismatch(format!(
-                    "{} folded counts for {} sequences",
-                    f.len(),
-                    num_queries.len()
-                )));
-            }
+            per_sequence("folded counts", f.len(), num_queries.len())?;
             for (s, (&fs, &n)) in f.iter().zip(num_queries).enumerate() {
                 let live = seq_lens.get(s).zip(live_starts.get(s)).map(|(l, a)| l - a);
                 if fs < 0 || live.is_some_and(|live| fs > live - n) {
@@ -247,13 +242,7 @@ impl WindowStatsArgs {
             });
         }
         stats_layout.validate(kv, self.num_q_heads, stats_len)?;
-        if num_queries.len() != seq_lens.len() {
-            return Err(KernelError::ShapeMismatch(format!(
-                "{} query counts for {} sequences",
-                num_queries.len(),
-                seq_lens.len()
-            )));
-        }
+        per_sequence("query counts", num_queries.len(), seq_lens.len())?;
         for (s, &n) in num_queries.iter().enumerate() {
             let live = (seq_lens[s] - live_starts[s]) as i64;
             if n < 0 || n as i64 > self.max_queries || n as i64 > live {
@@ -311,6 +300,30 @@ pub fn window_stats<T: Element>(
         stats_layout,
         stats,
     )
+}
+
+impl DenseRows {
+    /// [`window_stats()`] of the one sequence's `num_queries` queries (f32) over the rows' `keys`,
+    /// updating `stats` in the rows' statistics layout.
+    pub fn window_stats(
+        &self,
+        args: &WindowStatsArgs,
+        queries: &[f32],
+        num_queries: i32,
+        keys: &[f32],
+        stats: &mut [f32],
+    ) -> Result<(), KernelError> {
+        window_stats(
+            &self.kv,
+            &self.windows(),
+            args,
+            queries,
+            &[num_queries],
+            keys,
+            &self.stats,
+            stats,
+        )
+    }
 }
 
 /// [`window_stats()`] continuing a streaming fold (module doc): `folded[s]` rows of sequence `s`

@@ -185,22 +185,15 @@ impl<'a> Windows<'a> {
     }
 }
 
-/// The device call of a paged-cache op on CUDA device `ordinal`, stream `stream`.
+/// The device call of a paged-cache op on CUDA device and stream `at` (ordinal, raw stream).
 fn paged<'a>(
-    (ordinal, stream): (usize, u64),
+    at: (usize, u64),
     dtype: crate::DType,
     kv: &'a crate::kernels::PagedKvLayout,
     cache: Cache,
     windows: &'a DeviceWindows<'a>,
 ) -> PagedLaunch<'a> {
-    PagedLaunch {
-        ordinal,
-        stream,
-        dtype,
-        kv,
-        cache: cache.device(),
-        windows,
-    }
+    PagedLaunch::new(at, dtype, kv, cache.device(), windows)
 }
 
 /// Why an op was refused or failed.

@@ -19,47 +19,11 @@ pub fn workspace_len(place: Place, args: &WindowStatsArgs, windows: &Windows<'_>
     }
 }
 
-/// Updates `stats` in place, contract of [`kernels::window_stats()`]; `queries` and `key_cache` in
-/// `dtype`, `num_queries` int32 with its host copy `num_queries_host`, `workspace` f32 of at least
-/// [`workspace_len`] elements. Only the key view of the cache is read.
-///
-/// # Safety
-/// As the [module contract](super).
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn window_stats(
-    place: Place,
-    dtype: DType,
-    kv: &PagedKvLayout,
-    key_cache: Buf,
-    windows: &Windows<'_>,
-    args: &WindowStatsArgs,
-    queries: Buf,
-    num_queries: Buf,
-    num_queries_host: &[i32],
-    stats_layout: &StatsLayout,
-    stats: Buf,
-    workspace: Buf,
-) -> Result<(), OpError> {
-    window_stats_folded(
-        place,
-        dtype,
-        kv,
-        key_cache,
-        windows,
-        args,
-        queries,
-        num_queries,
-        num_queries_host,
-        None,
-        stats_layout,
-        stats,
-        workspace,
-    )
-}
-
-/// [`window_stats`] continuing a streaming fold, contract of [`kernels::window_stats_folded()`]:
-/// `folded` is the int32 `[num_seqs]` buffer of rows earlier fold-only calls took, with its host
-/// copy.
+/// Updates `stats` in place, contract of [`kernels::window_stats_folded()`] (`folded` `None`:
+/// [`kernels::window_stats()`]); `queries` and `key_cache` in `dtype`, `num_queries` int32 with its
+/// host copy `num_queries_host`, `folded` the int32 `[num_seqs]` buffer of rows earlier fold-only
+/// calls took, with its host copy; `workspace` f32 of at least [`workspace_len`] elements. Only the
+/// key view of the cache is read.
 ///
 /// # Safety
 /// As the [module contract](super).

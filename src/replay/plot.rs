@@ -5,8 +5,11 @@
 use super::error::ReplayError;
 use super::policy_cost::Policy;
 use super::report::Report;
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -43,11 +46,58 @@ pub fn write_png(report: &Report, path: &Path) -> Result<(), ReplayError> {
     })
 }
 
+/// The drawing area of one chart.
+type Area<'b> = DrawingArea<BitMapBackend<'b>, Shift>;
+
+/// A chart with f64 axes.
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A plotters error as the message [`ReplayError::Plot`] carries.
+fn msg(x: impl std::fmt::Display) -> String {
+    x.to_string()
+}
+
+/// A captioned chart on `area` over the ranges of `x` and `y`, its mesh drawn with their
+/// descriptions and whole-number tick labels.
+fn axes<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    (xs, x_desc): (Range<f64>, &str),
+    (ys, y_desc): (Range<f64>, &str),
+) -> Result<Chart<'a, 'b>, String> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(xs, ys)
+        .map_err(msg)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()
+        .map_err(msg)?;
+    Ok(chart)
+}
+
+/// Draws the series-label box of `chart`.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(msg)
+}
+
 fn draw(report: &Report, path: &Path) -> Result<(), String> {
     ensure_font()?;
-    let e = |x: &dyn std::fmt::Display| x.to_string();
     let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(&x))?;
+    root.fill(&WHITE).map_err(msg)?;
     let (left, right) = root.split_horizontally(700);
 
     let budgets: Vec<usize> = report.runs.iter().filter_map(|r| r.budget).collect();
@@ -62,21 +112,12 @@ fn draw(report: &Report, path: &Path) -> Result<(), String> {
         .map(|r| r.output_tokens_per_s)
         .fold(1.0, f64::max)
         * 1.1;
-    let mut chart = ChartBuilder::on(&left)
-        .caption("Output throughput against budget", ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(bmin..bmax, 0.0..ymax)
-        .map_err(|x| e(&x))?;
-    chart
-        .configure_mesh()
-        .x_desc("budget B (tokens)")
-        .y_desc("output tokens/s")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .draw()
-        .map_err(|x| e(&x))?;
+    let mut chart = axes(
+        &left,
+        "Output throughput against budget",
+        (bmin..bmax, "budget B (tokens)"),
+        (0.0..ymax, "output tokens/s"),
+    )?;
     let mut policies: Vec<Policy> = report.runs.iter().map(|r| r.policy).collect();
     policies.dedup();
     for (i, policy) in policies.iter().enumerate() {
@@ -98,16 +139,11 @@ fn draw(report: &Report, path: &Path) -> Result<(), String> {
         };
         chart
             .draw_series(LineSeries::new(points, c.stroke_width(2)))
-            .map_err(|x| e(&x))?
+            .map_err(msg)?
             .label(policy.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|x| e(&x))?;
+    legend(&mut chart)?;
 
     let tmax = report
         .runs
@@ -120,21 +156,12 @@ fn draw(report: &Report, path: &Path) -> Result<(), String> {
         .map(|r| r.pool_kv_gib)
         .fold(1e-3, f64::max)
         * 1.05;
-    let mut chart = ChartBuilder::on(&right)
-        .caption("KV memory over time", ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..tmax, 0.0..kmax)
-        .map_err(|x| e(&x))?;
-    chart
-        .configure_mesh()
-        .x_desc("simulated time (s)")
-        .y_desc("KV held (GiB)")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .draw()
-        .map_err(|x| e(&x))?;
+    let mut chart = axes(
+        &right,
+        "KV memory over time",
+        (0.0..tmax, "simulated time (s)"),
+        (0.0..kmax, "KV held (GiB)"),
+    )?;
     for (i, run) in report.runs.iter().enumerate() {
         let c = colour(i);
         let label = match run.budget {
@@ -146,16 +173,11 @@ fn draw(report: &Report, path: &Path) -> Result<(), String> {
                 run.kv_series.iter().copied(),
                 c.stroke_width(1),
             ))
-            .map_err(|x| e(&x))?
+            .map_err(msg)?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|x| e(&x))?;
-    root.present().map_err(|x| e(&x))?;
+    legend(&mut chart)?;
+    root.present().map_err(msg)?;
     Ok(())
 }

@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 use foresightkv::kernels::{
-    select_survivors, LiveWindows, PagedKvLayout, SelectArgs, StatsLayout, NUM_STATS,
+    compact, paged_attention_decode, scorer_mlp, select_survivors, window_stats, DecodeArgs,
+    KvCacheMut, LiveWindows, PagedKvLayout, ScorerWeights, SelectArgs, StatsLayout, StatsMode,
+    WindowStatsArgs, NUM_STATS, SCORER_HIDDEN,
 };
 use foresightkv::Element;
 use proptest::prelude::*;
@@ -300,6 +302,137 @@ impl<T: Element> Scenario<T> {
         (l, buf)
     }
 
+    /// A random `window_stats` call of at most `max_queries` queries per sequence: the query counts
+    /// (each at most its live length), the arguments (a random statistics window, 0 = every row,
+    /// and mode) and the queries `[num_seqs, max_queries, num_q_heads, head_dim]` in [-2, 2].
+    pub fn random_window_stats(
+        &mut self,
+        max_queries: usize,
+    ) -> (Vec<i32>, WindowStatsArgs, Vec<T>) {
+        let (n, hq, hd) = (self.seq_lens.len(), self.num_q_heads(), self.shape.head_dim);
+        let lens = self.shape.live_lens.clone();
+        let num_queries: Vec<i32> = lens
+            .iter()
+            .map(|&l| self.rng.random_range(0..=l.min(max_queries)) as i32)
+            .collect();
+        let window = self.rng.random_range(0..=max_queries) as i64;
+        let mode = if self.rng.random_range(0..2) == 0 {
+            StatsMode::Paper
+        } else {
+            StatsMode::Official
+        };
+        let args = WindowStatsArgs::contiguous(hq as i64, max_queries as i64, hd as i64)
+            .with_stats(window, mode);
+        let queries = self.random_t(n * max_queries * hq * hd, 2.0);
+        (num_queries, args, queries)
+    }
+
+    /// A random compaction: per sequence a whole number of blocks to evict, per (sequence, KV head)
+    /// a random set of survivors; returns `num_evict`, the survivors `[num_seqs, kv_heads,
+    /// max_live]` (ascending, zero-padded) and each head's survivors as slot lists.
+    pub fn random_compaction(&mut self) -> (Vec<i32>, Vec<i32>, Vec<Vec<Vec<usize>>>) {
+        let (n, kvh, bs) = (
+            self.seq_lens.len(),
+            self.shape.kv_heads,
+            self.shape.block_size,
+        );
+        let max_live = self.max_live();
+        let lens = self.shape.live_lens.clone();
+        let num_evict: Vec<i32> = lens
+            .iter()
+            .map(|&l| (self.rng.random_range(0..=l / bs) * bs) as i32)
+            .collect();
+        let mut survivors = vec![0i32; n * kvh * max_live];
+        let mut chosen = vec![vec![Vec::new(); kvh]; n];
+        for s in 0..n {
+            let live = lens[s];
+            for kh in 0..kvh {
+                let mut idx: Vec<usize> = (0..live).collect();
+                for i in (1..idx.len()).rev() {
+                    let j = self.rng.random_range(0..=i);
+                    idx.swap(i, j);
+                }
+                let mut keep: Vec<usize> = idx[..live - num_evict[s] as usize].to_vec();
+                keep.sort();
+                for (k, &i) in keep.iter().enumerate() {
+                    survivors[(s * kvh + kh) * max_live + k] = i as i32;
+                }
+                chosen[s][kh] = keep;
+            }
+        }
+        (num_evict, survivors, chosen)
+    }
+
+    /// The CPU `paged_attention_decode` of `query` over the cache through `windows` into `out`.
+    pub fn decode(&self, windows: &LiveWindows<'_>, args: &DecodeArgs, query: &[T], out: &mut [T]) {
+        paged_attention_decode(
+            &self.kv,
+            windows,
+            args,
+            query,
+            self.key_view(),
+            self.value_view(),
+            out,
+        )
+        .unwrap();
+    }
+
+    /// The CPU `window_stats` over the cache, updating `stats` in place.
+    pub fn window_stats(
+        &self,
+        args: &WindowStatsArgs,
+        queries: &[T],
+        num_queries: &[i32],
+        layout: &StatsLayout,
+        stats: &mut [f32],
+    ) {
+        window_stats(
+            &self.kv,
+            &self.windows(),
+            args,
+            queries,
+            num_queries,
+            self.key_view(),
+            layout,
+            stats,
+        )
+        .unwrap();
+    }
+
+    /// The CPU `compact` of the scenario's own cache (and `stats`, if given); the windows are
+    /// unchanged (advancing live_start is the caller's step).
+    pub fn compact(
+        &mut self,
+        max_live: usize,
+        num_evict: &[i32],
+        survivors: &[i32],
+        stats: Option<(&StatsLayout, &mut [f32])>,
+    ) {
+        let (mut key, mut value) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.value),
+        );
+        let cache = if self.shape.kind.is_fused() {
+            KvCacheMut::Fused(&mut key)
+        } else {
+            KvCacheMut::Split {
+                key: &mut key,
+                value: &mut value,
+            }
+        };
+        let done = compact(
+            &self.kv,
+            &self.windows(),
+            max_live as i64,
+            num_evict,
+            survivors,
+            cache,
+            stats,
+        );
+        (self.key, self.value) = (key, value);
+        done.unwrap();
+    }
+
     /// The stats row (group * 8 floats) of live slot i of (s, kh).
     pub fn stats_row<'a>(
         &self,
@@ -334,6 +467,18 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
             "{what}[{i}]: got {g}, want {w} (atol {atol}, rtol {rtol})"
         );
     }
+}
+
+/// Asserts two f32 buffers are equal bit for bit.
+pub fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert!(
+        got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{what}"
+    );
 }
 
 /// A random `select_survivors` case over a scenario's windows: scores per (sequence, KV head, live
@@ -385,6 +530,71 @@ impl SelectCase {
             &self.args,
             &self.scores,
             &self.num_evict,
+            &mut out,
+        )
+        .unwrap();
+        out
+    }
+}
+
+/// A random `scorer_mlp` case over a scenario: statistics (as [`Scenario::random_stats`]) and
+/// per-KV-head weights for its `in_dim = 2 head_dim + 8 G` input features.
+pub struct ScorerCase {
+    pub in_dim: usize,
+    pub layout: StatsLayout,
+    pub stats: Vec<f32>,
+    pub w1: Vec<f32>,
+    pub b1: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub b2: Vec<f32>,
+}
+
+impl ScorerCase {
+    /// w1 in [-s, s] with `s = w1_scale(in_dim)`, the biases and w2 in [-0.5, 0.5].
+    pub fn new<T: Element>(sc: &mut Scenario<T>, w1_scale: impl Fn(usize) -> f32) -> Self {
+        let (kvh, hd, g) = (sc.shape.kv_heads, sc.shape.head_dim, sc.shape.group);
+        let in_dim = 2 * hd + NUM_STATS * g;
+        let (layout, stats) = sc.random_stats();
+        let mut r = |len: usize, scale: f32| -> Vec<f32> {
+            (0..len).map(|_| uniform(&mut sc.rng, scale)).collect()
+        };
+        let w1 = r(kvh * SCORER_HIDDEN * in_dim, w1_scale(in_dim));
+        let b1 = r(kvh * SCORER_HIDDEN, 0.5);
+        let w2 = r(kvh * SCORER_HIDDEN, 0.5);
+        let b2 = r(kvh, 0.5);
+        ScorerCase {
+            in_dim,
+            layout,
+            stats,
+            w1,
+            b1,
+            w2,
+            b2,
+        }
+    }
+
+    /// The weights as the kernels take them.
+    pub fn weights(&self) -> ScorerWeights<'_> {
+        ScorerWeights {
+            w1: &self.w1,
+            b1: &self.b1,
+            w2: &self.w2,
+            b2: &self.b2,
+        }
+    }
+
+    /// The CPU reference's scores `[num_seqs, kv_heads, max_live]` (unused slots hold `fill`).
+    pub fn reference<T: Element>(&self, sc: &Scenario<T>, max_live: usize, fill: f32) -> Vec<f32> {
+        let mut out = vec![fill; sc.seq_lens.len() * sc.shape.kv_heads * max_live];
+        scorer_mlp(
+            &sc.kv,
+            &sc.windows(),
+            sc.key_view(),
+            sc.value_view(),
+            &self.layout,
+            &self.stats,
+            &self.weights(),
+            max_live as i64,
             &mut out,
         )
         .unwrap();
