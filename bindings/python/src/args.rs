@@ -1,5 +1,6 @@
 //! Conversion of plain Python arguments (integers, sequences of token ids) with errors that name the
-//! argument and the offending value instead of Python's generic OverflowError / TypeError.
+//! argument and the offending value instead of Python's generic OverflowError / TypeError, and the
+//! declaration of the functions that take their arguments that way ([`py_fn`]).
 
 use crate::errors::{error, Kind};
 use crate::tensor::{ElemType, Tensor};
@@ -12,7 +13,8 @@ use pyo3::types::{PyBytes, PyString};
 /// list after `py;`, `name` is a `&Bound<PyAny>`, `name?` an `Option<&Bound<PyAny>>` (a default in
 /// the `#[pyo3(signature)]`), `name: T` a value PyO3 extracts itself. Attributes and docs (the
 /// `#[pyfunction]`, its signature, the docstring) pass through in order; the body sees the
-/// function's name as the `&str` `F`, for its messages.
+/// function's name as the `&str` `F`, for its messages. For free functions only: `#[pymethods]`
+/// sees a macro call in its impl unexpanded, so methods declare their parameters themselves.
 macro_rules! py_fn {
     (
         $(#[$($attr:tt)*])*

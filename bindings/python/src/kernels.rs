@@ -648,6 +648,37 @@ impl<'py> Selection<'py> {
         all.extend(self.windows.tensors());
         all
     }
+
+    /// Checks these tensors and the call's `extra` ones (read) for one device and `survivors` (the
+    /// one written, see [`launch_place`]); then reads the host copies of the lengths.
+    fn launch(
+        &self,
+        py: Python<'_>,
+        func: &str,
+        extra: &[&Tensor<'py>],
+    ) -> PyResult<HostSelection> {
+        let mut all = self.tensors();
+        all.extend(extra.iter().copied());
+        let at = launch_place(py, func, &all, &[&self.survivors], None)?;
+        Ok(HostSelection {
+            at,
+            windows: self.windows.host()?,
+            evict: host_i32(&self.num_evict)?,
+            scores: buf(&self.scores),
+            num_evict: buf(&self.num_evict),
+            survivors: buf(&self.survivors),
+        })
+    }
+}
+
+/// [`Selection`] without the GIL: where it runs, its buffers, the host copies of its lengths.
+struct HostSelection {
+    at: Place,
+    windows: HostWindows,
+    evict: Vec<i32>,
+    scores: Buf,
+    num_evict: Buf,
+    survivors: Buf,
 }
 
 py_fn! {
@@ -670,14 +701,19 @@ py_fn! {
             survivors,
             num_protected,
         )?;
-        let all = s.tensors();
-        let at = launch_place(py, F, &all, &[&s.survivors], None)?;
-        let (hw, evict) = (s.windows.host()?, host_i32(&s.num_evict)?);
-        let (args, scb, neb, svb) = (s.args, buf(&s.scores), buf(&s.num_evict), buf(&s.survivors));
+        let (h, args) = (s.launch(py, F, &[])?, s.args);
         detached(py, F, op_error, move || {
             // SAFETY: as in paged_attention_decode; `survivors` overlaps nothing.
             unsafe {
-                ops::select_survivors::select_survivors(at, &hw.get(), &args, scb, neb, &evict, svb)
+                ops::select_survivors::select_survivors(
+                    h.at,
+                    &h.windows.get(),
+                    &args,
+                    h.scores,
+                    h.num_evict,
+                    &h.evict,
+                    h.survivors,
+                )
             }
         })
     }
@@ -716,31 +752,21 @@ py_fn! {
             seed: args::int::<u64>("seed", seed, "[0, 2^64)")?,
             temperature: args::opt_float("temperature", temperature)?.unwrap_or(1.0) as f32,
         };
-        let mut all = s.tensors();
-        all.extend([&rq, &ev]);
-        let at = launch_place(py, F, &all, &[&s.survivors], None)?;
-        let (hw, evict) = (s.windows.host()?, host_i32(&s.num_evict)?);
-        let (scb, neb, svb, rqb, evb) = (
-            buf(&s.scores),
-            buf(&s.num_evict),
-            buf(&s.survivors),
-            buf(&rq),
-            buf(&ev),
-        );
+        let (h, rqb, evb) = (s.launch(py, F, &[&rq, &ev])?, buf(&rq), buf(&ev));
         detached(py, F, op_error, move || {
             // SAFETY: as in paged_attention_decode; int32 `requests` / `evictions` are read as the
             // u32 the op takes (same size, any bit pattern valid); `survivors` overlaps nothing.
             unsafe {
                 ops::sample_survivors::sample_survivors(
-                    at,
-                    &hw.get(),
+                    h.at,
+                    &h.windows.get(),
                     &args,
-                    scb,
-                    neb,
-                    &evict,
+                    h.scores,
+                    h.num_evict,
+                    &h.evict,
                     rqb,
                     evb,
-                    svb,
+                    h.survivors,
                 )
             }
         })

@@ -187,6 +187,20 @@ impl PyKvCacheManager {
         let id = args::seq_id("seq_id", seq_id)?;
         self.run(py, |m| f(m, id)).map_err(block_error)
     }
+
+    /// [`Self::on_seq`] of a call that also takes token ids (the argument `name`, read after the id).
+    fn on_seq_tokens<T: Send>(
+        &self,
+        py: Python<'_>,
+        seq_id: &Bound<'_, PyAny>,
+        name: &str,
+        tokens: &Bound<'_, PyAny>,
+        f: impl FnOnce(&KvCacheManager, u64, &[u32]) -> Result<T, BlockError> + Send,
+    ) -> PyResult<T> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        let tokens = args::tokens(name, tokens)?;
+        self.run(py, |m| f(m, id, &tokens)).map_err(block_error)
+    }
 }
 
 #[pymethods]
@@ -258,10 +272,7 @@ impl PyKvCacheManager {
         seq_id: &Bound<'_, PyAny>,
         prompt: &Bound<'_, PyAny>,
     ) -> PyResult<Vec<i64>> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        let prompt = args::tokens("prompt", prompt)?;
-        self.run(py, |m| m.add_sequence(id, &prompt))
-            .map_err(block_error)
+        self.on_seq_tokens(py, seq_id, "prompt", prompt, KvCacheManager::add_sequence)
     }
 
     /// Appends generated token ids; returns their slots. Refused while an eviction is due.
@@ -271,9 +282,7 @@ impl PyKvCacheManager {
         seq_id: &Bound<'_, PyAny>,
         tokens: &Bound<'_, PyAny>,
     ) -> PyResult<Vec<i64>> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        let tokens = args::tokens("tokens", tokens)?;
-        self.run(py, |m| m.append(id, &tokens)).map_err(block_error)
+        self.on_seq_tokens(py, seq_id, "tokens", tokens, KvCacheManager::append)
     }
 
     /// The eviction due now, or None.
