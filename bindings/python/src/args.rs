@@ -1,11 +1,57 @@
 //! Conversion of plain Python arguments (integers, sequences of token ids) with errors that name the
-//! argument and the offending value instead of Python's generic OverflowError / TypeError.
+//! argument and the offending value instead of Python's generic OverflowError / TypeError, and the
+//! declaration of the functions that take their arguments that way ([`py_fn`]).
 
 use crate::errors::{error, Kind};
 use crate::tensor::{ElemType, Tensor};
 use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
+
+/// Declares a Python function whose arguments arrive as Python objects, for the body to convert
+/// with the helpers of this module (errors naming the argument and the offending value): in the
+/// list after `py;`, `name` is a `&Bound<PyAny>`, `name?` an `Option<&Bound<PyAny>>` (a default in
+/// the `#[pyo3(signature)]`), `name: T` a value PyO3 extracts itself. Attributes and docs (the
+/// `#[pyfunction]`, its signature, the docstring) pass through in order; the body sees the
+/// function's name as the `&str` `F`, for its messages. For free functions only: `#[pymethods]`
+/// sees a macro call in its impl unexpanded, so methods declare their parameters themselves.
+macro_rules! py_fn {
+    (
+        $(#[$($attr:tt)*])*
+        $vis:vis fn $name:ident($py:ident; $($params:tt)*) -> $ret:ty $body:block
+    ) => {
+        $crate::args::py_fn!(
+            @param [$(#[$($attr)*])* $vis fn $name($py) -> $ret $body] [] $($params)*
+        );
+    };
+    // The parameters one by one into Rust ones (`'py` is the function's lifetime).
+    (@param $head:tt [$($done:tt)*] $p:ident: $t:ty $(, $($rest:tt)*)?) => {
+        $crate::args::py_fn!(@param $head [$($done)* $p: $t,] $($($rest)*)?);
+    };
+    (@param $head:tt [$($done:tt)*] $p:ident? $(, $($rest:tt)*)?) => {
+        $crate::args::py_fn!(
+            @param $head [$($done)* $p: Option<&pyo3::Bound<'py, pyo3::PyAny>>,] $($($rest)*)?
+        );
+    };
+    (@param $head:tt [$($done:tt)*] $p:ident $(, $($rest:tt)*)?) => {
+        $crate::args::py_fn!(
+            @param $head [$($done)* $p: &pyo3::Bound<'py, pyo3::PyAny>,] $($($rest)*)?
+        );
+    };
+    (
+        @param [$(#[$($attr:tt)*])* $vis:vis fn $name:ident($py:ident) -> $ret:ty $body:block]
+        [$($done:tt)*]
+    ) => {
+        $(#[$($attr)*])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<'py>($py: pyo3::Python<'py>, $($done)*) -> $ret {
+            #[allow(dead_code)]
+            const F: &str = stringify!($name);
+            $body
+        }
+    };
+}
+pub(crate) use py_fn;
 
 /// Extracts an integer of type `T` (anything with `__index__`): a non-integer is an
 /// `ArgumentTypeError`, an integer outside `range` (described for the message) an
@@ -52,6 +98,11 @@ pub fn seq_id(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     int::<u64>(name, obj, "[0, 2^64)")
 }
 
+/// A 32-bit id (request, layer, head, eviction count): an integer in [0, 2^32).
+pub fn id32(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<u32> {
+    int::<u32>(name, obj, "[0, 2^32)")
+}
+
 /// A size: an integer in [0, 2^63).
 pub fn size(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<usize> {
     size_or(Kind::InvalidArgument, name, obj)
@@ -89,6 +140,17 @@ pub fn opt_float(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<
     Ok(Some(v))
 }
 
+/// An optional argument: `default` when it is not given, else `convert(name, obj)` (e.g.
+/// [`seq_id`], [`size`], [`flag`]).
+pub fn opt_or<'py, T>(
+    name: &str,
+    obj: Option<&Bound<'py, PyAny>>,
+    default: T,
+    convert: impl FnOnce(&str, &Bound<'py, PyAny>) -> PyResult<T>,
+) -> PyResult<T> {
+    obj.map_or(Ok(default), |o| convert(name, o))
+}
+
 /// The Python type name of `obj`, for messages.
 pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
@@ -113,14 +175,9 @@ pub fn tokens(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
         )
     };
 
+    const OF: &str = "integer token ids";
     if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
-        return Err(error(
-            Kind::ArgumentType,
-            format!(
-                "{name} must be a sequence of integer token ids, got {}",
-                type_name(obj)
-            ),
-        ));
+        return Err(not_a_sequence(name, obj, OF));
     }
     if let Some(t) = Tensor::try_extract(name, obj)? {
         return tensor_tokens(name, &t);
@@ -137,15 +194,7 @@ pub fn tokens(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
         }
         Err(_) => {}
     }
-    let iter = obj.try_iter().map_err(|_| {
-        error(
-            Kind::ArgumentType,
-            format!(
-                "{name} must be a sequence of integer token ids, got {}",
-                type_name(obj)
-            ),
-        )
-    })?;
+    let iter = obj.try_iter().map_err(|_| not_a_sequence(name, obj, OF))?;
     let mut out = Vec::new();
     for (i, item) in iter.enumerate() {
         if i >= MAX_TOKENS {
@@ -163,25 +212,37 @@ pub fn tokens(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     Ok(out)
 }
 
-fn tensor_tokens(name: &str, t: &Tensor<'_>) -> PyResult<Vec<u32>> {
+/// The `ArgumentTypeError` of `obj` given for `name`, a sequence `of` what is described.
+pub(crate) fn not_a_sequence(name: &str, obj: &Bound<'_, PyAny>, of: &str) -> PyErr {
+    error(
+        Kind::ArgumentType,
+        format!("{name} must be a sequence of {of}, got {}", type_name(obj)),
+    )
+}
+
+/// The values of a 1-D CPU int32 / int64 tensor or ndarray, read in place.
+pub(crate) fn tensor_ints(t: &Tensor<'_>) -> PyResult<Vec<i64>> {
     t.expect_cpu()?;
     t.expect_ndim(1)?;
     t.expect_dtype(&[ElemType::I32, ElemType::I64])?;
+    // SAFETY: dtype, device (CPU) and extent were checked; reads only.
+    Ok(match t.dtype {
+        ElemType::I32 => unsafe { t.read_strided::<i32>() }
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        _ => unsafe { t.read_strided::<i64>() },
+    })
+}
+
+fn tensor_tokens(name: &str, t: &Tensor<'_>) -> PyResult<Vec<u32>> {
     let bad = |i: usize, v: i64| {
         error(
             Kind::InvalidArgument,
             format!("{name}[{i}] = {v} is out of range: must be in [0, 2^32)"),
         )
     };
-    let values: Vec<i64> = match t.dtype {
-        // SAFETY: dtype, device (CPU) and extent were checked; reads only.
-        ElemType::I32 => unsafe { t.read_strided::<i32>() }
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        _ => unsafe { t.read_strided::<i64>() },
-    };
-    values
+    tensor_ints(t)?
         .into_iter()
         .enumerate()
         .map(|(i, v)| u32::try_from(v).map_err(|_| bad(i, v)))

@@ -1,6 +1,6 @@
 //! `CacheConfig` and `EvictionConfig`: immutable, validated configuration objects with JSON round trips.
 
-use crate::args::{flag, size_or};
+use crate::args::{flag, opt_or, size_or};
 use crate::errors::{block_error, error, Kind};
 use foresightkv::block::{CacheConfig as CoreCache, EvictionConfig as CoreEviction};
 use pyo3::prelude::*;
@@ -22,10 +22,7 @@ impl PyEvictionConfig {
         interval: &Bound<'_, PyAny>,
         protect_prompt: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let protect_prompt = protect_prompt
-            .map(|p| flag("protect_prompt", p))
-            .transpose()?
-            .unwrap_or(false);
+        let protect_prompt = opt_or("protect_prompt", protect_prompt, false, flag)?;
         let budget = size_or(Kind::Config, "budget", budget)?;
         let interval = size_or(Kind::Config, "interval", interval)?;
         if budget == 0 || interval == 0 || interval > budget {
@@ -90,10 +87,8 @@ impl PyCacheConfig {
         enable_prefix_caching: Option<&Bound<'_, PyAny>>,
         eviction: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let enable_prefix_caching = enable_prefix_caching
-            .map(|p| flag("enable_prefix_caching", p))
-            .transpose()?
-            .unwrap_or(false);
+        let enable_prefix_caching =
+            opt_or("enable_prefix_caching", enable_prefix_caching, false, flag)?;
         let block_size = size_or(Kind::Config, "block_size", block_size)?;
         let num_blocks = size_or(Kind::Config, "num_blocks", num_blocks)?;
         let eviction = match eviction.filter(|e| !e.is_none()) {

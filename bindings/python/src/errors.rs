@@ -81,6 +81,17 @@ where
     }
 }
 
+/// Runs `f` with the GIL released; its error becomes the Python exception that `to_py` (e.g.
+/// [`op_error`], [`evict_error`]) makes of it for the function `func`.
+pub fn detached<T: Send, E: Send>(
+    py: Python<'_>,
+    func: &str,
+    to_py: fn(&str, E) -> PyErr,
+    f: impl FnOnce() -> Result<T, E> + Send,
+) -> PyResult<T> {
+    py.detach(f).map_err(|e| to_py(func, e))
+}
+
 /// A Python exception of `kind` carrying `message`.
 pub fn error(kind: Kind, message: impl Into<String>) -> PyErr {
     let message = message.into();

@@ -2,15 +2,15 @@
 //! policy of the core behind one `Policy` class, checkpoints loaded and validated in Rust, and the
 //! long replays run with the GIL released.
 
-use crate::args::{self, opt_float};
-use crate::errors::{error, evict_error, Kind};
+use crate::args::{self, opt_float, py_fn};
+use crate::errors::{detached, error, evict_error, Kind};
 use crate::tensor::{ElemType, Raw, Tensor};
 use foresightkv::evict::convert;
 use foresightkv::evict::tensors::{serialize, write_file};
 use foresightkv::evict::{
-    self, choose_victims, EvictionPolicy, EvictionView, ForesightPolicy, ModelShape, SampleKey,
-    Schedule, ScorerCheckpoint, ScorerConfig, SimOptions, SyntheticConfig, Trace, TraceShape,
-    VictimMode,
+    self, choose_victims, EvictError, EvictionPolicy, EvictionView, ForesightPolicy, ModelShape,
+    SampleKey, Schedule, ScorerCheckpoint, ScorerConfig, SimOptions, SyntheticConfig, Trace,
+    TraceShape, VictimMode,
 };
 use foresightkv::kernels::{NUM_STATS, SCORER_HIDDEN};
 use pyo3::prelude::*;
@@ -66,12 +66,10 @@ impl PyScorerCheckpoint {
             Some(m) => Some(args::stats_mode("stats_mode", Some(m))?),
             None => None,
         };
-        let ck = py
-            .detach(|| match mode {
-                Some(m) => ScorerCheckpoint::load_with_mode(&dir, m),
-                None => ScorerCheckpoint::load(&dir),
-            })
-            .map_err(|e| evict_error("ScorerCheckpoint.load", e))?;
+        let ck = detached(py, "ScorerCheckpoint.load", evict_error, || match mode {
+            Some(m) => ScorerCheckpoint::load_with_mode(&dir, m),
+            None => ScorerCheckpoint::load(&dir),
+        })?;
         Ok(Self {
             inner: Arc::new(ck),
         })
@@ -101,10 +99,7 @@ impl PyScorerCheckpoint {
         };
         let budget = args::size("budget", budget)?;
         let interval = args::size("interval", interval)?;
-        let seed = seed
-            .map(|s| args::seq_id("seed", s))
-            .transpose()?
-            .unwrap_or(0);
+        let seed = args::opt_or("seed", seed, 0, args::seq_id)?;
         let std = opt_float("std", std)?.unwrap_or(0.1) as f32;
         let mode = args::stats_mode("stats_mode", stats_mode)?;
         let config = ScorerConfig::new(shape, budget, interval).with_stats_mode(mode);
@@ -129,9 +124,9 @@ impl PyScorerCheckpoint {
         let dir = path_arg("model_dir", model_dir)?;
         let budget = args::size("budget", budget)?;
         let interval = args::size("interval", interval)?;
-        let (ck, _, _) = py
-            .detach(move || convert::convert_official_dir(&dir, budget, interval))
-            .map_err(|e| evict_error(F, e))?;
+        let (ck, _, _) = detached(py, F, evict_error, move || {
+            convert::convert_official_dir(&dir, budget, interval)
+        })?;
         Ok(Self {
             inner: Arc::new(ck),
         })
@@ -142,19 +137,24 @@ impl PyScorerCheckpoint {
     fn save_official(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
         let p = path_arg("path", path)?;
         let ck = self.inner.clone();
-        py.detach(move || {
-            let bytes = serialize(&convert::export_official(&ck), &p.display().to_string())?;
-            write_file(&p, &bytes)
-        })
-        .map_err(|e| evict_error("ScorerCheckpoint.save_official", e))
+        detached(
+            py,
+            "ScorerCheckpoint.save_official",
+            evict_error,
+            move || {
+                let bytes = serialize(&convert::export_official(&ck), &p.display().to_string())?;
+                write_file(&p, &bytes)
+            },
+        )
     }
 
     /// Writes `dir/config.json` and `dir/scorer.safetensors` (creating `dir`).
     fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
         let dir = path_arg("path", path)?;
         let ck = self.inner.clone();
-        py.detach(move || ck.save(&dir))
-            .map_err(|e| evict_error("ScorerCheckpoint.save", e))
+        detached(py, "ScorerCheckpoint.save", evict_error, move || {
+            ck.save(&dir)
+        })
     }
 
     /// The config (model shape, budget, interval, format and statistics version) as a dict.
@@ -258,6 +258,21 @@ impl PyPolicy {
             params,
         }
     }
+
+    /// Runs `f` with this policy over the view `v` without the GIL; its error names `func`.
+    fn over_view<T: Send>(
+        &self,
+        py: Python<'_>,
+        func: &str,
+        v: &View<'_>,
+        f: impl FnOnce(&dyn EvictionPolicy, &EvictionView<'_>) -> Result<T, EvictError> + Send,
+    ) -> PyResult<T> {
+        let (raws, meta, policy) = (v.raws(), &v.meta, self.inner.clone());
+        detached(py, func, evict_error, || {
+            // SAFETY: host float32 contiguous tensors (checked), alive for this call, only read.
+            unsafe { with_view(meta, raws, |view| f(policy.as_ref(), view)) }
+        })
+    }
 }
 
 /// The float32 tensors of one eviction view, validated, and its plain-data description.
@@ -329,7 +344,7 @@ impl<'py> View<'py> {
         let mut vals = [0u32; 4];
         for ((slot, name), obj) in vals.iter_mut().zip(names).zip(ids) {
             if let Some(o) = obj {
-                *slot = args::int::<u32>(name, o, "[0, 2^32)")?;
+                *slot = args::id32(name, o)?;
             }
         }
         if let Some(p) = positions.last() {
@@ -413,10 +428,7 @@ impl PyPolicy {
     #[staticmethod]
     #[pyo3(signature = (sinks = None))]
     fn streaming_llm(sinks: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
-        let sinks = sinks
-            .map(|s| args::int::<u32>("sinks", s, "[0, 2^32)"))
-            .transpose()?
-            .unwrap_or(4);
+        let sinks = args::opt_or("sinks", sinks, 4, args::id32)?;
         Ok(Self::new(
             evict::StreamingLlm { sinks },
             serde_json::json!({ "sinks": sinks }),
@@ -478,10 +490,7 @@ impl PyPolicy {
     #[staticmethod]
     #[pyo3(signature = (seed = None))]
     fn random(seed: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
-        let seed = seed
-            .map(|s| args::seq_id("seed", s))
-            .transpose()?
-            .unwrap_or(0);
+        let seed = args::opt_or("seed", seed, 0, args::seq_id)?;
         Ok(Self::new(
             evict::RandomEviction { seed },
             serde_json::json!({ "seed": seed }),
@@ -507,14 +516,8 @@ impl PyPolicy {
                 ),
             )
         })?;
-        let sample = sample
-            .map(|s| args::flag("sample", s))
-            .transpose()?
-            .unwrap_or(true);
-        let seed = seed
-            .map(|s| args::seq_id("seed", s))
-            .transpose()?
-            .unwrap_or(0);
+        let sample = args::opt_or("sample", sample, true, args::flag)?;
+        let seed = args::opt_or("seed", seed, 0, args::seq_id)?;
         let temperature = opt_float("temperature", temperature)?.unwrap_or(1.0) as f32;
         if temperature <= 0.0 || !temperature.is_finite() {
             return Err(error(
@@ -585,22 +588,12 @@ impl PyPolicy {
             [layer, kv_head, eviction, request],
             scale,
         )?;
-        let raws = v.raws();
-        let policy = self.inner.clone();
-        let meta = &v.meta;
-        let n = meta.positions.len();
-        let scores = py
-            .detach(|| {
-                // SAFETY: host float32 contiguous tensors (checked), alive for this call, only read.
-                unsafe {
-                    with_view(meta, raws, |view| {
-                        view.validate()?;
-                        let mut scores = vec![0f32; n];
-                        policy.score(view, &mut scores).map(|_| scores)
-                    })
-                }
-            })
-            .map_err(|e| evict_error("Policy.score", e))?;
+        let n = v.meta.positions.len();
+        let scores = self.over_view(py, "Policy.score", &v, |policy, view| {
+            view.validate()?;
+            let mut scores = vec![0f32; n];
+            policy.score(view, &mut scores).map(|_| scores)
+        })?;
         PyList::new(py, scores)
     }
 
@@ -637,18 +630,9 @@ impl PyPolicy {
         )?;
         let num_protected = args::size("num_protected", num_protected)?;
         let num_evict = args::size("num_evict", num_evict)?;
-        let raws = v.raws();
-        let policy = self.inner.clone();
-        let meta = &v.meta;
-        py.detach(|| {
-            // SAFETY: host float32 contiguous tensors (checked), alive for this call, only read.
-            unsafe {
-                with_view(meta, raws, |view| {
-                    choose_victims(policy.as_ref(), view, num_protected, num_evict)
-                })
-            }
+        self.over_view(py, "Policy.choose_victims", &v, |policy, view| {
+            choose_victims(policy, view, num_protected, num_evict)
         })
-        .map_err(|e| evict_error("Policy.choose_victims", e))
     }
 
     fn __repr__(&self) -> String {
@@ -657,10 +641,7 @@ impl PyPolicy {
 }
 
 fn odd_kernel(kernel: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
-    let k = kernel
-        .map(|k| args::size("kernel", k))
-        .transpose()?
-        .unwrap_or(7);
+    let k = args::opt_or("kernel", kernel, 7, args::size)?;
     if k % 2 == 0 || k > 1 << 16 {
         return Err(error(
             Kind::InvalidArgument,
@@ -682,9 +663,7 @@ impl PyTrace {
     #[staticmethod]
     fn load(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Self> {
         let p = path_arg("path", path)?;
-        let t = py
-            .detach(|| Trace::load(&p))
-            .map_err(|e| evict_error("Trace.load", e))?;
+        let t = detached(py, "Trace.load", evict_error, || Trace::load(&p))?;
         Ok(Self { inner: Arc::new(t) })
     }
 
@@ -717,14 +696,11 @@ impl PyTrace {
                 format!("a synthetic trace of {elems} floats is too large (limit 2^31)"),
             ));
         }
-        let seed = seed
-            .map(|s| args::seq_id("seed", s))
-            .transpose()?
-            .unwrap_or(0);
+        let seed = args::opt_or("seed", seed, 0, args::seq_id)?;
         let cfg = SyntheticConfig::new(shape, seed);
-        let t = py
-            .detach(|| evict::synthetic_trace(&cfg))
-            .map_err(|e| evict_error("Trace.synthetic", e))?;
+        let t = detached(py, "Trace.synthetic", evict_error, || {
+            evict::synthetic_trace(&cfg)
+        })?;
         Ok(Self { inner: Arc::new(t) })
     }
 
@@ -732,8 +708,7 @@ impl PyTrace {
     fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
         let p = path_arg("path", path)?;
         let t = self.inner.clone();
-        py.detach(move || t.save(&p))
-            .map_err(|e| evict_error("Trace.save", e))
+        detached(py, "Trace.save", evict_error, move || t.save(&p))
     }
 
     /// Dimensions: num_layers, num_q_heads, num_kv_heads, head_dim, len.
@@ -770,127 +745,101 @@ fn schedule_arg(
     let s = Schedule {
         budget: args::size("budget", budget)?,
         interval: args::size("interval", interval)?,
-        prompt_len: prompt_len
-            .map(|p| args::size("prompt_len", p))
-            .transpose()?
-            .unwrap_or(0),
+        prompt_len: args::opt_or("prompt_len", prompt_len, 0, args::size)?,
     };
     s.validate().map_err(|e| evict_error("schedule", e))?;
     Ok(s)
 }
 
-/// Replays `trace` through `policy` with budget and interval; returns the fidelity (attention mass
-/// kept, relative output error, queries, evictions) and, with `record`, every eviction.
-/// `stats_mode` (`"paper"` / `"official"`) is the statistics definition computed; None = the
-/// policy's scorer's mode (paper for the baselines); a scorer of another mode is a ConfigError.
-#[pyfunction]
-#[pyo3(signature = (trace, policy, budget, interval, *, request = None, record = None, prompt_len = None, stats_mode = None))]
-#[allow(clippy::too_many_arguments)]
-pub fn simulate<'py>(
-    py: Python<'py>,
-    trace: &Bound<'py, PyAny>,
-    policy: &Bound<'py, PyAny>,
-    budget: &Bound<'py, PyAny>,
-    interval: &Bound<'py, PyAny>,
-    request: Option<&Bound<'py, PyAny>>,
-    record: Option<&Bound<'py, PyAny>>,
-    prompt_len: Option<&Bound<'py, PyAny>>,
-    stats_mode: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let t = trace_arg(trace)?;
-    let p = policy
-        .cast::<PyPolicy>()
-        .map(|p| p.get().inner.clone())
-        .map_err(|_| {
-            error(
-                Kind::ArgumentType,
-                format!("policy must be a Policy, got {}", args::type_name(policy)),
-            )
-        })?;
-    let schedule = schedule_arg(budget, interval, prompt_len)?;
-    let request = request
-        .map(|r| args::int::<u32>("request", r, "[0, 2^32)"))
-        .transpose()?
-        .unwrap_or(0);
-    let record = record
-        .map(|r| args::flag("record", r))
-        .transpose()?
-        .unwrap_or(false);
-    let stats_mode = match stats_mode.filter(|m| !m.is_none()) {
-        Some(m) => args::stats_mode("stats_mode", Some(m))?,
-        None => p.stats_mode().unwrap_or_default(),
-    };
-    let opts = SimOptions {
-        schedule,
-        request,
-        record,
-        stats_mode,
-    };
-    let result = py
-        .detach(|| evict::simulate(&t, p.as_ref(), &opts))
-        .map_err(|e| evict_error("simulate", e))?;
-    sim_to_py(py, &result)
+py_fn! {
+    /// Replays `trace` through `policy` with budget and interval; returns the fidelity (attention mass
+    /// kept, relative output error, queries, evictions) and, with `record`, every eviction.
+    /// `stats_mode` (`"paper"` / `"official"`) is the statistics definition computed; None = the
+    /// policy's scorer's mode (paper for the baselines); a scorer of another mode is a ConfigError.
+    #[pyfunction]
+    #[pyo3(signature = (trace, policy, budget, interval, *, request = None, record = None, prompt_len = None, stats_mode = None))]
+    pub fn simulate(
+        py;
+        trace, policy, budget, interval, request?, record?, prompt_len?, stats_mode?,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let t = trace_arg(trace)?;
+        let p = policy
+            .cast::<PyPolicy>()
+            .map(|p| p.get().inner.clone())
+            .map_err(|_| {
+                error(
+                    Kind::ArgumentType,
+                    format!("policy must be a Policy, got {}", args::type_name(policy)),
+                )
+            })?;
+        let schedule = schedule_arg(budget, interval, prompt_len)?;
+        let request = args::opt_or("request", request, 0, args::id32)?;
+        let record = args::opt_or("record", record, false, args::flag)?;
+        let stats_mode = match stats_mode.filter(|m| !m.is_none()) {
+            Some(m) => args::stats_mode("stats_mode", Some(m))?,
+            None => p.stats_mode().unwrap_or_default(),
+        };
+        let opts = SimOptions {
+            schedule,
+            request,
+            record,
+            stats_mode,
+        };
+        let result = detached(py, F, evict_error, || evict::simulate(&t, p.as_ref(), &opts))?;
+        sim_to_py(py, &result)
+    }
 }
 
-/// ForesightKV's victim draw of one (layer, KV head) with its pool and order: the top
-/// `min(2 num_evict, unprotected)` slots of `scores` (the newest `num_protected` excluded), then
-/// `num_evict` of them by Gumbel top-k with the Philox key (seed, request, layer, head, eviction),
-/// exactly the draw of `Policy.foresight(sample=True)`. Returns `(pool ascending, victims in draw
-/// order)`, the draw order being that of a sequential softmax without replacement.
-#[pyfunction]
-#[pyo3(signature = (scores, *, num_protected, num_evict, seed = None, request = None, layer = None, head = None, eviction = None, temperature = None))]
-#[allow(clippy::too_many_arguments)]
-pub fn sample_victims(
-    py: Python<'_>,
-    scores: Vec<f32>,
-    num_protected: &Bound<'_, PyAny>,
-    num_evict: &Bound<'_, PyAny>,
-    seed: Option<&Bound<'_, PyAny>>,
-    request: Option<&Bound<'_, PyAny>>,
-    layer: Option<&Bound<'_, PyAny>>,
-    head: Option<&Bound<'_, PyAny>>,
-    eviction: Option<&Bound<'_, PyAny>>,
-    temperature: Option<&Bound<'_, PyAny>>,
-) -> PyResult<(Vec<usize>, Vec<usize>)> {
-    let num_protected = args::size("num_protected", num_protected)?;
-    let num_evict = args::size("num_evict", num_evict)?;
-    let seed = seed
-        .map(|s| args::seq_id("seed", s))
-        .transpose()?
-        .unwrap_or(0);
-    let mut ids = [0u32; 4];
-    for (slot, (name, obj)) in ids.iter_mut().zip([
-        ("request", request),
-        ("layer", layer),
-        ("head", head),
-        ("eviction", eviction),
-    ]) {
-        if let Some(o) = obj {
-            *slot = args::int::<u32>(name, o, "[0, 2^32)")?;
+py_fn! {
+    /// ForesightKV's victim draw of one (layer, KV head) with its pool and order: the top
+    /// `min(2 num_evict, unprotected)` slots of `scores` (the newest `num_protected` excluded), then
+    /// `num_evict` of them by Gumbel top-k with the Philox key (seed, request, layer, head, eviction),
+    /// exactly the draw of `Policy.foresight(sample=True)`. Returns `(pool ascending, victims in draw
+    /// order)`, the draw order being that of a sequential softmax without replacement.
+    #[pyfunction]
+    #[pyo3(signature = (scores, *, num_protected, num_evict, seed = None, request = None, layer = None, head = None, eviction = None, temperature = None))]
+    pub fn sample_victims(
+        py;
+        scores: Vec<f32>, num_protected, num_evict, seed?, request?, layer?, head?, eviction?,
+        temperature?,
+    ) -> PyResult<(Vec<usize>, Vec<usize>)> {
+        let num_protected = args::size("num_protected", num_protected)?;
+        let num_evict = args::size("num_evict", num_evict)?;
+        let seed = args::opt_or("seed", seed, 0, args::seq_id)?;
+        let mut ids = [0u32; 4];
+        for (slot, (name, obj)) in ids.iter_mut().zip([
+            ("request", request),
+            ("layer", layer),
+            ("head", head),
+            ("eviction", eviction),
+        ]) {
+            if let Some(o) = obj {
+                *slot = args::id32(name, o)?;
+            }
         }
+        if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
+            return Err(error(
+                Kind::InvalidArgument,
+                format!("scores[{i}] = {} is not finite", scores[i]),
+            ));
+        }
+        let temperature = opt_float("temperature", temperature)?.unwrap_or(1.0) as f32;
+        let req = evict::VictimRequest {
+            num_protected,
+            num_evict,
+            key: SampleKey {
+                seed,
+                request: ids[0],
+                layer: ids[1],
+                head: ids[2],
+                eviction: ids[3],
+            },
+        };
+        let drawn = detached(py, F, evict_error, || {
+            evict::sample_victims(&scores, &req, seed, temperature)
+        })?;
+        Ok((drawn.pool, drawn.victims))
     }
-    if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
-        return Err(error(
-            Kind::InvalidArgument,
-            format!("scores[{i}] = {} is not finite", scores[i]),
-        ));
-    }
-    let temperature = opt_float("temperature", temperature)?.unwrap_or(1.0) as f32;
-    let req = evict::VictimRequest {
-        num_protected,
-        num_evict,
-        key: SampleKey {
-            seed,
-            request: ids[0],
-            layer: ids[1],
-            head: ids[2],
-            eviction: ids[3],
-        },
-    };
-    let drawn = py
-        .detach(|| evict::sample_victims(&scores, &req, seed, temperature))
-        .map_err(|e| evict_error("sample_victims", e))?;
-    Ok((drawn.pool, drawn.victims))
 }
 
 fn sim_to_py<'py>(py: Python<'py>, r: &evict::SimResult) -> PyResult<Bound<'py, PyAny>> {
@@ -901,21 +850,18 @@ fn sim_to_py<'py>(py: Python<'py>, r: &evict::SimResult) -> PyResult<Bound<'py, 
     Ok(out)
 }
 
-/// Golden Eviction (the offline teacher) of a whole trace: the fidelity and the record of every
-/// greedy eviction (candidates' positions and scores, victims) of every (layer, KV head).
-#[pyfunction]
-#[pyo3(signature = (trace, budget, interval, *, prompt_len = None))]
-pub fn golden_eviction<'py>(
-    py: Python<'py>,
-    trace: &Bound<'py, PyAny>,
-    budget: &Bound<'py, PyAny>,
-    interval: &Bound<'py, PyAny>,
-    prompt_len: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let t = trace_arg(trace)?;
-    let schedule = schedule_arg(budget, interval, prompt_len)?;
-    let (_, result) = py
-        .detach(|| evict::golden_eviction(&t, schedule))
-        .map_err(|e| evict_error("golden_eviction", e))?;
-    sim_to_py(py, &result)
+py_fn! {
+    /// Golden Eviction (the offline teacher) of a whole trace: the fidelity and the record of every
+    /// greedy eviction (candidates' positions and scores, victims) of every (layer, KV head).
+    #[pyfunction]
+    #[pyo3(signature = (trace, budget, interval, *, prompt_len = None))]
+    pub fn golden_eviction(
+        py;
+        trace, budget, interval, prompt_len?,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let t = trace_arg(trace)?;
+        let schedule = schedule_arg(budget, interval, prompt_len)?;
+        let (_, result) = detached(py, F, evict_error, || evict::golden_eviction(&t, schedule))?;
+        sim_to_py(py, &result)
+    }
 }

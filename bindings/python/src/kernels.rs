@@ -4,8 +4,8 @@
 //! tensors or the CUDA launcher on PyTorch's current stream for CUDA ones, with the GIL released.
 //! Errors become `foresightkv.Error` subclasses naming the function and the offending value.
 
-use crate::args;
-use crate::errors::{cuda_error, error, op_error, Kind};
+use crate::args::{self, py_fn};
+use crate::errors::{cuda_error, detached, error, op_error, Kind};
 use crate::tensor::{
     check_outputs, kv_relation, same_device, torch_stream, Device, ElemType, KvRelation, Tensor,
     FLOATS,
@@ -42,6 +42,20 @@ fn place(py: Python<'_>, func: &str, tensors: &[&Tensor<'_>]) -> PyResult<Place>
             })
         }
     }
+}
+
+/// Where a call runs ([`place`]) once its written tensors pass [`check_outputs`] against `all`
+/// (`fused`: the K/V pair allowed to interleave): the checks every kernel makes before its op.
+fn launch_place(
+    py: Python<'_>,
+    func: &str,
+    all: &[&Tensor<'_>],
+    outputs: &[&Tensor<'_>],
+    fused: Option<(&Tensor<'_>, &Tensor<'_>)>,
+) -> PyResult<Place> {
+    let at = place(py, func, all)?;
+    check_outputs(outputs, all, fused)?;
+    Ok(at)
 }
 
 /// A tensor's memory as an op takes it.
@@ -131,15 +145,20 @@ fn cache_pair<'py>(
     v.expect_same_dtype(&k)?;
     v.expect_shape(&k.shape, "the shape of key_cache")?;
     let relation = kv_relation(&k, &v, k.shape[3])?;
-    let layout = PagedKvLayout {
+    let layout = paged_layout(&k, &v);
+    Ok((k, v, layout, relation))
+}
+
+/// The layout of the paged caches `k` and `v` (checked by [`cache_tensor`], of one shape).
+fn paged_layout(k: &Tensor<'_>, v: &Tensor<'_>) -> PagedKvLayout {
+    PagedKvLayout {
         num_blocks: k.shape[0],
         block_size: k.shape[1],
         num_kv_heads: k.shape[2],
         head_dim: k.shape[3],
         key_strides: [k.stride(0), k.stride(1), k.stride(2)],
         value_strides: [v.stride(0), v.stride(1), v.stride(2)],
-    };
-    Ok((k, v, layout, relation))
+    }
 }
 
 /// The pair [`check_outputs`] lets interleave: the K/V views of a fused cache.
@@ -299,335 +318,286 @@ fn scale_or_default(scale: Option<&Bound<'_, PyAny>>, head_dim: i64) -> PyResult
         .unwrap_or_else(|| 1.0 / (head_dim.max(1) as f32).sqrt()))
 }
 
-/// Writes each token's K/V rows into the cache slots `slot_mapping` names (negative = padding).
-///
-/// `key`, `value`: `[num_tokens, num_kv_heads, head_dim]`; `key_cache`, `value_cache`:
-/// `[num_blocks, block_size, num_kv_heads, head_dim]` (any strides, head_dim contiguous, so a
-/// permuted view of vLLM's head-major cache works in place); `slot_mapping`: int64 `[num_tokens]`.
-/// CPU tensors run the reference; CUDA tensors launch on PyTorch's current stream.
-#[pyfunction]
-pub fn reshape_and_cache<'py>(
-    py: Python<'py>,
-    key: &Bound<'py, PyAny>,
-    value: &Bound<'py, PyAny>,
-    key_cache: &Bound<'py, PyAny>,
-    value_cache: &Bound<'py, PyAny>,
-    slot_mapping: &Bound<'py, PyAny>,
-) -> PyResult<()> {
-    const F: &str = "reshape_and_cache";
-    let k = Tensor::extract("key", key)?;
-    let v = Tensor::extract("value", value)?;
-    for t in [&k, &v] {
-        t.expect_dtype(FLOATS)?;
-        t.expect_ndim(3)?;
-        t.expect_inner_contiguous(1)?;
+py_fn! {
+    /// Writes each token's K/V rows into the cache slots `slot_mapping` names (negative = padding).
+    ///
+    /// `key`, `value`: `[num_tokens, num_kv_heads, head_dim]`; `key_cache`, `value_cache`:
+    /// `[num_blocks, block_size, num_kv_heads, head_dim]` (any strides, head_dim contiguous, so a
+    /// permuted view of vLLM's head-major cache works in place); `slot_mapping`: int64 `[num_tokens]`.
+    /// CPU tensors run the reference; CUDA tensors launch on PyTorch's current stream.
+    #[pyfunction]
+    pub fn reshape_and_cache(py; key, value, key_cache, value_cache, slot_mapping) -> PyResult<()> {
+        let k = Tensor::extract("key", key)?;
+        let v = Tensor::extract("value", value)?;
+        for t in [&k, &v] {
+            t.expect_dtype(FLOATS)?;
+            t.expect_ndim(3)?;
+            t.expect_inner_contiguous(1)?;
+        }
+        v.expect_same_dtype(&k)?;
+        v.expect_shape(&k.shape, "the shape of key")?;
+        let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
+        kc.expect_same_dtype(&k)?;
+        kc.expect_dim(2, k.shape[1], "num_kv_heads of key")?;
+        kc.expect_dim(3, k.shape[2], "head_dim of key")?;
+        let sm = Tensor::extract("slot_mapping", slot_mapping)?;
+        sm.expect_dtype(&[ElemType::I64])?;
+        sm.expect_ndim(1)?;
+        sm.expect_contiguous()?;
+        sm.expect_dim(0, k.shape[0], "one slot per token")?;
+        let all = [&k, &v, &kc, &vc, &sm];
+        let at = launch_place(py, F, &all, &[&kc, &vc], fused_pair(&kc, &vc, relation))?;
+        let layout = CacheWriteLayout {
+            cache: kv,
+            num_tokens: k.shape[0],
+            key_strides: [k.stride(0), k.stride(1)],
+            value_strides: [v.stride(0), v.stride(1)],
+        };
+        let (dtype, c, kb, vb, sb) = (
+            cache_dtype(&k)?,
+            cache(&kc, &vc, relation),
+            buf(&k),
+            buf(&v),
+            buf(&sm),
+        );
+        detached(py, F, op_error, move || {
+            // SAFETY: every buffer is a tensor of `at` with the dtype and extent checked above,
+            // kept alive by the caller's references; the caches overlap no input (check_outputs)
+            // and each other only as the fused K|V layout (kv_relation), which the op takes as one
+            // buffer; on CUDA the stream is PyTorch's current one, so its caching allocator orders
+            // reuse after it.
+            unsafe { ops::reshape_and_cache::reshape_and_cache(at, dtype, &layout, c, kb, vb, sb) }
+        })
     }
-    v.expect_same_dtype(&k)?;
-    v.expect_shape(&k.shape, "the shape of key")?;
-    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
-    kc.expect_same_dtype(&k)?;
-    kc.expect_dim(2, k.shape[1], "num_kv_heads of key")?;
-    kc.expect_dim(3, k.shape[2], "head_dim of key")?;
-    let sm = Tensor::extract("slot_mapping", slot_mapping)?;
-    sm.expect_dtype(&[ElemType::I64])?;
-    sm.expect_ndim(1)?;
-    sm.expect_contiguous()?;
-    sm.expect_dim(0, k.shape[0], "one slot per token")?;
-    let all = [&k, &v, &kc, &vc, &sm];
-    let at = place(py, F, &all)?;
-    check_outputs(&[&kc, &vc], &all, fused_pair(&kc, &vc, relation))?;
-    let layout = CacheWriteLayout {
-        cache: kv,
-        num_tokens: k.shape[0],
-        key_strides: [k.stride(0), k.stride(1)],
-        value_strides: [v.stride(0), v.stride(1)],
-    };
-    let (dtype, c, kb, vb, sb) = (
-        cache_dtype(&k)?,
-        cache(&kc, &vc, relation),
-        buf(&k),
-        buf(&v),
-        buf(&sm),
-    );
-    py.detach(move || {
-        // SAFETY: every buffer is a tensor of `at` with the dtype and extent checked above, kept
-        // alive by the caller's references; the caches overlap no input (check_outputs) and each
-        // other only as the fused K|V layout (kv_relation), which the op takes as one buffer; on
-        // CUDA the stream is PyTorch's current one, so its caching allocator orders reuse after it.
-        unsafe { ops::reshape_and_cache::reshape_and_cache(at, dtype, &layout, c, kb, vb, sb) }
-    })
-    .map_err(|e| op_error(F, e))
 }
 
-/// Decode attention: each sequence's query (all heads) over its live window of the paged cache.
-///
-/// `query`, `out`: `[num_seqs, num_q_heads, head_dim]`; caches as in `reshape_and_cache`;
-/// `block_tables`: int32 `[num_seqs, width]`; `seq_lens`, `live_starts`: int32 `[num_seqs]`;
-/// `seq_lens_host`, `live_starts_host`: optional CPU int32 copies the caller keeps equal to them
-/// (read instead of copying the device arrays to the host, which waits for the device).
-#[pyfunction]
-#[pyo3(signature = (query, key_cache, value_cache, block_tables, seq_lens, live_starts, out, scale = None, *, seq_lens_host = None, live_starts_host = None))]
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention_decode<'py>(
-    py: Python<'py>,
-    query: &Bound<'py, PyAny>,
-    key_cache: &Bound<'py, PyAny>,
-    value_cache: &Bound<'py, PyAny>,
-    block_tables: &Bound<'py, PyAny>,
-    seq_lens: &Bound<'py, PyAny>,
-    live_starts: &Bound<'py, PyAny>,
-    out: &Bound<'py, PyAny>,
-    scale: Option<&Bound<'py, PyAny>>,
-    seq_lens_host: Option<&Bound<'py, PyAny>>,
-    live_starts_host: Option<&Bound<'py, PyAny>>,
-) -> PyResult<()> {
-    const F: &str = "paged_attention_decode";
-    let q = Tensor::extract("query", query)?;
-    q.expect_dtype(FLOATS)?;
-    q.expect_ndim(3)?;
-    q.expect_inner_contiguous(1)?;
-    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
-    kc.expect_same_dtype(&q)?;
-    kc.expect_dim(3, q.shape[2], "head_dim of query")?;
-    let w = Windows::extract(Some(block_tables), seq_lens, live_starts, q.shape[0])?;
-    let o = Tensor::extract("out", out)?;
-    o.expect_same_dtype(&q)?;
-    o.expect_shape(&q.shape, "the shape of query")?;
-    o.expect_inner_contiguous(1)?;
-    let mut all = vec![&q, &kc, &vc, &o];
-    all.extend(w.tensors());
-    let at = place(py, F, &all)?;
-    check_outputs(&[&o], &all, None)?;
-    let args = DecodeArgs {
-        num_q_heads: q.shape[1],
-        query_strides: [q.stride(0), q.stride(1)],
-        out_strides: [o.stride(0), o.stride(1)],
-        scale: scale_or_default(scale, q.shape[2])?,
-    };
-    let hw = w.host_with(seq_lens_host, live_starts_host)?;
-    let ws_len = ops::paged_attention_decode::workspace_len(at, &kv, args.num_q_heads, &hw.get())
-        .map_err(|e| op_error(F, e))?;
-    let (_ws_keep, ws) = workspace(py, at, ws_len)?;
-    let (dtype, c, qb, ob) = (
-        cache_dtype(&q)?,
-        cache(&kc, &vc, relation),
-        buf(&q),
-        buf(&o),
-    );
-    py.detach(move || {
-        // SAFETY: as in reshape_and_cache; the host copies of the windows were read from the
-        // window tensors; `out` overlaps nothing; the workspace tensor lives until this returns.
-        unsafe {
-            ops::paged_attention_decode::paged_attention_decode(
-                at,
-                dtype,
-                &kv,
-                c,
-                &hw.get(),
-                &args,
-                qb,
-                ob,
-                ws,
-            )
-        }
-    })
-    .map_err(|e| op_error(F, e))
-}
-
-/// Updates the 8 ForesightKV statistics of every live entry from the queries since the last eviction.
-///
-/// `queries`: `[num_seqs, max_queries, num_q_heads, head_dim]`; `num_queries`: int32 `[num_seqs]`;
-/// `stats`: float32 `[num_blocks, block_size, num_kv_heads, group_size, 8]` (written in place).
-/// `window`: the eviction interval L (the last `min(n, L)` rows are the statistics window, earlier
-/// rows are folded into the cumulative statistics; None or 0 = every row); `mode`: `"paper"`
-/// (default) or `"official"` (the official training features: sum8/16/32 = sum).
-///
-/// Streaming fold (bounded query buffers): `folded` (int32 `[num_seqs]`, optional) counts the rows
-/// earlier `fold_only` calls took since each sequence's last eviction (their running fold, kept in
-/// the statistics' `sum` column, is continued); `fold_only=True` folds every row and writes only
-/// that running fold. `*_host`: optional CPU int32 copies of `seq_lens`, `live_starts`,
-/// `num_queries`, `folded` the caller keeps equal to them (no device read).
-#[pyfunction]
-#[pyo3(signature = (queries, num_queries, key_cache, block_tables, seq_lens, live_starts, stats, scale = None, window = None, mode = None, *, folded = None, fold_only = false, seq_lens_host = None, live_starts_host = None, num_queries_host = None, folded_host = None))]
-#[allow(clippy::too_many_arguments)]
-pub fn window_stats<'py>(
-    py: Python<'py>,
-    queries: &Bound<'py, PyAny>,
-    num_queries: &Bound<'py, PyAny>,
-    key_cache: &Bound<'py, PyAny>,
-    block_tables: &Bound<'py, PyAny>,
-    seq_lens: &Bound<'py, PyAny>,
-    live_starts: &Bound<'py, PyAny>,
-    stats: &Bound<'py, PyAny>,
-    scale: Option<&Bound<'py, PyAny>>,
-    window: Option<&Bound<'py, PyAny>>,
-    mode: Option<&Bound<'py, PyAny>>,
-    folded: Option<&Bound<'py, PyAny>>,
-    fold_only: bool,
-    seq_lens_host: Option<&Bound<'py, PyAny>>,
-    live_starts_host: Option<&Bound<'py, PyAny>>,
-    num_queries_host: Option<&Bound<'py, PyAny>>,
-    folded_host: Option<&Bound<'py, PyAny>>,
-) -> PyResult<()> {
-    const F: &str = "window_stats";
-    let window = match window.filter(|w| !w.is_none()) {
-        Some(w) => args::size("window", w)? as i64,
-        None => 0,
-    };
-    let mode = args::stats_mode("mode", mode)?;
-    let q = Tensor::extract("queries", queries)?;
-    q.expect_dtype(FLOATS)?;
-    q.expect_ndim(4)?;
-    q.expect_inner_contiguous(1)?;
-    let what = "one count per sequence";
-    let nq = int32_vector("num_queries", num_queries, q.shape[0], what)?;
-    let kc = cache_tensor("key_cache", key_cache)?;
-    let kv = PagedKvLayout {
-        num_blocks: kc.shape[0],
-        block_size: kc.shape[1],
-        num_kv_heads: kc.shape[2],
-        head_dim: kc.shape[3],
-        key_strides: [kc.stride(0), kc.stride(1), kc.stride(2)],
-        value_strides: [kc.stride(0), kc.stride(1), kc.stride(2)],
-    };
-    kc.expect_same_dtype(&q)?;
-    kc.expect_dim(3, q.shape[3], "head_dim of queries")?;
-    let w = Windows::extract(Some(block_tables), seq_lens, live_starts, q.shape[0])?;
-    let (st, stats_layout) = stats_buffer(stats)?;
-    let fd = folded
-        .filter(|f| !f.is_none())
-        .map(|f| int32_vector("folded", f, q.shape[0], what))
-        .transpose()?;
-    let mut all = vec![&q, &nq, &kc, &st];
-    all.extend(fd.iter());
-    all.extend(w.tensors());
-    let at = place(py, F, &all)?;
-    check_outputs(&[&st], &all, None)?;
-    let args = WindowStatsArgs {
-        num_q_heads: q.shape[2],
-        max_queries: q.shape[1],
-        query_strides: [q.stride(0), q.stride(1), q.stride(2)],
-        scale: scale_or_default(scale, q.shape[3])?,
-        window,
-        mode,
-        fold_only,
-    };
-    let (hw, counts) = (
-        w.host_with(seq_lens_host, live_starts_host)?,
-        host_or_mirror(&nq, num_queries_host)?,
-    );
-    let fold = match &fd {
-        Some(t) => Some((buf(t), host_or_mirror(t, folded_host)?)),
-        None => None,
-    };
-    let (_ws_keep, ws) = workspace(
-        py,
-        at,
-        ops::window_stats::workspace_len(at, &args, &hw.get()),
-    )?;
-    let (dtype, kb, qb, nb, sb) = (cache_dtype(&q)?, buf(&kc), buf(&q), buf(&nq), buf(&st));
-    py.detach(move || {
-        // SAFETY: as in paged_attention_decode; `stats` overlaps nothing.
-        unsafe {
-            ops::window_stats::window_stats_folded(
-                at,
-                dtype,
-                &kv,
-                kb,
-                &hw.get(),
-                &args,
-                qb,
-                nb,
-                &counts,
-                fold.as_ref().map(|(b, h)| (*b, &h[..])),
-                &stats_layout,
-                sb,
-                ws,
-            )
-        }
-    })
-    .map_err(|e| op_error(F, e))
-}
-
-/// Scores every live entry with the per-KV-head MLP `concat(k, v, stats) -> Linear(16) -> GELU -> Linear(1)`.
-///
-/// Weights (float32, contiguous): `w1` `[num_kv_heads, 16, 2 * head_dim + 8 * group_size]`, `b1`
-/// `[num_kv_heads, 16]`, `w2` `[num_kv_heads, 16]`, `b2` `[num_kv_heads]`; `scores`: float32
-/// `[num_seqs, num_kv_heads, max_live]` (written; slots past a live window untouched).
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-pub fn scorer_mlp<'py>(
-    py: Python<'py>,
-    key_cache: &Bound<'py, PyAny>,
-    value_cache: &Bound<'py, PyAny>,
-    block_tables: &Bound<'py, PyAny>,
-    seq_lens: &Bound<'py, PyAny>,
-    live_starts: &Bound<'py, PyAny>,
-    stats: &Bound<'py, PyAny>,
-    w1: &Bound<'py, PyAny>,
-    b1: &Bound<'py, PyAny>,
-    w2: &Bound<'py, PyAny>,
-    b2: &Bound<'py, PyAny>,
-    scores: &Bound<'py, PyAny>,
-) -> PyResult<()> {
-    const F: &str = "scorer_mlp";
-    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
-    let sc = slot_matrix("scores", scores, ElemType::F32)?;
-    sc.expect_dim(1, kv.num_kv_heads, "num_kv_heads of the cache")?;
-    let w = Windows::extract(Some(block_tables), seq_lens, live_starts, sc.shape[0])?;
-    let (st, stats_layout) = stats_buffer(stats)?;
-    let h = kv.num_kv_heads;
-    let in_dim = 2 * kv.head_dim + NUM_STATS as i64 * stats_layout.group_size;
-    let hidden = SCORER_HIDDEN as i64;
-    let mut weights = Vec::new();
-    for (name, obj, shape) in [
-        ("w1", w1, vec![h, hidden, in_dim]),
-        ("b1", b1, vec![h, hidden]),
-        ("w2", w2, vec![h, hidden]),
-        ("b2", b2, vec![h]),
-    ] {
-        let t = Tensor::extract(name, obj)?;
-        t.expect_dtype(&[ElemType::F32])?;
-        t.expect_shape(&shape, "[num_kv_heads, 16, 2 * head_dim + 8 * group_size] / [num_kv_heads, 16] / [num_kv_heads]")?;
-        t.expect_contiguous()?;
-        weights.push(t);
+py_fn! {
+    /// Decode attention: each sequence's query (all heads) over its live window of the paged cache.
+    ///
+    /// `query`, `out`: `[num_seqs, num_q_heads, head_dim]`; caches as in `reshape_and_cache`;
+    /// `block_tables`: int32 `[num_seqs, width]`; `seq_lens`, `live_starts`: int32 `[num_seqs]`;
+    /// `seq_lens_host`, `live_starts_host`: optional CPU int32 copies the caller keeps equal to them
+    /// (read instead of copying the device arrays to the host, which waits for the device).
+    #[pyfunction]
+    #[pyo3(signature = (query, key_cache, value_cache, block_tables, seq_lens, live_starts, out, scale = None, *, seq_lens_host = None, live_starts_host = None))]
+    pub fn paged_attention_decode(
+        py;
+        query, key_cache, value_cache, block_tables, seq_lens, live_starts, out, scale?,
+        seq_lens_host?, live_starts_host?,
+    ) -> PyResult<()> {
+        let q = Tensor::extract("query", query)?;
+        q.expect_dtype(FLOATS)?;
+        q.expect_ndim(3)?;
+        q.expect_inner_contiguous(1)?;
+        let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
+        kc.expect_same_dtype(&q)?;
+        kc.expect_dim(3, q.shape[2], "head_dim of query")?;
+        let w = Windows::extract(Some(block_tables), seq_lens, live_starts, q.shape[0])?;
+        let o = Tensor::extract("out", out)?;
+        o.expect_same_dtype(&q)?;
+        o.expect_shape(&q.shape, "the shape of query")?;
+        o.expect_inner_contiguous(1)?;
+        let mut all = vec![&q, &kc, &vc, &o];
+        all.extend(w.tensors());
+        let at = launch_place(py, F, &all, &[&o], None)?;
+        let args = DecodeArgs {
+            num_q_heads: q.shape[1],
+            query_strides: [q.stride(0), q.stride(1)],
+            out_strides: [o.stride(0), o.stride(1)],
+            scale: scale_or_default(scale, q.shape[2])?,
+        };
+        let hw = w.host_with(seq_lens_host, live_starts_host)?;
+        let ws_len =
+            ops::paged_attention_decode::workspace_len(at, &kv, args.num_q_heads, &hw.get())
+                .map_err(|e| op_error(F, e))?;
+        let (_ws_keep, ws) = workspace(py, at, ws_len)?;
+        let (dtype, c, qb, ob) = (
+            cache_dtype(&q)?,
+            cache(&kc, &vc, relation),
+            buf(&q),
+            buf(&o),
+        );
+        detached(py, F, op_error, move || {
+            // SAFETY: as in reshape_and_cache; the host copies of the windows were read from the
+            // window tensors; `out` overlaps nothing; the workspace tensor lives until this
+            // returns.
+            unsafe {
+                ops::paged_attention_decode::paged_attention_decode(
+                    at,
+                    dtype,
+                    &kv,
+                    c,
+                    &hw.get(),
+                    &args,
+                    qb,
+                    ob,
+                    ws,
+                )
+            }
+        })
     }
-    let mut all = vec![&kc, &vc, &st, &sc];
-    all.extend(w.tensors());
-    all.extend(weights.iter());
-    let at = place(py, F, &all)?;
-    check_outputs(&[&sc], &all, None)?;
-    let wb = ScorerBufs {
-        w1: buf(&weights[0]),
-        b1: buf(&weights[1]),
-        w2: buf(&weights[2]),
-        b2: buf(&weights[3]),
-    };
-    let (hw, max_live) = (w.host()?, sc.shape[2]);
-    let (dtype, c, stb, scb) = (
-        cache_dtype(&kc)?,
-        cache(&kc, &vc, relation),
-        buf(&st),
-        buf(&sc),
-    );
-    py.detach(move || {
-        // SAFETY: as in paged_attention_decode; `scores` overlaps nothing.
-        unsafe {
-            ops::scorer_mlp::scorer_mlp(
-                at,
-                dtype,
-                &kv,
-                c,
-                &hw.get(),
-                &stats_layout,
-                stb,
-                wb,
-                max_live,
-                scb,
-            )
+}
+
+py_fn! {
+    /// Updates the 8 ForesightKV statistics of every live entry from the queries since the last eviction.
+    ///
+    /// `queries`: `[num_seqs, max_queries, num_q_heads, head_dim]`; `num_queries`: int32 `[num_seqs]`;
+    /// `stats`: float32 `[num_blocks, block_size, num_kv_heads, group_size, 8]` (written in place).
+    /// `window`: the eviction interval L (the last `min(n, L)` rows are the statistics window, earlier
+    /// rows are folded into the cumulative statistics; None or 0 = every row); `mode`: `"paper"`
+    /// (default) or `"official"` (the official training features: sum8/16/32 = sum).
+    ///
+    /// Streaming fold (bounded query buffers): `folded` (int32 `[num_seqs]`, optional) counts the rows
+    /// earlier `fold_only` calls took since each sequence's last eviction (their running fold, kept in
+    /// the statistics' `sum` column, is continued); `fold_only=True` folds every row and writes only
+    /// that running fold. `*_host`: optional CPU int32 copies of `seq_lens`, `live_starts`,
+    /// `num_queries`, `folded` the caller keeps equal to them (no device read).
+    #[pyfunction]
+    #[pyo3(signature = (queries, num_queries, key_cache, block_tables, seq_lens, live_starts, stats, scale = None, window = None, mode = None, *, folded = None, fold_only = false, seq_lens_host = None, live_starts_host = None, num_queries_host = None, folded_host = None))]
+    pub fn window_stats(
+        py;
+        queries, num_queries, key_cache, block_tables, seq_lens, live_starts, stats, scale?,
+        window?, mode?, folded?, fold_only: bool, seq_lens_host?, live_starts_host?,
+        num_queries_host?, folded_host?,
+    ) -> PyResult<()> {
+        let window = match window.filter(|w| !w.is_none()) {
+            Some(w) => args::size("window", w)? as i64,
+            None => 0,
+        };
+        let mode = args::stats_mode("mode", mode)?;
+        let q = Tensor::extract("queries", queries)?;
+        q.expect_dtype(FLOATS)?;
+        q.expect_ndim(4)?;
+        q.expect_inner_contiguous(1)?;
+        let what = "one count per sequence";
+        let nq = int32_vector("num_queries", num_queries, q.shape[0], what)?;
+        let kc = cache_tensor("key_cache", key_cache)?;
+        let kv = paged_layout(&kc, &kc);
+        kc.expect_same_dtype(&q)?;
+        kc.expect_dim(3, q.shape[3], "head_dim of queries")?;
+        let w = Windows::extract(Some(block_tables), seq_lens, live_starts, q.shape[0])?;
+        let (st, stats_layout) = stats_buffer(stats)?;
+        let fd = folded
+            .filter(|f| !f.is_none())
+            .map(|f| int32_vector("folded", f, q.shape[0], what))
+            .transpose()?;
+        let mut all = vec![&q, &nq, &kc, &st];
+        all.extend(fd.iter());
+        all.extend(w.tensors());
+        let at = launch_place(py, F, &all, &[&st], None)?;
+        let args = WindowStatsArgs {
+            num_q_heads: q.shape[2],
+            max_queries: q.shape[1],
+            query_strides: [q.stride(0), q.stride(1), q.stride(2)],
+            scale: scale_or_default(scale, q.shape[3])?,
+            window,
+            mode,
+            fold_only,
+        };
+        let (hw, counts) = (
+            w.host_with(seq_lens_host, live_starts_host)?,
+            host_or_mirror(&nq, num_queries_host)?,
+        );
+        let fold = match &fd {
+            Some(t) => Some((buf(t), host_or_mirror(t, folded_host)?)),
+            None => None,
+        };
+        let (_ws_keep, ws) = workspace(
+            py,
+            at,
+            ops::window_stats::workspace_len(at, &args, &hw.get()),
+        )?;
+        let (dtype, kb, qb, nb, sb) = (cache_dtype(&q)?, buf(&kc), buf(&q), buf(&nq), buf(&st));
+        detached(py, F, op_error, move || {
+            // SAFETY: as in paged_attention_decode; `stats` overlaps nothing.
+            unsafe {
+                ops::window_stats::window_stats_folded(
+                    at,
+                    dtype,
+                    &kv,
+                    kb,
+                    &hw.get(),
+                    &args,
+                    qb,
+                    nb,
+                    &counts,
+                    fold.as_ref().map(|(b, h)| (*b, &h[..])),
+                    &stats_layout,
+                    sb,
+                    ws,
+                )
+            }
+        })
+    }
+}
+
+py_fn! {
+    /// Scores every live entry with the per-KV-head MLP `concat(k, v, stats) -> Linear(16) -> GELU -> Linear(1)`.
+    ///
+    /// Weights (float32, contiguous): `w1` `[num_kv_heads, 16, 2 * head_dim + 8 * group_size]`, `b1`
+    /// `[num_kv_heads, 16]`, `w2` `[num_kv_heads, 16]`, `b2` `[num_kv_heads]`; `scores`: float32
+    /// `[num_seqs, num_kv_heads, max_live]` (written; slots past a live window untouched).
+    #[pyfunction]
+    pub fn scorer_mlp(
+        py;
+        key_cache, value_cache, block_tables, seq_lens, live_starts, stats, w1, b1, w2, b2, scores,
+    ) -> PyResult<()> {
+        let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
+        let sc = slot_matrix("scores", scores, ElemType::F32)?;
+        sc.expect_dim(1, kv.num_kv_heads, "num_kv_heads of the cache")?;
+        let w = Windows::extract(Some(block_tables), seq_lens, live_starts, sc.shape[0])?;
+        let (st, stats_layout) = stats_buffer(stats)?;
+        let h = kv.num_kv_heads;
+        let in_dim = 2 * kv.head_dim + NUM_STATS as i64 * stats_layout.group_size;
+        let hidden = SCORER_HIDDEN as i64;
+        let mut weights = Vec::new();
+        for (name, obj, shape) in [
+            ("w1", w1, vec![h, hidden, in_dim]),
+            ("b1", b1, vec![h, hidden]),
+            ("w2", w2, vec![h, hidden]),
+            ("b2", b2, vec![h]),
+        ] {
+            let t = Tensor::extract(name, obj)?;
+            t.expect_dtype(&[ElemType::F32])?;
+            t.expect_shape(&shape, "[num_kv_heads, 16, 2 * head_dim + 8 * group_size] / [num_kv_heads, 16] / [num_kv_heads]")?;
+            t.expect_contiguous()?;
+            weights.push(t);
         }
-    })
-    .map_err(|e| op_error(F, e))
+        let mut all = vec![&kc, &vc, &st, &sc];
+        all.extend(w.tensors());
+        all.extend(weights.iter());
+        let at = launch_place(py, F, &all, &[&sc], None)?;
+        let wb = ScorerBufs {
+            w1: buf(&weights[0]),
+            b1: buf(&weights[1]),
+            w2: buf(&weights[2]),
+            b2: buf(&weights[3]),
+        };
+        let (hw, max_live) = (w.host()?, sc.shape[2]);
+        let (dtype, c, stb, scb) = (
+            cache_dtype(&kc)?,
+            cache(&kc, &vc, relation),
+            buf(&st),
+            buf(&sc),
+        );
+        detached(py, F, op_error, move || {
+            // SAFETY: as in paged_attention_decode; `scores` overlaps nothing.
+            unsafe {
+                ops::scorer_mlp::scorer_mlp(
+                    at,
+                    dtype,
+                    &kv,
+                    c,
+                    &hw.get(),
+                    &stats_layout,
+                    stb,
+                    wb,
+                    max_live,
+                    scb,
+                )
+            }
+        })
+    }
 }
 
 /// The tensors every survivor selection reads and writes: scores and survivors `[num_seqs,
@@ -678,178 +648,178 @@ impl<'py> Selection<'py> {
         all.extend(self.windows.tensors());
         all
     }
+
+    /// Checks these tensors and the call's `extra` ones (read) for one device and `survivors` (the
+    /// one written, see [`launch_place`]); then reads the host copies of the lengths.
+    fn launch(
+        &self,
+        py: Python<'_>,
+        func: &str,
+        extra: &[&Tensor<'py>],
+    ) -> PyResult<HostSelection> {
+        let mut all = self.tensors();
+        all.extend(extra.iter().copied());
+        let at = launch_place(py, func, &all, &[&self.survivors], None)?;
+        Ok(HostSelection {
+            at,
+            windows: self.windows.host()?,
+            evict: host_i32(&self.num_evict)?,
+            scores: buf(&self.scores),
+            num_evict: buf(&self.num_evict),
+            survivors: buf(&self.survivors),
+        })
+    }
 }
 
-/// Deterministic top-k eviction choice: per (sequence, KV head), evicts the `num_evict[s]`
-/// highest-scoring unprotected entries and writes the survivors, ascending, to `survivors`.
-///
-/// `scores`: float32 `[num_seqs, num_kv_heads, max_live]`; `survivors`: int32, same shape
-/// (written); `num_evict`: int32 `[num_seqs]`; the newest `num_protected` slots are never evicted.
-#[pyfunction]
-#[pyo3(signature = (seq_lens, live_starts, scores, num_evict, survivors, num_protected = None))]
-pub fn select_survivors<'py>(
-    py: Python<'py>,
-    seq_lens: &Bound<'py, PyAny>,
-    live_starts: &Bound<'py, PyAny>,
-    scores: &Bound<'py, PyAny>,
-    num_evict: &Bound<'py, PyAny>,
-    survivors: &Bound<'py, PyAny>,
-    num_protected: Option<&Bound<'py, PyAny>>,
-) -> PyResult<()> {
-    const F: &str = "select_survivors";
-    let s = Selection::extract(
-        seq_lens,
-        live_starts,
-        scores,
-        num_evict,
-        survivors,
-        num_protected,
-    )?;
-    let all = s.tensors();
-    let at = place(py, F, &all)?;
-    check_outputs(&[&s.survivors], &all, None)?;
-    let (hw, evict) = (s.windows.host()?, host_i32(&s.num_evict)?);
-    let (args, scb, neb, svb) = (s.args, buf(&s.scores), buf(&s.num_evict), buf(&s.survivors));
-    py.detach(move || {
-        // SAFETY: as in paged_attention_decode; `survivors` overlaps nothing.
-        unsafe {
-            ops::select_survivors::select_survivors(at, &hw.get(), &args, scb, neb, &evict, svb)
-        }
-    })
-    .map_err(|e| op_error(F, e))
+/// [`Selection`] without the GIL: where it runs, its buffers, the host copies of its lengths.
+struct HostSelection {
+    at: Place,
+    windows: HostWindows,
+    evict: Vec<i32>,
+    scores: Buf,
+    num_evict: Buf,
+    survivors: Buf,
 }
 
-/// ForesightKV's reproducible victim sampling: per (sequence `s`, KV head `kh`), the candidates are
-/// the top `min(2 n, unprotected)` scores, `n = num_evict[s]` of them are drawn by
-/// softmax(score / temperature) as Gumbel top-k with Philox noise keyed by `(seed, requests[s],
-/// layer, kh, evictions[s])`, and the survivors are written, ascending, to `survivors`. Bit for bit
-/// the same on CPU and CUDA tensors.
-///
-/// As `select_survivors`, plus `requests` and `evictions`: int32 `[num_seqs]` (read as unsigned
-/// 32-bit), `layer` below 65536, `temperature` positive (default 1.0).
-#[pyfunction]
-#[pyo3(signature = (seq_lens, live_starts, scores, num_evict, requests, evictions, survivors, *, layer, seed, temperature = None, num_protected = None))]
-#[allow(clippy::too_many_arguments)]
-pub fn sample_survivors<'py>(
-    py: Python<'py>,
-    seq_lens: &Bound<'py, PyAny>,
-    live_starts: &Bound<'py, PyAny>,
-    scores: &Bound<'py, PyAny>,
-    num_evict: &Bound<'py, PyAny>,
-    requests: &Bound<'py, PyAny>,
-    evictions: &Bound<'py, PyAny>,
-    survivors: &Bound<'py, PyAny>,
-    layer: &Bound<'py, PyAny>,
-    seed: &Bound<'py, PyAny>,
-    temperature: Option<&Bound<'py, PyAny>>,
-    num_protected: Option<&Bound<'py, PyAny>>,
-) -> PyResult<()> {
-    const F: &str = "sample_survivors";
-    let s = Selection::extract(
-        seq_lens,
-        live_starts,
-        scores,
-        num_evict,
-        survivors,
-        num_protected,
-    )?;
-    let n = s.scores.shape[0];
-    let rq = int32_vector("requests", requests, n, "one request id per sequence")?;
-    let ev = int32_vector("evictions", evictions, n, "one count per sequence")?;
-    let args = SampleArgs {
-        select: s.args,
-        layer: args::int::<u32>("layer", layer, "[0, 65536)")?,
-        seed: args::int::<u64>("seed", seed, "[0, 2^64)")?,
-        temperature: args::opt_float("temperature", temperature)?.unwrap_or(1.0) as f32,
-    };
-    let mut all = s.tensors();
-    all.extend([&rq, &ev]);
-    let at = place(py, F, &all)?;
-    check_outputs(&[&s.survivors], &all, None)?;
-    let (hw, evict) = (s.windows.host()?, host_i32(&s.num_evict)?);
-    let (scb, neb, svb, rqb, evb) = (
-        buf(&s.scores),
-        buf(&s.num_evict),
-        buf(&s.survivors),
-        buf(&rq),
-        buf(&ev),
-    );
-    py.detach(move || {
-        // SAFETY: as in paged_attention_decode; int32 `requests` / `evictions` are read as the u32
-        // the op takes (same size, any bit pattern valid); `survivors` overlaps nothing.
-        unsafe {
-            ops::sample_survivors::sample_survivors(
-                at,
-                &hw.get(),
-                &args,
-                scb,
-                neb,
-                &evict,
-                rqb,
-                evb,
-                svb,
-            )
-        }
-    })
-    .map_err(|e| op_error(F, e))
+py_fn! {
+    /// Deterministic top-k eviction choice: per (sequence, KV head), evicts the `num_evict[s]`
+    /// highest-scoring unprotected entries and writes the survivors, ascending, to `survivors`.
+    ///
+    /// `scores`: float32 `[num_seqs, num_kv_heads, max_live]`; `survivors`: int32, same shape
+    /// (written); `num_evict`: int32 `[num_seqs]`; the newest `num_protected` slots are never evicted.
+    #[pyfunction]
+    #[pyo3(signature = (seq_lens, live_starts, scores, num_evict, survivors, num_protected = None))]
+    pub fn select_survivors(
+        py;
+        seq_lens, live_starts, scores, num_evict, survivors, num_protected?,
+    ) -> PyResult<()> {
+        let s = Selection::extract(
+            seq_lens,
+            live_starts,
+            scores,
+            num_evict,
+            survivors,
+            num_protected,
+        )?;
+        let (h, args) = (s.launch(py, F, &[])?, s.args);
+        detached(py, F, op_error, move || {
+            // SAFETY: as in paged_attention_decode; `survivors` overlaps nothing.
+            unsafe {
+                ops::select_survivors::select_survivors(
+                    h.at,
+                    &h.windows.get(),
+                    &args,
+                    h.scores,
+                    h.num_evict,
+                    &h.evict,
+                    h.survivors,
+                )
+            }
+        })
+    }
 }
 
-/// In-place compaction: per (sequence, KV head), moves the survivors' K, V (and statistics rows
-/// when `stats` is given) to the tail of the live window, keeping their order.
-///
-/// `survivors`: int32 `[num_seqs, num_kv_heads, max_live]` (strictly ascending live slots first);
-/// `num_evict`: int32 `[num_seqs]`, multiples of the block size. `key_cache`/`value_cache` are
-/// separate tensors, or the K and V halves of one fused `[..., 2 * head_dim]` tensor.
-#[pyfunction]
-#[pyo3(signature = (key_cache, value_cache, block_tables, seq_lens, live_starts, num_evict, survivors, stats = None))]
-#[allow(clippy::too_many_arguments)]
-pub fn compact<'py>(
-    py: Python<'py>,
-    key_cache: &Bound<'py, PyAny>,
-    value_cache: &Bound<'py, PyAny>,
-    block_tables: &Bound<'py, PyAny>,
-    seq_lens: &Bound<'py, PyAny>,
-    live_starts: &Bound<'py, PyAny>,
-    num_evict: &Bound<'py, PyAny>,
-    survivors: &Bound<'py, PyAny>,
-    stats: Option<&Bound<'py, PyAny>>,
-) -> PyResult<()> {
-    const F: &str = "compact";
-    let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
-    let sv = slot_matrix("survivors", survivors, ElemType::I32)?;
-    sv.expect_dim(1, kv.num_kv_heads, "num_kv_heads of the cache")?;
-    let n = sv.shape[0];
-    let w = Windows::extract(Some(block_tables), seq_lens, live_starts, n)?;
-    let ne = int32_vector("num_evict", num_evict, n, "one count per sequence")?;
-    let st = stats.map(stats_buffer).transpose()?;
-    let mut all = vec![&kc, &vc, &ne, &sv];
-    all.extend(w.tensors());
-    all.extend(st.as_ref().map(|(s, _)| s));
-    let at = place(py, F, &all)?;
-    let (dtype, c) = (cache_dtype(&kc)?, cache(&kc, &vc, relation));
-    let mut outputs = vec![&kc, &vc];
-    outputs.extend(st.as_ref().map(|(s, _)| s));
-    check_outputs(&outputs, &all, fused_pair(&kc, &vc, relation))?;
-    let (hw, evict, max_live) = (w.host()?, host_i32(&ne)?, sv.shape[2]);
-    let (neb, svb) = (buf(&ne), buf(&sv));
-    let stb = st.as_ref().map(|(s, l)| (*l, buf(s)));
-    py.detach(move || {
-        // SAFETY: as in paged_attention_decode; the written buffers overlap no input (a fused
-        // cache's two views only each other, which the op handles as one tensor).
-        unsafe {
-            ops::compact::compact(
-                at,
-                dtype,
-                &kv,
-                c,
-                &hw.get(),
-                max_live,
-                neb,
-                &evict,
-                svb,
-                stb.as_ref().map(|(l, b)| (l, *b)),
-            )
-        }
-    })
-    .map_err(|e| op_error(F, e))
+py_fn! {
+    /// ForesightKV's reproducible victim sampling: per (sequence `s`, KV head `kh`), the candidates are
+    /// the top `min(2 n, unprotected)` scores, `n = num_evict[s]` of them are drawn by
+    /// softmax(score / temperature) as Gumbel top-k with Philox noise keyed by `(seed, requests[s],
+    /// layer, kh, evictions[s])`, and the survivors are written, ascending, to `survivors`. Bit for bit
+    /// the same on CPU and CUDA tensors.
+    ///
+    /// As `select_survivors`, plus `requests` and `evictions`: int32 `[num_seqs]` (read as unsigned
+    /// 32-bit), `layer` below 65536, `temperature` positive (default 1.0).
+    #[pyfunction]
+    #[pyo3(signature = (seq_lens, live_starts, scores, num_evict, requests, evictions, survivors, *, layer, seed, temperature = None, num_protected = None))]
+    pub fn sample_survivors(
+        py;
+        seq_lens, live_starts, scores, num_evict, requests, evictions, survivors, layer, seed,
+        temperature?, num_protected?,
+    ) -> PyResult<()> {
+        let s = Selection::extract(
+            seq_lens,
+            live_starts,
+            scores,
+            num_evict,
+            survivors,
+            num_protected,
+        )?;
+        let n = s.scores.shape[0];
+        let rq = int32_vector("requests", requests, n, "one request id per sequence")?;
+        let ev = int32_vector("evictions", evictions, n, "one count per sequence")?;
+        let args = SampleArgs {
+            select: s.args,
+            layer: args::int::<u32>("layer", layer, "[0, 65536)")?,
+            seed: args::int::<u64>("seed", seed, "[0, 2^64)")?,
+            temperature: args::opt_float("temperature", temperature)?.unwrap_or(1.0) as f32,
+        };
+        let (h, rqb, evb) = (s.launch(py, F, &[&rq, &ev])?, buf(&rq), buf(&ev));
+        detached(py, F, op_error, move || {
+            // SAFETY: as in paged_attention_decode; int32 `requests` / `evictions` are read as the
+            // u32 the op takes (same size, any bit pattern valid); `survivors` overlaps nothing.
+            unsafe {
+                ops::sample_survivors::sample_survivors(
+                    h.at,
+                    &h.windows.get(),
+                    &args,
+                    h.scores,
+                    h.num_evict,
+                    &h.evict,
+                    rqb,
+                    evb,
+                    h.survivors,
+                )
+            }
+        })
+    }
+}
+
+py_fn! {
+    /// In-place compaction: per (sequence, KV head), moves the survivors' K, V (and statistics rows
+    /// when `stats` is given) to the tail of the live window, keeping their order.
+    ///
+    /// `survivors`: int32 `[num_seqs, num_kv_heads, max_live]` (strictly ascending live slots first);
+    /// `num_evict`: int32 `[num_seqs]`, multiples of the block size. `key_cache`/`value_cache` are
+    /// separate tensors, or the K and V halves of one fused `[..., 2 * head_dim]` tensor.
+    #[pyfunction]
+    #[pyo3(signature = (key_cache, value_cache, block_tables, seq_lens, live_starts, num_evict, survivors, stats = None))]
+    pub fn compact(
+        py;
+        key_cache, value_cache, block_tables, seq_lens, live_starts, num_evict, survivors, stats?,
+    ) -> PyResult<()> {
+        let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
+        let sv = slot_matrix("survivors", survivors, ElemType::I32)?;
+        sv.expect_dim(1, kv.num_kv_heads, "num_kv_heads of the cache")?;
+        let n = sv.shape[0];
+        let w = Windows::extract(Some(block_tables), seq_lens, live_starts, n)?;
+        let ne = int32_vector("num_evict", num_evict, n, "one count per sequence")?;
+        let st = stats.map(stats_buffer).transpose()?;
+        let mut all = vec![&kc, &vc, &ne, &sv];
+        all.extend(w.tensors());
+        all.extend(st.as_ref().map(|(s, _)| s));
+        let mut outputs = vec![&kc, &vc];
+        outputs.extend(st.as_ref().map(|(s, _)| s));
+        let at = launch_place(py, F, &all, &outputs, fused_pair(&kc, &vc, relation))?;
+        let (dtype, c) = (cache_dtype(&kc)?, cache(&kc, &vc, relation));
+        let (hw, evict, max_live) = (w.host()?, host_i32(&ne)?, sv.shape[2]);
+        let (neb, svb) = (buf(&ne), buf(&sv));
+        let stb = st.as_ref().map(|(s, l)| (*l, buf(s)));
+        detached(py, F, op_error, move || {
+            // SAFETY: as in paged_attention_decode; the written buffers overlap no input (a fused
+            // cache's two views only each other, which the op handles as one tensor).
+            unsafe {
+                ops::compact::compact(
+                    at,
+                    dtype,
+                    &kv,
+                    c,
+                    &hw.get(),
+                    max_live,
+                    neb,
+                    &evict,
+                    svb,
+                    stb.as_ref().map(|(l, b)| (l, *b)),
+                )
+            }
+        })
+    }
 }

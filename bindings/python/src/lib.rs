@@ -17,9 +17,7 @@ use pyo3::types::PyDict;
 /// What this build and machine offer, as `foresightkv info --json` reports it.
 #[pyfunction]
 fn info<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-    let info = py
-        .detach(foresightkv::info::collect)
-        .map_err(|e| errors::cuda_error("info", e))?;
+    let info = errors::detached(py, "info", errors::cuda_error, foresightkv::info::collect)?;
     let out = PyDict::new(py);
     out.set_item("version", &info.version)?;
     out.set_item("kernels_embedded", info.kernels_embedded)?;

@@ -4,10 +4,12 @@
 use crate::args::{self, seq_id};
 use crate::config::PyCacheConfig;
 use crate::errors::{block_error, error, Kind};
-use crate::planner::{array, column};
-use foresightkv::block::{EvictionPlan, FlatBlockTables, KvCacheManager, StepOp, StepOutput};
+use crate::planner::{array, as_bytes, column};
+use foresightkv::block::{
+    BlockError, EvictionPlan, FlatBlockTables, KvCacheManager, StepOp, StepOutput,
+};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::types::{PyDict, PyTuple};
 use std::sync::Arc;
 
 /// What the next eviction of a sequence does.
@@ -57,10 +59,7 @@ pub struct PyBlockTables {
 }
 
 fn int32_array<'py>(py: Python<'py>, values: &[i32]) -> PyResult<Bound<'py, PyAny>> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    let arr = py.import("array")?.getattr("array")?.call1(("i",))?;
-    arr.call_method1("frombytes", (PyBytes::new(py, &bytes),))?;
-    Ok(arr)
+    array(py, "i", as_bytes(values))
 }
 
 impl PyBlockTables {
@@ -177,6 +176,31 @@ impl PyKvCacheManager {
         let m = self.inner.clone();
         py.detach(move || f(&m))
     }
+
+    /// [`Self::run`] of a manager call on the sequence `seq_id` (the argument of that name).
+    fn on_seq<T: Send>(
+        &self,
+        py: Python<'_>,
+        seq_id: &Bound<'_, PyAny>,
+        f: impl FnOnce(&KvCacheManager, u64) -> Result<T, BlockError> + Send,
+    ) -> PyResult<T> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        self.run(py, |m| f(m, id)).map_err(block_error)
+    }
+
+    /// [`Self::on_seq`] of a call that also takes token ids (the argument `name`, read after the id).
+    fn on_seq_tokens<T: Send>(
+        &self,
+        py: Python<'_>,
+        seq_id: &Bound<'_, PyAny>,
+        name: &str,
+        tokens: &Bound<'_, PyAny>,
+        f: impl FnOnce(&KvCacheManager, u64, &[u32]) -> Result<T, BlockError> + Send,
+    ) -> PyResult<T> {
+        let id = args::seq_id("seq_id", seq_id)?;
+        let tokens = args::tokens(name, tokens)?;
+        self.run(py, |m| f(m, id, &tokens)).map_err(block_error)
+    }
 }
 
 #[pymethods]
@@ -248,10 +272,7 @@ impl PyKvCacheManager {
         seq_id: &Bound<'_, PyAny>,
         prompt: &Bound<'_, PyAny>,
     ) -> PyResult<Vec<i64>> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        let prompt = args::tokens("prompt", prompt)?;
-        self.run(py, |m| m.add_sequence(id, &prompt))
-            .map_err(block_error)
+        self.on_seq_tokens(py, seq_id, "prompt", prompt, KvCacheManager::add_sequence)
     }
 
     /// Appends generated token ids; returns their slots. Refused while an eviction is due.
@@ -261,9 +282,7 @@ impl PyKvCacheManager {
         seq_id: &Bound<'_, PyAny>,
         tokens: &Bound<'_, PyAny>,
     ) -> PyResult<Vec<i64>> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        let tokens = args::tokens("tokens", tokens)?;
-        self.run(py, |m| m.append(id, &tokens)).map_err(block_error)
+        self.on_seq_tokens(py, seq_id, "tokens", tokens, KvCacheManager::append)
     }
 
     /// The eviction due now, or None.
@@ -272,17 +291,14 @@ impl PyKvCacheManager {
         py: Python<'_>,
         seq_id: &Bound<'_, PyAny>,
     ) -> PyResult<Option<PyEvictionPlan>> {
-        let id = args::seq_id("seq_id", seq_id)?;
         Ok(self
-            .run(py, |m| m.eviction_due(id))
-            .map_err(block_error)?
+            .on_seq(py, seq_id, KvCacheManager::eviction_due)?
             .map(Into::into))
     }
 
     /// Applies the due eviction (after the compaction kernel ran); returns the released block ids.
     fn compact(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        self.run(py, |m| m.compact(id)).map_err(block_error)
+        self.on_seq(py, seq_id, KvCacheManager::compact)
     }
 
     /// Names of the operation codes `apply_step` takes, by code (0 = add, ...).
@@ -396,34 +412,17 @@ impl PyKvCacheManager {
         let m = self.inner.clone();
         py.detach(|| m.apply_step(&step, &mut out))
             .map_err(|(_, e)| block_error(e))?;
-        let bytes = |vals: &mut dyn Iterator<Item = [u8; 8]>| vals.flatten().collect::<Vec<u8>>();
-        let bytes4 = |vals: &mut dyn Iterator<Item = [u8; 4]>| vals.flatten().collect::<Vec<u8>>();
-        let slots = array(
+        let u32s = |vals: &[u32]| array(py, "I", as_bytes(vals));
+        PyTuple::new(
             py,
-            "q",
-            &bytes(&mut out.slots.iter().map(|v| v.to_ne_bytes())),
-        )?;
-        let released = array(
-            py,
-            "I",
-            &bytes4(&mut out.released.iter().map(|v| v.to_ne_bytes())),
-        )?;
-        let rc = array(
-            py,
-            "I",
-            &bytes4(&mut out.released_counts.iter().map(|v| v.to_ne_bytes())),
-        )?;
-        let pre = array(
-            py,
-            "I",
-            &bytes4(&mut out.preempted.iter().map(|v| v.to_ne_bytes())),
-        )?;
-        let pc = array(
-            py,
-            "I",
-            &bytes4(&mut out.preempted_counts.iter().map(|v| v.to_ne_bytes())),
-        )?;
-        PyTuple::new(py, [slots, released, rc, pre, pc])
+            [
+                array(py, "q", as_bytes(&out.slots))?,
+                u32s(&out.released)?,
+                u32s(&out.released_counts)?,
+                u32s(&out.preempted)?,
+                u32s(&out.preempted_counts)?,
+            ],
+        )
     }
 
     /// Registers `child` sharing all blocks of `parent` (copy-on-write).
@@ -440,14 +439,12 @@ impl PyKvCacheManager {
 
     /// Removes a sequence and releases its blocks.
     fn free(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<()> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        self.run(py, |m| m.free(id)).map_err(block_error)
+        self.on_seq(py, seq_id, KvCacheManager::free)
     }
 
     /// Removes a sequence and returns all its token ids, to resume it later with `add_sequence`.
     fn preempt(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        self.run(py, |m| m.preempt(id)).map_err(block_error)
+        self.on_seq(py, seq_id, KvCacheManager::preempt)
     }
 
     /// Pending block copies `(src, dst)` from copy-on-write; perform them before the next allocation.
@@ -460,32 +457,27 @@ impl PyKvCacheManager {
 
     /// Tokens in the sequence.
     fn seq_len(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        self.run(py, |m| m.seq_len(id)).map_err(block_error)
+        self.on_seq(py, seq_id, KvCacheManager::seq_len)
     }
 
     /// Block-aligned start of the live window.
     fn live_start(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        self.run(py, |m| m.live_start(id)).map_err(block_error)
+        self.on_seq(py, seq_id, KvCacheManager::live_start)
     }
 
     /// Protected prefix length (block-aligned prompt in protect mode, else 0).
     fn protected_len(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        self.run(py, |m| m.protected_len(id)).map_err(block_error)
+        self.on_seq(py, seq_id, KvCacheManager::protected_len)
     }
 
     /// KV entries attention reads per (layer, head).
     fn live_tokens(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        self.run(py, |m| m.live_tokens(id)).map_err(block_error)
+        self.on_seq(py, seq_id, KvCacheManager::live_tokens)
     }
 
     /// Blocks the sequence references now.
     fn blocks_held(&self, py: Python<'_>, seq_id: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let id = args::seq_id("seq_id", seq_id)?;
-        self.run(py, |m| m.blocks_held(id)).map_err(block_error)
+        self.on_seq(py, seq_id, KvCacheManager::blocks_held)
     }
 
     /// Block tables, live starts, lengths and protected prefixes of `seq_ids`, one row each.

@@ -2,9 +2,9 @@
 //! per engine forward over columns of the batch, answering with flat int32 / int64 buffers
 //! (`array.array`, ready for `torch.frombuffer`) so the engine step builds its tensors once.
 
-use crate::args::{self, type_name};
+use crate::args;
 use crate::errors::{block_error, error, Kind};
-use crate::tensor::{ElemType, Tensor};
+use crate::tensor::Tensor;
 use foresightkv::block::{
     EvictionConfig, Schedule, StepPlan, StepRequest, WindowError, WindowPlanner,
 };
@@ -132,27 +132,12 @@ fn int_items(obj: &Bound<'_, PyAny>) -> Option<Vec<i64>> {
 /// One column of the batch as int64: a 1-D CPU int32/int64 tensor or ndarray (read in place), or a
 /// sequence of integers (`bools`: of Python bools or integers, nonzero = true).
 pub(crate) fn column(name: &str, obj: &Bound<'_, PyAny>, bools: bool) -> PyResult<Vec<i64>> {
+    const OF: &str = "integers";
     if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
-        return Err(error(
-            Kind::ArgumentType,
-            format!(
-                "{name} must be a sequence of integers, got {}",
-                type_name(obj)
-            ),
-        ));
+        return Err(args::not_a_sequence(name, obj, OF));
     }
     if let Some(t) = Tensor::try_extract(name, obj)? {
-        t.expect_cpu()?;
-        t.expect_ndim(1)?;
-        t.expect_dtype(&[ElemType::I32, ElemType::I64])?;
-        // SAFETY: dtype, device (CPU) and extent were checked; reads only.
-        return Ok(match t.dtype {
-            ElemType::I32 => unsafe { t.read_strided::<i32>() }
-                .into_iter()
-                .map(i64::from)
-                .collect(),
-            _ => unsafe { t.read_strided::<i64>() },
-        });
+        return args::tensor_ints(&t);
     }
     if let Some(v) = int_items(obj) {
         return Ok(v);
@@ -166,15 +151,9 @@ pub(crate) fn column(name: &str, obj: &Bound<'_, PyAny>, bools: bool) -> PyResul
         }
     }
     // Slow path only to name the offending element.
-    let iter = obj.try_iter().map_err(|_| {
-        error(
-            Kind::ArgumentType,
-            format!(
-                "{name} must be a sequence of integers, got {}",
-                type_name(obj)
-            ),
-        )
-    })?;
+    let iter = obj
+        .try_iter()
+        .map_err(|_| args::not_a_sequence(name, obj, OF))?;
     let mut out = Vec::new();
     for (i, item) in iter.enumerate() {
         let item = item?;

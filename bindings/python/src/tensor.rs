@@ -562,16 +562,19 @@ impl<'py> Tensor<'py> {
         ))
     }
 
+    /// Whether the axes from `k` on are row-major contiguous (size-1 axes may have any stride).
+    fn contiguous_from(&self, k: usize) -> bool {
+        let want = contiguous_strides(&self.shape[k..]);
+        self.shape[k..]
+            .iter()
+            .zip(&self.strides[k..])
+            .zip(&want)
+            .all(|((&d, &s), &w)| d <= 1 || s == w)
+    }
+
     /// Requires row-major contiguity (size-1 axes may have any stride).
     pub fn expect_contiguous(&self) -> PyResult<()> {
-        let want = contiguous_strides(&self.shape);
-        let ok = self
-            .shape
-            .iter()
-            .zip(&self.strides)
-            .zip(&want)
-            .all(|((&d, &s), &w)| d <= 1 || s == w);
-        if ok {
+        if self.contiguous_from(0) {
             return Ok(());
         }
         Err(shape_err(
@@ -585,14 +588,7 @@ impl<'py> Tensor<'py> {
 
     /// Requires the last `n` axes to be contiguous (the rest may have any stride).
     pub fn expect_inner_contiguous(&self, n: usize) -> PyResult<()> {
-        let k = self.ndim().saturating_sub(n);
-        let want = contiguous_strides(&self.shape[k..]);
-        let ok = self.shape[k..]
-            .iter()
-            .zip(&self.strides[k..])
-            .zip(&want)
-            .all(|((&d, &s), &w)| d <= 1 || s == w);
-        if ok {
+        if self.contiguous_from(self.ndim().saturating_sub(n)) {
             return Ok(());
         }
         Err(shape_err(
