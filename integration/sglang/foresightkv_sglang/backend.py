@@ -20,10 +20,8 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 
 from . import hooks
-from .ledger import ROW_BITS, free_slots, host_generations, key_row, ledger_for, ledger_key, ledger_keys
+from .ledger import ROW_BITS, ROW_MASK, free_slots, host_generations, key_row, ledger_for, ledger_key, ledger_keys
 
-#: The row bits of a ledger key.
-ROW_MASK = (1 << ROW_BITS) - 1
 
 logger = logging.getLogger(__name__)
 

@@ -132,6 +132,8 @@ def ledger_for(req_to_token_pool) -> SlotLedger:
 
 #: Bits of a key that hold the row (the generation sits above them).
 ROW_BITS = 32
+#: The row bits of a key.
+ROW_MASK = (1 << ROW_BITS) - 1
 
 
 def ledger_key(req_to_token_pool, row: int) -> Key:
@@ -168,7 +170,7 @@ def pack_key(row: int, generation: int) -> Key:
 
 def key_row(key: Key) -> int:
     """The ``req_to_token`` row of ``key``."""
-    return key & ((1 << ROW_BITS) - 1)
+    return key & ROW_MASK
 
 
 def key_generation(key: Key) -> int:

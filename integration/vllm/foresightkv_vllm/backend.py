@@ -365,20 +365,17 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
             rng = torch.full((real.size,), VLLM_RNG_KEY, dtype=torch.int64)
             batch = StepBatch(keys.tolist(), *(torch.from_numpy(c) for c in cols), None, rng)
         plan = self.engine.begin_step(batch)
-        # file each row under the block of its last token; the blocks its new tokens went to
-        if all_real:
-            token_blocks, token_keys = slots // bs, np.repeat(keys, new_r)
-        else:
-            token_blocks = np.concatenate([slots[qsl[i] : qsl[i + 1]] for i in real.tolist()]) // bs
-            token_keys = np.repeat(keys, new_r)
+        # file each row under the block of its last token; the blocks the real rows' new tokens went to
+        # (all tokens unless dummy rows are mixed in)
+        keep = None if all_real else np.repeat(real_mask, num_new)
+        token_blocks = (slots if keep is None else slots[keep]) // bs
         last_blocks = slots[qsl[1:][real] - 1] // bs
-        self.keys.claim(keys, seq_r, prev_blocks[real], fresh, token_blocks, token_keys, last_blocks)
+        self.keys.claim(keys, seq_r, prev_blocks[real], fresh, token_blocks, np.repeat(keys, new_r), last_blocks)
         if rows is not None and rows != list(range(n)):
             table = table.index_select(0, torch.tensor(rows, dtype=torch.long, device=table.device))
         token_index = None
-        if not all_real:
-            idx = np.flatnonzero(np.repeat(real_mask, num_new))
-            token_index = torch.from_numpy(idx).to(cm.block_table_tensor.device)
+        if keep is not None:
+            token_index = torch.from_numpy(np.flatnonzero(keep)).to(cm.block_table_tensor.device)
         return ForesightKVMetadata(plan=plan, block_table=table, token_index=token_index, **meta)
 
 
