@@ -56,7 +56,7 @@ def valid_args(kernel, gen=None):
         in_dim = 2 * D + 8 * G
         return dict(key_cache=kc, value_cache=vc, block_tables=bt, seq_lens=sl, live_starts=ls, stats=stats,
                     w1=torch.randn(H, 16, in_dim, generator=gen), b1=torch.zeros(H, 16), w2=torch.zeros(H, 16),
-                    b2=torch.zeros(H), scores=torch.zeros(2, H, 4))
+                    b2=torch.full((H,), 0.5), scores=torch.zeros(2, H, 4))  # b2 != 0: a write would show
     if kernel == "select_survivors":
         return dict(seq_lens=sl, live_starts=ls, scores=torch.randn(2, H, 4, generator=gen),
                     num_evict=torch.tensor([2, 1], dtype=torch.int32), survivors=torch.zeros(2, H, 4, dtype=torch.int32))
