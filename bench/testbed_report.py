@@ -1,65 +1,50 @@
-"""Merges `python -m foresightkv eval` result files (each a subset of policies and budgets on the same
-held-out sequences) into one table and one loss-ratio plot:
+"""Merges and pools `python -m foresightkv eval` result files into one table and one loss-ratio plot:
 
-    python bench/testbed_report.py --plot OUT.png A.json B.json ...
+    python bench/testbed_report.py --plot OUT.png A.json B.json ... [--part C.json D.json ...]
 
-Later files fill what earlier ones lack (a policy's number at a budget comes from the first file
-that has it); the printed header names, for each file, its command and what it measured."""
+The files of one part measured the SAME held-out sequences (each a subset of the policies and
+budgets; a cell comes from the first file that has it: `harness.merge_results`); the parts cover
+DISJOINT sequences and are pooled (cross-entropy sums, accuracy counts: `harness.pool_results`), so a
+long evaluation can run as several `eval --start` ranges. The printed header names, for each file,
+its command, what it measured and its sequences."""
 
 import argparse
 import json
 
-from foresightkv.testbed.harness import format_table, plot
+from foresightkv.testbed.harness import format_table, heldout_indices, merge_results, plot, pool_results
 
 
-def merge(results):
-    """One result dict (the harness's layout) holding every (subset, budget, policy) of ``results``."""
-    out = {"interval": results[0]["interval"], "policies": [], "loss_ratio": {}, "tokens": {},
-           "accuracy": {}, "accuracy_n": {}, "mass_kept": {}, "done": {"mass": 0}}
-    for r in results:
-        if r["interval"] != out["interval"]:
-            raise SystemExit(f"interval {r['interval']} != {out['interval']}: not one table")
-        for p in r["policies"]:
-            if p not in out["policies"]:
-                out["policies"].append(p)
-        for split, bys in r["loss_ratio"].items():
-            for b, byp in bys.items():
-                row = out["loss_ratio"].setdefault(split, {}).setdefault(b, {})
-                for p, v in byp.items():
-                    row.setdefault(p, v)
-                out["tokens"].setdefault(split, {}).setdefault(b, r["tokens"][split][b])
-        for b, byp in r["accuracy"].items():
-            for p, v in byp.items():
-                n = r["accuracy_n"][b][p]
-                if n and out["accuracy_n"].get(b, {}).get(p, 0) == 0:
-                    out["accuracy"].setdefault(b, {})[p] = v
-                    out["accuracy_n"].setdefault(b, {})[p] = n
-        for b, byp in r["mass_kept"].items():
-            for p, v in byp.items():
-                if v is not None:
-                    out["mass_kept"].setdefault(b, {}).setdefault(p, v)
-        # a file written part way counts its mass sequences only at the end of its batch
-        measured = any(v is not None for byp in r["mass_kept"].values() for v in byp.values())
-        out["done"]["mass"] = max(out["done"]["mass"], r["done"].get("mass", 0), r["asked"]["mass"] if measured else 0)
-    for split in out["loss_ratio"]:
-        out["loss_ratio"][split] = dict(sorted(out["loss_ratio"][split].items(), key=lambda kv: int(kv[0])))
-        out["tokens"][split] = dict(sorted(out["tokens"][split].items(), key=lambda kv: int(kv[0])))
-    out["accuracy"] = dict(sorted(out["accuracy"].items(), key=lambda kv: int(kv[0])))
-    return out
+def _ranges(idx):
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out, run = [], []
+    for i in idx:
+        if run and i != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(i)
+    if run:
+        out.append(run)
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in out) or "-"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("files", nargs="+")
+    ap.add_argument("files", nargs="+", help="result files of the first part")
+    ap.add_argument("--part", nargs="+", action="append", default=[], help="result files of one more part")
     ap.add_argument("--plot", default=None)
     a = ap.parse_args()
-    results = [json.load(open(f)) for f in a.files]
-    for f, r in zip(a.files, results):
-        print(f"- {f}: {r.get('command', '(written part way; command in the results header)')}")
-        print(f"  sequences per budget {r['sequences_per_budget']}, accuracy {r['done'].get('accuracy')}, "
-              f"mass {r['done'].get('mass')}, seconds {r['seconds']}, stage seconds {r.get('stage_seconds')}")
-    m = merge(results)
+    parts = []
+    for files in [a.files] + a.part:
+        results = [json.load(open(f)) for f in files]
+        for f, r in zip(files, results):
+            print(f"- {f}: {r.get('command', '(written part way; command in the results header)')}")
+            print(f"  held-out sequences {_ranges(heldout_indices(r))}; per budget {r['sequences_per_budget']}, "
+                  f"accuracy {r['done'].get('accuracy')}, mass {r['done'].get('mass')}, seconds {r['seconds']}, "
+                  f"stage seconds {r.get('stage_seconds')}")
+        parts.append(merge_results(results))
+    m = parts[0] if len(parts) == 1 else pool_results(parts)
     print()
+    print(f"held-out sequences: {len(m['heldout_indices'])} ({_ranges(m['heldout_indices'])})")
     print(format_table(m))
     if a.plot:
         plot(m, a.plot)

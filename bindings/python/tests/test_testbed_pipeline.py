@@ -109,6 +109,21 @@ def test_traces_then_eval_quick(tiny_dir, tmp_path):
     assert "text/all" in res["loss_ratio"]
     m = res["mass_kept"]["32"]
     assert 0 < m["random"] <= 1 and m["golden"] >= m["random"]
+    # a later range of the split (--start), and a length floor no sequence reaches (--min-tokens)
+    js2 = tmp_path / "eval2.json"
+    r = run_cli(
+        "eval", "--model", tiny_dir, "--traces", str(out), "--budgets", "32", "--interval", "16", "--start", "1",
+        "--policies", "h2o", "--accuracy-limit", "0", "--mass-limit", "0", "--json", str(js2),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res2 = json.loads(js2.read_text())
+    assert [row["index"] for row in res2["per_sequence"]] == [1] and res2["selection"]["start"] == 1
+    r = run_cli(
+        "eval", "--model", tiny_dir, "--traces", str(out), "--budgets", "32", "--interval", "16",
+        "--min-tokens", "100000", "--policies", "h2o", "--json", str(js2),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(js2.read_text())["done"]["heldout"] == 0
     assert time.time() - start < 180
 
 

@@ -106,6 +106,10 @@ def add_eval(sub) -> None:
     p.add_argument(
         "--limit", type=int, default=None, help="held-out sequences for the loss ratio"
     )
+    p.add_argument("--start", type=int, default=0, help="first held-out sequence index (earlier ones skipped)")
+    p.add_argument(
+        "--min-tokens", type=int, default=0, help="skip held-out sequences shorter than this many tokens"
+    )
     p.add_argument(
         "--accuracy-limit",
         type=int,
@@ -199,6 +203,8 @@ def cmd_eval(args) -> int:
         text_limit=args.text_limit,
         with_loss=not args.no_loss,
         batch=args.batch,
+        start=args.start,
+        min_tokens=args.min_tokens,
         on_sequence=(lambda r: _write_json(args.json, r)) if args.json else None,
         follow=(lambda: load_split(os.path.join(args.traces, "heldout.safetensors"))) if args.follow else None,
     )

@@ -80,6 +80,8 @@ def run_eval(
     follow: Optional[Any] = None,
     on_sequence: Optional[Any] = None,
     batch: int = 4,
+    start: int = 0,
+    min_tokens: int = 0,
 ) -> Dict[str, Any]:
     """Evaluates ``policies`` x ``budgets`` on the first ``limit`` sequences of ``traces`` (loss
     ratio), the first ``accuracy_limit`` (accuracy) and the first ``mass_limit`` (attention mass);
@@ -91,16 +93,21 @@ def run_eval(
     batch and each budget (the CLI writes it, so a stopped run leaves its numbers). ``batch``
     sequences are evaluated together: every policy's run of each of them at one budget is one
     packed forward per step (``simulate_many``), and each sequence's generations at every budget
-    and policy decode together (``generate_many``)."""
+    and policy decode together (``generate_many``). ``start``: held-out sequences before this index are
+    skipped, and ``min_tokens``: so are shorter ones; the limits then count the sequences evaluated
+    (so disjoint runs over ``start`` ranges pool into one table: ``bench/testbed_report.py``)."""
     from tqdm import tqdm
 
     policies = [p for p in policies if p != "full"]
     if batch < 1:
         raise ValueError(f"batch {batch} must be at least 1")
+    if start < 0 or min_tokens < 0:
+        raise ValueError(f"start {start} and min_tokens {min_tokens} must not be negative")
     # one scorer object for every run (its engines then share one group per budget)
     scorer_obj = ScorerCheckpoint.load(str(scorer)) if scorer is not None and not isinstance(scorer, ScorerCheckpoint) else scorer
     if follow is None:
         n = len(traces) if limit is None else min(limit, len(traces))
+        n = min(n, max(len(traces) - start, 0))
     else:
         n = limit if limit is not None else 1 << 30
     n_acc = n if accuracy_limit is None else min(accuracy_limit, n)
@@ -119,9 +126,11 @@ def run_eval(
     per_seq: List[Dict[str, Any]] = []
     stage_seconds = {"full": 0.0, "golden": 0.0, "loss": 0.0, "accuracy": 0.0, "mass": 0.0}
     def jobs():
+        """``(split, traces, index, ordinal)``: ordinal counts the sequences evaluated (the limits'
+        unit), index is the sequence's place in its split."""
         nonlocal traces
-        i = 0
-        while i < n:
+        i, taken = start, 0
+        while taken < n:
             if i >= len(traces) and follow is not None:
                 # a trace run still writing the split: wait for its next sequence
                 while i >= len(traces) and (deadline is None or time.time() < deadline):
@@ -129,17 +138,20 @@ def run_eval(
                     traces = follow()
             if i >= len(traces):
                 break
-            yield "heldout", traces, i
+            if len(traces.sequence(i)) >= min_tokens:
+                yield "heldout", traces, i, taken
+                taken += 1
             i += 1
         if text is not None:
             for j in range(min(text_limit, len(text))):
-                yield "text", text, j
+                yield "text", text, j, j
 
     def summary() -> Dict[str, Any]:
         """The result so far (JSON-able)."""
         out = _summary(loss, acc, mass, done, per_budget, per_seq, policies, budgets, interval, n, n_acc,
                        mass_limit, text_limit if text is not None else 0, started)
         out["stage_seconds"] = {k: round(v, 1) for k, v in stage_seconds.items()}
+        out["selection"] = {"start": start, "min_tokens": min_tokens}
         return out
 
     def batches():
@@ -165,12 +177,12 @@ def run_eval(
         if deadline is not None and time.time() > deadline:
             break
         split = group[0][0]
-        seqs = [ts.sequence(i) for _, ts, i in group]
+        seqs = [ts.sequence(i) for _, ts, i, _ in group]
         t_full = time.time()
         recorded = record_full_many(model, [seq.input_ids for seq in seqs])
         stage_seconds["full"] += time.time() - t_full
         rows: List[Dict[str, Any]] = []
-        for (_, _, i), seq, (_, full) in zip(group, seqs, recorded):
+        for (_, _, i, _), seq, (_, full) in zip(group, seqs, recorded):
             rows.append({
                 "split": split,
                 "index": i,
@@ -215,8 +227,8 @@ def run_eval(
                 add_loss(split, b, p, res, subsets)
                 rows[k][f"ce_{b}_{p}"] = float(res.ce[sel].mean())
             t_mass = time.time()
-            for k, ((_, _, i), (trace, _)) in enumerate(zip(group, recorded)):
-                if split == "heldout" and i < mass_limit and per_item[k] is not None:
+            for k, ((_, _, _, o), (trace, _)) in enumerate(zip(group, recorded)):
+                if split == "heldout" and o < mass_limit and per_item[k] is not None:
                     golden = per_item[k][2]
                     for p in policies:
                         if p == "golden":
@@ -227,11 +239,11 @@ def run_eval(
             stage_seconds["mass"] += time.time() - t_mass
             if on_sequence is not None:
                 on_sequence(summary())  # after every budget too: a long batch leaves its numbers
-        for k, ((_, _, i), seq, (trace, _)) in enumerate(zip(group, seqs, recorded)):
-            if split == "heldout" and i < mass_limit:
+        for k, ((_, _, _, o), seq, (trace, _)) in enumerate(zip(group, seqs, recorded)):
+            if split == "heldout" and o < mass_limit:
                 done["mass"] += 1
             in_time = deadline is None or time.time() < deadline
-            if split == "heldout" and i < n_acc and seq.prompt_len and in_time:
+            if split == "heldout" and o < n_acc and seq.prompt_len and in_time:
                 expected = seq.meta["expected"]
                 pre = prefill(model, seq.input_ids[: seq.prompt_len])
                 specs, keys = [GenSpec("full", budgets[0], interval)], [(None, "full")]
@@ -322,6 +334,112 @@ def _summary(loss, acc, mass, done, per_budget, per_seq, policies, budgets, inte
             "torch": torch.__version__,
         },
     }
+
+
+def heldout_indices(result: Dict[str, Any]) -> List[int]:
+    """The held-out sequence indices a result file evaluated (its per-sequence rows)."""
+    return sorted({int(r["index"]) for r in result.get("per_sequence", []) if r.get("split") == "heldout"})
+
+
+def merge_results(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One result holding every (subset, budget, policy) of ``results``, each a subset of the policies
+    and budgets measured on the SAME sequences: a cell comes from the first result that has it."""
+    out: Dict[str, Any] = {"interval": results[0]["interval"], "policies": [], "loss_ratio": {}, "mean_ce": {},
+                           "tokens": {}, "accuracy": {}, "accuracy_n": {}, "mass_kept": {}, "done": {"mass": 0}}
+    seqs: set = set()
+    for r in results:
+        if r["interval"] != out["interval"]:
+            raise ValueError(f"interval {r['interval']} != {out['interval']}: not one table")
+        seqs.update(heldout_indices(r))
+        for p in r["policies"]:
+            if p not in out["policies"]:
+                out["policies"].append(p)
+        for split, bys in r["loss_ratio"].items():
+            for b, byp in bys.items():
+                row = out["loss_ratio"].setdefault(split, {}).setdefault(b, {})
+                ce = out["mean_ce"].setdefault(split, {}).setdefault(b, {})
+                for p, v in byp.items():
+                    if p not in row:
+                        row[p] = v
+                        ce[p] = r["mean_ce"][split][b][p]
+                out["tokens"].setdefault(split, {}).setdefault(b, r["tokens"][split][b])
+        for b, byp in r["accuracy"].items():
+            for p, v in byp.items():
+                n = r["accuracy_n"][b][p]
+                if n and out["accuracy_n"].get(b, {}).get(p, 0) == 0:
+                    out["accuracy"].setdefault(b, {})[p] = v
+                    out["accuracy_n"].setdefault(b, {})[p] = n
+        for b, byp in r["mass_kept"].items():
+            for p, v in byp.items():
+                if v is not None:
+                    out["mass_kept"].setdefault(b, {}).setdefault(p, v)
+        # a file written part way counts its mass sequences only at the end of its batch
+        measured = any(v is not None for byp in r["mass_kept"].values() for v in byp.values())
+        out["done"]["mass"] = max(out["done"]["mass"], r["done"].get("mass", 0), r["asked"]["mass"] if measured else 0)
+    out["heldout_indices"] = sorted(seqs)
+    return _sorted_budgets(out)
+
+
+def pool_results(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One result over the union of DISJOINT sequence sets (each part a ``merge_results`` of one set):
+    the loss ratio of the pooled cross-entropy sums (mean CE x tokens of every part, a cell only where
+    every part that measured the budget has it), accuracy pooled by counts, attention mass weighted
+    by each part's sequence count. Refuses parts that share a held-out sequence."""
+    seen: Dict[int, int] = {}
+    for k, part in enumerate(parts):
+        for i in part.get("heldout_indices", []):
+            if i in seen:
+                raise ValueError(f"held-out sequence {i} is in parts {seen[i]} and {k}: pooling needs disjoint sets")
+            seen[i] = k
+    out: Dict[str, Any] = {"interval": parts[0]["interval"], "policies": [], "loss_ratio": {}, "mean_ce": {},
+                           "tokens": {}, "accuracy": {}, "accuracy_n": {}, "mass_kept": {}, "done": {"mass": 0},
+                           "heldout_indices": sorted(seen)}
+    for part in parts:
+        if part["interval"] != out["interval"]:
+            raise ValueError(f"interval {part['interval']} != {out['interval']}: not one table")
+        out["policies"] += [p for p in part["policies"] if p not in out["policies"]]
+    for split in sorted({s for part in parts for s in part["loss_ratio"]}):
+        for b in sorted({b for part in parts for b in part["loss_ratio"].get(split, {})}, key=int):
+            have = [part for part in parts if b in part["loss_ratio"].get(split, {})]
+            n = sum(part["tokens"][split][b] for part in have)
+            sums = {}
+            for p in out["policies"]:
+                vals = [part["mean_ce"][split][b].get(p) for part in have]
+                if all(v is not None for v in vals):
+                    sums[p] = sum(v * part["tokens"][split][b] for v, part in zip(vals, have))
+            out["tokens"].setdefault(split, {})[b] = n
+            out["mean_ce"].setdefault(split, {})[b] = {p: v / n for p, v in sums.items()}
+            full = sums.get("full")
+            out["loss_ratio"].setdefault(split, {})[b] = {
+                p: (v / full if full else None) for p, v in sums.items()
+            }
+    for b in sorted({b for part in parts for b in part["accuracy"]}, key=int):
+        for p in out["policies"]:
+            got = [(part["accuracy"][b][p], part["accuracy_n"][b][p]) for part in parts
+                   if part["accuracy_n"].get(b, {}).get(p)]
+            n = sum(c for _, c in got)
+            if n:
+                out["accuracy"].setdefault(b, {})[p] = sum(v * c for v, c in got) / n
+                out["accuracy_n"].setdefault(b, {})[p] = n
+    out["done"]["mass"] = sum(part["done"].get("mass", 0) for part in parts)
+    for b in sorted({b for part in parts for b in part["mass_kept"]}, key=int):
+        for p in out["policies"]:
+            got = [(part["mass_kept"][b][p], part["done"].get("mass", 0)) for part in parts
+                   if part["mass_kept"].get(b, {}).get(p) is not None and part["done"].get("mass", 0)]
+            n = sum(c for _, c in got)
+            if n:
+                out["mass_kept"].setdefault(b, {})[p] = sum(v * c for v, c in got) / n
+    return _sorted_budgets(out)
+
+
+def _sorted_budgets(out: Dict[str, Any]) -> Dict[str, Any]:
+    """``out`` with every per-budget table in ascending budget order (for the tables and plot)."""
+    for key in ("loss_ratio", "tokens", "mean_ce"):
+        for split in out[key]:
+            out[key][split] = dict(sorted(out[key][split].items(), key=lambda kv: int(kv[0])))
+    for key in ("accuracy", "accuracy_n", "mass_kept"):
+        out[key] = dict(sorted(out[key].items(), key=lambda kv: int(kv[0])))
+    return out
 
 
 def _fmt(x: Optional[float], digits: int = 3) -> str:
