@@ -62,14 +62,18 @@ def run_env(fkv: Optional[dict], audit_dir: Optional[Path], extra: Optional[dict
 
 
 @contextlib.contextmanager
-def engine(model: Path, backend: str, fkv: Optional[dict] = None, audit_dir: Optional[Path] = None, **kw):
+def engine(
+    model: Path, backend: str, fkv: Optional[dict] = None, audit_dir: Optional[Path] = None,
+    env: Optional[Dict[str, Optional[str]]] = None, **kw,
+):  # fmt: skip
     """An in-process ``sglang.Engine`` on CPU with ``backend`` (``foresightkv`` or ``torch_native``);
-    ``fkv`` is foresightkv's configuration (``$FORESIGHTKV_CONFIG`` while the engine starts)."""
+    ``fkv`` is foresightkv's configuration (``$FORESIGHTKV_CONFIG`` while the engine starts), ``env``
+    more variables for its processes (e.g. SGLang's ``SGLANG_TEST_RETRACT``)."""
     import sglang
 
     args = dict(COMMON, model_path=str(model), attention_backend=backend, dtype="float32", log_level="error")
     args.update(kw)
-    with patched_env(run_env(fkv, audit_dir)):
+    with patched_env(run_env(fkv, audit_dir, env)):
         eng = sglang.Engine(**args)
     try:
         yield eng

@@ -199,6 +199,8 @@ class Result:
     free_after: int = 0
     pool_blocks: int = 0
     max_concurrent: int = 0
+    #: requests foresightkv still holds state for once the runner has seen every finish (None: native)
+    states_after: Optional[int] = None
 
 
 def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
@@ -263,10 +265,25 @@ def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
             if step > max_steps:
                 raise AssertionError(f"the workload did not finish in {max_steps} steps")
         res.steps = step
+        # the last finished requests' ids reach the model runner with the next scheduler step
+        # (vLLM's engine core runs it, with no tokens, while finished ids are pending)
+        if sched.has_finished_requests():
+            eng.step()
     finally:
         sched._preempt_request = orig_preempt
     res.free_after = pool.get_num_free_blocks()
+    res.states_after = foresightkv_states(llm)
     return res
+
+
+def foresightkv_states(llm) -> Optional[int]:
+    """Requests with state in the foresightkv engines of ``llm``'s model runner (None: native)."""
+    from foresightkv_vllm.lifecycle import foresightkv_builders
+
+    builders = foresightkv_builders(model_runner(llm))
+    if not builders:
+        return None
+    return sum(len(b.engine.keys()) for _, b in builders)
 
 
 def run_once(model: str, reqs: Sequence[Req], fkv: Optional[dict] = None, **kw) -> Result:

@@ -52,7 +52,9 @@ def native(tiny_model):
 
 def check_invariants(res, ledger, reqs, *, max_blocks=None):
     """Every request generated all its tokens with finite logprobs, held at most ``max_blocks``
-    blocks in decode, the pool is full again and the ledger saw no double free."""
+    blocks in decode, the pool is full again, the ledger saw no double free, and foresightkv holds
+    no request's state once the runner has seen every finish (a preempted request's state before
+    its recomputation may stay until its block is reused: ``foresightkv_vllm.lifecycle``)."""
     for r in reqs:
         if r.abort_at is not None:
             continue
@@ -63,6 +65,8 @@ def check_invariants(res, ledger, reqs, *, max_blocks=None):
     assert res.free_after == res.pool_blocks, f"{res.pool_blocks - res.free_after} blocks still held"
     assert ledger.errors == []
     assert ledger.allocated > 0 and ledger.freed == ledger.allocated
+    if res.states_after is not None:
+        assert res.states_after <= res.preemptions, (res.states_after, res.preemptions)
 
 
 def test_native_reference_holds_whole_lengths(native):
@@ -195,6 +199,7 @@ def test_two_engines_one_process_keep_their_own_settings(tiny_model, ledger):
                 assert len(res.tokens[r.rid]) == r.max_tokens
                 assert res.max_blocks[r.rid] <= math.ceil(window / BS) + 1
             assert res.free_after == res.pool_blocks
+            assert res.states_after == 0  # each engine released its own finished requests
     finally:
         shutdown(first)
         if second is not None:

@@ -29,6 +29,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, RSWASpe
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from . import config as plugin_config
+from . import lifecycle
 from .config import BLOCK_SIZE_MULTIPLE, SUPPORTED_HEAD_SIZES, SUPPORTED_KV_CACHE_DTYPES, PluginSettings
 
 
@@ -232,6 +233,24 @@ class RequestKeys:
         self._key[last_blocks] = keys
         self._len[last_blocks] = lengths
 
+    def release_anchored(self, blocks: np.ndarray, computed: int) -> int:
+        """Releases the request whose key is anchored in ``blocks`` (a request's block table, in
+        position order) at the block of its last token with more than ``computed`` tokens, looking
+        only at ``blocks[computed // block_size:]`` (``lifecycle.release_finished`` says why);
+        returns 1 when one was released, else 0."""
+        first = max(int(computed), 0) // self.block_size
+        tail, index = blocks[first:], np.arange(first, max(blocks.size, first))
+        ok = (tail >= 0) & (tail < self._key.size)
+        tail, index = tail[ok], index[ok]
+        if not tail.size:
+            return 0
+        key, length = self._key[tail], self._len[tail]
+        hit = (key >= 0) & (length > computed) & ((length - 1) // self.block_size == index)
+        if not hit.any():
+            return 0
+        self.forget(int(key[np.flatnonzero(hit)[0]]))
+        return 1
+
     def key_at(self, block: int) -> Optional[int]:
         """The key of the request whose last token (after its last step) is in ``block``, if any."""
         if not 0 <= block < self._key.size or self._key[block] < 0:
@@ -283,6 +302,8 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
         #: layers' impls through the metadata; never shared with another vLLM engine of the process.
         self.engine = EvictionEngine(self.settings.engine, block_size=kv_cache_spec.block_size)
         self.keys = request_keys(self.engine, kv_cache_spec.block_size)
+        #: Whether vLLM's V1 runner releases finished requests' state (``lifecycle``).
+        self.releases_finished = lifecycle.install()
         per_block = stats_content_bytes(self.settings) * kv_cache_spec.block_size * self.settings.shape.num_kv_heads
         if per_block:
             blocks = getattr(vllm_config.cache_config, "num_gpu_blocks", None)

@@ -152,3 +152,71 @@ def test_a_row_written_without_the_backend_is_refused_and_changes_nothing():
     # the refused calls allotted no key and filed nothing
     assert keys.resolve(np.array([0], dtype=np.int64), np.array([7], dtype=np.int64)).tolist() == [2]
     assert len(keys) == 1 and engine.released == []
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_finished_request_releases_its_own_state_and_no_other(seed):
+    """``release_anchored`` as ``lifecycle.release_finished`` calls it: the finished request's table
+    as the runner holds it (every block ever appended, although a sliding window, W = 3 blocks here,
+    gave its old blocks back to the pool, where other requests may now be anchored) and its computed
+    count at the start of its last step, after the scheduler freed its blocks and handed some to
+    this step's requests. Exactly the finished request's key is released, never another's."""
+    from foresightkv_vllm.backend import RequestKeys
+
+    rng = random.Random(seed)
+    window = 3 * BS
+    free = list(range(1, rng.choice([14, 20, 40])))
+    reqs: Dict[int, Dict] = {}  # id -> table (block per position block), held indices, length, last start, key
+    engine = RecordingEngine()
+    keys = RequestKeys(engine, BS)
+    ids = finished_total = 0
+    for _ in range(250):
+        done = [rid for rid in reqs if reqs[rid]["key"] is not None and rng.random() < 0.12]
+        gone = []
+        for rid in done:  # the scheduler frees what the request still holds
+            r = reqs.pop(rid)
+            free.extend(r["table"][i] for i in sorted(r["held"]))
+            gone.append(r)
+        rng.shuffle(free)
+        while len(reqs) < 5 and rng.random() < 0.6:
+            ids += 1
+            reqs[ids] = {"table": [], "held": set(), "len": 0, "start": 0, "key": None}
+        rows = []
+        for rid, r in reqs.items():
+            new = rng.randint(1, 9) if r["len"] == 0 else rng.choice([1, 1, 2])
+            need = -(-(r["len"] + new) // BS) - len(r["table"])
+            if need > len(free):
+                continue
+            r["held"].update(range(len(r["table"]), len(r["table"]) + need))
+            r["table"] += [free.pop() for _ in range(need)]
+            rows.append((rid, r["len"], new))
+        # the runner's _update_states, before this step's build: release the finished requests
+        for r in gone:
+            before = len(engine.released)
+            assert keys.release_anchored(np.array(r["table"], dtype=np.int64), r["start"]) == 1
+            assert engine.released[before:] == [r["key"]]
+            finished_total += 1
+        if rows:
+            computed = np.array([c for _, c, _ in rows], dtype=np.int64)
+            new_r = np.array([n for _, _, n in rows], dtype=np.int64)
+            prev = np.array([reqs[rid]["table"][max(c - 1, 0) // BS] for rid, c, _ in rows], dtype=np.int64)
+            got_keys = keys.resolve(computed, prev)
+            slots = np.array(
+                [reqs[rid]["table"][p // BS] * BS + p % BS for rid, c, n in rows for p in range(c, c + n)],
+                dtype=np.int64,
+            )
+            last = np.array([reqs[rid]["table"][(c + n - 1) // BS] for rid, c, n in rows], dtype=np.int64)
+            before = len(engine.released)
+            keys.claim(got_keys, computed + new_r, prev, computed == 0, slots // BS, np.repeat(got_keys, new_r), last)
+            assert engine.released[before:] == []  # finished requests were released already
+            for (rid, c, n), key in zip(rows, got_keys.tolist()):
+                r = reqs[rid]
+                r["key"], r["start"], r["len"] = key, c, c + n
+        for r in reqs.values():  # the sliding window frees blocks before the live window
+            for i in range(max(r["len"] - window, 0) // BS):
+                if i in r["held"]:
+                    r["held"].discard(i)
+                    free.append(r["table"][i])
+        live = [r["key"] for r in reqs.values() if r["key"] is not None]
+        assert all(keys.block_of(k) is not None for k in live) and not set(live) & set(engine.released)
+    assert finished_total > 10

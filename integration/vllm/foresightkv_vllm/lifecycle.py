@@ -1,0 +1,113 @@
+"""Releases foresightkv's per-request state when vLLM's model runner drops a finished or aborted
+request, instead of when one of its blocks is next handed to another request (``RequestKeys``'
+fallback, which under a large, lightly used pool can keep a finished request's state for long).
+
+vLLM hands attention backends no request ids, but the V1 model runner (``GPUModelRunner``, and the
+CPU runner, its subclass) learns of every finished or aborted request from the scheduler
+(``SchedulerOutput.finished_req_ids``) at the start of the next step, while it still holds the
+request's block ids and computed-token count (``CachedRequestState``). ``install`` wraps
+``GPUModelRunner._update_states`` so that, before vLLM forgets them, each foresightkv builder of
+that runner releases the request anchored in the request's newest blocks (``release_finished``).
+Model Runner V2 keeps its block tables on the device and is not wrapped: there the fallback holds.
+
+A preempted request (V1: it leaves the batch and is recomputed from scratch when resumed) keeps its
+state until its anchor block is reused or it resumes as a new request: vLLM tells the V1 runner
+nothing at preemption, and at resumption its old blocks may already belong to another request."""
+
+import threading
+from typing import Any, Iterable, List
+
+import numpy as np
+
+_lock = threading.Lock()
+#: Attribute marking vLLM's original ``_update_states`` on the wrapper (install is idempotent).
+_ORIGINAL = "_foresightkv_original"
+
+
+def foresightkv_builders(runner) -> List[Any]:
+    """``(kv_cache_group_id, builder)`` of every foresightkv metadata builder of ``runner``."""
+    from .backend import ForesightKVMetadataBuilder
+
+    out = []
+    for gid, groups in enumerate(getattr(runner, "attn_groups", None) or []):
+        for group in groups:
+            for builder in getattr(group, "metadata_builders", None) or []:
+                if isinstance(builder, ForesightKVMetadataBuilder):
+                    out.append((gid, builder))
+    return out
+
+
+def release_finished(runner, req_ids: Iterable[str]) -> int:
+    """Releases, in every foresightkv builder of ``runner``, the state of each request of
+    ``req_ids`` that ``runner.requests`` still holds; returns the number released.
+
+    The request's key is anchored in the block of its last written token, at block index
+    ``(length - 1) // block_size`` of its own table, with ``length > num_computed_tokens`` (the
+    runner's count at the start of the request's last step). Only blocks from index
+    ``num_computed_tokens // block_size`` on are looked at: those still held the request's newest
+    tokens when vLLM freed them, so no other request can be anchored there yet (an anchor is filed
+    only when a step writes into a block), whereas vLLM's sliding-window manager may have handed
+    the request's older blocks to others while the runner's copy of its table still lists them."""
+    requests = getattr(runner, "requests", None)
+    if not requests:
+        return 0
+    builders = foresightkv_builders(runner)
+    if not builders:
+        return 0
+    released = 0
+    seen = set()
+    for gid, builder in builders:
+        keys = builder.keys
+        if id(keys) in seen:
+            continue
+        seen.add(id(keys))
+        for rid in req_ids:
+            state = requests.get(rid)
+            if state is None or gid >= len(state.block_ids):
+                continue
+            released += keys.release_anchored(np.asarray(state.block_ids[gid], dtype=np.int64),
+                                              int(state.num_computed_tokens))
+    return released
+
+
+def _wrap(original):
+    """``GPUModelRunner._update_states`` releasing the finished requests' state first."""
+
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        finished = getattr(scheduler_output, "finished_req_ids", None)
+        if finished:
+            release_finished(self, finished)
+        return original(self, scheduler_output, *args, **kwargs)
+
+    setattr(_update_states, _ORIGINAL, original)
+    _update_states.__doc__ = (original.__doc__ or "") + "\n(foresightkv: releases finished requests' state first.)"
+    _update_states.__name__ = original.__name__
+    _update_states.__qualname__ = original.__qualname__
+    return _update_states
+
+
+def install() -> bool:
+    """Wraps the V1 runner's ``_update_states`` (once per process); False when this vLLM has no V1
+    runner of that shape (then ``RequestKeys``' release on block reuse is the only one)."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        return False
+    with _lock:
+        current = getattr(GPUModelRunner, "_update_states", None)
+        if current is None:
+            return False
+        if not hasattr(current, _ORIGINAL):
+            GPUModelRunner._update_states = _wrap(current)
+    return True
+
+
+def uninstall() -> None:
+    """Restores vLLM's own ``_update_states`` (tests)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    with _lock:
+        current = GPUModelRunner._update_states
+        original = getattr(current, _ORIGINAL, None)
+        if original is not None:
+            GPUModelRunner._update_states = original
