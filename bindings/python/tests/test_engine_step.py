@@ -198,3 +198,99 @@ def test_reserve_sizes_the_rings_and_refuses_more_requests():
     assert EvictionEngine(EngineConfig(budget=16, interval=8, policy="full_cache"), block_size=BS).reserve(
         max_requests=3, layers=2, num_q_heads=4, head_dim=D, dtype=torch.float16, device="cpu"
     ) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kept_positions_over_random_batched_steps(seed):
+    """Many requests in one engine, random steps (new prompts of 1-40 tokens, decodes, releases,
+    resets that start a request over), victims chosen at random through the ``on_evict`` hook. At
+    every eviction the positions the engine hands the hook (batched for all due requests) are, per
+    request and head, those it kept at its previous eviction then the tokens written since (all of
+    ``[0, len)`` before its first), -1 past its live count; after every step ``kept_positions`` and
+    ``evictions`` agree with that per-request model, and a released or reset request starts fresh."""
+    import random
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    budget, interval, max_len, max_keys = 16, 8, 96, 60
+    blocks = -(-max_len // BS)
+    ref = {}  # (key, layer) -> (kept [H, n] positions, length they run to)
+    evictions = {}  # key -> evictions of layer 0
+    counts = {"evictions": 0}
+
+    def hook(batch):
+        out = torch.zeros(tuple(batch.positions.shape), dtype=torch.int32)
+        for j, key in enumerate(batch.keys):
+            live, end = batch.live[j], batch.lengths[j]
+            kept = ref.get((key, batch.layer))
+            want = torch.arange(end - live, end).expand(HKV, -1) if kept is None else torch.cat(
+                [kept[0], torch.arange(kept[1], end).expand(HKV, -1)], dim=1
+            )
+            assert torch.equal(batch.positions[j, :, :live], want), (key, batch.layer)
+            assert bool((batch.positions[j, :, live:] == -1).all())
+            n, k = live - batch.num_protected, batch.num_evict_host[j]
+            rows = []
+            for kh in range(HKV):
+                gone = set(rng.sample(range(n), k))
+                keep = [i for i in range(live) if i not in gone]
+                out[j, kh, : len(keep)] = torch.tensor(keep, dtype=torch.int32)
+                rows.append(want[kh, keep])
+            ref[(key, batch.layer)] = (torch.stack(rows), end)
+            if batch.layer == 0:
+                evictions[key] = evictions.get(key, 0) + 1
+                counts["evictions"] += 1
+        return out
+
+    engine = EvictionEngine(EngineConfig(budget=budget, interval=interval, policy="h2o"), block_size=BS, on_evict=hook)
+    caches = [(torch.zeros(max_keys * blocks, BS, HKV, D), torch.zeros(max_keys * blocks, BS, HKV, D)) for _ in range(LAYERS)]
+    stats = [torch.zeros(max_keys * blocks, BS, HKV, G, 8) for _ in range(LAYERS)]
+    lengths = {}  # live requests: key -> length
+    next_key, due_batches = 0, 0
+    for _ in range(120):
+        for key in [k for k in lengths if rng.random() < 0.05]:  # finished
+            engine.release(key)
+            del lengths[key]
+            for layer in range(LAYERS):
+                ref.pop((key, layer), None)
+            evictions.pop(key, None)
+        reqs = []
+        for key in list(lengths):
+            if lengths[key] >= max_len - 1 or rng.random() < 0.2:
+                continue  # not scheduled this step
+            if rng.random() < 0.04:  # recomputed from scratch (a preemption)
+                n = rng.randint(1, 40)
+                reqs.append(StepRequest(key, n, n, True, reset=True))
+                for layer in range(LAYERS):
+                    ref.pop((key, layer), None)
+                evictions.pop(key, None)
+            else:
+                reqs.append(StepRequest(key, lengths[key] + 1, 1, False))
+        while next_key < max_keys and len(lengths) + sum(1 for r in reqs if r.key not in lengths) < 14 and rng.random() < 0.6:
+            n = rng.randint(1, 40)
+            reqs.append(StepRequest(next_key, n, n, True, reset=True))
+            next_key += 1
+        if not reqs:
+            continue
+        plan = engine.begin_step(reqs)
+        due_batches += sum(1 for t in plan.field("evict_to") if t >= 0) > 1
+        table = torch.stack([torch.arange(r.key * blocks, (r.key + 1) * blocks, dtype=torch.int32) for r in reqs])
+        slots = torch.cat([torch.arange(r.key * blocks * BS + r.seq_len - r.num_new, r.key * blocks * BS + r.seq_len) for r in reqs])
+        total = sum(r.num_new for r in reqs)
+        for layer in range(LAYERS):
+            kc, vc = caches[layer]
+            k, v = torch.randn(total, HKV, D, generator=gen), torch.randn(total, HKV, D, generator=gen)
+            fkv.reshape_and_cache(k, v, kc, vc, slots)
+            out = torch.empty(total, HKV * G, D)
+            q = torch.randn(total, HKV * G, D, generator=gen)
+            engine.attend(plan, layer, q, kc, vc, table, out, scale=0.25, stats=stats[layer])
+        for r in reqs:
+            lengths[r.key] = r.seq_len
+        for key, length in lengths.items():
+            assert engine.evictions(key) == evictions.get(key, 0), key
+            for layer in range(LAYERS):
+                kept = ref.get((key, layer))
+                want = torch.arange(0, length).expand(HKV, -1) if kept is None else torch.cat(
+                    [kept[0], torch.arange(kept[1], length).expand(HKV, -1)], dim=1
+                )
+                assert torch.equal(engine.kept_positions(key, layer, HKV), want), (key, layer)
+    assert counts["evictions"] > 20 and due_batches > 3  # evictions of several requests at once

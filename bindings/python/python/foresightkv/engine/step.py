@@ -27,6 +27,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -168,14 +169,66 @@ class Advance:
         return max(self.old_live_start, self.protected_len)
 
 
-@dataclass
-class _LayerState:
-    """Per (request, layer), kept from its first eviction on: the original positions of the entries
-    each KV head kept at the last eviction, and the evictions so far."""
+class _KeptPositions:
+    """Per layer and request slot (the planner's ``slots``), from the slot's request's first eviction
+    on: the original positions of the entries each KV head kept at the last eviction (``kept``
+    ``[slots, H, K]`` int32 on the cache's device, the first ``count[slot]`` valid), the length they
+    run to (``end``), the evictions so far, and the state serial that owns the slot's row (a released
+    or reset request's serial never comes back, so a row whose owner is not the plan's serial is
+    fresh: nothing kept, no eviction yet). Read and written for all due requests of a layer at once."""
 
-    positions: Optional[torch.Tensor] = None
-    positions_end: int = 0
-    evictions: int = 0
+    def __init__(self) -> None:
+        self.kept: Optional[torch.Tensor] = None
+        self.count = np.full(0, -1, dtype=np.int64)
+        self.end = np.zeros(0, dtype=np.int64)
+        self.evictions = np.zeros(0, dtype=np.int64)
+        self.owner = np.full(0, -1, dtype=np.int64)
+
+    def lookup(self, slots: np.ndarray, serials: np.ndarray):
+        """``(count, end, evictions)`` of ``slots`` for their requests ``serials`` (count -1: fresh)."""
+        cap = self.owner.size
+        if not cap:
+            return np.full(slots.size, -1, np.int64), np.zeros(slots.size, np.int64), np.zeros(slots.size, np.int64)
+        inside = slots < cap
+        at = np.where(inside, slots, 0)
+        mine = inside & (self.owner[at] == serials)
+        return (
+            np.where(mine, self.count[at], -1),
+            np.where(mine, self.end[at], 0),
+            np.where(mine, self.evictions[at], 0),
+        )
+
+    def store(self, slots, serials, kept: torch.Tensor, count, end, evictions) -> None:
+        """Files ``kept`` ``[len(slots), H, K']`` (each row's first ``count`` valid) for ``slots``."""
+        need = int(slots.max()) + 1
+        cap = self.owner.size
+        h, k = kept.shape[1], kept.shape[2]
+        if need > cap:
+            grow = max(need, 2 * cap, _DEFAULT_SLOTS) - cap
+            self.count = np.concatenate([self.count, np.full(grow, -1, np.int64)])
+            self.end = np.concatenate([self.end, np.zeros(grow, np.int64)])
+            self.evictions = np.concatenate([self.evictions, np.zeros(grow, np.int64)])
+            self.owner = np.concatenate([self.owner, np.full(grow, -1, np.int64)])
+        old = self.kept
+        if old is None or old.shape[0] < self.owner.size or old.shape[1] != h or old.shape[2] < k or old.device != kept.device:
+            width = max(k, old.shape[2] if old is not None and old.shape[1] == h else 0)
+            grown = torch.full((self.owner.size, h, width), -1, dtype=torch.int32, device=kept.device)
+            if old is not None and old.shape[1] == h and old.device == kept.device:
+                grown[: old.shape[0], :, : old.shape[2]] = old
+            self.kept = grown
+        index = torch.from_numpy(slots).to(kept.device)
+        self.kept[index, :, :k] = kept.to(torch.int32)
+        self.count[slots], self.end[slots], self.evictions[slots] = count, end, evictions
+        self.owner[slots] = serials
+
+    def positions(self, slot: int, serial: int, start: int, end: int, h: int) -> torch.Tensor:
+        """Original positions ``[H, live]`` (CPU int64) of the live entries of ``slot``'s request: those
+        kept at its last eviction, then ``[max(end_kept, start), end)``."""
+        count, kept_end, _ = (int(x[0]) for x in self.lookup(np.array([slot]), np.array([serial])))
+        if count < 0 or self.kept is None:
+            return torch.arange(start, end, dtype=torch.int64).expand(h, -1).contiguous()
+        fresh = torch.arange(max(kept_end, start), end, dtype=torch.int64).expand(h, -1)
+        return torch.cat([self.kept[slot, :, :count].cpu().long(), fresh], dim=1)
 
 
 class StepPlan:
@@ -460,7 +513,8 @@ class EvictionEngine:
         self._planner = WindowPlanner(
             config.budget, config.interval, block_size, config.protect_prompt, self.policy.evicts
         )
-        self._layers: Dict[int, Dict[int, _LayerState]] = {}
+        #: Per layer: the original positions each request slot's heads kept (``_KeptPositions``).
+        self._kept: Dict[int, _KeptPositions] = {}
         self._stats: Dict[int, torch.Tensor] = {}
         self._weights: Dict[int, Any] = {}
         #: Query ring rows per request slot and layer, and the rings (``[slots, ring, Hq, D]``).
@@ -501,11 +555,10 @@ class EvictionEngine:
         st = self._planner.state(key)
         if st is None:
             raise KeyError(key)
-        serial, length, live_start, pending, protected_len = st[:5]
+        serial, length, live_start, pending, protected_len, slot = st[:6]
         start = live_start if pending is None else pending
-        ls = self._layers.get(serial, {}).get(layer, _LayerState())
         window_start = min(max(start, protected_len), length)
-        window = self._positions(ls, window_start, length, num_kv_heads, "cpu")
+        window = self._kept.get(layer, _KeptPositions()).positions(slot, serial, window_start, length, num_kv_heads)
         if not protected_len:
             return window
         prompt = torch.arange(min(protected_len, length), dtype=torch.int64).expand(num_kv_heads, -1)
@@ -516,7 +569,8 @@ class EvictionEngine:
         st = self._planner.state(key)
         if st is None:
             return 0
-        return max((ls.evictions for ls in self._layers.get(st[0], {}).values()), default=0)
+        slot, serial = np.array([st[5]]), np.array([st[0]])
+        return max((int(kp.lookup(slot, serial)[2][0]) for kp in self._kept.values()), default=0)
 
     def reserve(
         self,
@@ -583,9 +637,7 @@ class EvictionEngine:
 
     def release(self, key: int) -> None:
         """Forgets ``key`` (finished, aborted or preempted request); its pending eviction is dropped."""
-        serial = self._planner.release(key)
-        if serial is not None:
-            self._layers.pop(serial, None)
+        self._planner.release(key)  # its serial never comes back: its slot's rows read as fresh
 
     def begin_step(self, requests: Union[StepBatch, Sequence[StepRequest]]) -> StepPlan:
         """Commits the previous step's evictions (returned as ``released``), then plans this step with
@@ -595,8 +647,7 @@ class EvictionEngine:
         rows, serials, rel, dropped, num_tokens = self._planner.plan(
             b.keys, b.seq_lens, b.num_new, b.prefill, b.reset, b.prompt_lens
         )
-        for serial in dropped:
-            self._layers.pop(serial, None)
+        del dropped  # reset states: their serials never come back (``_KeptPositions``)
         rng = None
         if b.rng_keys is not None:
             if len(b.rng_keys) != len(b.keys):
@@ -611,16 +662,6 @@ class EvictionEngine:
             r = rel.tolist()
             released = [Advance(r[i], r[i + 1], r[i + 2], r[i + 3]) for i in range(0, len(r), _RELEASED)]
         return StepPlan(b.keys, table, serials, released, num_tokens, rng)
-
-    def _layer_state(self, serial: int, layer: int) -> _LayerState:
-        """The state of (request ``serial``, ``layer``), created on first use."""
-        per = self._layers.get(serial)
-        if per is None:
-            per = self._layers[serial] = {}
-        ls = per.get(layer)
-        if ls is None:
-            ls = per[layer] = _LayerState()
-        return ls
 
     # ------------------------------------------------------------------ the per-layer step
 
@@ -870,17 +911,20 @@ class EvictionEngine:
         cfg = self.config
         sel = torch.tensor(due, dtype=torch.long, device=device)
         bt = win.tables.index_select(0, sel).contiguous()
-        window_lens, evict_starts = plan.field("window_lens"), plan.field("evict_starts")
-        bases_all, targets = plan.field("bases"), plan.field("evict_to")
-        seq_lens = plan.seq_lens
-        live = [window_lens[i] - evict_starts[i] for i in due]
-        ends = [seq_lens[i] for i in due]
-        bases = [bases_all[i] for i in due]
+        # the due rows' columns of the planner's table, as host arrays (no Python per request)
+        rows = plan.rows.numpy().reshape(len(_FIELDS), len(plan)).astype(np.int64)[:, np.asarray(due)]
+        bases, ends = rows[_ROW["bases"]], rows[_ROW["seq_lens"]]
+        live_a = rows[_ROW["window_lens"]] - rows[_ROW["evict_starts"]]
+        evict_a = rows[_ROW["evict_to"]] - bases
+        slots, serials = rows[_ROW["slots"]], np.asarray(plan.serials, dtype=np.int64)[np.asarray(due)]
+        live, num_evict = live_a.tolist(), evict_a.tolist()
         sl = win.seq_lens.index_select(0, sel).contiguous()
         ls = win.evict_starts.index_select(0, sel).contiguous()
-        num_evict = [targets[i] - b for i, b in zip(due, bases)]
-        ne = torch.tensor(num_evict, dtype=torch.int32, device=device)
-        layer_states = [self._layer_state(plan.serials[i], layer) for i in due]
+        ne = torch.from_numpy(evict_a.astype(np.int32)).to(device)
+        kp = self._kept.get(layer)
+        if kp is None:
+            kp = self._kept[layer] = _KeptPositions()
+        count, kept_end, evictions = kp.lookup(slots, serials)
         # The queries of the ring, oldest first ([due, ring rows, Hq, D]; earlier ones were folded).
         queries, nq, _ = self._ring_queries(win, layer, key_cache)
         nq_host = [int(c) for c in win.host.ev_counts.tolist()]
@@ -903,10 +947,7 @@ class EvictionEngine:
             num_queries_host=hp.ev_counts,
             folded_host=hp.ev_folded,
         )
-        max_live = max(live)
-        positions = torch.full((len(due), h, max_live), -1, dtype=torch.int64, device=device)
-        for j, (s, base, end) in enumerate(zip(layer_states, bases, ends)):
-            positions[j, :, : live[j]] = self._positions(s, base, end, h, device)
+        positions = self._window_positions(kp, slots, count, kept_end, bases, live_a, h, device)
         batch = EvictionBatch(
             layer=layer,
             key_cache=key_cache,
@@ -922,8 +963,8 @@ class EvictionEngine:
             live=live,
             num_evict_host=num_evict,
             num_queries_host=nq_host,
-            lengths=ends,
-            evictions=[s.evictions for s in layer_states],
+            lengths=ends.tolist(),
+            evictions=evictions.tolist(),
             requests=[self._rng_key(plan, i) for i in due],
             keys=[plan.keys[i] for i in due],
             num_protected=cfg.interval,
@@ -942,10 +983,29 @@ class EvictionEngine:
             )
         kernels.compact(key_cache, value_cache, bt, sl, ls, ne, survivors, stats)
         kept = positions.gather(2, survivors.long().clamp(min=0))
-        for j, s in enumerate(layer_states):
-            s.positions = kept[j, :, : live[j] - num_evict[j]].clone()
-            s.positions_end = ends[j]
-            s.evictions += 1
+        left = live_a - evict_a
+        kp.store(slots, serials, kept[:, :, : int(left.max())], left, ends, evictions + 1)
+
+    @staticmethod
+    def _window_positions(kp: "_KeptPositions", slots, count, kept_end, bases, live, h: int, device) -> torch.Tensor:
+        """Original positions ``[due, H, max(live)]`` (int64, -1 past each row's ``live``) of the due
+        requests' evictable windows, in batch: what each head kept at the request's last eviction
+        (``count`` entries, -1 for none yet), then ``[max(kept_end, base), len)`` (fresh: ``[base,
+        len)``)."""
+        n_old = np.maximum(count, 0)
+        fresh_from = np.where(count >= 0, np.maximum(kept_end, bases), bases)
+        max_live = int(live.max())
+        col = torch.arange(max_live, dtype=torch.int64, device=device).view(1, 1, -1)
+        cols = torch.from_numpy(np.stack([n_old, fresh_from, live])).to(device)
+        n_old_t, fresh_t, live_t = (c.view(-1, 1, 1) for c in cols)
+        fresh = torch.where(col < live_t, fresh_t + col - n_old_t, torch.full((), -1, dtype=torch.int64, device=device))
+        out = fresh.expand(-1, h, -1).contiguous()
+        k = min(int(n_old.max()), max_live)
+        if k and kp.kept is not None:
+            rows = torch.from_numpy(np.where(count >= 0, slots, 0)).to(device)  # fresh rows read none
+            old = kp.kept.index_select(0, rows)[:, :, :k].long()
+            out[:, :, :k] = torch.where(col[..., :k] < n_old_t, old, out[:, :, :k])
+        return out
 
     def _ring_queries(self, win: _Windows, layer: int, key_cache: torch.Tensor):
         """The ring rows of the plan's due requests, oldest first: ``(queries [due, rows, Hq, D], counts
@@ -962,18 +1022,6 @@ class EvictionEngine:
         if plan.rng_keys is not None:
             return int(plan.rng_keys[row])
         return int(plan.serials[row])
-
-    def _positions(self, s: _LayerState, start: int, end: int, h: int, device=None) -> torch.Tensor:
-        """Original positions ``[H, live]`` (int64, on ``device``, default the kept positions' own or
-        the CPU) of the live entries of each KV head: those kept at the last eviction, then
-        ``[max(positions_end, start), end)``."""
-        if device is None:
-            device = s.positions.device if s.positions is not None else "cpu"
-        fresh_from = max(s.positions_end, start) if s.positions is not None else start
-        fresh = torch.arange(fresh_from, end, dtype=torch.int64, device=device).expand(h, -1)
-        if s.positions is None:
-            return fresh.contiguous()
-        return torch.cat([s.positions.to(device), fresh], dim=1)
 
     def _layer_weights(self, layer: int, h: int, group: int, d: int, device) -> Any:
         """The scorer weights of ``layer`` on ``device`` (checked against the model's shape once)."""
