@@ -14,14 +14,16 @@ A preempted request (V1: it leaves the batch and is recomputed from scratch when
 state until its anchor block is reused or it resumes as a new request: vLLM tells the V1 runner
 nothing at preemption, and at resumption its old blocks may already belong to another request."""
 
+import functools
 import threading
 from typing import Any, Iterable, List
 
 import numpy as np
 
 _lock = threading.Lock()
-#: Attribute marking vLLM's original ``_update_states`` on the wrapper (install is idempotent).
-_ORIGINAL = "_foresightkv_original"
+#: Attribute holding vLLM's original ``_update_states`` on the wrapper (``functools.wraps``'s; install
+#: is idempotent).
+_ORIGINAL = "__wrapped__"
 
 
 def foresightkv_builders(runner) -> List[Any]:
@@ -73,16 +75,13 @@ def release_finished(runner, req_ids: Iterable[str]) -> int:
 def _wrap(original):
     """``GPUModelRunner._update_states`` releasing the finished requests' state first."""
 
+    @functools.wraps(original)
     def _update_states(self, scheduler_output, *args, **kwargs):
         finished = getattr(scheduler_output, "finished_req_ids", None)
         if finished:
             release_finished(self, finished)
         return original(self, scheduler_output, *args, **kwargs)
 
-    setattr(_update_states, _ORIGINAL, original)
-    _update_states.__doc__ = (original.__doc__ or "") + "\n(foresightkv: releases finished requests' state first.)"
-    _update_states.__name__ = original.__name__
-    _update_states.__qualname__ = original.__qualname__
     return _update_states
 
 
