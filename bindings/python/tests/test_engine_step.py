@@ -200,6 +200,41 @@ def test_reserve_sizes_the_rings_and_refuses_more_requests():
     ) == 0
 
 
+def test_adopted_rings_are_used_in_place_bounded_or_grown():
+    """``adopt_rings`` takes rings the caller allocated (vLLM: at model construction): the step
+    records its queries into those very tensors; bound, a forward past their slots is refused with
+    CapacityError; unbound (Model Runner V2), the ring grows past them on demand; a ring of the
+    wrong shape, dtype or device is refused naming both."""
+    cfg = EngineConfig(budget=16, interval=8, policy="h2o")
+    shape = (2, 8, HKV * G, D)
+
+    def step(engine, keys):
+        k, v = torch.randn(8, BS, HKV, D), torch.randn(8, BS, HKV, D)
+        plan = engine.begin_step([StepRequest(key, 4, 4, True) for key in keys])
+        tables = torch.arange(len(keys), dtype=torch.int32).view(-1, 1)
+        q = torch.randn(4 * len(keys), HKV * G, D)
+        engine.attend(plan, 0, q, k, v, tables, torch.empty_like(q), scale=0.25)
+        return q
+
+    rings = {0: torch.zeros(shape)}
+    engine = EvictionEngine(cfg, block_size=BS)
+    engine.adopt_rings(rings, max_requests=2, num_q_heads=HKV * G, head_dim=D, dtype=torch.float32, device="cpu")
+    q = step(engine, [0, 1])
+    assert engine._rings[0] is rings[0] and engine.reserved_bytes() == rings[0].numel() * 4
+    assert torch.equal(rings[0][1, :4], q[4:8])  # slot 1's first four queries, in place
+    with pytest.raises(fkv.CapacityError):
+        step(engine, [0, 1, 2])
+    free = EvictionEngine(cfg, block_size=BS)
+    free.adopt_rings({0: torch.zeros(shape)}, max_requests=2, num_q_heads=HKV * G, head_dim=D,
+                     dtype=torch.float32, device="cpu", bound=False)
+    step(free, [0, 1, 2])
+    assert free._rings[0].shape[0] >= 3
+    with pytest.raises(fkv.ShapeError, match=r"layer 0 is \(2, 8, 4, 16\) torch.float16 on cpu"):
+        EvictionEngine(cfg, block_size=BS).adopt_rings(
+            {0: torch.zeros(shape, dtype=torch.float16)}, max_requests=2, num_q_heads=HKV * G, head_dim=D,
+            dtype=torch.float32, device="cpu")
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_kept_positions_over_random_batched_steps(seed):
     """Many requests in one engine, random steps (new prompts of 1-40 tokens, decodes, releases,

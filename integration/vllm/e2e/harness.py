@@ -201,6 +201,18 @@ class Result:
     max_concurrent: int = 0
     #: requests foresightkv still holds state for once the runner has seen every finish (None: native)
     states_after: Optional[int] = None
+    #: most requests foresightkv held state for after any step (None: native)
+    max_states: Optional[int] = None
+    #: most requests foresightkv held state for after a step beyond those the step's scheduler output
+    #: scheduled (None: native; > 0: a finished, aborted or preempted request's state outlived the step
+    #: at which vLLM's runner learned of it)
+    max_unscheduled_states: Optional[int] = None
+    #: vLLM's bound on running requests (``max_num_seqs``)
+    max_running: int = 0
+    #: bytes of query rings the foresightkv engines took at start-up (allocated at model construction)
+    ring_bytes: int = 0
+    #: bytes of query rings the engines hold after the run (more than ``ring_bytes``: a ring grew)
+    ring_bytes_after: int = 0
 
 
 def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
@@ -214,7 +226,8 @@ def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
     sched = scheduler(llm)
     mgr = sched.kv_cache_manager
     pool = mgr.block_pool
-    res = Result(pool_blocks=pool.num_gpu_blocks - 1)
+    res = Result(pool_blocks=pool.num_gpu_blocks - 1, max_running=sched.max_num_running_reqs)
+    res.ring_bytes = ring_bytes(llm)
     orig_preempt = sched._preempt_request
 
     def counting(request, *a, **kw):
@@ -222,6 +235,15 @@ def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
         return orig_preempt(request, *a, **kw)
 
     sched._preempt_request = counting
+    orig_schedule = sched.schedule
+    scheduled = [0]
+
+    def recording(*a, **kw):
+        out = orig_schedule(*a, **kw)
+        scheduled[0] = len(out.num_scheduled_tokens)
+        return out
+
+    sched.schedule = recording
     pending = sorted(reqs, key=lambda r: r.arrive)
     computed: Dict[str, int] = {}
     aborts = {r.rid: r.abort_at for r in reqs if r.abort_at is not None}
@@ -261,6 +283,10 @@ def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
                         res.decode_blocks[rid] = max(res.decode_blocks.get(rid, 0), held)
                     computed[internal] = done
             res.max_concurrent = max(res.max_concurrent, len(sched.running))
+            held = foresightkv_states(llm)
+            if held is not None:
+                res.max_states = max(res.max_states or 0, held)
+                res.max_unscheduled_states = max(res.max_unscheduled_states or 0, held - scheduled[0])
             step += 1
             if step > max_steps:
                 raise AssertionError(f"the workload did not finish in {max_steps} steps")
@@ -271,9 +297,21 @@ def run(llm, reqs: Sequence[Req], *, max_steps: int = 100000) -> Result:
             eng.step()
     finally:
         sched._preempt_request = orig_preempt
+        sched.schedule = orig_schedule
     res.free_after = pool.get_num_free_blocks()
     res.states_after = foresightkv_states(llm)
+    res.ring_bytes_after = ring_bytes(llm, held=True)
     return res
+
+
+def ring_bytes(llm, held: bool = False) -> int:
+    """Bytes of the query rings the foresightkv engines of ``llm`` took at start-up (``held``: hold now)."""
+    from foresightkv_vllm.lifecycle import foresightkv_builders
+
+    builders = [b for _, b in foresightkv_builders(model_runner(llm))]
+    if held:
+        return sum(b.engine.reserved_bytes() - b.engine.stats_bytes() for b in builders)
+    return sum(b.ring_bytes for b in builders)
 
 
 def foresightkv_states(llm) -> Optional[int]:

@@ -53,8 +53,10 @@ def native(tiny_model):
 def check_invariants(res, ledger, reqs, *, max_blocks=None):
     """Every request generated all its tokens with finite logprobs, held at most ``max_blocks``
     blocks in decode, the pool is full again, the ledger saw no double free, and foresightkv holds
-    no request's state once the runner has seen every finish (a preempted request's state before
-    its recomputation may stay until its block is reused: ``foresightkv_vllm.lifecycle``)."""
+    no request's state once the runner has seen every finish, after each step none beyond the
+    requests that step scheduled, so never more than vLLM's bound on running requests (finished, aborted and preempted requests are released: ``foresightkv_vllm.
+    lifecycle``), the bound the query rings are sized by at model construction; the rings held
+    after the run are those taken at start-up."""
     for r in reqs:
         if r.abort_at is not None:
             continue
@@ -66,7 +68,11 @@ def check_invariants(res, ledger, reqs, *, max_blocks=None):
     assert ledger.errors == []
     assert ledger.allocated > 0 and ledger.freed == ledger.allocated
     if res.states_after is not None:
-        assert res.states_after <= res.preemptions, (res.states_after, res.preemptions)
+        assert res.states_after == 0, (res.states_after, res.preemptions)
+        assert res.max_states <= res.max_running, (res.max_states, res.max_running)
+        assert res.max_unscheduled_states <= 0, res.max_unscheduled_states
+        # the query rings were taken at start-up and never grew
+        assert res.ring_bytes_after == res.ring_bytes, (res.ring_bytes, res.ring_bytes_after)
 
 
 def test_native_reference_holds_whole_lengths(native):
@@ -175,6 +181,7 @@ def test_mixed_workload(tiny_model, ledger):
         shutdown(llm)
     assert res.finished["m2"] == "abort" and 0 < len(res.tokens["m2"]) < reqs[2].max_tokens
     assert res.preemptions > 0, "the small pool forced no preemption"
+    assert res.ring_bytes > 0  # tova evicts: every layer's query ring was taken at start-up
     check_invariants(res, ledger, reqs, max_blocks=math.ceil(W / BS) + 1)
 
 

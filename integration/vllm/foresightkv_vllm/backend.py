@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from foresightkv._native import NUM_STATS
-from foresightkv.engine import EvictionEngine, StepBatch, StepPlan, StepRequest, request_rng_key
+from foresightkv.engine import EvictionEngine, StepBatch, StepPlan, StepRequest, request_rng_key, ring_rows
 from foresightkv.errors import ConfigError, EvictionStateError
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -236,7 +236,7 @@ class RequestKeys:
     def release_anchored(self, blocks: np.ndarray, computed: int) -> int:
         """Releases the request whose key is anchored in ``blocks`` (a request's block table, in
         position order) at the block of its last token with more than ``computed`` tokens, looking
-        only at ``blocks[computed // block_size:]`` (``lifecycle.release_finished`` says why);
+        only at ``blocks[computed // block_size:]`` (``lifecycle.release_anchored`` says why);
         returns 1 when one was released, else 0."""
         first = max(int(computed), 0) // self.block_size
         tail, index = blocks[first:], np.arange(first, max(blocks.size, first))
@@ -302,8 +302,11 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
         #: layers' impls through the metadata; never shared with another vLLM engine of the process.
         self.engine = EvictionEngine(self.settings.engine, block_size=kv_cache_spec.block_size)
         self.keys = request_keys(self.engine, kv_cache_spec.block_size)
-        #: Whether vLLM's V1 runner releases finished requests' state (``lifecycle``).
-        self.releases_finished = lifecycle.install()
+        #: Whether vLLM's V1 runner releases finished, aborted and preempted requests' state (``lifecycle``;
+        #: not Model Runner V2, where a request's state goes when its block is reused).
+        self.releases_finished = lifecycle.install() and not getattr(vllm_config, "use_v2_model_runner", False)
+        #: Bytes of the layers' query rings this engine took (allocated at model construction).
+        self.ring_bytes = adopt_layer_rings(self.engine, vllm_config, layer_names, bound=self.releases_finished)
         per_block = stats_content_bytes(self.settings) * kv_cache_spec.block_size * self.settings.shape.num_kv_heads
         if per_block:
             blocks = getattr(vllm_config.cache_config, "num_gpu_blocks", None)
@@ -400,6 +403,43 @@ class ForesightKVMetadataBuilder(AttentionMetadataBuilder[ForesightKVMetadata]):
         return ForesightKVMetadata(plan=plan, block_table=table, token_index=token_index, **meta)
 
 
+def layer_rings(vllm_config, layer_names: List[str]) -> Dict[int, torch.Tensor]:
+    """Layer index -> the query ring its ``ForesightKVImpl`` allocated at model construction, for the
+    layers of ``layer_names`` that have one."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    out = {}
+    for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
+        ring = getattr(getattr(layer, "impl", None), "query_ring", None)
+        if isinstance(ring, torch.Tensor):
+            out[extract_layer_index(name)] = ring
+    return out
+
+
+def adopt_layer_rings(engine: EvictionEngine, vllm_config, layer_names: List[str], *, bound: bool) -> int:
+    """Hands ``engine`` the query rings of its layers (``layer_rings``) and returns their bytes (0 when
+    the layers have none). ``bound``: the requests holding state never exceed vLLM's
+    ``max_num_seqs`` because the runner releases every finished, aborted and preempted request
+    (``lifecycle``), so the engine refuses more (``CapacityError``) and never allocates past the
+    rings; otherwise (Model Runner V2) the rings are where they start and grow on demand."""
+    rings = layer_rings(vllm_config, layer_names)
+    if not rings:
+        return 0
+    first = next(iter(rings.values()))
+    engine.adopt_rings(rings, max_requests=first.shape[0], num_q_heads=first.shape[2], head_dim=first.shape[3],
+                       dtype=first.dtype, device=first.device, bound=bound)
+    total = sum(r.numel() * r.element_size() for r in rings.values())
+    logger.info(
+        "foresightkv: query rings reserved at model construction (inside vLLM's memory profile): %d bytes "
+        "(%.3f GiB) for %d layers x %d request slots x %d queries%s",
+        total, total / 2**30, len(rings), first.shape[0], first.shape[1],
+        "" if bound else " (Model Runner V2: grown past it on demand)",
+    )
+    return total
+
+
 def replace_rng(r: StepRequest) -> StepRequest:
     """``r`` with the request part of its victim RNG key set to ``VLLM_RNG_KEY``."""
     return StepRequest(r.key, r.seq_len, r.num_new, r.prefill, r.reset, r.prompt_len, VLLM_RNG_KEY)
@@ -447,6 +487,15 @@ class ForesightKVImpl(AttentionImpl[ForesightKVMetadata]):
         self.settings = plugin_config.settings_for_current_config()
         #: Query heads per KV head whose statistics the page packs (0: the page holds K/V only).
         self.stats_group = self.settings.shape.group if stats_content_bytes(self.settings) else 0
+        #: This layer's recent-query ring, ``[max_num_seqs, ring_rows(L), num_heads, head_size]`` in the
+        #: model dtype, allocated here: vLLM builds the model on its device before it profiles memory,
+        #: so the ring counts as model memory and the KV cache is sized around it
+        #: (``--gpu-memory-utilization`` holds). The builder hands it to the engine (``layer_rings``).
+        #: None for a policy that never evicts or when vLLM's request bound is unknown.
+        self.query_ring: Optional[torch.Tensor] = None
+        if self.stats_group and self.settings.max_requests:
+            shape = (self.settings.max_requests, ring_rows(self.settings.engine.interval), num_heads, head_size)
+            self.query_ring = torch.zeros(shape, dtype=self.settings.shape.dtype)
 
     def do_kv_cache_update(
         self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping

@@ -58,6 +58,9 @@ class PluginSettings:
     engine: EngineConfig
     block_size: int
     shape: ModelShape
+    #: vLLM's bound on running requests (``--max-num-seqs``), the request slots of the query rings
+    #: (0: not known)
+    max_requests: int = 0
 
     @property
     def window(self) -> int:
@@ -124,7 +127,10 @@ def load_settings(vllm_config: Any, *, env: Optional[Mapping[str, str]] = None) 
     if problems:
         raise ConfigError("foresightkv cannot serve this model: " + "; ".join(problems))
     assert engine is not None
-    return PluginSettings(engine=engine, block_size=block_size, shape=shape)
+    sched = getattr(vllm_config, "scheduler_config", None)
+    max_requests = getattr(sched, "max_num_seqs", 0)
+    max_requests = max_requests if isinstance(max_requests, int) and max_requests > 0 else 0
+    return PluginSettings(engine=engine, block_size=block_size, shape=shape, max_requests=max_requests)
 
 
 def _engine_problems(vllm_config: Any, shape: ModelShape, block_size: Optional[int]) -> List[str]:

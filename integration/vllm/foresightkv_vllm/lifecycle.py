@@ -1,18 +1,22 @@
 """Releases foresightkv's per-request state when vLLM's model runner drops a finished or aborted
-request, instead of when one of its blocks is next handed to another request (``RequestKeys``'
-fallback, which under a large, lightly used pool can keep a finished request's state for long).
+request, or learns that one was preempted, instead of when one of its blocks is next handed to another
+request (``RequestKeys``' fallback, which under a large, lightly used pool can keep a request's state
+for long).
 
 vLLM hands attention backends no request ids, but the V1 model runner (``GPUModelRunner``, and the
-CPU runner, its subclass) learns of every finished or aborted request from the scheduler
-(``SchedulerOutput.finished_req_ids``) at the start of the next step, while it still holds the
+CPU runner, its subclass) learns of every finished or aborted request (``SchedulerOutput.
+finished_req_ids``) and of every request preempted since the last step (``preempted_req_ids``, which
+vLLM 0.32's scheduler fills for every runner) at the start of the next step, while it still holds the
 request's block ids and computed-token count (``CachedRequestState``). ``install`` wraps
-``GPUModelRunner._update_states`` so that, before vLLM forgets them, each foresightkv builder of
-that runner releases the request anchored in the request's newest blocks (``release_finished``).
-Model Runner V2 keeps its block tables on the device and is not wrapped: there the fallback holds.
+``GPUModelRunner._update_states`` so that, before vLLM forgets them and before that step's forward
+writes anything, each foresightkv builder of that runner releases the request anchored in the
+request's newest blocks (``release_requests``).
 
-A preempted request (V1: it leaves the batch and is recomputed from scratch when resumed) keeps its
-state until its anchor block is reused or it resumes as a new request: vLLM tells the V1 runner
-nothing at preemption, and at resumption its old blocks may already belong to another request."""
+A preempted request is recomputed from scratch when it resumes (a new state then), and the runner
+keeps its old block ids, which vLLM freed at the preemption and may hand to other requests; so a
+request released at preemption is remembered until it resumes or finishes, and its finish releases
+nothing (its stale blocks may hold another request's anchor by then). Model Runner V2 keeps its
+block tables on the device and is not wrapped: there the fallback holds."""
 
 import functools
 import threading
@@ -24,6 +28,9 @@ _lock = threading.Lock()
 #: Attribute holding vLLM's original ``_update_states`` on the wrapper (``functools.wraps``'s; install
 #: is idempotent).
 _ORIGINAL = "__wrapped__"
+#: Attribute of a runner holding the ids of the requests released at their preemption that have not
+#: resumed or finished since.
+_PREEMPTED = "_foresightkv_preempted"
 
 
 def foresightkv_builders(runner) -> List[Any]:
@@ -39,9 +46,9 @@ def foresightkv_builders(runner) -> List[Any]:
     return out
 
 
-def release_finished(runner, req_ids: Iterable[str]) -> int:
+def release_anchored(runner, req_ids: Iterable[str]) -> int:
     """Releases, in every foresightkv builder of ``runner``, the state of each request of
-    ``req_ids`` that ``runner.requests`` still holds; returns the number released.
+    ``req_ids`` that ``runner.requests`` still holds, found by its blocks; returns the number released.
 
     The request's key is anchored in the block of its last written token, at block index
     ``(length - 1) // block_size`` of its own table, with ``length > num_computed_tokens`` (the
@@ -50,15 +57,13 @@ def release_finished(runner, req_ids: Iterable[str]) -> int:
     tokens when vLLM freed them, so no other request can be anchored there yet (an anchor is filed
     only when a step writes into a block), whereas vLLM's sliding-window manager may have handed
     the request's older blocks to others while the runner's copy of its table still lists them."""
+    req_ids = list(req_ids)
     requests = getattr(runner, "requests", None)
-    if not requests:
-        return 0
-    builders = foresightkv_builders(runner)
-    if not builders:
+    if not requests or not req_ids:
         return 0
     released = 0
     seen = set()
-    for gid, builder in builders:
+    for gid, builder in foresightkv_builders(runner):
         keys = builder.keys
         if id(keys) in seen:
             continue
@@ -72,14 +77,30 @@ def release_finished(runner, req_ids: Iterable[str]) -> int:
     return released
 
 
+def release_requests(runner, scheduler_output) -> int:
+    """Releases the state of the requests ``scheduler_output`` reports preempted or finished (the
+    finish of one released at its preemption and not resumed since releases nothing: its block ids
+    are stale); returns the number released. Called before vLLM's runner updates its states."""
+    preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+    finished = set(getattr(scheduler_output, "finished_req_ids", None) or ())
+    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+    resumed = set(getattr(cached, "resumed_req_ids", None) or ())
+    gone = runner.__dict__.setdefault(_PREEMPTED, set())
+    if not (preempted or finished or gone):
+        return 0
+    now = (preempted - gone) | (finished - gone - preempted)
+    released = release_anchored(runner, now)
+    gone |= preempted
+    gone -= finished | resumed
+    return released
+
+
 def _wrap(original):
-    """``GPUModelRunner._update_states`` releasing the finished requests' state first."""
+    """``GPUModelRunner._update_states`` releasing the preempted and finished requests' state first."""
 
     @functools.wraps(original)
     def _update_states(self, scheduler_output, *args, **kwargs):
-        finished = getattr(scheduler_output, "finished_req_ids", None)
-        if finished:
-            release_finished(self, finished)
+        release_requests(self, scheduler_output)
         return original(self, scheduler_output, *args, **kwargs)
 
     return _update_states

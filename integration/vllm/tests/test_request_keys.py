@@ -156,7 +156,7 @@ def test_a_row_written_without_the_backend_is_refused_and_changes_nothing():
 
 @pytest.mark.parametrize("seed", range(8))
 def test_a_finished_request_releases_its_own_state_and_no_other(seed):
-    """``release_anchored`` as ``lifecycle.release_finished`` calls it: the finished request's table
+    """``release_anchored`` as ``lifecycle.release_anchored`` calls it: the finished request's table
     as the runner holds it (every block ever appended, although a sliding window, W = 3 blocks here,
     gave its old blocks back to the pool, where other requests may now be anchored) and its computed
     count at the start of its last step, after the scheduler freed its blocks and handed some to

@@ -18,7 +18,7 @@ With ``protect_prompt`` the prompt (rounded up to a block) is never evicted: att
 Requires torch."""
 
 from .config import CONFIG_ENV, POLICIES, EngineConfig
-from .step import Advance, EvictionEngine, StepBatch, StepPlan, StepRequest, request_rng_key
+from .step import Advance, EvictionEngine, StepBatch, StepPlan, StepRequest, request_rng_key, ring_rows
 from .victims import EvictionBatch, choose_survivors
 
 __all__ = [
@@ -33,4 +33,5 @@ __all__ = [
     "StepRequest",
     "choose_survivors",
     "request_rng_key",
+    "ring_rows",
 ]

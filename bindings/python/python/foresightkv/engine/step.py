@@ -25,7 +25,7 @@ and passes the kernels the host mirrors, so it does not wait for the device."""
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -592,21 +592,46 @@ class EvictionEngine:
         if int(num_q_heads) <= 0 or int(head_dim) <= 0:
             raise ConfigError(f"num_q_heads and head_dim must be positive, got {num_q_heads} and {head_dim}")
         layer_ids = list(range(int(layers))) if isinstance(layers, int) else [int(x) for x in layers]
-        self._planner.set_max_slots(int(max_requests))
-        self._reserved = {
-            "slots": int(max_requests),
-            "shape": (self.ring, int(num_q_heads), int(head_dim)),
-            "dtype": dtype,
-            "device": torch.device(device),
+        shape = (int(max_requests), self.ring, int(num_q_heads), int(head_dim))
+        rings = {} if not self.policy.evicts else {
+            layer: torch.zeros(shape, dtype=dtype, device=device) for layer in layer_ids
         }
-        if not self.policy.evicts:
-            return 0
-        total = 0
-        for layer in layer_ids:
-            ring = torch.zeros((int(max_requests), self.ring, int(num_q_heads), int(head_dim)), dtype=dtype, device=device)
-            self._rings[layer] = ring
-            total += ring.numel() * ring.element_size()
-        return total
+        self.adopt_rings(rings, max_requests=int(max_requests), num_q_heads=int(num_q_heads),
+                         head_dim=int(head_dim), dtype=dtype, device=device)
+        return sum(r.numel() * r.element_size() for r in rings.values())
+
+    def adopt_rings(
+        self,
+        rings: Mapping[int, torch.Tensor],
+        *,
+        max_requests: int,
+        num_q_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: Any,
+        bound: bool = True,
+    ) -> None:
+        """Takes ``rings`` (layer -> ``[max_requests, ring_rows(L), num_q_heads, head_dim]`` of ``dtype`` on
+        ``device``), allocated by the caller where its engine counts them (vLLM: at model construction,
+        inside ``--gpu-memory-utilization``), as the layers' query rings, and bounds the requests holding
+        state to ``max_requests`` (a forward past it raises ``CapacityError``), as ``reserve`` does;
+        ``bound=False``: no bound, the rings grow past ``max_requests`` slots on demand."""
+        shape = (int(max_requests), self.ring, int(num_q_heads), int(head_dim))
+        if shape[0] <= 0:
+            raise ConfigError(f"max_requests must be positive, got {max_requests}")
+        want = torch.device(device)
+        for layer, ring in rings.items():
+            here = ring.device
+            same = here.type == want.type and (want.index is None or here.index == want.index)
+            if tuple(ring.shape) != shape or ring.dtype != dtype or not same:
+                raise ShapeError(
+                    f"the query ring of layer {layer} is {tuple(ring.shape)} {ring.dtype} on {ring.device}; "
+                    f"this engine needs {shape} {dtype} on {torch.device(device)}"
+                )
+        if bound:
+            self._planner.set_max_slots(shape[0])
+            self._reserved = {"slots": shape[0], "shape": shape[1:], "dtype": dtype, "device": want}
+        self._rings = dict(rings) if self.policy.evicts else {}
 
     def reserved_bytes(self) -> int:
         """Bytes of the query rings and statistics buffers allocated so far (all layers)."""
