@@ -54,9 +54,9 @@ def check_invariants(res, ledger, reqs, *, max_blocks=None):
     """Every request generated all its tokens with finite logprobs, held at most ``max_blocks``
     blocks in decode, the pool is full again, the ledger saw no double free, and foresightkv holds
     no request's state once the runner has seen every finish, after each step none beyond the
-    requests that step scheduled, so never more than vLLM's bound on running requests (finished, aborted and preempted requests are released: ``foresightkv_vllm.
-    lifecycle``), the bound the query rings are sized by at model construction; the rings held
-    after the run are those taken at start-up."""
+    requests that step scheduled (finished, aborted and preempted requests are released:
+    ``foresightkv_vllm.lifecycle``), so never more than vLLM's bound on running requests, which sizes
+    the query rings at model construction; the rings held after the run are those taken at start-up."""
     for r in reqs:
         if r.abort_at is not None:
             continue

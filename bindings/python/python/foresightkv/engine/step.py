@@ -626,7 +626,7 @@ class EvictionEngine:
             if tuple(ring.shape) != shape or ring.dtype != dtype or not same:
                 raise ShapeError(
                     f"the query ring of layer {layer} is {tuple(ring.shape)} {ring.dtype} on {ring.device}; "
-                    f"this engine needs {shape} {dtype} on {torch.device(device)}"
+                    f"this engine needs {shape} {dtype} on {want}"
                 )
         if bound:
             self._planner.set_max_slots(shape[0])
