@@ -186,3 +186,60 @@ def test_window_stats_streaming_fold_cuda_is_one_call(mode):
     torch.cuda.synchronize()
     assert torch.equal(streamed.cpu(), one.cpu())
     assert torch.allclose(one.cpu(), cpu, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "random", "foresight_topl", "foresight_sample"])
+@pytest.mark.parametrize("protect", [False, True])
+def test_engine_step_on_cuda_keeps_what_the_cpu_step_keeps(name, protect, tmp_path):
+    """The engine step (``EvictionEngine``: chunked prefill, decode, query rings, statistics, scorer,
+    victim choice, compaction) on CUDA tensors against the same step on the CPU: a prompt in three
+    chunks on the GPU against one chunk on the CPU, then decode steps with several evictions; the kept
+    positions equal after every step, the outputs and statistics agree to float32 accumulation order."""
+    from test_engine_step import Rig, _config
+
+    prompt, decode, d = 45, 64, 64
+    cfg = _config(name, tmp_path, head_dim=d, protect_prompt=protect)
+    cpu = Rig(cfg, prompt + decode, seed=7, head_dim=d)
+    gpu = Rig(cfg, prompt + decode, seed=7, head_dim=d, device="cuda")
+    out_c = cpu.step(prompt, True, prompt_len=prompt)
+    out_g = torch.cat(
+        [gpu.step(20, True, prompt_len=prompt), gpu.step(13, True, prompt_len=prompt), gpu.step(12, True)], dim=1
+    )
+    torch.cuda.synchronize()
+    assert torch.allclose(out_g.cpu(), out_c, atol=1e-4, rtol=1e-4)
+    for step in range(decode):
+        a, b = cpu.step(1, False), gpu.step(1, False)
+        torch.cuda.synchronize()
+        assert torch.allclose(b.cpu(), a, atol=1e-4, rtol=1e-4), step
+        for layer, (kc, kg) in enumerate(zip(cpu.kept(), gpu.kept())):
+            assert torch.equal(kg.cpu(), kc), (step, layer)
+    assert cpu.engine.evictions(0) >= 3 and gpu.engine.evictions(0) == cpu.engine.evictions(0)
+    for sc, sg in zip(cpu.stats, gpu.stats):
+        assert torch.allclose(sg.cpu(), sc, atol=1e-4, rtol=1e-4)
+
+
+def test_train_command_runs_unchanged_on_cuda(tmp_path):
+    """``foresightkv train --device cuda`` (the scorer's supervised and GRPO stages on the GPU) on the
+    tiny random Llama of the CPU pipeline test: it finishes, and the scorer it saves loads and fits."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    from test_train_pipeline import tiny_model_dir, tiny_traces
+
+    model_dir, model = tiny_model_dir(tmp_path)
+    traces = tiny_traces(tmp_path, model)
+    out, work = tmp_path / "scorer", tmp_path / "work"
+    cmd = [
+        sys.executable, "-m", "foresightkv", "train", "--model", str(model_dir), "--out", str(out), "--work", str(work),
+        "--traces", str(traces / "train.safetensors"), "--budgets", "32,48", "--interval", "8", "--label-evictions", "3",
+        "--sl-steps", "12", "--sl-batch", "2", "--rl-steps", "2", "--rl-traces", "1", "--group", "3", "--eval-count", "2",
+        "--threads", "4", "--quiet", "--device", "cuda",
+    ]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    fkv.ScorerCheckpoint.load(out).check_model(2, 2, 2, 8)
+    info = json.loads((out / "training.json").read_text())
+    assert info["stage"] == "rl"
+    assert all(v > 0 for v in info["eval"]["loss_ratio"]["heldout/all"]["32"].values())

@@ -15,8 +15,8 @@ HKV, G, D, BS = 2, 2, 16, 4
 LAYERS = 2
 
 
-def _checkpoint_config(tmp_path, **kw):
-    ck = fkv.ScorerCheckpoint.random(LAYERS, HKV, G, D, kw.get("budget", 16), kw.get("interval", 8), seed=3)
+def _checkpoint_config(tmp_path, head_dim=D, **kw):
+    ck = fkv.ScorerCheckpoint.random(LAYERS, HKV, G, head_dim, kw.get("budget", 16), kw.get("interval", 8), seed=3)
     path = tmp_path / "ck"
     ck.save(path)
     return EngineConfig(policy="foresight", checkpoint=str(path), **kw)
@@ -24,20 +24,24 @@ def _checkpoint_config(tmp_path, **kw):
 
 class Rig:
     """One request through an engine over a paged cache of block size ``BS``, with K, V and queries
-    of every position fixed in advance (so two rigs given the same tensors see the same model)."""
+    of every position fixed in advance (so two rigs given the same tensors see the same model), on
+    ``device`` (the tensors are drawn on the CPU, then moved: a CUDA rig sees a CPU rig's model)."""
 
-    def __init__(self, config, total, seed=0, ring=None):
+    def __init__(self, config, total, seed=0, ring=None, device="cpu", head_dim=D):
         self.engine = EvictionEngine(config, block_size=BS)
         if ring is not None:
             self.engine.ring = ring
         gen = torch.Generator().manual_seed(seed)
-        self.q = torch.randn(total, HKV * G, D, generator=gen)
-        self.k = torch.randn(LAYERS, total, HKV, D, generator=gen)
-        self.v = torch.randn(LAYERS, total, HKV, D, generator=gen)
+        d, self.device = head_dim, device
+        self.q = torch.randn(total, HKV * G, d, generator=gen).to(device)
+        self.k = torch.randn(LAYERS, total, HKV, d, generator=gen).to(device)
+        self.v = torch.randn(LAYERS, total, HKV, d, generator=gen).to(device)
         nb = -(-total // BS) + 2
-        self.caches = [(torch.zeros(nb, BS, HKV, D), torch.zeros(nb, BS, HKV, D)) for _ in range(LAYERS)]
-        self.table = torch.arange(nb, dtype=torch.int32).view(1, nb)
-        self.stats = [torch.zeros(nb, BS, HKV, G, 8) for _ in range(LAYERS)]
+        self.caches = [
+            (torch.zeros(nb, BS, HKV, d, device=device), torch.zeros(nb, BS, HKV, d, device=device)) for _ in range(LAYERS)
+        ]
+        self.table = torch.arange(nb, dtype=torch.int32, device=device).view(1, nb)
+        self.stats = [torch.zeros(nb, BS, HKV, G, 8, device=device) for _ in range(LAYERS)]
         self.len = 0
 
     def step(self, n, prefill, prompt_len=None):
@@ -48,9 +52,10 @@ class Rig:
         for layer in range(LAYERS):
             kc, vc = self.caches[layer]
             fkv.reshape_and_cache(
-                self.k[layer, s:e].contiguous(), self.v[layer, s:e].contiguous(), kc, vc, torch.arange(s, e)
+                self.k[layer, s:e].contiguous(), self.v[layer, s:e].contiguous(), kc, vc,
+                torch.arange(s, e, device=self.device),
             )
-            out = torch.empty(n, HKV * G, D)
+            out = torch.empty(n, HKV * G, self.q.shape[-1], device=self.device)
             self.engine.attend(
                 plan, layer, self.q[s:e].contiguous(), kc, vc, self.table, out, scale=0.25, stats=self.stats[layer]
             )
@@ -69,9 +74,11 @@ POLICY_CONFIGS = {
 }
 
 
-def _config(name, tmp_path, **kw):
+def _config(name, tmp_path, head_dim=D, **kw):
     if name.startswith("foresight"):
-        return _checkpoint_config(tmp_path, budget=16, interval=8, sample=name == "foresight_sample", **kw)
+        return _checkpoint_config(
+            tmp_path, head_dim=head_dim, budget=16, interval=8, sample=name == "foresight_sample", **kw
+        )
     return EngineConfig(budget=16, interval=8, **POLICY_CONFIGS[name], **kw)
 
 
