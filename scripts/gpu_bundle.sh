@@ -16,8 +16,8 @@ mkdir -p "$DIR/bin" "$DIR/tests" "$DIR/wheel"
 
 cargo build --release --bin foresightkv >&2
 cp "$CARGO_TARGET_DIR/release/foresightkv" "$DIR/bin/"
-"$DIR/bin/foresightkv" info | grep -q '^kernels:  embedded' \
-  || { echo "gpu_bundle: the binary has no kernels (nvcc missing?): $("$DIR/bin/foresightkv" info)" >&2; exit 1; }
+info="$("$DIR/bin/foresightkv" info)"
+grep -q '^kernels:  embedded' <<< "$info" || { echo "gpu_bundle: the binary has no kernels (nvcc missing?): $info" >&2; exit 1; }
 cargo test --release --no-run --message-format=json \
     --test cuda_kernels --test cuda_sampling --test reshape_and_cache 2>/dev/null \
   | python3 -c '
