@@ -4,7 +4,8 @@
 #   1. the Rust GPU tests (`#[ignore = "needs a CUDA GPU"]`) with `cargo test -- --ignored`;
 #   2. the Python package's CUDA tests (bindings/python/tests/test_cuda.py), none may skip;
 #   3. `foresightkv bench-kernels` (decode bandwidth, eviction-step share), table and JSON;
-#   4. bench/engine_step_gpu.py (the engine decode step with evictions, against full-cache attention);
+#   4. bench/engine_step_gpu.py (the engine decode step with evictions, against full-cache attention)
+#      and bench/torch_sdpa.py (the decode kernel against PyTorch SDPA on contiguous K/V);
 #   5. compute-sanitizer memcheck and racecheck over the kernel test binaries' GPU tests.
 #
 # Everything it prints goes to bench/results/gpu/ (one log per step, plus summary.txt with the
@@ -129,6 +130,12 @@ engine_bench() {
   "${FKV_PY[@]}" bench/engine_step_gpu.py --batch 16 --json "$OUT/engine_step_gpu_b16.json" || return 1
 }
 step "engine step on the GPU (bench/engine_step_gpu.py)" "$OUT/engine_step_gpu.txt" engine_bench
+sdpa_bench() { # PyTorch SDPA on contiguous K/V against the paged decode kernel, same grid
+  [ "${#FKV_PY[@]}" -gt 0 ] || { echo "the Python step did not build the package"; return 1; }
+  "${FKV_PY[@]}" bench/torch_sdpa.py --bin "$BIN" --batches 1,32,256 --lives 1024,8192,32768 \
+    --json "$OUT/torch_sdpa.json"
+}
+step "decode attention against torch SDPA (bench/torch_sdpa.py)" "$OUT/torch_sdpa.txt" sdpa_bench
 
 # 5. compute-sanitizer over the kernel test binaries' GPU tests (few proptest cases: the sanitizer
 #    slows kernels down by orders of magnitude).
