@@ -234,13 +234,9 @@ impl<'py> Windows<'py> {
         all
     }
 
-    /// The windows as plain numbers with their host copies, for the op.
-    fn host(&self) -> PyResult<HostWindows> {
-        self.host_with(None, None)
-    }
-
-    /// [`Self::host`] with the host copies the caller keeps (`seq_lens_host`, `live_starts_host`:
-    /// CPU int32 tensors equal to the device arrays), read instead of the device arrays.
+    /// The windows as plain numbers with their host copies, for the op: the copies the caller keeps
+    /// (`seq_lens_host`, `live_starts_host`: CPU int32 tensors equal to the device arrays) where
+    /// given, else read from the device arrays (which waits for the device).
     fn host_with(
         &self,
         seq_lens_host: Option<&Bound<'py, PyAny>>,
@@ -536,11 +532,14 @@ py_fn! {
     ///
     /// Weights (float32, contiguous): `w1` `[num_kv_heads, 16, 2 * head_dim + 8 * group_size]`, `b1`
     /// `[num_kv_heads, 16]`, `w2` `[num_kv_heads, 16]`, `b2` `[num_kv_heads]`; `scores`: float32
-    /// `[num_seqs, num_kv_heads, max_live]` (written; slots past a live window untouched).
+    /// `[num_seqs, num_kv_heads, max_live]` (written; slots past a live window untouched);
+    /// `seq_lens_host`, `live_starts_host` as in `paged_attention_decode`.
     #[pyfunction]
+    #[pyo3(signature = (key_cache, value_cache, block_tables, seq_lens, live_starts, stats, w1, b1, w2, b2, scores, *, seq_lens_host = None, live_starts_host = None))]
     pub fn scorer_mlp(
         py;
         key_cache, value_cache, block_tables, seq_lens, live_starts, stats, w1, b1, w2, b2, scores,
+        seq_lens_host?, live_starts_host?,
     ) -> PyResult<()> {
         let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
         let sc = slot_matrix("scores", scores, ElemType::F32)?;
@@ -573,7 +572,7 @@ py_fn! {
             w2: buf(&weights[2]),
             b2: buf(&weights[3]),
         };
-        let (hw, max_live) = (w.host()?, sc.shape[2]);
+        let (hw, max_live) = (w.host_with(seq_lens_host, live_starts_host)?, sc.shape[2]);
         let (dtype, c, stb, scb) = (
             cache_dtype(&kc)?,
             cache(&kc, &vc, relation),
@@ -650,25 +649,38 @@ impl<'py> Selection<'py> {
     }
 
     /// Checks these tensors and the call's `extra` ones (read) for one device and `survivors` (the
-    /// one written, see [`launch_place`]); then reads the host copies of the lengths.
+    /// one written, see [`launch_place`]); then reads the host copies of the lengths (from the
+    /// caller's host mirrors where given: no device read).
     fn launch(
         &self,
         py: Python<'_>,
         func: &str,
         extra: &[&Tensor<'py>],
+        mirrors: HostMirrors<'_, 'py>,
     ) -> PyResult<HostSelection> {
         let mut all = self.tensors();
         all.extend(extra.iter().copied());
         let at = launch_place(py, func, &all, &[&self.survivors], None)?;
         Ok(HostSelection {
             at,
-            windows: self.windows.host()?,
-            evict: host_i32(&self.num_evict)?,
+            windows: self
+                .windows
+                .host_with(mirrors.seq_lens, mirrors.live_starts)?,
+            evict: host_or_mirror(&self.num_evict, mirrors.num_evict)?,
             scores: buf(&self.scores),
             num_evict: buf(&self.num_evict),
             survivors: buf(&self.survivors),
         })
     }
+}
+
+/// The optional CPU int32 copies of `seq_lens`, `live_starts` and `num_evict` a caller keeps (the
+/// engine step's plan has them), read instead of the device arrays.
+#[derive(Clone, Copy, Default)]
+struct HostMirrors<'a, 'py> {
+    seq_lens: Option<&'a Bound<'py, PyAny>>,
+    live_starts: Option<&'a Bound<'py, PyAny>>,
+    num_evict: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// [`Selection`] without the GIL: where it runs, its buffers, the host copies of its lengths.
@@ -687,11 +699,14 @@ py_fn! {
     ///
     /// `scores`: float32 `[num_seqs, num_kv_heads, max_live]`; `survivors`: int32, same shape
     /// (written); `num_evict`: int32 `[num_seqs]`; the newest `num_protected` slots are never evicted.
+    /// `seq_lens_host`, `live_starts_host`, `num_evict_host`: optional CPU int32 copies the caller
+    /// keeps equal to them (read instead of the device arrays, which waits for the device).
     #[pyfunction]
-    #[pyo3(signature = (seq_lens, live_starts, scores, num_evict, survivors, num_protected = None))]
+    #[pyo3(signature = (seq_lens, live_starts, scores, num_evict, survivors, num_protected = None, *, seq_lens_host = None, live_starts_host = None, num_evict_host = None))]
     pub fn select_survivors(
         py;
         seq_lens, live_starts, scores, num_evict, survivors, num_protected?,
+        seq_lens_host?, live_starts_host?, num_evict_host?,
     ) -> PyResult<()> {
         let s = Selection::extract(
             seq_lens,
@@ -701,7 +716,12 @@ py_fn! {
             survivors,
             num_protected,
         )?;
-        let (h, args) = (s.launch(py, F, &[])?, s.args);
+        let mirrors = HostMirrors {
+            seq_lens: seq_lens_host,
+            live_starts: live_starts_host,
+            num_evict: num_evict_host,
+        };
+        let (h, args) = (s.launch(py, F, &[], mirrors)?, s.args);
         detached(py, F, op_error, move || {
             // SAFETY: as in paged_attention_decode; `survivors` overlaps nothing.
             unsafe {
@@ -729,11 +749,11 @@ py_fn! {
     /// As `select_survivors`, plus `requests` and `evictions`: int32 `[num_seqs]` (read as unsigned
     /// 32-bit), `layer` below 65536, `temperature` positive (default 1.0).
     #[pyfunction]
-    #[pyo3(signature = (seq_lens, live_starts, scores, num_evict, requests, evictions, survivors, *, layer, seed, temperature = None, num_protected = None))]
+    #[pyo3(signature = (seq_lens, live_starts, scores, num_evict, requests, evictions, survivors, *, layer, seed, temperature = None, num_protected = None, seq_lens_host = None, live_starts_host = None, num_evict_host = None))]
     pub fn sample_survivors(
         py;
         seq_lens, live_starts, scores, num_evict, requests, evictions, survivors, layer, seed,
-        temperature?, num_protected?,
+        temperature?, num_protected?, seq_lens_host?, live_starts_host?, num_evict_host?,
     ) -> PyResult<()> {
         let s = Selection::extract(
             seq_lens,
@@ -752,7 +772,12 @@ py_fn! {
             seed: args::int::<u64>("seed", seed, "[0, 2^64)")?,
             temperature: args::opt_float("temperature", temperature)?.unwrap_or(1.0) as f32,
         };
-        let (h, rqb, evb) = (s.launch(py, F, &[&rq, &ev])?, buf(&rq), buf(&ev));
+        let mirrors = HostMirrors {
+            seq_lens: seq_lens_host,
+            live_starts: live_starts_host,
+            num_evict: num_evict_host,
+        };
+        let (h, rqb, evb) = (s.launch(py, F, &[&rq, &ev], mirrors)?, buf(&rq), buf(&ev));
         detached(py, F, op_error, move || {
             // SAFETY: as in paged_attention_decode; int32 `requests` / `evictions` are read as the
             // u32 the op takes (same size, any bit pattern valid); `survivors` overlaps nothing.
@@ -779,12 +804,14 @@ py_fn! {
     ///
     /// `survivors`: int32 `[num_seqs, num_kv_heads, max_live]` (strictly ascending live slots first);
     /// `num_evict`: int32 `[num_seqs]`, multiples of the block size. `key_cache`/`value_cache` are
-    /// separate tensors, or the K and V halves of one fused `[..., 2 * head_dim]` tensor.
+    /// separate tensors, or the K and V halves of one fused `[..., 2 * head_dim]` tensor;
+    /// `*_host` as in `select_survivors`.
     #[pyfunction]
-    #[pyo3(signature = (key_cache, value_cache, block_tables, seq_lens, live_starts, num_evict, survivors, stats = None))]
+    #[pyo3(signature = (key_cache, value_cache, block_tables, seq_lens, live_starts, num_evict, survivors, stats = None, *, seq_lens_host = None, live_starts_host = None, num_evict_host = None))]
     pub fn compact(
         py;
         key_cache, value_cache, block_tables, seq_lens, live_starts, num_evict, survivors, stats?,
+        seq_lens_host?, live_starts_host?, num_evict_host?,
     ) -> PyResult<()> {
         let (kc, vc, kv, relation) = cache_pair(key_cache, value_cache)?;
         let sv = slot_matrix("survivors", survivors, ElemType::I32)?;
@@ -800,7 +827,11 @@ py_fn! {
         outputs.extend(st.as_ref().map(|(s, _)| s));
         let at = launch_place(py, F, &all, &outputs, fused_pair(&kc, &vc, relation))?;
         let (dtype, c) = (cache_dtype(&kc)?, cache(&kc, &vc, relation));
-        let (hw, evict, max_live) = (w.host()?, host_i32(&ne)?, sv.shape[2]);
+        let (hw, evict, max_live) = (
+            w.host_with(seq_lens_host, live_starts_host)?,
+            host_or_mirror(&ne, num_evict_host)?,
+            sv.shape[2],
+        );
         let (neb, svb) = (buf(&ne), buf(&sv));
         let stb = st.as_ref().map(|(s, l)| (*l, buf(s)));
         detached(py, F, op_error, move || {

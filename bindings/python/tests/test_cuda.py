@@ -243,3 +243,50 @@ def test_train_command_runs_unchanged_on_cuda(tmp_path):
     info = json.loads((out / "training.json").read_text())
     assert info["stage"] == "rl"
     assert all(v > 0 for v in info["eval"]["loss_ratio"]["heldout/all"]["32"].values())
+
+
+@pytest.mark.parametrize("name", ["h2o", "random", "foresight_sample"])
+def test_engine_step_queues_no_blocking_transfer(name, tmp_path):
+    """A decode step with an eviction due, on CUDA, makes the host wait for the GPU nowhere: every
+    host-to-device copy is from pinned memory and non-blocking, and nothing is read back (no
+    ``.item()``, ``nonzero`` or device-to-host copy) — so the eviction's kernels queue behind the
+    forward's instead of draining the stream once per copy and layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from test_engine_step import Rig, _config
+
+    class Blocking(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            op = str(func.overloadpacket.__name__)
+            src = args[1] if op == "copy_" else args[0] if args else None
+            out = func(*args, **kwargs)
+            if op in ("_to_copy", "copy_") and isinstance(src, torch.Tensor):
+                dst = args[0] if op == "copy_" else out
+                if src.device.type == "cpu" and dst.device.type == "cuda":
+                    if not (src.is_pinned() and (kwargs.get("non_blocking") or (op == "copy_" and len(args) > 2 and args[2]))):
+                        self.seen.append(f"blocking {op} host->device {tuple(src.shape)}")
+                elif src.device.type == "cuda" and dst.device.type == "cpu":
+                    self.seen.append(f"{op} device->host {tuple(src.shape)}")
+            elif op in ("_local_scalar_dense", "nonzero", "masked_select"):
+                if any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args):
+                    self.seen.append(op)
+            return out
+
+    rig = Rig(_config(name, tmp_path, head_dim=64), 45 + 64, seed=3, head_dim=64, device="cuda")
+    rig.step(45, True, prompt_len=45)
+    checked = 0
+    for _ in range(64):
+        before = rig.engine.evictions(0)
+        mode = Blocking()
+        with mode:
+            rig.step(1, False)
+        torch.cuda.synchronize()
+        if rig.engine.evictions(0) > before:
+            assert mode.seen == [], mode.seen
+            checked += 1
+    assert checked >= 3

@@ -262,6 +262,10 @@ def test_kept_positions_over_random_batched_steps(seed):
 
     def hook(batch):
         out = torch.zeros(tuple(batch.positions.shape), dtype=torch.int32)
+        # the host mirrors the kernels read instead of the device arrays are those arrays
+        assert torch.equal(batch.seq_lens_host, batch.seq_lens.cpu())
+        assert torch.equal(batch.live_starts_host, batch.live_starts.cpu())
+        assert batch.num_evict_host == batch.num_evict.tolist()
         for j, key in enumerate(batch.keys):
             live, end = batch.live[j], batch.lengths[j]
             kept = ref.get((key, batch.layer))

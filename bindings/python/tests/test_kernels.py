@@ -338,3 +338,34 @@ def test_sample_survivors_rejects_bad_keys_with_the_value():
         fkv.sample_survivors(*args, layer=0, seed=0, temperature=-1.0)
     with pytest.raises(fkv.ShapeError, match="requests"):
         fkv.sample_survivors(lens, starts, *args[2:4], torch.zeros(2, dtype=torch.int32), *args[5:], layer=0, seed=0)
+
+
+def test_host_mirrors_are_read_instead_of_the_device_arrays():
+    """``scorer_mlp``, ``select_survivors``, ``sample_survivors`` and ``compact`` take the CPU int32
+    copies of ``seq_lens`` / ``live_starts`` / ``num_evict`` the engine step keeps (so on CUDA they
+    read nothing back): given equal mirrors each writes what it writes without them; a mirror of the
+    wrong length or dtype is refused naming it."""
+    from test_cuda import eviction_case
+
+    c = eviction_case(torch.float16, 5)
+    host = dict(seq_lens_host=c["sl"].clone(), live_starts_host=c["ls"].clone())
+    evict = torch.tensor([32, 16, 16], dtype=torch.int32)
+    sel_host = dict(host, num_evict_host=evict.clone())
+    outs = []
+    for kw_w, kw_s in (({}, {}), (host, sel_host)):
+        kc, vc, stats = c["kc"].clone(), c["vc"].clone(), c["stats"].clone()
+        scores = torch.zeros(3, 2, 200)
+        fkv.scorer_mlp(kc, vc, c["bt"], c["sl"], c["ls"], stats, *c["w"], scores, **kw_w)
+        top = torch.zeros(3, 2, 200, dtype=torch.int32)
+        fkv.select_survivors(c["sl"], c["ls"], scores, evict, top, num_protected=16, **kw_s)
+        drawn = torch.zeros(3, 2, 200, dtype=torch.int32)
+        i32 = torch.tensor([1, 2, 3], dtype=torch.int32)
+        fkv.sample_survivors(c["sl"], c["ls"], scores, evict, i32, i32, drawn, layer=1, seed=4, num_protected=16, **kw_s)
+        fkv.compact(kc, vc, c["bt"], c["sl"], c["ls"], evict, top, stats, **kw_s)
+        outs.append((scores, top, drawn, kc, vc, stats))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    with pytest.raises(fkv.ShapeError, match="num_evict_host"):
+        fkv.select_survivors(c["sl"], c["ls"], outs[0][0], evict, top, num_evict_host=evict[:2])
+    with pytest.raises(fkv.DTypeError, match="seq_lens_host"):
+        fkv.compact(kc, vc, c["bt"], c["sl"], c["ls"], evict, top, seq_lens_host=c["sl"].long())

@@ -325,6 +325,9 @@ def scorer_mlp(
     w2: TensorLike,
     b2: TensorLike,
     scores: TensorLike,
+    *,
+    seq_lens_host: Optional[TensorLike] = None,
+    live_starts_host: Optional[TensorLike] = None,
 ) -> None: ...
 def select_survivors(
     seq_lens: TensorLike,
@@ -333,6 +336,10 @@ def select_survivors(
     num_evict: TensorLike,
     survivors: TensorLike,
     num_protected: Optional[int] = None,
+    *,
+    seq_lens_host: Optional[TensorLike] = None,
+    live_starts_host: Optional[TensorLike] = None,
+    num_evict_host: Optional[TensorLike] = None,
 ) -> None: ...
 def sample_survivors(
     seq_lens: TensorLike,
@@ -347,6 +354,9 @@ def sample_survivors(
     seed: int,
     temperature: Optional[float] = None,
     num_protected: Optional[int] = None,
+    seq_lens_host: Optional[TensorLike] = None,
+    live_starts_host: Optional[TensorLike] = None,
+    num_evict_host: Optional[TensorLike] = None,
 ) -> None: ...
 def compact(
     key_cache: TensorLike,
@@ -357,4 +367,8 @@ def compact(
     num_evict: TensorLike,
     survivors: TensorLike,
     stats: Optional[TensorLike] = None,
+    *,
+    seq_lens_host: Optional[TensorLike] = None,
+    live_starts_host: Optional[TensorLike] = None,
+    num_evict_host: Optional[TensorLike] = None,
 ) -> None: ...

@@ -37,6 +37,7 @@ from .._native import NUM_STATS, ScorerCheckpoint, WindowPlanner
 from ..errors import CapacityError, ConfigError, ShapeError
 from ..evict import scorer_weights
 from .config import EngineConfig
+from .transfer import to_device
 from .victims import EvictionBatch, choose_survivors
 
 #: Row ``i`` of ``StepPlan.rows`` holds the planner's field ``_FIELDS[i]`` (``WindowPlanner.FIELDS``).
@@ -216,7 +217,7 @@ class _KeptPositions:
             if old is not None and old.shape[1] == h and old.device == kept.device:
                 grown[: old.shape[0], :, : old.shape[2]] = old
             self.kept = grown
-        index = torch.from_numpy(slots).to(kept.device)
+        index = to_device(slots, kept.device)
         self.kept[index, :, :k] = kept.to(torch.int32)
         self.count[slots], self.end[slots], self.evictions[slots] = count, end, evictions
         self.owner[slots] = serials
@@ -286,7 +287,7 @@ class StepPlan:
             device = torch.device(device)
             t = self._device.get(device)
             if t is None:
-                t = self._device[device] = self.rows.to(device)
+                t = self._device[device] = to_device(self.rows, device)
         i = _ROW[name] * self._n
         return t[i : i + self._n]
 
@@ -784,7 +785,7 @@ class EvictionEngine:
         hp = plan._host
         if hp is None:
             hp = plan._host = _HostPlan(plan, self.ring)
-        packed = hp.packed.to(dev) if dev.type != "cpu" else hp.packed
+        packed = to_device(hp.packed, dev)
         arrays = {name: packed[o : o + n] for name, (o, n) in hp.layout.items()}
         if "rec_dst" in arrays:
             arrays["rec_dst_long"] = arrays["rec_dst"].long()
@@ -901,14 +902,14 @@ class EvictionEngine:
                 )
                 out[qs : qs + n] = o[0].to(out.dtype)
                 continue
-            sel = torch.tensor(rows, dtype=torch.long, device=dev)
-            pos = torch.tensor([attn_starts[i] for i in rows], dtype=torch.long, device=dev).unsqueeze(1) + torch.arange(
+            sel = to_device(rows, dev, torch.long)
+            pos = to_device([attn_starts[i] for i in rows], dev, torch.long).unsqueeze(1) + torch.arange(
                 w, device=dev
             )
             blocks = torch.gather(win.tables.index_select(0, sel).long(), 1, pos // self.block_size)
             offs = pos % self.block_size
             qidx = (
-                torch.tensor([qstarts[i] for i in rows], dtype=torch.long, device=dev).unsqueeze(1)
+                to_device([qstarts[i] for i in rows], dev, torch.long).unsqueeze(1)
                 + torch.arange(n, device=dev)
             ).flatten()
             o = _causal_attention(
@@ -934,7 +935,7 @@ class EvictionEngine:
         device = key_cache.device
         h = key_cache.shape[2]
         cfg = self.config
-        sel = torch.tensor(due, dtype=torch.long, device=device)
+        sel = to_device(due, device, torch.long)
         bt = win.tables.index_select(0, sel).contiguous()
         # the due rows' columns of the planner's table, as host arrays (no Python per request)
         rows = plan.rows.numpy().reshape(len(_FIELDS), len(plan)).astype(np.int64)[:, np.asarray(due)]
@@ -945,7 +946,11 @@ class EvictionEngine:
         live, num_evict = live_a.tolist(), evict_a.tolist()
         sl = win.seq_lens.index_select(0, sel).contiguous()
         ls = win.evict_starts.index_select(0, sel).contiguous()
-        ne = torch.from_numpy(evict_a.astype(np.int32)).to(device)
+        ne = to_device(evict_a.astype(np.int32), device)
+        # host mirrors of the due rows' windows (what sl / ls / ne hold), so no kernel reads them back
+        sl_host = torch.from_numpy(rows[_ROW["window_lens"]].astype(np.int32))
+        ls_host = torch.from_numpy(rows[_ROW["evict_starts"]].astype(np.int32))
+        ne_host = torch.from_numpy(evict_a.astype(np.int32))
         kp = self._kept.get(layer)
         if kp is None:
             kp = self._kept[layer] = _KeptPositions()
@@ -969,6 +974,8 @@ class EvictionEngine:
             window=cfg.interval,
             mode=self.policy.stats_mode,
             folded=win.dev["ev_folded"],
+            seq_lens_host=sl_host,
+            live_starts_host=ls_host,
             num_queries_host=hp.ev_counts,
             folded_host=hp.ev_folded,
         )
@@ -995,6 +1002,8 @@ class EvictionEngine:
             num_protected=cfg.interval,
             scale=scale,
             block_size=self.block_size,
+            seq_lens_host=sl_host,
+            live_starts_host=ls_host,
         )
         survivors = self._on_evict(batch) if self._on_evict is not None else None
         if survivors is None:
@@ -1006,7 +1015,10 @@ class EvictionEngine:
                 f"on_evict returned survivors {tuple(survivors.shape)} {survivors.dtype}, "
                 f"expected int32 {tuple(positions.shape)}"
             )
-        kernels.compact(key_cache, value_cache, bt, sl, ls, ne, survivors, stats)
+        kernels.compact(
+            key_cache, value_cache, bt, sl, ls, ne, survivors, stats,
+            seq_lens_host=sl_host, live_starts_host=ls_host, num_evict_host=ne_host,
+        )
         kept = positions.gather(2, survivors.long().clamp(min=0))
         left = live_a - evict_a
         kp.store(slots, serials, kept[:, :, : int(left.max())], left, ends, evictions + 1)
@@ -1021,13 +1033,13 @@ class EvictionEngine:
         fresh_from = np.where(count >= 0, np.maximum(kept_end, bases), bases)
         max_live = int(live.max())
         col = torch.arange(max_live, dtype=torch.int64, device=device).view(1, 1, -1)
-        cols = torch.from_numpy(np.stack([n_old, fresh_from, live])).to(device)
+        cols = to_device(np.stack([n_old, fresh_from, live]), device)
         n_old_t, fresh_t, live_t = (c.view(-1, 1, 1) for c in cols)
         fresh = torch.where(col < live_t, fresh_t + col - n_old_t, torch.full((), -1, dtype=torch.int64, device=device))
         out = fresh.expand(-1, h, -1).contiguous()
         k = min(int(n_old.max()), max_live)
         if k and kp.kept is not None:
-            rows = torch.from_numpy(np.where(count >= 0, slots, 0)).to(device)  # fresh rows read none
+            rows = to_device(np.where(count >= 0, slots, 0), device)  # fresh rows read none
             old = kp.kept.index_select(0, rows)[:, :, :k].long()
             out[:, :, :k] = torch.where(col[..., :k] < n_old_t, old, out[:, :, :k])
         return out

@@ -22,7 +22,7 @@ match the core's to rounding (the selection then agrees except for scores within
 other); H2O, StreamingLLM and random are exact."""
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .. import kernels
 from .._native import Policy
 from ..errors import ConfigError
+from .transfer import to_device
 
 #: Index of the cumulative attention statistic (``window_stats``' stat 6), which H2O reads.
 STAT_CUMULATIVE = 6
@@ -56,7 +57,9 @@ class EvictionBatch:
     ``live[j]``). Host lists (``live``, ``num_evict_host``, ``num_queries_host``, ``lengths`` = the
     requests' lengths in original positions, ``evictions`` = evictions each request-layer had before,
     ``requests`` = the request part of each victim RNG key, ``keys`` = the engine's request keys) are
-    what the engine's plan already holds, so nothing is read back from the device."""
+    what the engine's plan already holds, so nothing is read back from the device; ``seq_lens_host``
+    / ``live_starts_host`` (CPU int32, equal to ``seq_lens`` / ``live_starts``; None: the kernels
+    read the device arrays, which waits for the device) are passed to every kernel of the choice."""
 
     layer: int
     key_cache: torch.Tensor
@@ -79,7 +82,18 @@ class EvictionBatch:
     num_protected: int
     scale: float
     block_size: int
+    seq_lens_host: Optional[torch.Tensor] = None
+    live_starts_host: Optional[torch.Tensor] = None
     _slots: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+
+    def host_windows(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The host mirrors of the windows as the kernels' keyword arguments."""
+        return {"seq_lens_host": self.seq_lens_host, "live_starts_host": self.live_starts_host}
+
+    def host_selection(self) -> Dict[str, Optional[torch.Tensor]]:
+        """``host_windows`` plus ``num_evict_host`` as a CPU int32 tensor (the selection kernels' and
+        ``compact``'s keyword arguments)."""
+        return dict(self.host_windows(), num_evict_host=torch.tensor(self.num_evict_host, dtype=torch.int32))
 
     @property
     def num_seqs(self) -> int:
@@ -147,10 +161,12 @@ def choose_survivors(
             seed=int(params["seed"]),
             temperature=float(params["temperature"]),
             num_protected=batch.num_protected,
+            **batch.host_selection(),
         )
     else:
         kernels.select_survivors(
-            batch.seq_lens, batch.live_starts, scores, batch.num_evict, survivors, num_protected=batch.num_protected
+            batch.seq_lens, batch.live_starts, scores, batch.num_evict, survivors, num_protected=batch.num_protected,
+            **batch.host_selection(),
         )
     return survivors
 
@@ -183,6 +199,7 @@ def policy_scores(
             w2,
             b2,
             scores,
+            **batch.host_windows(),
         )
         return scores
     if name == "streaming":
@@ -200,7 +217,7 @@ def policy_scores(
             batch.key_cache.device,
         )
     valid = batch.slots()[2]
-    live = torch.as_tensor(batch.live, dtype=torch.long).to(valid.device)
+    live = to_device(batch.live, valid.device, torch.long)
     keys = batch.gather(batch.key_cache).float()
     queries = batch.queries
     if name == "tova":
@@ -211,7 +228,7 @@ def policy_scores(
         if name == "snapkv":
             return torch.where(before.unsqueeze(1), -imp, float("-inf"))
         red = rkv_redundancy(keys, valid, float(params["threshold"]))
-        lam = torch.tensor(float(params["lam"]), dtype=torch.float32, device=imp.device)
+        lam = to_device(float(params["lam"]), imp.device, torch.float32)
         z = lam * imp - (1.0 - lam) * red
         return torch.where(before.unsqueeze(1), -z, float("-inf"))
     raise ConfigError(f"policy {name!r} has no batched victim choice")
@@ -365,9 +382,9 @@ def random_scores(
     s = len(requests)
     i64 = dict(dtype=torch.int64, device=device)
     entry = torch.arange(max_live, **i64).view(1, 1, max_live)
-    ev = torch.tensor([int(e) & _MASK32 for e in evictions], **i64).view(s, 1, 1)
+    ev = to_device([int(e) & _MASK32 for e in evictions], device, torch.int64).view(s, 1, 1)
     lh = (((layer & 0xFFFF) << 16) | torch.arange(num_kv_heads, **i64)).view(1, num_kv_heads, 1)
-    rq = torch.tensor([int(r) & _MASK32 for r in requests], **i64).view(s, 1, 1)
+    rq = to_device([int(r) & _MASK32 for r in requests], device, torch.int64).view(s, 1, 1)
     shape = (s, num_kv_heads, max_live)
     ctr = [t.expand(shape) for t in (entry, ev, lh, rq)]
     w = philox4x32_10(ctr, (seed & _MASK32, (seed >> 32) & _MASK32))
@@ -377,7 +394,7 @@ def random_scores(
 
 def _as_int32(values: List[int], device: Any) -> torch.Tensor:
     """Unsigned 32-bit ``values`` as the int32 bit patterns the kernels read as u32."""
-    return torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in values], dtype=torch.int32, device=device)
+    return to_device([v - (1 << 32) if v >= 1 << 31 else v for v in values], device, torch.int32)
 
 
 __all__ = [
