@@ -1073,7 +1073,7 @@ class EvictionEngine:
                     f"scorer checkpoint input width {ck.in_dim} does not fit the model "
                     f"(2 * head_dim {d} + 8 * group {group} = {expected_in})"
                 )
-            w = scorer_weights(ck, layer, device)
+            w = tuple(to_device(t, device) for t in scorer_weights(ck, layer))  # queued, not waited for
             if tuple(w[0].shape[:1]) != (h,):
                 raise ConfigError(f"scorer checkpoint has {w[0].shape[0]} KV heads per layer, the model {h}")
             self._weights[layer] = w
