@@ -223,20 +223,14 @@ def test_train_command_runs_unchanged_on_cuda(tmp_path):
     tiny random Llama of the CPU pipeline test: it finishes, and the scorer it saves loads and fits."""
     import json
     import subprocess
-    import sys
 
     pytest.importorskip("transformers")
-    from test_train_pipeline import tiny_model_dir, tiny_traces
+    from test_train_pipeline import tiny_model_dir, tiny_traces, train_command
 
     model_dir, model = tiny_model_dir(tmp_path)
     traces = tiny_traces(tmp_path, model)
     out, work = tmp_path / "scorer", tmp_path / "work"
-    cmd = [
-        sys.executable, "-m", "foresightkv", "train", "--model", str(model_dir), "--out", str(out), "--work", str(work),
-        "--traces", str(traces / "train.safetensors"), "--budgets", "32,48", "--interval", "8", "--label-evictions", "3",
-        "--sl-steps", "12", "--sl-batch", "2", "--rl-steps", "2", "--rl-traces", "1", "--group", "3", "--eval-count", "2",
-        "--threads", "4", "--quiet", "--device", "cuda",
-    ]
+    cmd = train_command(model_dir, traces, out, work, "--threads", "4", "--device", "cuda")
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     fkv.ScorerCheckpoint.load(out).check_model(2, 2, 2, 8)

@@ -57,16 +57,21 @@ def tiny_traces(tmp_path, model):
     return out
 
 
+def train_command(model_dir, traces, out, work, *extra):
+    """The tiny pipeline's ``foresightkv train`` command line (every stage, a few steps each)."""
+    return [
+        sys.executable, "-m", "foresightkv", "train", "--model", str(model_dir), "--out", str(out), "--work", str(work),
+        "--traces", str(traces / "train.safetensors"), "--budgets", "32,48", "--interval", "8", "--label-evictions", "3",
+        "--sl-steps", "12", "--sl-batch", "2", "--rl-steps", "2", "--rl-traces", "1", "--group", "3", "--eval-count", "2",
+        "--quiet", *extra,
+    ]
+
+
 def test_train_command_end_to_end_and_resume(tmp_path):
     model_dir, model = tiny_model_dir(tmp_path)
     traces = tiny_traces(tmp_path, model)
     out, work = tmp_path / "scorer", tmp_path / "work"
-    cmd = [
-        sys.executable, "-m", "foresightkv", "train", "--model", str(model_dir), "--out", str(out), "--work", str(work),
-        "--traces", str(traces / "train.safetensors"), "--budgets", "32,48", "--interval", "8", "--label-evictions", "3",
-        "--sl-steps", "12", "--sl-batch", "2", "--rl-steps", "2", "--rl-traces", "1", "--group", "3", "--eval-count", "2",
-        "--threads", "1", "--quiet",
-    ]
+    cmd = train_command(model_dir, traces, out, work, "--threads", "1")
     t0 = time.time()
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=170)
     assert run.returncode == 0, run.stderr[-4000:]
