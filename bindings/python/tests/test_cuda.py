@@ -219,21 +219,23 @@ def test_engine_step_on_cuda_keeps_what_the_cpu_step_keeps(name, protect, tmp_pa
 
 
 def test_train_command_runs_unchanged_on_cuda(tmp_path):
-    """``foresightkv train --device cuda`` (the scorer's supervised and GRPO stages on the GPU) on the
-    tiny random Llama of the CPU pipeline test: it finishes, and the scorer it saves loads and fits."""
+    """``foresightkv train --device cuda`` (the model's simulator runs, labels, rollouts and eval, and
+    the scorer's supervised and GRPO stages, all on the GPU) on the tiny random Llama of the CPU
+    pipeline test (head dim 64, the CUDA kernels' smallest): it finishes, and the scorer it saves
+    loads and fits."""
     import json
     import subprocess
 
     pytest.importorskip("transformers")
     from test_train_pipeline import tiny_model_dir, tiny_traces, train_command
 
-    model_dir, model = tiny_model_dir(tmp_path)
+    model_dir, model = tiny_model_dir(tmp_path, head_dim=64)
     traces = tiny_traces(tmp_path, model)
     out, work = tmp_path / "scorer", tmp_path / "work"
     cmd = train_command(model_dir, traces, out, work, "--threads", "4", "--device", "cuda")
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
-    fkv.ScorerCheckpoint.load(out).check_model(2, 2, 2, 8)
+    fkv.ScorerCheckpoint.load(out).check_model(2, 2, 2, 64)
     info = json.loads((out / "training.json").read_text())
     assert info["stage"] == "rl"
     assert all(v > 0 for v in info["eval"]["loss_ratio"]["heldout/all"]["32"].values())
@@ -284,3 +286,24 @@ def test_engine_step_queues_no_blocking_transfer(name, tmp_path):
             assert mode.seen == [], mode.seen
             checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize("policy", ["full", "h2o", "random", "golden"])
+def test_simulator_on_cuda_keeps_what_it_keeps_on_the_cpu(policy, tmp_path):
+    """The testbed's chunked forward with eviction (``simulate``) with the model on CUDA (``load_model(...,
+    device="cuda")``: its paged caches and the engine step there too) against the same run on the
+    CPU: the same evictions and kept positions, per-token CE within float tolerance."""
+    from foresightkv.testbed.model import load_model
+    from foresightkv.testbed.simulate import simulate
+    from test_train_pipeline import tiny_model_dir
+
+    model_dir, _ = tiny_model_dir(tmp_path, head_dim=64)
+    ids = torch.randint(0, 60, (120,), generator=torch.Generator().manual_seed(2))
+    cpu, _ = load_model(str(model_dir))
+    gpu, _ = load_model(str(model_dir), device="cuda")
+    a = simulate(cpu, ids, prompt_len=10, policy=policy, budget=32, interval=8)
+    b = simulate(gpu, ids, prompt_len=10, policy=policy, budget=32, interval=8)
+    assert b.evictions == a.evictions and (policy == "full" or a.evictions > 0)
+    for ka, kb in zip(a.kept, b.kept):
+        assert torch.equal(kb.cpu(), ka.cpu())
+    assert torch.allclose(b.ce, a.ce, atol=1e-3, rtol=1e-3)

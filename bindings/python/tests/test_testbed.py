@@ -312,3 +312,12 @@ def test_packed_generation_equals_one_at_a_time():
         one = generate(m, pre, policy=sp.policy, budget=sp.budget, interval=sp.interval, max_new=8,
                        stop_ids=[7, 11], seed=sp.seed)
         assert out == one, sp
+
+
+@pytest.mark.parametrize("device, why", [("tpu", "is not a torch device"), ("meta", "runs on cpu or cuda")])
+def test_load_model_refuses_a_bad_device_before_reading_weights(device, why, tmp_path):
+    """``load_model(..., device=)`` checks the device first, with a typed error naming it."""
+    from foresightkv.testbed.model import load_model
+
+    with pytest.raises(fkv.ConfigError, match=f"device '{device}'.*{why}"):
+        load_model(str(tmp_path), device=device)

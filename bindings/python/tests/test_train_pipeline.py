@@ -17,8 +17,9 @@ pytest.importorskip("tqdm")
 import foresightkv as fkv
 
 
-def tiny_model_dir(tmp_path):
-    """A random 2-layer Llama (4 query / 2 KV heads, head_dim 8) with a word-level tokenizer."""
+def tiny_model_dir(tmp_path, head_dim=8):
+    """A random 2-layer Llama (4 query / 2 KV heads, ``head_dim`` 8; the CUDA kernels' smallest is 64)
+    with a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -29,7 +30,7 @@ def tiny_model_dir(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     cfg = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, bos_token_id=61, eos_token_id=62,
+        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024, bos_token_id=61, eos_token_id=62,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)

@@ -24,6 +24,7 @@ def _model_command(sub, name: str, help: str):
         help="HF model directory (default: $FORESIGHTKV_MODEL or the setup cache)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="torch device of the model and its paged caches (cpu, cuda; default cpu)")
     return p
 
 
@@ -65,7 +66,7 @@ def cmd_traces(args) -> int:
     from .testbed.traces import write_traces
 
     model_dir = args.model or default_model_dir()
-    model, tok = load_model(model_dir, threads=args.threads)
+    model, tok = load_model(model_dir, threads=args.threads, device=args.device)
     t0 = time.time()
     acc = write_traces(
         model,
@@ -168,7 +169,7 @@ def cmd_eval(args) -> int:
     import torch
 
     model_dir = args.model or default_model_dir()
-    model, tok = load_model(model_dir, threads=args.threads, dtype=getattr(torch, args.dtype))
+    model, tok = load_model(model_dir, threads=args.threads, dtype=getattr(torch, args.dtype), device=args.device)
     held = load_split(os.path.join(args.traces, "heldout.safetensors"))
     text_path = os.path.join(args.traces, "text.safetensors")
     text = (

@@ -19,7 +19,7 @@ import torch
 
 from .. import kernels
 from ..engine import StepRequest
-from .model import ModelShape, layer_index, routed_attention
+from .model import ModelShape, layer_index, model_device, routed_attention
 from .simulate import GoldenRun, _engine_config, _SimEngine
 
 
@@ -39,7 +39,8 @@ def prefill(model: Any, prompt_ids: torch.Tensor) -> Prefill:
     that the post-RoPE q/k/v are recorded)."""
     import torch.nn.functional as F
 
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
+    dev = model_device(model)
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().to(dev)
     shape = ModelShape.of(model)
     rec: List[Optional[tuple]] = [None] * shape.num_layers
     scales = []
@@ -60,7 +61,7 @@ def prefill(model: Any, prompt_ids: torch.Tensor) -> Prefill:
     with routed_attention(model, attend), torch.inference_mode():
         logits = model(
             input_ids=ids.view(1, -1),
-            position_ids=torch.arange(ids.numel()).view(1, -1),
+            position_ids=torch.arange(ids.numel(), device=dev).view(1, -1),
             use_cache=False,
         )
     return Prefill(rec, int(logits.logits[0, -1].argmax()), int(ids.numel()), scales[0])
@@ -106,7 +107,7 @@ def generate_many(
     shape = ModelShape.of(model)
     p = pre.prompt_len
     cap = p + max_new + 1
-    dtype = pre.layers[0][1].dtype
+    dtype, dev = pre.layers[0][1].dtype, pre.layers[0][1].device
     stops = set(int(s) for s in stop_ids)
     lanes = []
     for sp in specs:
@@ -117,14 +118,14 @@ def generate_many(
         engine = _SimEngine(cfg, checkpoint=checkpoint, hooks={0: (None, override, sp.golden)})
         caches = [
             (
-                torch.zeros((cap, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
-                torch.zeros((cap, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
+                torch.zeros((cap, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=dev),
+                torch.zeros((cap, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=dev),
             )
             for _ in range(shape.num_layers)
         ]
         plan = engine.begin_step([StepRequest(key=0, seq_len=p, num_new=p, prefill=True)])
-        slots = torch.arange(p, dtype=torch.int64)
-        table = torch.arange(cap, dtype=torch.int32).view(1, cap)
+        slots = torch.arange(p, dtype=torch.int64, device=dev)
+        table = torch.arange(cap, dtype=torch.int32, device=dev).view(1, cap)
         for layer, (q, k, v) in enumerate(pre.layers):
             kc, vc = caches[layer]
             kernels.reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, slots)
@@ -141,7 +142,7 @@ def generate_many(
             engine, caches, table = lanes[j]
             pos = p + len(answers[j]) - 1
             plan = engine.begin_step([StepRequest(key=0, seq_len=pos + 1, num_new=1, prefill=False)])
-            steps.append((engine, plan, caches, table, torch.tensor([pos], dtype=torch.int64)))
+            steps.append((engine, plan, caches, table, torch.tensor([pos], dtype=torch.int64, device=dev)))
 
         def attend(module, q, k, v, scale, steps=steps):
             layer = layer_index(module)
@@ -153,8 +154,8 @@ def generate_many(
                 engine.attend(plan, layer, q[r : r + 1], kc, vc, table, out[r : r + 1], scale=scale)
             return out
 
-        ids = torch.tensor([[answers[j][-1] for j in active]])
-        positions = torch.tensor([[p + len(answers[j]) - 1 for j in active]])
+        ids = torch.tensor([[answers[j][-1] for j in active]], device=dev)
+        positions = torch.tensor([[p + len(answers[j]) - 1 for j in active]], device=dev)
         with routed_attention(model, attend), torch.inference_mode():
             logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
         for r, j in enumerate(active):

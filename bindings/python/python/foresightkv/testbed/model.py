@@ -1,7 +1,8 @@
 """Loading a Hugging Face decoder (Llama, Qwen2, Qwen3, or any model whose attention modules call
 transformers' ``AttentionInterface``) and routing its attention through foresightkv.
 
-``load_model(path)`` reads a plain HF directory (safetensors + config.json) in float32 on the CPU;
+``load_model(path)`` reads a plain HF directory (safetensors + config.json) in float32 on the CPU (or
+the ``device`` given: every testbed forward then runs there, ``model_device(model)``);
 ``ModelShape.of(model)`` gives the dimensions the eviction code needs. ``routed_attention(model,
 fn)`` is a context manager under which every attention module of ``model`` calls ``fn(module, q, k,
 v, scaling)`` instead of its own kernel, with ``q`` ``[T, Hq, D]`` and ``k``/``v`` ``[T, H, D]`` of
@@ -69,9 +70,11 @@ class ModelShape:
 
 
 def load_model(
-    path: str, *, dtype: torch.dtype = torch.float32, threads: Optional[int] = None
+    path: str, *, dtype: torch.dtype = torch.float32, threads: Optional[int] = None, device: Optional[str] = None
 ) -> Tuple[Any, Any]:
-    """``(model, tokenizer)`` from a HF directory, in eval mode on the CPU (``dtype`` weights)."""
+    """``(model, tokenizer)`` from a HF directory, in eval mode on ``device`` (default the CPU) with
+    ``dtype`` weights; an unknown or unavailable device is a ``ConfigError`` naming it."""
+    dev = _device(device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -84,8 +87,28 @@ def load_model(
     _register()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
+    if dev.type != "cpu":
+        model.to(dev)
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok
+
+
+def _device(device: Optional[str]) -> torch.device:
+    """``device`` as a torch device, checked before any weight is read."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: torch sees no CUDA device (torch {torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: the testbed runs on cpu or cuda")
+    return dev
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of ``model``'s weights (where the testbed's forwards and paged caches go)."""
+    return next(model.parameters()).device
 
 
 def _register() -> None:
@@ -157,8 +180,8 @@ def full_forward_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits ``[T, V]`` (float32) of one full-cache forward of ``input_ids`` ``[T]`` with the
     model's own attention (the reference the simulator is checked against)."""
     with torch.inference_mode():
-        out = model(input_ids=input_ids.view(1, -1), use_cache=False)
-    return out.logits[0].float()
+        out = model(input_ids=input_ids.view(1, -1).to(model_device(model)), use_cache=False)
+    return out.logits[0].float().cpu()
 
 
 def token_losses(

@@ -46,7 +46,7 @@ from .. import kernels
 from .._native import ScorerCheckpoint, Trace, golden_eviction
 from ..engine import EngineConfig, EvictionBatch, EvictionEngine, StepRequest
 from ..errors import ConfigError, InvalidArgumentError, ShapeError
-from .model import ModelShape, layer_index, routed_attention
+from .model import ModelShape, layer_index, model_device, routed_attention
 
 #: Policy names the simulator accepts.
 POLICIES = (
@@ -454,6 +454,7 @@ def run_packed(model: Any, lanes: Sequence[_Lane]) -> List[Tuple[torch.Tensor, t
     per lane) and evicts. Returns each lane's per-token ``(ce, entropy)``, ``[T - 1]`` each."""
     shape = ModelShape.of(model)
     dtype = next(model.parameters()).dtype
+    dev = model_device(model)  # caches, tables and the forward's inputs live with the weights
     # Per engine: its lanes (in batch order), one cache per layer holding every lane's slot range.
     by_engine: Dict[int, List[int]] = {}
     for i, ln in enumerate(lanes):
@@ -465,15 +466,15 @@ def run_packed(model: Any, lanes: Sequence[_Lane]) -> List[Tuple[torch.Tensor, t
         for i in members:
             n = lanes[i].ids.numel()
             offsets[i] = total
-            row = torch.zeros(width, dtype=torch.int32)
-            row[:n] = torch.arange(total, total + n, dtype=torch.int32)
+            row = torch.zeros(width, dtype=torch.int32, device=dev)
+            row[:n] = torch.arange(total, total + n, dtype=torch.int32, device=dev)
             rows.append(row)
             total += n
         tables[eid] = dict(zip(members, rows))
         caches[eid] = [
             (
-                torch.zeros((total, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
-                torch.zeros((total, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype),
+                torch.zeros((total, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=dev),
+                torch.zeros((total, 1, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=dev),
             )
             for _ in range(shape.num_layers)
         ]
@@ -482,8 +483,9 @@ def run_packed(model: Any, lanes: Sequence[_Lane]) -> List[Tuple[torch.Tensor, t
             ln.record.clear()
             ln.record.extend([] for _ in range(shape.num_layers))
     schedules = [chunks(ln.ids.numel(), ln.budget, ln.interval) for ln in lanes]
-    ce = [torch.zeros(ln.ids.numel() - 1, dtype=torch.float32) for ln in lanes]
-    ent = [torch.zeros(ln.ids.numel() - 1, dtype=torch.float32) for ln in lanes]
+    ce = [torch.zeros(ln.ids.numel() - 1, dtype=torch.float32, device=dev) for ln in lanes]
+    ent = [torch.zeros(ln.ids.numel() - 1, dtype=torch.float32, device=dev) for ln in lanes]
+    targets = [ln.ids.to(dev) for ln in lanes]
     dec, head = _decoder_and_head(model)
     step = 0
     while True:
@@ -499,7 +501,7 @@ def run_packed(model: Any, lanes: Sequence[_Lane]) -> List[Tuple[torch.Tensor, t
                 s, e = schedules[i][step]
                 ln = lanes[i]
                 reqs.append(StepRequest(key=ln.key, seq_len=e, num_new=e - s, prefill=s == 0, rng_key=ln.rng_key))
-                slots.append(torch.arange(offsets[i] + s, offsets[i] + e, dtype=torch.int64))
+                slots.append(torch.arange(offsets[i] + s, offsets[i] + e, dtype=torch.int64, device=dev))
                 spans.append((i, s, e, pos))
                 pos += e - s
             eng = lanes[active[0]].engine
@@ -508,8 +510,8 @@ def run_packed(model: Any, lanes: Sequence[_Lane]) -> List[Tuple[torch.Tensor, t
             groups.append((eng, plan, table, torch.cat(slots), caches[eid], spans, spans[0][3], pos))
         if not groups:
             break
-        ids = torch.cat([lanes[i].ids[s:e] for g in groups for (i, s, e, _) in g[5]])
-        positions = torch.cat([torch.arange(s, e) for g in groups for (_, s, e, _) in g[5]])
+        ids = torch.cat([targets[i][s:e] for g in groups for (i, s, e, _) in g[5]])
+        positions = torch.cat([torch.arange(s, e, device=dev) for g in groups for (_, s, e, _) in g[5]])
 
         def attend(module, q, k, v, scale, groups=groups):
             layer = layer_index(module)
@@ -522,7 +524,7 @@ def run_packed(model: Any, lanes: Sequence[_Lane]) -> List[Tuple[torch.Tensor, t
                 for i, s, e, p in spans:
                     rec = lanes[i].record
                     if rec is not None:
-                        rec[layer].append((q[p : p + e - s].clone(), k[p : p + e - s].clone(), v[p : p + e - s].clone()))
+                        rec[layer].append(tuple(x[p : p + e - s].to("cpu", copy=True) for x in (q, k, v)))
             return out
 
         with routed_attention(model, attend), torch.inference_mode():
@@ -536,7 +538,7 @@ def run_packed(model: Any, lanes: Sequence[_Lane]) -> List[Tuple[torch.Tensor, t
                 for i, s, e, p in g[5]:
                     t = lanes[i].ids.numel()
                     hi = min(e, t - 1)
-                    tgt = lanes[i].ids
+                    tgt = targets[i]
                     for c in range(s, hi, _LOGIT_ROWS):
                         c_hi = min(c + _LOGIT_ROWS, hi)
                         rows = slice(p + c - s, p + c_hi - s)
@@ -545,7 +547,7 @@ def run_packed(model: Any, lanes: Sequence[_Lane]) -> List[Tuple[torch.Tensor, t
                         ce[i][c:c_hi] = -lp.gather(1, tgt[c + 1 : c_hi + 1].view(-1, 1)).squeeze(1)
                         ent[i][c:c_hi] = -(lp.exp() * lp).sum(-1)
         step += 1
-    return list(zip(ce, ent))
+    return [(c.cpu(), e.cpu()) for c, e in zip(ce, ent)]
 
 
 def record_full(

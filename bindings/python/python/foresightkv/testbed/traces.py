@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .model import token_losses
+from .model import model_device, token_losses
 from .tasks import TASKS, grade, make_example, natural_text
 
 #: Format tag written into every trace file.
@@ -158,8 +158,9 @@ def generate_greedy(
     returns ``(answer_ids, logits)``: the answer (stopping after a token in ``stop_ids`` or
     ``max_new`` tokens) and the logits ``[P + A - 1, V]`` that predicted tokens ``1 .. P + A - 1``
     of prompt + answer (prefill rows, then one row per decoding step)."""
+    dev = model_device(model)
     with torch.inference_mode():
-        out = model(input_ids=prompt_ids.view(1, -1), use_cache=True)
+        out = model(input_ids=prompt_ids.view(1, -1).to(dev), use_cache=True)
         rows = [out.logits[0].float()]
         past = out.past_key_values
         nxt = int(rows[0][-1].argmax())
@@ -169,12 +170,12 @@ def generate_greedy(
             if nxt in stop_ids or len(answer) == max_new:
                 break
             out = model(
-                input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True
+                input_ids=torch.tensor([[nxt]], device=dev), past_key_values=past, use_cache=True
             )
             past = out.past_key_values
             rows.append(out.logits[0].float())
             nxt = int(rows[-1][-1].argmax())
-    return torch.tensor(answer, dtype=torch.long), torch.cat(rows)
+    return torch.tensor(answer, dtype=torch.long), torch.cat(rows).cpu()
 
 
 def stop_token_ids(tokenizer: Any) -> List[int]:
@@ -243,7 +244,7 @@ def build_text_traces(
     for i in tqdm(range(n), desc="traces text", disable=not progress):
         w = ids[i * length : (i + 1) * length]
         with torch.inference_mode():
-            logits = model(input_ids=w.view(1, -1), use_cache=False).logits[0]
+            logits = model(input_ids=w.view(1, -1).to(model_device(model)), use_cache=False).logits[0].cpu()
         ce, ent = _aligned(*token_losses(logits, w))
         meta = {
             "task": "text",

@@ -69,7 +69,9 @@ class Pipeline:
         if self._model is None:
             from ..testbed.model import load_model
 
-            self._model, self._tok = load_model(str(self.args.model), threads=self.args.threads, dtype=getattr(torch, self.args.dtype))
+            self._model, self._tok = load_model(
+                str(self.args.model), threads=self.args.threads, dtype=getattr(torch, self.args.dtype), device=self.args.device
+            )
         return self._model
 
     def _timed(self, stage: str, seconds: float) -> None:
@@ -314,7 +316,7 @@ def add_arguments(p) -> None:
     p.add_argument("--work", default=None, help="work directory for cached stage outputs (default: OUT.work)")
     p.add_argument("--budgets", default="128,256", help="comma-separated budgets B to train on (one scorer for all)")
     p.add_argument("--interval", type=int, default=32, help="eviction interval L")
-    p.add_argument("--device", default="cpu", help="torch device of the scorer training (cpu, cuda)")
+    p.add_argument("--device", default="cpu", help="torch device of the model's simulator runs and the scorer training (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--num-traces", type=int, default=32, help="train traces to build when --traces is omitted")
