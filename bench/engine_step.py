@@ -51,6 +51,27 @@ BUDGET, INTERVAL = 1024, 128
 DEVICE = torch.device("meta")
 
 STUB_SYNCS = [0]
+#: True while the package's ``engine.transfer.to_device`` runs (its copies are pinned and non-blocking).
+QUEUED = [False]
+
+
+def patch_to_device():
+    """Marks the copies made inside the package's ``to_device`` (absent in versions before it), which
+    on a GPU go through pinned memory with ``non_blocking=True``: queued, not a synchronisation."""
+    for mod_name in ("foresightkv.engine.step", "foresightkv.engine.victims"):
+        mod = sys.modules.get(mod_name)
+        orig = getattr(mod, "to_device", None)
+        if orig is None:
+            continue
+
+        def wrapped(*a, _orig=orig, **k):
+            QUEUED[0] = True
+            try:
+                return _orig(*a, **k)
+            finally:
+                QUEUED[0] = False
+
+        mod.to_device = wrapped
 
 
 def stub_decode(query, key_cache, value_cache, block_tables, seq_lens, live_starts, *, scale=None, out=None, **kw):
@@ -71,6 +92,7 @@ class Count(TorchDispatchMode):
         self.ops = Counter()
         self.syncs = Counter()
         self.device_ops = 0
+        self.queued = 0  # host-to-device copies through to_device (not synchronisations)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -92,7 +114,10 @@ class Count(TorchDispatchMode):
             src = args[1] if name == "aten.copy_" else args[0]
             dst = args[0] if name == "aten.copy_" else out
             if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.device != dst.device:
-                self.syncs[f"{name} {src.device.type}->{dst.device.type}"] += 1
+                if QUEUED[0] and src.device.type == "cpu":
+                    self.queued += 1
+                else:
+                    self.syncs[f"{name} {src.device.type}->{dst.device.type}"] += 1
         return out
 
 
@@ -132,6 +157,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     kernels.paged_attention_decode = stub_decode
+    patch_to_device()
     with tempfile.TemporaryDirectory() as tmp:
         engine, reserved = make_engine(tmp)
     lens = [2048 + (i % 8) * 16 for i in range(BATCH)]
@@ -174,7 +200,7 @@ def main():
     print(f"  most frequent: {top}")
     detail = ", ".join(f"{k} {v}" for k, v in c.syncs.items())
     print(f"host-device synchronisations per step: {syncs} (binding reads of device arrays {stub_syncs}"
-          + (f"; {detail}" if detail else "") + ")")
+          + (f"; {detail}" if detail else "") + f"); host-to-device copies queued (pinned, non-blocking): {c.queued}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}")
     return 0
 

@@ -60,7 +60,6 @@ SIGNATURES = {
     ),
 }
 READS = Counter()
-QUEUED = [False]
 
 
 def stub(name):
@@ -78,50 +77,13 @@ def stub(name):
     return run
 
 
-class Count(es.Count):
-    """``engine_step.Count`` with the copies made inside ``to_device`` counted as queued, not syncs."""
-
-    def __init__(self):
-        super().__init__()
-        self.queued = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        before = sum(self.syncs.values())
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        if QUEUED[0] and sum(self.syncs.values()) > before:
-            # a host-to-device copy through to_device: pinned and non-blocking on a GPU
-            for k in [k for k in self.syncs if "cpu->meta" in k]:
-                self.syncs[k] -= 1
-                self.queued += 1
-                break
-        return out
-
-
-def patch_to_device():
-    """Marks the copies made inside the package's ``to_device`` (absent before it existed)."""
-    for mod_name in ("foresightkv.engine.step", "foresightkv.engine.victims"):
-        mod = sys.modules.get(mod_name)
-        orig = getattr(mod, "to_device", None)
-        if orig is None:
-            continue
-
-        def wrapped(*a, _orig=orig, **k):
-            QUEUED[0] = True
-            try:
-                return _orig(*a, **k)
-            finally:
-                QUEUED[0] = False
-
-        mod.to_device = wrapped
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--label", default="")
     args = ap.parse_args()
     for name in SIGNATURES:
         setattr(kernels, name, stub(name))
-    patch_to_device()
+    es.patch_to_device()
     es.BUDGET, es.INTERVAL = 1024, 128
     with tempfile.TemporaryDirectory() as tmp:
         engine, _ = es.make_engine(tmp)
@@ -144,7 +106,7 @@ def main():
                 engine.attend(plan, layer, query, kc, vc, tables, out, scale=es.HEAD_DIM**-0.5, stats=stats[layer])
             continue
         READS.clear()
-        with Count() as c:
+        with es.Count() as c:
             for layer in range(es.LAYERS):
                 engine.attend(plan, layer, query, kc, vc, tables, out, scale=es.HEAD_DIM**-0.5, stats=stats[layer])
         break
