@@ -151,12 +151,13 @@ def main():
     live = [engine.kept_positions(k, 0, HKV).shape[1] for k in range(n)]
     seq = torch.tensor([lens[k] for k in range(n)], dtype=torch.int32)
     zeros = torch.zeros(n, dtype=torch.int32)
+    seq_dev, zeros_dev = seq.to(device), zeros.to(device)  # outside the clock
 
     def full_attention():
         for layer in range(layers):
             kc, vc = caches[layer]
             foresightkv.paged_attention_decode(
-                query, kc, vc, tables, seq.to(device), zeros.to(device), scale=HEAD_DIM**-0.5, out=out,
+                query, kc, vc, tables, seq_dev, zeros_dev, scale=HEAD_DIM**-0.5, out=out,
                 seq_lens_host=seq, live_starts_host=zeros,
             )
 

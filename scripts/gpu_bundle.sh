@@ -14,12 +14,14 @@ DIR="${1:-$FKV_ROOT/.gpu}"
 rm -rf "$DIR"
 mkdir -p "$DIR/bin" "$DIR/tests" "$DIR/wheel"
 
-cargo build --release --bin foresightkv >&2
+LOGF="$(mktemp)"
+trap 'rm -f "$LOGF"' EXIT
+cargo build --release --bin foresightkv > "$LOGF" 2>&1 || { cat "$LOGF" >&2; echo "gpu_bundle: build failed" >&2; exit 1; }
 cp "$CARGO_TARGET_DIR/release/foresightkv" "$DIR/bin/"
 info="$("$DIR/bin/foresightkv" info)"
 grep -q '^kernels:  embedded' <<< "$info" || { echo "gpu_bundle: the binary has no kernels (nvcc missing?): $info" >&2; exit 1; }
 cargo test --release --no-run --message-format=json \
-    --test cuda_kernels --test cuda_sampling --test reshape_and_cache 2>/dev/null \
+    --test cuda_kernels --test cuda_sampling --test reshape_and_cache 2>"$LOGF" \
   | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -27,10 +29,11 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])' \
   | while read -r name exe; do cp "$exe" "$DIR/tests/$name"; done
-[ "$(ls "$DIR/tests" | wc -l)" -eq 3 ] || { echo "gpu_bundle: expected 3 kernel test binaries" >&2; exit 1; }
+[ "$(ls "$DIR/tests" | wc -l)" -eq 3 ] || { cat "$LOGF" >&2; echo "gpu_bundle: expected 3 kernel test binaries" >&2; exit 1; }
 strip "$DIR/bin/"* "$DIR/tests/"* 2>/dev/null || true
 wheel="$(fkv_wheel "$(scripts/python_env.sh)" "$DIR/wheel")"
 [ -n "$wheel" ] || { echo "gpu_bundle: no wheel was built" >&2; exit 1; }
 unzip -l "$wheel" | grep -q '_native' || { echo "gpu_bundle: $wheel has no native module" >&2; exit 1; }
-git rev-parse --short HEAD > "$DIR/commit.txt" 2>/dev/null || true
+git describe --always --dirty > "$DIR/commit.txt" 2>/dev/null || true
+fkv_source_hash > "$DIR/sources.txt"
 echo "$DIR ($(du -sh "$DIR" | cut -f1))"

@@ -21,9 +21,13 @@
 #   GPU_CHECK_SANITIZER_TIMEOUT=SECONDS        # bound each sanitizer run (a timeout fails the step)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+BUNDLE=""
+if [ -n "${FKV_GPU_BUNDLE:-}" ]; then # resolved from the caller's folder, before the cd below
+  BUNDLE="$(cd "$FKV_GPU_BUNDLE" 2>/dev/null && pwd)" \
+    || { echo "gpu_check: FKV_GPU_BUNDLE=$FKV_GPU_BUNDLE is not a folder (build it with scripts/gpu_bundle.sh)" >&2; exit 1; }
+fi
 cd "$FKV_ROOT"
 OUT="${GPU_CHECK_OUT:-$FKV_ROOT/bench/results/gpu}"
-BUNDLE="${FKV_GPU_BUNDLE:+$(cd "$FKV_GPU_BUNDLE" && pwd)}"
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 die() { echo "gpu_check: $*" | tee -a "$SUMMARY" >&2; exit 1; }
@@ -63,6 +67,8 @@ step() { # step NAME LOG COMMAND...: runs one step, logging to LOG, recording th
 if [ -n "$BUNDLE" ]; then
   BIN="$BUNDLE/bin/foresightkv"
   [ -x "$BIN" ] || die "no $BIN: build the bundle with scripts/gpu_bundle.sh"
+  [ "$(cat "$BUNDLE/sources.txt" 2>/dev/null)" = "$(fkv_source_hash)" ] \
+    || die "the bundle in $BUNDLE was built from other sources than this tree's: rebuild it with scripts/gpu_bundle.sh"
 else
   echo "--- build (release)"
   cargo build --workspace --all-targets --release > "$OUT/build.txt" 2>&1 || die "build failed: $(tail -n 20 "$OUT/build.txt")"

@@ -33,6 +33,15 @@ fkv_venv() {
   echo "$name: done in $(( $(date +%s) - start )) s ($(du -sh "$venv" | cut -f1))" >&2
 }
 
+# fkv_source_hash: one hash of the sources a GPU bundle is built from (Rust core, kernels, bindings,
+# Python package), so a GPU machine can tell a stale bundle from the tree it runs in.
+fkv_source_hash() {
+  (cd "$FKV_ROOT" && find src csrc bindings/python/src bindings/python/python build.rs Cargo.toml Cargo.lock \
+      bindings/python/Cargo.toml -type f \( -name '*.rs' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' \
+      -o -name '*.py' -o -name '*.pyi' -o -name '*.toml' -o -name 'Cargo.lock' \) -not -path '*/__pycache__/*' \
+    | LC_ALL=C sort | xargs cat | md5sum | cut -c1-16)
+}
+
 # fkv_wheel PY OUT: builds the foresightkv wheel (maturin, release, abi3) with interpreter PY into
 # OUT; prints the wheel's path (empty when none was built).
 fkv_wheel() {

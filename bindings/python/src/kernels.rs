@@ -87,7 +87,10 @@ fn host_i32(t: &Tensor<'_>) -> PyResult<Vec<i32>> {
 }
 
 /// The host values of the int32 vector `t`: from `mirror` when the caller passes one (a CPU int32
-/// `[n]` tensor it keeps equal to `t`: no device read, no synchronisation), else [`host_i32`].
+/// `[n]` tensor it keeps equal to `t`: no device read, no synchronisation), else [`host_i32`]. The
+/// ops bound their reads by these values, so a mirror must equal its array: checked when `t` is on
+/// the host too (free there); for a device array it is the caller's contract (the engine step's
+/// mirrors are the same plan rows it copies to the device).
 fn host_or_mirror(t: &Tensor<'_>, mirror: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<i32>> {
     match mirror.filter(|m| !m.is_none()) {
         Some(m) => {
@@ -95,7 +98,21 @@ fn host_or_mirror(t: &Tensor<'_>, mirror: Option<&Bound<'_, PyAny>>) -> PyResult
             let h = int32_vector(&name, m, t.shape[0], "the entries of its device array")?;
             h.expect_cpu()?;
             // SAFETY: host int32 1-D tensor (checked above).
-            Ok(unsafe { h.read_strided::<i32>() })
+            let values = unsafe { h.read_strided::<i32>() };
+            if t.device == Device::Cpu {
+                // SAFETY: host int32 1-D tensor (checked by the caller).
+                let actual = unsafe { t.read_strided::<i32>() };
+                if let Some(i) = (0..values.len()).find(|&i| values[i] != actual[i]) {
+                    return Err(error(
+                        Kind::InvalidArgument,
+                        format!(
+                            "{name}[{i}] is {} but {}[{i}] is {}: a host mirror must equal its array",
+                            values[i], t.name, actual[i]
+                        ),
+                    ));
+                }
+            }
+            Ok(values)
         }
         None => host_i32(t),
     }

@@ -279,8 +279,14 @@ def test_engine_step_queues_no_blocking_transfer(name, tmp_path):
     for _ in range(64):
         before = rig.engine.evictions(0)
         mode = Blocking()
-        with mode:
-            rig.step(1, False)
+        # torch's own sync check too: it sees what the dispatch mode cannot (torch.tensor(list,
+        # device=) copies below the Python dispatch key, syncs inside torch kernels)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with mode:
+                rig.step(1, False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
         if rig.engine.evictions(0) > before:
             assert mode.seen == [], mode.seen

@@ -369,3 +369,19 @@ def test_host_mirrors_are_read_instead_of_the_device_arrays():
         fkv.select_survivors(c["sl"], c["ls"], outs[0][0], evict, top, num_evict_host=evict[:2])
     with pytest.raises(fkv.DTypeError, match="seq_lens_host"):
         fkv.compact(kc, vc, c["bt"], c["sl"], c["ls"], evict, top, seq_lens_host=c["sl"].long())
+
+
+def test_a_host_mirror_that_disagrees_with_its_array_is_refused():
+    """The ops bound their reads by the mirrors, so on host tensors (where checking is free) a mirror
+    that differs from its array is an InvalidArgumentError naming both and the entry."""
+    from test_cuda import eviction_case
+
+    c = eviction_case(torch.float16, 6)
+    wrong = c["sl"].clone()
+    wrong[1] += 16
+    with pytest.raises(fkv.InvalidArgumentError, match=r"seq_lens_host\[1\] is 53 but seq_lens\[1\] is 37"):
+        fkv.paged_attention_decode(c["q"], c["kc"], c["vc"], c["bt"], c["sl"], c["ls"], seq_lens_host=wrong)
+    evict = torch.tensor([32, 16, 16], dtype=torch.int32)
+    survivors = torch.zeros(3, 2, 200, dtype=torch.int32)
+    with pytest.raises(fkv.InvalidArgumentError, match="num_evict_host"):
+        fkv.compact(c["kc"], c["vc"], c["bt"], c["sl"], c["ls"], evict, survivors, num_evict_host=evict + 16)
