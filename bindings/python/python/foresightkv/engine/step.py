@@ -946,11 +946,11 @@ class EvictionEngine:
         live, num_evict = live_a.tolist(), evict_a.tolist()
         sl = win.seq_lens.index_select(0, sel).contiguous()
         ls = win.evict_starts.index_select(0, sel).contiguous()
-        ne = to_device(evict_a.astype(np.int32), device)
         # host mirrors of the due rows' windows (what sl / ls / ne hold), so no kernel reads them back
         sl_host = torch.from_numpy(rows[_ROW["window_lens"]].astype(np.int32))
         ls_host = torch.from_numpy(rows[_ROW["evict_starts"]].astype(np.int32))
         ne_host = torch.from_numpy(evict_a.astype(np.int32))
+        ne = to_device(ne_host, device)
         kp = self._kept.get(layer)
         if kp is None:
             kp = self._kept[layer] = _KeptPositions()

@@ -24,8 +24,6 @@ def to_device(x: Any, device: Any, dtype: Optional[torch.dtype] = None) -> torch
         t = torch.tensor(x, dtype=dtype)
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
-    if device.type == "cpu" or t.device.type != "cpu":
-        return t.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
