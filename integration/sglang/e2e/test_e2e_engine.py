@@ -13,6 +13,7 @@ import harness
 import pytest
 from conftest import B, GEN, PROMPT_LENS, L
 from foresightkv.errors import ConfigError
+from tiny_model import TINY_CONFIG
 
 POOL = 4096
 
@@ -54,6 +55,13 @@ def check_eviction(fkv: dict, outs, native, st: dict) -> None:
     # Per request at most B + L live entries plus the token being written (and its prompt when protected),
     # plus the slots of the one step SGLang's overlap keeps before they are returned.
     check_audit(st, sum((p if protect else 0) + b + 2 * iv + 1 for p in PROMPT_LENS))
+    # The query rings were reserved at start-up for every request row SGLang allocated: per row, each of
+    # the model's layers keeps max(L, 8) queries of its query heads x head dim in fp32.
+    rings = st["rings"]
+    cfg = TINY_CONFIG
+    per_row = cfg["num_hidden_layers"] * max(iv, 8) * cfg["num_attention_heads"] * cfg["head_dim"] * 4
+    assert rings is not None and rings["rows"] == rings["max_running_requests"] >= len(PROMPT_LENS)
+    assert rings["bytes"] == rings["rows"] * per_row
 
 
 #: One engine per entry (start-up dominates the suite's time): a representative set; every policy

@@ -146,6 +146,7 @@ class ForesightKVAttnBackend(AttentionBackend):
         self.engine = EvictionEngine(config, block_size=1, checkpoint=checkpoint)
         _check_scorer(self.engine, model_runner)
         _reserve_stats(self.engine, model_runner)
+        _reserve_rings(self.engine, model_runner)
         self.ledger = ledger_for(self.req_to_token_pool)
         self.forward_metadata: Optional[ForwardMetadata] = None
         #: Slots this backend gave back to the allocator so far (for tests and logs).
@@ -362,15 +363,50 @@ def _reserve_stats(engine: EvictionEngine, model_runner) -> None:
     )
 
 
-class StatsMemoryError(ConfigError):
-    """The eviction statistics could not be allocated at start-up; the message names the bytes
-    needed and the flags that make room."""
+def _reserve_rings(engine: EvictionEngine, model_runner) -> None:
+    """Allocates every layer's query rings at start-up for every request row of SGLang's
+    ``ReqToTokenPool`` (its ``size``; row 0 is padding: a request holds state only while it holds a
+    row, so no forward needs more), when the runner carries
+    SGLang's model config. SGLang sized the KV pool from its budget less these rings
+    (``hooks.pool_budget_hook``), so they fit inside ``--mem-fraction-static``; the bytes are logged and
+    a failed allocation stops start-up with ``StatsMemoryError`` naming them."""
+    mc = getattr(model_runner, "model_config", None)
+    if mc is None or not engine.policy.evicts:
+        return
+    pool = model_runner.token_to_kv_pool
+    rows = int(model_runner.req_to_token_pool.size)
+    start = getattr(pool, "start_layer", 0) or 0
+    layers = range(start, start + pool.layer_num)
+    heads = pool.head_num * (mc.num_attention_heads // mc.get_total_num_kv_heads())
+    dtype = getattr(model_runner, "dtype", None) or pool.dtype
+    need = len(layers) * rows * engine.ring * heads * pool.head_dim * torch.empty(0, dtype=dtype).element_size()
+    try:
+        total = engine.reserve(
+            max_requests=rows, layers=layers, num_q_heads=heads, head_dim=pool.head_dim, dtype=dtype, device=pool.device
+        )
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        raise StatsMemoryError(need, str(pool.device), e, what="query rings") from e
+    logger.info(
+        "foresightkv: reserved %d bytes (%.3f GiB) of query rings for %d layers x %d request rows x %d queries on %s",
+        total,
+        total / 2**30,
+        len(layers),
+        rows,
+        engine.ring,
+        pool.device,
+    )
 
-    def __init__(self, need: int, device: str, cause: BaseException) -> None:
+
+class StatsMemoryError(ConfigError):
+    """The eviction statistics (or the query rings) could not be allocated at start-up; the message
+    names the bytes needed and the flags that make room."""
+
+    def __init__(self, need: int, device: str, cause: BaseException, what: str = "eviction statistics") -> None:
+        rings = " or --max-running-requests" if what == "query rings" else ""
         super().__init__(
             f"foresightkv could not allocate {need} bytes ({need / 2**30:.2f} GiB) on {device} for its "
-            f"eviction statistics next to the KV pool ({type(cause).__name__}: {cause}). Make room: lower "
-            "--mem-fraction-static (or --max-total-tokens); on CPU, free host memory"
+            f"{what} next to the KV pool ({type(cause).__name__}: {cause}). Make room: lower "
+            f"--mem-fraction-static (or --max-total-tokens{rings}); on CPU, free host memory"
         )
         #: Bytes the statistics need.
         self.needed = need

@@ -390,65 +390,119 @@ def _model(tmp_path, heads=4, kv_heads=2, layers=2):
     return tiny_model_config(tmp_path, heads, kv_heads, layers)
 
 
-def test_sglang_sizes_the_kv_pool_with_the_statistics_counted(server_args, monkeypatch, tmp_path):
-    """SGLang's pool sizing (``KVCacheConfigurator.config_from_budget``: the memory budget over the
-    bytes per token of ``DefaultPoolConfigurator``) counts foresightkv's statistics, so the pool
-    shrinks by their share and K/V plus statistics fit the budget; the statistics reserved at start-up
-    are exactly that share."""
+def _configurator(server_args, mc, backend):
+    """SGLang's own ``KVCacheConfigurator`` for model config ``mc`` on CPU in fp32 (page size 1)."""
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.model_executor.model_runner_components.layer_setup import ModelLayerInfo
     from sglang.srt.model_executor.model_runner_components.spec_aux_hidden_state import SpecAuxHiddenStateConfig
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
+    args = copy.copy(server_args)
+    args.attention_backend = backend
+    return KVCacheConfigurator(
+        device="cpu",
+        gpu_id=0,
+        attn_dp_size=1,
+        pp_size=1,
+        pp_group=None,
+        model=None,
+        model_config=mc,
+        server_args=args,
+        kv_cache_dtype=torch.float32,
+        model_dtype=torch.float32,
+        page_size=1,
+        sliding_window_size=None,
+        spec_algorithm=SpeculativeAlgorithm.NONE,
+        is_draft_worker=False,
+        post_capture_kv_active=False,
+        spec_aux_config=SpecAuxHiddenStateConfig(),
+        is_hybrid_swa=False,
+        is_hybrid_swa_compress=False,
+        use_mla_backend=False,
+        layer_info=ModelLayerInfo(start_layer=0, end_layer=2, num_effective_layers=2),
+        forward_stream=None,
+        req_to_token_pool=None,
+        token_to_kv_pool_allocator=None,
+        memory_pool_config=None,
+    )
+
+
+#: Bytes per token of the test model (2 layers, 2 KV heads of 4 query heads, head dim 64, fp32):
+#: K + V, and foresightkv's statistics (8 float32 per KV head, query of its group and layer).
+KV_PER_TOKEN = 2 * 2 * 64 * 2 * 4
+STATS_PER_TOKEN = 2 * 2 * 2 * 8 * 4
+
+
+def _ring_per_request(interval):
+    """Query-ring bytes per request row by the method's definition: each of 2 layers keeps the last
+    max(L, 8) queries of its 4 query heads x head dim 64 in fp32."""
+    return 2 * max(interval, 8) * 4 * 64 * 4
+
+
+def test_sglang_sizes_the_kv_pool_with_statistics_and_query_rings_counted(server_args, monkeypatch, tmp_path):
+    """SGLang's pool sizing (``KVCacheConfigurator.config_from_budget`` then ``resolve_max_num_reqs``,
+    its own code) counts foresightkv's statistics per token and its query rings per request row: K/V,
+    statistics and the rings of every row SGLang allocates fit the budget, and the pool is not smaller
+    than that leaves room for; the backend then reserves exactly those statistics and rings, so no
+    allocation grows while serving."""
     monkeypatch.setenv("FORESIGHTKV_CONFIG", json.dumps({"budget": B, "interval": L, "policy": "h2o"}))
     mc = _model(tmp_path)
-    kv_per_token = 2 * 2 * 64 * 2 * 4  # layers x KV heads x (K + V) x head dim x fp32
-    stats_per_token = 2 * 2 * 2 * 8 * 4  # layers x KV heads x group x 8 float32
-
-    def pool_tokens(backend, budget):
-        args = copy.copy(server_args)
-        args.attention_backend = backend
-        kvc = KVCacheConfigurator(
-            device="cpu",
-            gpu_id=0,
-            attn_dp_size=1,
-            pp_size=1,
-            pp_group=None,
-            model=None,
-            model_config=mc,
-            server_args=args,
-            kv_cache_dtype=torch.float32,
-            model_dtype=torch.float32,
-            page_size=1,
-            sliding_window_size=None,
-            spec_algorithm=SpeculativeAlgorithm.NONE,
-            is_draft_worker=False,
-            post_capture_kv_active=False,
-            spec_aux_config=SpecAuxHiddenStateConfig(),
-            is_hybrid_swa=False,
-            is_hybrid_swa_compress=False,
-            use_mla_backend=False,
-            layer_info=ModelLayerInfo(start_layer=0, end_layer=2, num_effective_layers=2),
-            forward_stream=None,
-            req_to_token_pool=None,
-            token_to_kv_pool_allocator=None,
-            memory_pool_config=None,
-        )
-        return kvc.config_from_budget(budget).max_total_num_tokens
-
+    per_token, ring = KV_PER_TOKEN + STATS_PER_TOKEN, _ring_per_request(L)
     budget = 1 << 20
-    native, ours = pool_tokens("torch_native", budget), pool_tokens("foresightkv", budget)
-    assert native == budget // kv_per_token
-    assert ours == budget // (kv_per_token + stats_per_token)
-    rig = Rig(server_args, size=ours, rows=4, max_ctx=64)
+    native = _configurator(server_args, mc, "torch_native").config_from_budget(budget).max_total_num_tokens
+    assert native == budget // KV_PER_TOKEN
+    kvc = _configurator(server_args, mc, "foresightkv")
+    ours = kvc.config_from_budget(budget).max_total_num_tokens
+    rows = kvc.resolve_max_num_reqs(ours)  # SGLang's ReqToTokenPool(size=rows): rows + padding row 0
+    assert 1 <= rows <= ours
+    assert ours * per_token + rows * ring <= budget
+    assert (ours + 1) * per_token + rows * ring > budget
+    # the default rows: as many requests as the budget holds at a full window (B + L + 1 slots + rings)
+    assert rows <= budget // ((B + L + 1) * per_token + ring)
+    rig = Rig(server_args, size=ours, rows=rows, max_ctx=64)
     rig.runner.model_config = mc
     be = _backend(rig, _h2o())
-    # SGLang's pool has one padding slot more than its size
-    assert be.engine.stats_bytes() == (ours + 1) * stats_per_token
-    assert ours * (kv_per_token + stats_per_token) <= budget
-    # full_cache never evicts: no statistics, the native pool
+    assert be.engine.stats_bytes() == (ours + 1) * STATS_PER_TOKEN  # SGLang's pool: one padding slot more
+    assert be.engine.reserved_bytes() - be.engine.stats_bytes() == rows * ring
+    # full_cache never evicts: no statistics, no rings, the native pool and rows
     monkeypatch.setenv("FORESIGHTKV_CONFIG", json.dumps({"budget": B, "interval": L, "policy": "full_cache"}))
-    assert pool_tokens("foresightkv", budget) == native
+    full = _configurator(server_args, mc, "foresightkv")
+    assert full.config_from_budget(budget).max_total_num_tokens == native
+
+
+def _with(server_args, **kw):
+    """A copy of ``server_args`` with ``kw`` set."""
+    args = copy.copy(server_args)
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_explicit_max_running_requests_reserve_their_rings_or_are_refused(server_args, monkeypatch, tmp_path):
+    """With ``--max-running-requests N`` the rings of N request rows come off the budget (SGLang keeps N);
+    an N whose rings leave no room for one eviction window is refused at sizing, naming the flag."""
+    from sglang.srt.runtime_context import publish
+
+    from foresightkv_sglang.hooks import RingMemoryError
+
+    monkeypatch.setenv("FORESIGHTKV_CONFIG", json.dumps({"budget": B, "interval": L, "policy": "snapkv"}))
+    mc = _model(tmp_path)
+    per_token, ring = KV_PER_TOKEN + STATS_PER_TOKEN, _ring_per_request(L)
+    budget = 1 << 21
+    try:
+        for n in (1, 3, 40):
+            publish(_with(server_args, max_running_requests=n), role="scheduler")
+            kvc = _configurator(server_args, mc, "foresightkv")
+            tokens = kvc.config_from_budget(budget).max_total_num_tokens
+            assert tokens == (budget - n * ring) // per_token
+            assert kvc.resolve_max_num_reqs(tokens) == n
+        too_many = budget // ring
+        publish(_with(server_args, max_running_requests=too_many), role="scheduler")
+        with pytest.raises(RingMemoryError, match="--max-running-requests") as e:
+            _configurator(server_args, mc, "foresightkv").config_from_budget(budget)
+        assert isinstance(e.value, ConfigError) and f"for {too_many} running requests" in str(e.value)
+    finally:
+        publish(server_args, role="scheduler")
 
 
 def test_statistics_allocation_failure_names_the_flag(server_args, tmp_path, caplog):

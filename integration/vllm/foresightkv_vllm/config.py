@@ -181,6 +181,11 @@ def _engine_problems(vllm_config: Any, shape: ModelShape, block_size: Optional[i
         size = getattr(pc, name, 1) or 1
         if size > 1:
             out.append(f"context parallelism is not supported (drop {flag} {size})")
+    if getattr(pc, "enable_dbo", False) or (getattr(pc, "ubatch_size", 0) or 0) > 1:
+        # Micro-batches run the same layers' attention interleaved: the one planned step per forward,
+        # its query rings and its pending evictions would be shared between them.
+        flag = "--enable-dbo" if getattr(pc, "enable_dbo", False) else f"--ubatch-size {pc.ubatch_size}"
+        out.append(f"micro-batching (dual batch overlap) is not supported (drop {flag})")
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         out.append(
             "KV connectors are not supported: KV written or read outside the backend bypasses eviction "

@@ -281,3 +281,16 @@ def test_context_parallelism_and_kv_connectors_are_refused(make_vllm_config, kw,
         pytest.skip(f"vLLM refuses {kw} here: {e}")
     with pytest.raises(ConfigError, match=f"drop {flag}"):
         load_settings(cfg)
+
+
+@pytest.mark.parametrize("attr,value,flag", [("enable_dbo", True, "--enable-dbo"), ("ubatch_size", 2, "--ubatch-size 2")])
+def test_micro_batching_is_refused(make_vllm_config, attr, value, flag):
+    """Dual batch overlap runs two micro-batches through the same layers interleaved; one planned step,
+    its rings and pending evictions cannot be shared between them, so the setting is refused by name.
+    Set on a built config: vLLM itself refuses DBO without its all-to-all backends on this platform."""
+    cfg = make_vllm_config(GOOD)
+    load_settings(cfg)  # accepted without micro-batching
+    setattr(cfg.parallel_config, attr, value)
+    assert cfg.parallel_config.use_ubatching
+    with pytest.raises(ConfigError, match=f"drop {flag}"):
+        load_settings(cfg)

@@ -6,7 +6,9 @@ wrapped to keep the exact set of slots handed out. A slot freed while not handed
 or a free of a slot never allocated) or handed out while already held is recorded as a violation.
 After every free the process writes ``<dir>/alloc-<pid>.json``: pool size, slots held now, the most
 ever held at once, call counts and the violations (the first 20), so that a test in another process
-can check that the pool returned to full and that no slot was freed twice."""
+can check that the pool returned to full and that no slot was freed twice. When foresightkv's SGLang
+backend reserves its query rings at start-up, the state also records ``rings``: the request rows they
+cover, their bytes and the engine's ``max_running_requests``."""
 
 import json
 import os
@@ -61,6 +63,7 @@ def after_import(name: str, fn: Callable) -> None:
 ENV = "FKV_E2E_AUDIT"
 MODULE = "sglang.srt.mem_cache.allocator.token"
 BATCH_MODULE = "sglang.srt.managers.schedule_batch"
+RINGS_MODULE = "foresightkv_sglang.backend"
 
 
 class AllocatorAudit:
@@ -77,6 +80,7 @@ class AllocatorAudit:
         self.freed_slots = 0
         self.violations = []
         self.retracted = 0
+        self.rings = None
 
     def on_alloc(self, slots) -> None:
         """Records the slots ``alloc`` returned (None: the allocator had too few)."""
@@ -125,6 +129,7 @@ class AllocatorAudit:
             "freed_slots": self.freed_slots,
             "retracted": self.retracted,
             "violations": self.violations[:20],
+            "rings": self.rings,
         }
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
@@ -195,7 +200,27 @@ def _instrument(mod) -> None:
     cls._fkv_audit = audit
 
 
+def _record_rings(mod) -> None:
+    """Wraps foresightkv's ``backend._reserve_rings`` to record what the backend reserved."""
+    reserve = mod._reserve_rings
+
+    def recorded(engine, model_runner):
+        out = reserve(engine, model_runner)
+        audit = _the_audit()
+        with audit.lock:
+            audit.rings = {
+                "rows": int(model_runner.req_to_token_pool.size),
+                "bytes": int(engine.reserved_bytes() - engine.stats_bytes()),
+                "max_running_requests": int(model_runner.max_running_requests),
+            }
+            audit.write()
+        return out
+
+    mod._reserve_rings = recorded
+
+
 if os.environ.get(ENV):
     os.makedirs(os.environ[ENV], exist_ok=True)
     after_import(MODULE, _instrument)
+    after_import(RINGS_MODULE, _record_rings)
     after_import(BATCH_MODULE, _count_retractions)

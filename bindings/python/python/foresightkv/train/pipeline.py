@@ -10,6 +10,7 @@ Work directory layout:
 - ``rl/state.pt`` + ``rl/history.json`` + ``rl/scorer/``,
 - ``eval.json``; ``run.json`` (the arguments of the last run) and ``timings.json`` (seconds per stage).
 
+``--init-scorer DIR`` starts RL from an existing supervised scorer (labels and SL are skipped).
 The final scorer (RL when ``--rl-steps > 0``, else supervised) is copied to ``--out`` with a
 ``training.json`` recording the command, seed, data and stage costs."""
 
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import ConfigError, Error
 from .labels import LabelSet, read_meta, write_labels
 from .rl import RlConfig, train_rl
 from .rl import save_history as save_rl
@@ -213,6 +215,20 @@ class Pipeline:
         self._finish("rl", scorer, t0)
         return scorer
 
+    def initial_scorer(self, path: Path) -> TorchScorer:
+        """The supervised scorer RL starts from when ``--init-scorer`` gives one (a scorer checkpoint
+        directory, checked against the model), instead of the labels and SL stages."""
+        from .._native import ScorerCheckpoint
+
+        try:
+            ck = ScorerCheckpoint.load(str(path))
+            shp = self.shape()
+            ck.check_model(shp.num_layers, shp.num_kv_heads, shp.group, shp.head_dim)
+        except Error as e:
+            raise ConfigError(f"--init-scorer {path}: {e}") from e
+        _log(f"RL starts from the scorer in {path} (labels and SL skipped)")
+        return TorchScorer.from_checkpoint(ck).to(self.device)
+
     def _resume(self, stage: str, label: str) -> Tuple[Path, Optional[TorchScorer]]:
         """A training stage's directory (made) and, when the stage is done, the scorer it saved
         (``<stage>/state.pt``; None when it still has to run)."""
@@ -254,7 +270,7 @@ class Pipeline:
             _log("no held-out split: skipping the eval")
             return None
         t0 = time.time()
-        scorers = {"foresight-sl": self.work / "sl" / "scorer"}
+        scorers = {"foresight-sl": Path(a.init_scorer) if a.init_scorer else self.work / "sl" / "scorer"}
         if (self.work / "rl" / "scorer").exists():
             scorers["foresight-sl+rl"] = self.work / "rl" / "scorer"
         self.model()
@@ -271,8 +287,13 @@ class Pipeline:
         a = self.args
         (self.work / "run.json").write_text(json.dumps({k: str(v) for k, v in vars(a).items() if k != "func"}, indent=2))
         train, heldout = self.traces()
-        paths = self.labels(train)
-        sl = self.supervised(paths)
+        if a.init_scorer:
+            if a.rl_steps <= 0:
+                raise ConfigError(f"--init-scorer {a.init_scorer} starts the RL stage: give --rl-steps > 0 (got {a.rl_steps})")
+            sl, paths = self.initial_scorer(Path(a.init_scorer)), []
+        else:
+            paths = self.labels(train)
+            sl = self.supervised(paths)
         final_dir = self.work / "sl" / "scorer"
         if a.rl_steps > 0:
             self.reinforce(sl, train)
@@ -331,6 +352,10 @@ def add_arguments(p) -> None:
     p.add_argument("--sl-warmup", type=int, default=10)
     p.add_argument("--sl-batch", type=int, default=8, help="evictions (each: every layer and KV head) per SL step")
     p.add_argument("--max-pairs", type=int, default=16384, help="pairs sampled per row when N^2 exceeds it")
+    p.add_argument(
+        "--init-scorer", default=None,
+        help="scorer checkpoint directory to start RL from (a supervised scorer of this model): skips labels and SL",
+    )
     p.add_argument("--rl-steps", type=int, default=10)
     p.add_argument("--rl-traces", type=int, default=2, help="traces per RL step")
     p.add_argument("--group", type=int, default=4, help="sampled trajectories per trace (GRPO group)")
