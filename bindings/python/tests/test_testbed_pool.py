@@ -33,7 +33,7 @@ def fake_result(indices, rng, policies=POLICIES, budgets=("128", "256")):
         "mass_kept": {b: {p: sum(mass[(b, p)]) / len(indices) for p in policies if p != "full"} for b in budgets},
         "done": {"mass": len(indices)},
         "asked": {"mass": len(indices)},
-        "per_sequence": [{"split": "heldout", "index": i} for i in indices],
+        "per_sequence": [{"split": "heldout", "index": i, "ce_128_full": 1.0, "acc_128_full": 1} for i in indices],
     }
     return res, raw, acc, mass
 
@@ -79,6 +79,20 @@ def test_overlapping_parts_are_refused():
         pool_results([a, b])
 
 
+def test_a_row_stopped_before_any_measurement_does_not_overlap():
+    """A run cut by ``--minutes`` writes a bookkeeping-only row for the sequence it did not measure; the
+    run that measures it next pools with it, and a row that did measure still refuses the overlap."""
+    rng = random.Random(2)
+    a = fake_result([0, 1, 2], rng)[0]
+    a["per_sequence"].append({"split": "heldout", "index": 3, "len": 1500, "prompt_len": 1400, "full_vs_stored_max_abs_ce": 0.0})
+    b = fake_result([3, 4], rng)[0]
+    pooled = pool_results([merge_results([a]), merge_results([b])])
+    assert pooled["heldout_indices"] == [0, 1, 2, 3, 4]
+    a["per_sequence"][-1]["acc_128_h2o"] = 0
+    with pytest.raises(ValueError, match="held-out sequence 3"):
+        pool_results([merge_results([a]), merge_results([b])])
+
+
 def test_merge_takes_each_cell_from_the_first_file_that_has_it():
     rng = random.Random(5)
     first, _, _, _ = fake_result([0, 1], rng, policies=["full", "golden"], budgets=("128",))
@@ -88,3 +102,34 @@ def test_merge_takes_each_cell_from_the_first_file_that_has_it():
     assert m["loss_ratio"]["heldout/all"]["128"]["h2o"] == second["loss_ratio"]["heldout/all"]["128"]["h2o"]
     assert list(m["loss_ratio"]["heldout/all"]) == ["128", "512"]
     assert m["heldout_indices"] == [0, 1]
+
+
+def test_accuracy_from_rows_counts_each_long_trace_once():
+    """Accuracy recomputed from per-sequence rows over overlapping files equals the mean over the
+    distinct long-enough traces, counted directly; a later file that disagrees is counted as a conflict
+    and does not change the figure."""
+    from foresightkv.testbed.harness import accuracy_from_rows
+
+    rng = random.Random(3)
+    truth = {}
+    files = []
+    for lo, hi in ((0, 6), (4, 10), (9, 12)):
+        rows = []
+        for i in range(lo, hi):
+            length = 1400 + 30 * i
+            row = {"split": "heldout", "index": i, "len": length}
+            for b in ("128", "256"):
+                for p in ("full", "h2o"):
+                    v = truth.setdefault((i, b, p), rng.randint(0, 1))
+                    row[f"acc_{b}_{p}"] = v
+            rows.append(row)
+        files.append({"per_sequence": rows})
+    files[2]["per_sequence"][0]["acc_128_h2o"] ^= 1  # sequence 9 again, disagreeing
+    got = accuracy_from_rows(files, min_tokens=1500)
+    long_ = [i for i in range(12) if 1400 + 30 * i >= 1500]
+    assert got["sequences"] == long_ and got["conflicts"] == 1
+    for b in ("128", "256"):
+        for p in ("full", "h2o"):
+            want = sum(truth[(i, b, p)] for i in long_) / len(long_)
+            assert got["accuracy"][b][p] == pytest.approx(want) and got["accuracy_n"][b][p] == len(long_)
+    assert got["policies"][0] == "full"

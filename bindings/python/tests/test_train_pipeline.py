@@ -121,7 +121,8 @@ def test_train_command_end_to_end_and_resume(tmp_path):
         for flag, value in zip(bad[::2], bad[1::2]):
             args[args.index(flag) + 1] = value
         r = subprocess.run(args, check=False, capture_output=True, text=True, timeout=170)
-        assert r.returncode != 0 and needle in r.stderr, r.stderr[-2000:]
+        assert r.returncode == 2 and needle in r.stderr and "ConfigError" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
 
     # The saved scorer serves: the simulator's foresight policy (the serving step) runs on it and the
     # core's scores equal the torch scorer's.

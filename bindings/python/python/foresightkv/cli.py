@@ -262,4 +262,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for add, _ in COMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][1](args)
+    from .errors import Error
+
+    try:
+        return COMMANDS[args.command][1](args)
+    except Error as e:
+        # Bad input (files, configs, shapes, sizes): the typed error and its message, not a traceback.
+        print(f"foresightkv {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2

@@ -16,7 +16,7 @@ import math
 import platform
 import time
 from collections.abc import Sequence
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -337,8 +337,62 @@ def _summary(loss, acc, mass, done, per_budget, per_seq, policies, budgets, inte
 
 
 def heldout_indices(result: Dict[str, Any]) -> List[int]:
-    """The held-out sequence indices a result file evaluated (its per-sequence rows)."""
-    return sorted({int(r["index"]) for r in result.get("per_sequence", []) if r.get("split") == "heldout"})
+    """The held-out sequence indices a result file measured: its per-sequence rows that carry a loss
+    (``ce_*``) or accuracy (``acc_*``) figure. A row a time limit (``--minutes``) stopped before any
+    measurement holds only bookkeeping and does not count, so the next run may measure it."""
+    return sorted(
+        {
+            int(r["index"])
+            for r in result.get("per_sequence", [])
+            if r.get("split") == "heldout" and any(k.startswith(("ce_", "acc_")) for k in r)
+        }
+    )
+
+
+def accuracy_from_rows(results: Sequence[Dict[str, Any]], min_tokens: int = 0) -> Dict[str, Any]:
+    """Task accuracy per budget and policy recomputed from the per-sequence rows (``acc_{B}_{policy}``)
+    of ``results`` (any files, overlapping or not), over the held-out sequences of at least
+    ``min_tokens`` tokens: each (sequence, budget, policy) counted once, from the first file that has
+    it; ``conflicts`` counts later files that disagree with it. Returns ``{"policies", "accuracy",
+    "accuracy_n", "sequences", "conflicts"}``."""
+    seen: Dict[Tuple[int, str, str], int] = {}
+    conflicts = 0
+    for r in results:
+        for row in r.get("per_sequence", []):
+            if row.get("split") != "heldout" or int(row.get("len", 0)) < min_tokens:
+                continue
+            for k, v in row.items():
+                if not k.startswith("acc_"):
+                    continue
+                b, p = k[len("acc_"):].split("_", 1)
+                key = (int(row["index"]), b, p)
+                if key not in seen:
+                    seen[key] = int(v)
+                elif seen[key] != int(v):
+                    conflicts += 1
+    policies: List[str] = []
+    for _, _, p in seen:
+        if p not in policies:
+            policies.append(p)
+    policies.sort(key=lambda p: (p != "full", p))
+    acc: Dict[str, Dict[str, float]] = {}
+    n: Dict[str, Dict[str, int]] = {}
+    for (_, b, p), v in seen.items():
+        acc.setdefault(b, {}).setdefault(p, 0.0)
+        acc[b][p] += v
+        n.setdefault(b, {}).setdefault(p, 0)
+        n[b][p] += 1
+    for b in acc:
+        for p in acc[b]:
+            acc[b][p] /= n[b][p]
+    order = sorted(acc, key=int)
+    return {
+        "policies": policies,
+        "accuracy": {b: acc[b] for b in order},
+        "accuracy_n": {b: n[b] for b in order},
+        "sequences": sorted({i for i, _, _ in seen}),
+        "conflicts": conflicts,
+    }
 
 
 def merge_results(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
