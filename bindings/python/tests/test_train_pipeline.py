@@ -100,14 +100,16 @@ def test_train_command_end_to_end_and_resume(tmp_path):
 
     # RL from an existing supervised scorer (--init-scorer): no labels, no SL stage of its own.
     out2, work2 = tmp_path / "scorer2", tmp_path / "work2"
-    init = ["--init-scorer", str(work / "sl" / "scorer"), "--threads", "1"]
+    init = ["--init-scorer", str(work / "sl" / "scorer"), "--threads", "1", "--kl-start", "0.1", "--kl-anneal-fraction", "1"]
     cmd2 = train_command(model_dir, traces, out2, work2, *init)
     cmd2[cmd2.index("--rl-steps") + 1], cmd2[cmd2.index("--eval-count") + 1] = "1", "1"
     run2 = subprocess.run(cmd2, check=False, capture_output=True, text=True, timeout=170)
     assert run2.returncode == 0, run2.stderr[-4000:]
     assert "labels and SL skipped" in run2.stderr
     assert not (work2 / "labels").exists() and not (work2 / "sl").exists()
-    assert len(json.loads((work2 / "rl" / "history.json").read_text())["log"]) == 1
+    hist2 = json.loads((work2 / "rl" / "history.json").read_text())
+    assert len(hist2["log"]) == 1 and hist2["log"][0]["kl_weight"] == 0.1
+    assert hist2["config"]["kl_start"] == 0.1 and hist2["config"]["kl_anneal_fraction"] == 1.0
     info2 = json.loads((out2 / "training.json").read_text())
     assert info2["stage"] == "rl" and info2["label_files"] == 0
     assert set(info2["eval"]["loss_ratio"]["heldout/all"]["32"]) == {"full", "foresight-sl", "foresight-sl+rl", "h2o"}
@@ -116,10 +118,14 @@ def test_train_command_end_to_end_and_resume(tmp_path):
     for bad, needle in (
         (["--rl-steps", "0"], "give --rl-steps > 0"),
         (["--init-scorer", str(tmp_path / "missing")], "--init-scorer"),
+        (["--rl-steps", "1", "--kl-anneal-fraction", "1.5"], "--kl-anneal-fraction 1.5"),
     ):
         args = [c for c in cmd2]
         for flag, value in zip(bad[::2], bad[1::2]):
-            args[args.index(flag) + 1] = value
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
         r = subprocess.run(args, check=False, capture_output=True, text=True, timeout=170)
         assert r.returncode == 2 and needle in r.stderr and "ConfigError" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr

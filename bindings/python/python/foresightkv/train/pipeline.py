@@ -209,7 +209,10 @@ class Pipeline:
 
         scorer = TorchScorer(*sl.shape).to(self.device)
         scorer.load_state_dict(sl.state_dict())
-        cfg = RlConfig(steps=a.rl_steps, group=a.group, traces_per_step=a.rl_traces, lr=a.rl_lr, ppo_epochs=a.ppo_epochs, temperature=a.temperature, seed=a.seed)
+        cfg = RlConfig(
+            steps=a.rl_steps, group=a.group, traces_per_step=a.rl_traces, lr=a.rl_lr, ppo_epochs=a.ppo_epochs,
+            temperature=a.temperature, seed=a.seed, kl_start=a.kl_start, kl_anneal_fraction=a.kl_anneal_fraction,
+        )
         hist = train_rl(scorer, len(usable), rollout, cfg, device=self.device, log=lambda e: _log(f"rl {json.dumps(e)}"), progress=not a.quiet)
         save_rl(rdir / "history.json", cfg, hist)
         self._finish("rl", scorer, t0)
@@ -286,6 +289,10 @@ class Pipeline:
         """All stages; returns a summary."""
         a = self.args
         (self.work / "run.json").write_text(json.dumps({k: str(v) for k, v in vars(a).items() if k != "func"}, indent=2))
+        if not a.kl_start >= 0 or not 0 <= a.kl_anneal_fraction <= 1:
+            raise ConfigError(
+                f"--kl-start {a.kl_start} must be >= 0 and --kl-anneal-fraction {a.kl_anneal_fraction} in [0, 1]"
+            )
         train, heldout = self.traces()
         if a.init_scorer:
             if a.rl_steps <= 0:
@@ -361,6 +368,11 @@ def add_arguments(p) -> None:
     p.add_argument("--group", type=int, default=4, help="sampled trajectories per trace (GRPO group)")
     p.add_argument("--rl-lr", type=float, default=3e-4)
     p.add_argument("--ppo-epochs", type=int, default=2)
+    p.add_argument("--kl-start", type=float, default=0.05, help="weight of the KL to the supervised scorer at the first RL step")
+    p.add_argument(
+        "--kl-anneal-fraction", type=float, default=0.4,
+        help="fraction of the RL steps over which the KL weight falls linearly to 0 (the paper: 0.4)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="sampler softmax temperature")
     p.add_argument("--eval-count", type=int, default=8, help="held-out sequences in the final eval")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
