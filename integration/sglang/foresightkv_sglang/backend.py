@@ -94,6 +94,12 @@ def validate_runner(model_runner, config: EngineConfig) -> None:
                 "--attention-backend foresightkv without a different --prefill-attention-backend or "
                 "--decode-attention-backend"
             )
+        for flag, value in _slot_moving_features(args, BACKEND_SPLITTING_FEATURES):
+            raise ConfigError(
+                f"foresightkv does not support {flag}: SGLang then splits a forward between several attention "
+                "backends, and each would plan and evict with its own copy of the requests' eviction state. "
+                f"Remove {flag}"
+            )
         for flag, value in _slot_moving_features(args):
             raise ConfigError(
                 f"foresightkv does not support {flag} ({value!r}): it moves or shares KV slots outside "
@@ -125,9 +131,19 @@ SLOT_MOVING_FEATURES = (
 )
 
 
-def _slot_moving_features(args):
-    """``(flag, value)`` of each feature of ``SLOT_MOVING_FEATURES`` that ``args`` turn on."""
-    for attr, flag, off in SLOT_MOVING_FEATURES:
+#: Server arguments with which SGLang builds several attention backends and splits a forward between
+#: them (two-batch overlap's micro-batches, PD multiplexing's SM groups), as (attribute, flag, off):
+#: each instance would plan and evict its share of the batch with its own per-request state.
+BACKEND_SPLITTING_FEATURES = (
+    ("enable_two_batch_overlap", "--enable-two-batch-overlap", False),
+    ("enable_pdmux", "--enable-pdmux", False),
+)
+
+
+def _slot_moving_features(args, features=SLOT_MOVING_FEATURES):
+    """``(flag, value)`` of each feature of ``features`` (default ``SLOT_MOVING_FEATURES``) that
+    ``args`` turn on."""
+    for attr, flag, off in features:
         value = getattr(args, attr, off)
         if value not in (off, None, False, "", "null", "NONE"):
             yield flag, value

@@ -318,6 +318,8 @@ def test_beam_search_is_refused_through_sglangs_beam_validation(server_args):
         ("enable_lmcache", True, "--enable-lmcache"),
         ("speculative_algorithm", "EAGLE", "--speculative-algorithm"),
         ("enable_streaming_session", True, "--enable-streaming-session"),
+        ("enable_two_batch_overlap", True, "--enable-two-batch-overlap"),
+        ("enable_pdmux", True, "--enable-pdmux"),
     ],
 )
 def test_features_that_move_slots_are_refused_naming_the_flag(server_args, attr, value, flag):
