@@ -94,7 +94,7 @@ def validate_runner(model_runner, config: EngineConfig) -> None:
                 "--attention-backend foresightkv without a different --prefill-attention-backend or "
                 "--decode-attention-backend"
             )
-        for flag, value in _slot_moving_features(args, BACKEND_SPLITTING_FEATURES):
+        for flag, _value in _slot_moving_features(args, BACKEND_SPLITTING_FEATURES):
             raise ConfigError(
                 f"foresightkv does not support {flag}: SGLang then splits a forward between several attention "
                 "backends, and each would plan and evict with its own copy of the requests' eviction state. "
