@@ -121,6 +121,30 @@ def test_saved_scorer_reloads_through_the_core_and_scores_identically(tmp_path):
         again.check_model(3, 2, 2, 8)
 
 
+def test_restandardize_keeps_every_score_and_sets_the_normaliser():
+    """A scorer loaded from a checkpoint (identity normaliser) re-standardised with feature statistics
+    scores every input as before, holds the new mean/scale (the first layer then sees inputs of mean 0
+    and std 1) and exports the same checkpoint weights."""
+    gen = torch.Generator().manual_seed(4)
+    m = TorchScorer(2, 2, 2, 4, seed=3).double()
+    m.set_normalizer(torch.randn(2, 2, m.in_dim, generator=gen).double(), (torch.rand(2, 2, m.in_dim, generator=gen) + 0.2).double())
+    x = (torch.randn(2, 7, m.in_dim, generator=gen) * 50 + 3).double()
+    before = [m.score_layer(layer, x).detach() for layer in range(2)]
+    folded = m.folded()
+    mean = x.mean(1).unsqueeze(0).expand(2, -1, -1).contiguous()
+    scale = x.std(1).unsqueeze(0).expand(2, -1, -1).contiguous()
+    m.restandardize(mean, scale)
+    assert torch.equal(m.mean, mean) and torch.equal(m.scale, scale)
+    for layer in range(2):
+        assert torch.allclose(m.score_layer(layer, x).detach(), before[layer], atol=1e-9, rtol=1e-9)
+    for k, v in m.folded().items():
+        assert torch.allclose(v, folded[k], atol=1e-5, rtol=1e-5)
+    # the standardised inputs of the first layer have mean 0 and std 1 over these candidates
+    z = (x - m.mean[0].unsqueeze(1)) / m.scale[0].unsqueeze(1)
+    assert torch.allclose(z.mean(1), torch.zeros_like(z.mean(1)), atol=1e-9)
+    assert torch.allclose(z.std(1), torch.ones_like(z.std(1)), atol=1e-9)
+
+
 def test_plackett_luce_equals_enumeration_of_the_core_sampler():
     """The log-probability of each ordered draw equals its frequency under the core's sampler, and
     the probabilities of all ordered draws from the pool sum to one."""

@@ -218,9 +218,12 @@ class Pipeline:
         self._finish("rl", scorer, t0)
         return scorer
 
-    def initial_scorer(self, path: Path) -> TorchScorer:
+    def initial_scorer(self, path: Path, train) -> TorchScorer:
         """The supervised scorer RL starts from when ``--init-scorer`` gives one (a scorer checkpoint
-        directory, checked against the model), instead of the labels and SL stages."""
+        directory, checked against the model), instead of the labels and SL stages. A checkpoint holds
+        the plain MLP (standardisation folded in), so the scorer is re-standardised, its scores
+        unchanged, with the candidates' feature statistics along its own trajectory on a training
+        trace (``feature_normalizer``): RL then updates in standardised units, as after SL."""
         from .._native import ScorerCheckpoint
 
         try:
@@ -229,8 +232,40 @@ class Pipeline:
             ck.check_model(shp.num_layers, shp.num_kv_heads, shp.group, shp.head_dim)
         except Error as e:
             raise ConfigError(f"--init-scorer {path}: {e}") from e
+        scorer = TorchScorer.from_checkpoint(ck)
+        mean, std = self.feature_normalizer(path, train)
+        scorer.restandardize(mean, std)
         _log(f"RL starts from the scorer in {path} (labels and SL skipped)")
-        return TorchScorer.from_checkpoint(ck).to(self.device)
+        return scorer.to(self.device)
+
+    def feature_normalizer(self, path: Path, train) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-(layer, KV head, feature) mean and std ``[layers, H, in]`` of the candidates' features at
+        every eviction of the scorer in ``path`` (deterministic) on the first training trace longer
+        than the smallest budget plus the interval, at that budget."""
+        from ..testbed.simulate import simulate
+        from .scorer import features, in_dim_of
+
+        a, shp, b = self.args, self.shape(), min(self.budgets)
+        seq = next((q for q in (self.sequence(train, i) for i in range(len(train))) if len(q) > b + a.interval), None)
+        if seq is None:
+            raise ValueError(f"no training trace is longer than budget {b} + interval {a.interval}; nothing to evict")
+        dims = (shp.num_layers, shp.num_kv_heads, in_dim_of(shp.head_dim, shp.group))
+        s1, s2 = torch.zeros(dims, dtype=torch.float64), torch.zeros(dims, dtype=torch.float64)
+        n = torch.zeros(shp.num_layers, dtype=torch.float64)
+
+        def capture(ev) -> None:
+            x = features(ev.keys, ev.values, ev.stats).double().cpu()
+            s1[ev.layer] += x.sum(1)
+            s2[ev.layer] += x.square().sum(1)
+            n[ev.layer] += x.shape[1]
+
+        simulate(self.model(), seq.input_ids, prompt_len=seq.prompt_len, policy="foresight", scorer=str(path),
+                 budget=b, interval=a.interval, seed=a.seed, capture=capture)
+        if bool((n == 0).any()):
+            raise ValueError("the scorer's trajectory evicted nothing in some layer; cannot standardise its inputs")
+        mean = s1 / n.view(-1, 1, 1)
+        std = (s2 / n.view(-1, 1, 1) - mean.square()).clamp(min=0).sqrt()
+        return mean.float(), std.float()
 
     def _resume(self, stage: str, label: str) -> Tuple[Path, Optional[TorchScorer]]:
         """A training stage's directory (made) and, when the stage is done, the scorer it saved
@@ -297,7 +332,7 @@ class Pipeline:
         if a.init_scorer:
             if a.rl_steps <= 0:
                 raise ConfigError(f"--init-scorer {a.init_scorer} starts the RL stage: give --rl-steps > 0 (got {a.rl_steps})")
-            sl, paths = self.initial_scorer(Path(a.init_scorer)), []
+            sl, paths = self.initial_scorer(Path(a.init_scorer), train), []
         else:
             paths = self.labels(train)
             sl = self.supervised(paths)

@@ -90,6 +90,18 @@ class TorchScorer(nn.Module):
         self.mean.copy_(mean)
         self.scale.copy_(scale)
 
+    def restandardize(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        """Sets the input standardisation to ``(mean, scale)`` and rewrites the first layer so that
+        every score stays what it was (the same function, new parameters): a scorer loaded from a
+        checkpoint (standardisation folded in, identity normaliser) then trains in standardised units,
+        where an optimiser's step means the same for every feature."""
+        with torch.no_grad():
+            w1 = self.w1.double() / self.scale.double().unsqueeze(2)
+            b1 = self.b1.double() - (w1 * self.mean.double().unsqueeze(2)).sum(-1)
+            self.set_normalizer(mean.to(self.mean), scale.to(self.scale))
+            self.b1.copy_(b1 + (w1 * self.mean.double().unsqueeze(2)).sum(-1))
+            self.w1.copy_(w1 * self.scale.double().unsqueeze(2))
+
     def score(self, x: torch.Tensor, layer: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """Scores ``[R, N]`` of rows ``x [R, N, in]`` where row ``r`` belongs to (``layer[r]``,
         ``head[r]``) (int64 ``[R]``)."""
