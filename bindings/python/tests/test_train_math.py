@@ -239,3 +239,41 @@ def test_plackett_luce_when_every_pool_entry_is_drawn():
     assert lp[0].tolist() == pytest.approx(hand, abs=1e-12)
     lp.sum().backward()
     assert torch.isfinite(s.grad).all()
+
+
+def test_grpo_raises_the_expected_reward_of_a_toy_eviction_problem():
+    """The whole RL stage (``train_rl``: the core's sampler, Plackett-Luce log-probabilities, group
+    advantages, the clipped objective, Adam) on a problem whose answer is known: evicting a candidate
+    whose first feature is positive costs 1. The policy's expected reward, estimated by 200 fresh
+    sampled evictions, goes from what a random scorer gets to nearly 0."""
+    from foresightkv.evict import sample_victims
+    from foresightkv.train.rl import Decision, RlConfig, Trajectory, train_rl
+
+    torch.manual_seed(0)
+    sc = TorchScorer(1, 1, 1, 4, seed=0)
+    xs = [torch.randn(1, 16, sc.in_dim) for _ in range(8)]
+    cost = [(x[0, :, 0] > 0).float() for x in xs]
+
+    def rollout(scorer, items, seed):
+        out = []
+        for ti, req in items:
+            with torch.no_grad():
+                s = scorer.score_layer(0, xs[ti]).float()
+            pool, order = sample_victims(s[0].tolist(), num_protected=0, num_evict=4, seed=seed, request=req,
+                                         layer=0, head=0, eviction=0, temperature=1.0)
+            where = {c: i for i, c in enumerate(pool)}
+            pool_t = torch.tensor([pool])
+            xp = torch.gather(xs[ti], 1, pool_t.unsqueeze(2).expand(-1, -1, sc.in_dim))
+            d = Decision(0, xp, torch.tensor([[where[v] for v in order]]), pool_t, None)
+            out.append(Trajectory([d], -float(sum(cost[ti][v] for v in order))))
+        return out
+
+    def expected_reward(scorer):
+        return sum(rollout(scorer, [(k % 8, 10**6 + k)], 123)[0].reward for k in range(200)) / 200
+
+    before = expected_reward(sc)
+    cfg = RlConfig(steps=60, group=8, traces_per_step=4, lr=1e-2, warmup=2, kl_start=0.0, ppo_epochs=2)
+    hist = train_rl(sc, 8, rollout, cfg, progress=False)
+    after = expected_reward(sc)
+    assert before < -1.5 and after > -0.25, (before, after)
+    assert hist[-1]["reward_mean"] > hist[0]["reward_mean"]
