@@ -96,8 +96,7 @@ class TorchScorer(nn.Module):
         checkpoint (standardisation folded in, identity normaliser) then trains in standardised units,
         where an optimiser's step means the same for every feature."""
         with torch.no_grad():
-            w1 = self.w1.double() / self.scale.double().unsqueeze(2)
-            b1 = self.b1.double() - (w1 * self.mean.double().unsqueeze(2)).sum(-1)
+            w1, b1 = self._folded_first_layer()
             self.set_normalizer(mean.to(self.mean), scale.to(self.scale))
             self.b1.copy_(b1 + (w1 * self.mean.double().unsqueeze(2)).sum(-1))
             self.w1.copy_(w1 * self.scale.double().unsqueeze(2))
@@ -114,12 +113,16 @@ class TorchScorer(nn.Module):
         heads = torch.arange(x.shape[0], device=x.device)
         return self.score(x, torch.full_like(heads, layer), heads)
 
+    def _folded_first_layer(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(w1, b1)`` in float64 with the standardisation folded in (what acts on raw inputs)."""
+        w1 = self.w1.double() / self.scale.double().unsqueeze(2)
+        return w1, self.b1.double() - (w1 * self.mean.double().unsqueeze(2)).sum(-1)
+
     def folded(self) -> Dict[str, torch.Tensor]:
         """The plain-MLP weights (standardisation folded into the first layer), float32 on CPU:
         ``w1, b1, w2, b2`` in the checkpoint's layout."""
         with torch.no_grad():
-            w1 = self.w1.double() / self.scale.double().unsqueeze(2)
-            b1 = self.b1.double() - (w1 * self.mean.double().unsqueeze(2)).sum(-1)
+            w1, b1 = self._folded_first_layer()
             return {
                 "w1": w1.float().cpu().contiguous(),
                 "b1": b1.float().cpu().contiguous(),
